@@ -1,0 +1,1 @@
+"""infersight: eBPF observability for LLM inference."""

@@ -1,0 +1,101 @@
+"""The agent's own counters and gauges: what a reader needs to trust the data.
+
+Every bound in the agent (a BPF map, a queue, a label cap) and every failure
+(a parse error, a lost event, an export failure) counts here by name, so that
+"requests seen = records emitted + counted drops" can be checked.
+
+Names follow OpenTelemetry style (``infersight.events.lost``); labels are a
+small, fixed set per name. The exporters turn a :meth:`SelfMetrics.snapshot`
+into Prometheus and OTLP metrics; nothing here knows about either.
+
+Thread-safe: every method may be called from any thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+Labels = tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    name: str
+    kind: str  # "counter" or "gauge"
+    labels: Labels
+    value: float
+    help: str
+
+
+class SelfMetrics:
+    """A registry of named counters and gauges.
+
+    Counters only go up. Gauges are set, or computed on demand by a callback
+    registered with :meth:`gauge_callback` (for values that are cheaper to read
+    than to track, such as queue sizes).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._values: dict[tuple[str, Labels], float] = {}
+        self._kinds: dict[str, str] = {}
+        self._help: dict[str, str] = {}
+        self._callbacks: dict[str, Callable[[], dict[Labels, float]]] = {}
+
+    def describe(self, name: str, kind: str, help: str) -> None:
+        with self._lock:
+            self._kinds[name] = kind
+            self._help[name] = help
+
+    def inc(self, name: str, n: float = 1, labels: Labels = ()) -> None:
+        key = (name, labels)
+        with self._lock:
+            self._kinds.setdefault(name, "counter")
+            self._values[key] = self._values.get(key, 0) + n
+
+    def set(self, name: str, value: float, labels: Labels = ()) -> None:
+        with self._lock:
+            self._kinds.setdefault(name, "gauge")
+            self._values[(name, labels)] = value
+
+    def gauge_callback(self, name: str, fn: Callable[[], dict[Labels, float]], help: str = "") -> None:
+        """Register ``fn`` to compute gauge ``name`` at each snapshot."""
+        with self._lock:
+            self._kinds[name] = "gauge"
+            if help:
+                self._help[name] = help
+            self._callbacks[name] = fn
+
+    def get(self, name: str, labels: Labels = ()) -> float:
+        with self._lock:
+            return self._values.get((name, labels), 0)
+
+    def total(self, name: str) -> float:
+        """Sum of ``name`` over all label sets."""
+        with self._lock:
+            return sum(v for (n, _), v in self._values.items() if n == name)
+
+    def snapshot(self) -> list[Sample]:
+        with self._lock:
+            values = dict(self._values)
+            kinds = dict(self._kinds)
+            helps = dict(self._help)
+            callbacks = dict(self._callbacks)
+        out = [
+            Sample(n, kinds.get(n, "counter"), labels, v, helps.get(n, ""))
+            for (n, labels), v in sorted(values.items())
+        ]
+        for name, fn in sorted(callbacks.items()):
+            try:
+                computed = fn()
+            except Exception:  # a failing gauge must not break the snapshot
+                self.inc("infersight.selfmetrics.callback.errors", labels=(("metric", name),))
+                continue
+            out.extend(Sample(name, "gauge", labels, v, helps.get(name, "")) for labels, v in computed.items())
+        return out
+
+
+#: The process-wide registry; components take a ``metrics`` parameter defaulting to it.
+SELF_METRICS = SelfMetrics()

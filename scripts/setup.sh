@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Set up a Debian 12 node to run infersight and its tests. Idempotent; run as root.
+#
+#   1. Debian packages: BCC (python3-bpfcc), kernel headers, compilers BCC needs,
+#      and the real components the tests drive (wrk, prometheus).
+#   2. Kernel headers visible to BCC at /lib/modules/$(uname -r)/build: when the
+#      running kernel has no matching package, link Debian's generic headers there.
+#      The probes read no kernel structs, so mismatched headers are harmless.
+#   3. tracefs mounted at /sys/kernel/tracing.
+#   4. A virtualenv (.venv) made from Debian's /usr/bin/python3 with
+#      --system-site-packages, so that Debian's `bcc` module is importable, and the
+#      agent installed into it in editable mode with its test extras.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")/.." && pwd)
+cd "$here"
+
+log() { printf 'setup: %s\n' "$*" >&2; }
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "setup: must run as root (BCC needs it, and apt-get does)" >&2
+    exit 1
+fi
+
+debs=(
+    python3-bpfcc bpfcc-tools libbpfcc linux-headers-amd64
+    python3-venv python3-dev gcc make libc6-dev
+    wrk prometheus iproute2 procps kmod
+    podman runc debootstrap
+)
+missing=()
+for p in "${debs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    log "installing Debian packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    # The prometheus package tries to start its service; where no init system
+    # runs (containers, CI) policy-rc.d keeps it from failing the install.
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+        chmod +x /usr/sbin/policy-rc.d
+        trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+    fi
+    apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+# Kernel headers for BCC: keep what the kernel has, otherwise link the newest
+# Debian headers package (BCC looks at /lib/modules/$(uname -r)/build first).
+kver=$(uname -r)
+moddir=/lib/modules/$kver
+if [ ! -e "$moddir/build/include/linux/kconfig.h" ]; then
+    hdr=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n 1)
+    common=$(ls -d /usr/src/linux-headers-*-common 2>/dev/null | sort -V | tail -n 1)
+    if [ -z "$hdr" ]; then
+        echo "setup: no kernel headers under /usr/src; install linux-headers-amd64" >&2
+        exit 1
+    fi
+    log "linking kernel headers $hdr as $moddir/build"
+    mkdir -p "$moddir"
+    ln -sfn "$hdr" "$moddir/build"
+    [ -n "$common" ] && ln -sfn "$common" "$moddir/source"
+fi
+
+# tracefs: BCC attaches tracepoints through it.
+if [ ! -e /sys/kernel/tracing/events ]; then
+    log "mounting tracefs at /sys/kernel/tracing"
+    mount -t tracefs tracefs /sys/kernel/tracing
+fi
+
+# The environment: Debian's interpreter, so that Debian's bcc module is visible.
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import bcc' 2>/dev/null; then
+    log "creating .venv from /usr/bin/python3 with system site-packages"
+    rm -rf .venv
+    /usr/bin/python3 -m venv --system-site-packages .venv
+fi
+stamp=.venv/.infersight-installed
+if [ ! -e "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    log "installing infersight and its dependencies into .venv"
+    .venv/bin/python -m pip install -q --upgrade pip
+    .venv/bin/python -m pip install -q -e '.[test]'
+    touch "$stamp"
+fi
+
+.venv/bin/python -c 'import bcc, agent' || { echo "setup: the environment cannot import bcc" >&2; exit 1; }
+log "ready: .venv/bin/infersight doctor | run | demo"
