@@ -1,0 +1,77 @@
+"""Trace sampling, decided in the agent before a span exists.
+
+Metrics count every request; only spans are sampled. A request is always kept
+when it is interesting on its own: an error (5xx or a recorded ``error_type``),
+an abort, or slower than ``slow_threshold_s``. Ordinary requests are kept with
+probability ``ratio``.
+
+When the record carries a client trace id (from ``traceparent``) the ratio
+decision is a function of the trace id, as in OpenTelemetry's
+``TraceIdRatioBased`` (the low 64 bits compared with ``ratio * 2**64``), so that
+every agent on the path keeps or drops the same traces. Otherwise it is random.
+
+Exemplars on metrics carry the trace id only when the span was kept, so that an
+exemplar always leads to a trace that exists.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from agent.record import Request
+from agent.selfmetrics import SELF_METRICS, SelfMetrics
+
+SAMPLED = "infersight.traces.sampled"
+_BOUND = 1 << 64
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    keep: bool
+    #: why: "error", "aborted", "slow", "ratio" (kept) or "ratio" (dropped)
+    reason: str
+
+
+class Sampler:
+    """Decides which requests become spans.
+
+    Thread-safe (no shared mutable state besides the counters). Never raises.
+    """
+
+    def __init__(
+        self,
+        ratio: float = 1.0,
+        slow_threshold_s: float = 30.0,
+        metrics: SelfMetrics = SELF_METRICS,
+        rng: random.Random | None = None,
+    ) -> None:
+        if not 0.0 <= ratio <= 1.0:
+            raise ValueError(f"sample ratio must be in [0, 1], got {ratio}")
+        self.ratio = ratio
+        self.slow_threshold_s = slow_threshold_s
+        self._bound = round(ratio * _BOUND)
+        self._metrics = metrics
+        self._rng = rng or random.Random()
+        metrics.describe(SAMPLED, "counter", "Sampling decisions for request spans, by decision and reason")
+
+    def decide(self, record: Request, trace_id: int) -> Decision:
+        """Keep or drop the span of ``record`` whose trace id is ``trace_id``."""
+        d = self._decide(record, trace_id)
+        self._metrics.inc(SAMPLED, labels=(("decision", "keep" if d.keep else "drop"), ("reason", d.reason)))
+        return d
+
+    def _decide(self, record: Request, trace_id: int) -> Decision:
+        if (record.status_code is not None and record.status_code >= 500) or record.error_type:
+            return Decision(True, "error")
+        if record.aborted:
+            return Decision(True, "aborted")
+        if record.duration_s >= self.slow_threshold_s:
+            return Decision(True, "slow")
+        if self.ratio >= 1.0:
+            return Decision(True, "ratio")
+        if self.ratio <= 0.0:
+            return Decision(False, "ratio")
+        if record.trace_id:
+            return Decision((trace_id & (_BOUND - 1)) < self._bound, "ratio")
+        return Decision(self._rng.random() < self.ratio, "ratio")
