@@ -1,0 +1,202 @@
+"""Reading processes and sockets from /proc.
+
+Every function takes a ``proc`` root (default ``/proc``; a DaemonSet mounts the
+host's at ``/host/proc``) so tests can point it at a recorded tree.
+
+Nothing here raises for a process that vanished: it returns None or empty
+results, because targets die at any moment.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+TCP_ESTABLISHED = 1
+TCP_LISTEN = 10
+
+
+@dataclass(frozen=True, slots=True)
+class SockInfo:
+    local_addr: str
+    local_port: int
+    remote_addr: str
+    remote_port: int
+    state: int
+
+
+def pids(proc: str = "/proc") -> Iterator[int]:
+    try:
+        names = os.listdir(proc)
+    except OSError:
+        return
+    for n in names:
+        if n.isdigit():
+            yield int(n)
+
+
+def comm(pid: int, proc: str = "/proc") -> str | None:
+    try:
+        with open(f"{proc}/{pid}/comm", "rb") as f:
+            return f.read().strip().decode("utf-8", "replace")
+    except OSError:
+        return None
+
+
+def cmdline(pid: int, proc: str = "/proc") -> list[str]:
+    try:
+        with open(f"{proc}/{pid}/cmdline", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return []
+    return [a.decode("utf-8", "replace") for a in raw.split(b"\0") if a]
+
+
+def tgid_of(pid: int, proc: str = "/proc") -> int | None:
+    """The thread group (process) a task id belongs to."""
+    try:
+        with open(f"{proc}/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Tgid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def start_time(pid: int, proc: str = "/proc") -> int | None:
+    """Process start time in clock ticks (stat field 22): tells PID reuse apart."""
+    try:
+        with open(f"{proc}/{pid}/stat", "rb") as f:
+            data = f.read()
+        return int(data[data.rindex(b")") + 2 :].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def socket_fds(pid: int, proc: str = "/proc") -> dict[int, int]:
+    """fd → socket inode for every socket the process holds."""
+    out: dict[int, int] = {}
+    base = f"{proc}/{pid}/fd"
+    try:
+        fds = os.listdir(base)
+    except OSError:
+        return out
+    for fd in fds:
+        try:
+            target = os.readlink(f"{base}/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            out[int(fd)] = int(target[8:-1])
+    return out
+
+
+def socket_inode(pid: int, fd: int, proc: str = "/proc") -> int | None:
+    try:
+        target = os.readlink(f"{proc}/{pid}/fd/{fd}")
+    except OSError:
+        return None
+    if target.startswith("socket:["):
+        return int(target[8:-1])
+    return None
+
+
+def _addr4(hexaddr: str) -> str:
+    return socket.inet_ntop(socket.AF_INET, struct.pack("<I", int(hexaddr, 16)))
+
+
+def _addr6(hexaddr: str) -> str:
+    words = [int(hexaddr[i : i + 8], 16) for i in range(0, 32, 8)]
+    raw = struct.pack("<4I", *words)
+    if raw[:12] == b"\0" * 10 + b"\xff\xff":
+        return socket.inet_ntop(socket.AF_INET, raw[12:])  # v4-mapped: report the v4 address
+    return socket.inet_ntop(socket.AF_INET6, raw)
+
+
+def read_tcp_table(pid: int, proc: str = "/proc") -> dict[int, SockInfo]:
+    """inode → socket info for the TCP sockets of ``pid``'s network namespace."""
+    out: dict[int, SockInfo] = {}
+    for name, conv in (("tcp", _addr4), ("tcp6", _addr6)):
+        try:
+            with open(f"{proc}/{pid}/net/{name}") as f:
+                next(f, None)
+                for line in f:
+                    parts = line.split()
+                    if len(parts) < 10:
+                        continue
+                    try:
+                        la, lp = parts[1].split(":")
+                        ra, rp = parts[2].split(":")
+                        inode = int(parts[9])
+                        if inode == 0:
+                            continue
+                        out[inode] = SockInfo(conv(la), int(lp, 16), conv(ra), int(rp, 16), int(parts[3], 16))
+                    except (ValueError, OSError):
+                        continue
+        except OSError:
+            continue
+    return out
+
+
+def listening_ports(pid: int, proc: str = "/proc") -> set[int]:
+    fds = socket_fds(pid, proc)
+    if not fds:
+        return set()
+    table = read_tcp_table(pid, proc)
+    inodes = set(fds.values())
+    return {s.local_port for ino, s in table.items() if ino in inodes and s.state == TCP_LISTEN}
+
+
+class SocketTable:
+    """Cached inode → socket lookups, refreshed on a miss at most every
+    ``min_refresh_s`` per network namespace (reading /proc/net/tcp costs
+    milliseconds on busy hosts). Not thread-safe: one owner thread."""
+
+    def __init__(self, proc: str = "/proc", min_refresh_s: float = 0.2, max_entries: int = 65536) -> None:
+        self.proc = proc
+        self.min_refresh_s = min_refresh_s
+        self.max_entries = max_entries
+        self._tables: dict[str, tuple[float, dict[int, SockInfo]]] = {}
+
+    def _netns(self, pid: int) -> str:
+        try:
+            return os.readlink(f"{self.proc}/{pid}/ns/net")
+        except OSError:
+            return f"pid:{pid}"
+
+    def lookup(self, pid: int, inode: int) -> SockInfo | None:
+        ns = self._netns(pid)
+        entry = self._tables.get(ns)
+        if entry is not None and inode in entry[1]:
+            return entry[1][inode]
+        now = time.monotonic()
+        if entry is not None and now - entry[0] < self.min_refresh_s:
+            return None
+        table = read_tcp_table(pid, self.proc)
+        if len(table) > self.max_entries:
+            table = dict(list(table.items())[: self.max_entries])
+        if len(self._tables) > 64:
+            self._tables.clear()
+        self._tables[ns] = (now, table)
+        return table.get(inode)
+
+
+def parse_sockaddr(raw: bytes) -> tuple[str, int] | None:
+    """(address, port) from a struct sockaddr_in/sockaddr_in6 as captured."""
+    if len(raw) < 8:
+        return None
+    family = struct.unpack_from("<H", raw)[0]
+    port = struct.unpack_from(">H", raw, 2)[0]
+    if family == socket.AF_INET:
+        return socket.inet_ntop(socket.AF_INET, raw[4:8]), port
+    if family == socket.AF_INET6 and len(raw) >= 24:
+        addr = raw[8:24]
+        if addr[:12] == b"\0" * 10 + b"\xff\xff":
+            return socket.inet_ntop(socket.AF_INET, addr[12:]), port
+        return socket.inet_ntop(socket.AF_INET6, addr), port
+    return None

@@ -1,0 +1,372 @@
+"""Event layouts of probes/sockets.bpf.c, and their decoding.
+
+Each C struct in ``probes/sockets.h`` has a ctypes twin here; a test checks
+sizes and offsets against the compiled program. Decoding uses precompiled
+``struct.Struct`` formats (faster than ctypes on the hot path) whose offsets
+the same test checks against the ctypes definitions.
+
+Nothing here imports BCC: decoding is a pure function of bytes, testable
+without root.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import struct
+from dataclasses import dataclass
+
+# Constants mirrored from sockets.h (checked by tests/test_socket_events.py).
+EV_DATA = 1
+EV_SUMMARY = 2
+EV_CONN = 3
+EV_PROC = 4
+
+DIR_IN = 0
+DIR_OUT = 1
+ROLE_SERVER = 1
+ROLE_CLIENT = 2
+
+DF_TAIL_ONLY = 1
+DF_NO_PAYLOAD = 2
+DF_VECTORED = 4
+
+SR_TERMINATED = 1
+SR_NEXT_REQUEST = 2
+SR_CLOSE = 3
+
+CF_PEER_EOF = 1
+CF_WRITE_ERR = 2
+CF_READ_ERR = 4
+CF_TERMINATED = 8
+CF_FOREIGN = 16
+
+PK_EXEC = 1
+PK_FORK = 2
+PK_EXIT = 3
+PK_LISTEN = 4
+
+COUNTER_NAMES = (
+    "requests",
+    "foreign",
+    "lost_data",
+    "lost_summary",
+    "lost_conn",
+    "lost_proc",
+    "conns",
+    "conn_full",
+    "truncated",
+)
+GAP_BUCKETS = 32
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Capture sizes compiled into the probe (cflags -D...)."""
+
+    head_cap: int = 2048
+    tail_cap: int = 256
+    tail_slots: int = 8
+
+
+def ctypes_structs(layout: Layout) -> dict[str, type[ctypes.Structure]]:
+    """The ctypes twins of the C structs, for a given capture layout."""
+
+    class DataEvent(ctypes.Structure):
+        _fields_ = [
+            ("type", ctypes.c_uint8),
+            ("dir", ctypes.c_uint8),
+            ("flags", ctypes.c_uint8),
+            ("role", ctypes.c_uint8),
+            ("tgid", ctypes.c_uint32),
+            ("conn_id", ctypes.c_uint64),
+            ("ts_ns", ctypes.c_uint64),
+            ("fd", ctypes.c_uint32),
+            ("seq", ctypes.c_uint32),
+            ("len", ctypes.c_uint32),
+            ("index", ctypes.c_uint32),
+            ("head_len", ctypes.c_uint32),
+            ("tail_len", ctypes.c_uint32),
+            ("lost", ctypes.c_uint32),
+            ("pad", ctypes.c_uint32),
+            ("payload", ctypes.c_uint8 * (layout.head_cap + layout.tail_cap)),
+        ]
+
+    class TailSlot(ctypes.Structure):
+        _fields_ = [
+            ("ts_ns", ctypes.c_uint64),
+            ("len", ctypes.c_uint32),
+            ("index", ctypes.c_uint32),
+            ("cap", ctypes.c_uint32),
+            ("pad", ctypes.c_uint32),
+            ("data", ctypes.c_uint8 * layout.tail_cap),
+        ]
+
+    class SummaryEvent(ctypes.Structure):
+        _fields_ = [
+            ("type", ctypes.c_uint8),
+            ("reason", ctypes.c_uint8),
+            ("flags", ctypes.c_uint8),
+            ("role", ctypes.c_uint8),
+            ("tgid", ctypes.c_uint32),
+            ("conn_id", ctypes.c_uint64),
+            ("ts_ns", ctypes.c_uint64),
+            ("fd", ctypes.c_uint32),
+            ("seq", ctypes.c_uint32),
+            ("req_start_ns", ctypes.c_uint64),
+            ("req_last_ns", ctypes.c_uint64),
+            ("resp_first_ns", ctypes.c_uint64),
+            ("resp_last_ns", ctypes.c_uint64),
+            ("eof_ns", ctypes.c_uint64),
+            ("bytes_in", ctypes.c_uint64),
+            ("bytes_out", ctypes.c_uint64),
+            ("reads", ctypes.c_uint32),
+            ("writes", ctypes.c_uint32),
+            ("lost", ctypes.c_uint32),
+            ("ring_count", ctypes.c_uint32),
+            ("gaps", ctypes.c_uint32 * GAP_BUCKETS),
+            ("ring", TailSlot * layout.tail_slots),
+        ]
+
+    class ConnEvent(ctypes.Structure):
+        _fields_ = [
+            ("type", ctypes.c_uint8),
+            ("role", ctypes.c_uint8),
+            ("addr_len", ctypes.c_uint8),
+            ("pad0", ctypes.c_uint8),
+            ("tgid", ctypes.c_uint32),
+            ("conn_id", ctypes.c_uint64),
+            ("ts_ns", ctypes.c_uint64),
+            ("fd", ctypes.c_uint32),
+            ("listen_fd", ctypes.c_int32),
+            ("addr", ctypes.c_uint8 * 28),
+            ("pad1", ctypes.c_uint32),
+        ]
+
+    class ProcEvent(ctypes.Structure):
+        _fields_ = [
+            ("type", ctypes.c_uint8),
+            ("kind", ctypes.c_uint8),
+            ("pad0", ctypes.c_uint16),
+            ("tgid", ctypes.c_uint32),
+            ("pid", ctypes.c_uint32),
+            ("ppid", ctypes.c_uint32),
+            ("ts_ns", ctypes.c_uint64),
+            ("comm", ctypes.c_char * 16),
+        ]
+
+    return {
+        "data_event_t": DataEvent,
+        "tail_slot_t": TailSlot,
+        "summary_event_t": SummaryEvent,
+        "conn_event_t": ConnEvent,
+        "proc_event_t": ProcEvent,
+    }
+
+
+# struct formats for the fixed-size headers; offsets checked against ctypes in tests
+DATA_HEADER = struct.Struct("<BBBBIQQIIIIIIII")
+SUMMARY_HEADER = struct.Struct("<BBBBIQQIIQQQQQQQIIII32I")
+TAIL_SLOT_HEADER = struct.Struct("<QIIII")
+CONN_EVENT = struct.Struct("<BBBBIQQIi28sI")
+PROC_EVENT = struct.Struct("<BBHIIIQ16s")
+
+
+class DataEvent:
+    """One captured syscall: ``head`` is the data's start, ``tail`` its end
+    (empty when ``head`` holds all of it); ``len - len(head) - len(tail)``
+    bytes in the middle were not captured."""
+
+    __slots__ = (
+        "conn_id",
+        "dir",
+        "fd",
+        "flags",
+        "head",
+        "index",
+        "len",
+        "lost",
+        "role",
+        "seq",
+        "tail",
+        "tgid",
+        "ts_ns",
+    )
+
+    def __init__(
+        self,
+        dir: int,
+        flags: int,
+        role: int,
+        tgid: int,
+        conn_id: int,
+        ts_ns: int,
+        fd: int,
+        seq: int,
+        len: int,
+        index: int,
+        head: bytes,
+        tail: bytes,
+        lost: int,
+    ) -> None:
+        self.dir = dir
+        self.flags = flags
+        self.role = role
+        self.tgid = tgid
+        self.conn_id = conn_id
+        self.ts_ns = ts_ns
+        self.fd = fd
+        self.seq = seq
+        self.len = len
+        self.index = index
+        self.head = head
+        self.tail = tail
+        self.lost = lost
+
+    @property
+    def gap(self) -> int:
+        """Bytes of the syscall that were not captured."""
+        return max(0, self.len - len(self.head) - len(self.tail))
+
+    def __repr__(self) -> str:
+        return (
+            f"DataEvent(dir={self.dir}, conn={self.conn_id}, seq={self.seq}, idx={self.index}, "
+            f"len={self.len}, head={len(self.head)}, tail={len(self.tail)}, lost={self.lost})"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TailSlot:
+    ts_ns: int
+    len: int
+    index: int
+    data: bytes  # the write's last len(data) bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SummaryEvent:
+    reason: int
+    flags: int
+    role: int
+    tgid: int
+    conn_id: int
+    ts_ns: int
+    fd: int
+    seq: int
+    req_start_ns: int
+    req_last_ns: int
+    resp_first_ns: int
+    resp_last_ns: int
+    eof_ns: int
+    bytes_in: int
+    bytes_out: int
+    reads: int
+    writes: int
+    lost: int
+    gaps: tuple[int, ...]
+    ring: tuple[TailSlot, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ConnEvent:
+    role: int
+    tgid: int
+    conn_id: int
+    ts_ns: int
+    fd: int
+    listen_fd: int
+    addr: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ProcEvent:
+    kind: int
+    tgid: int
+    pid: int
+    ppid: int
+    ts_ns: int
+    comm: str
+
+
+Event = DataEvent | SummaryEvent | ConnEvent | ProcEvent
+
+
+class DecodeError(ValueError):
+    """A ring buffer record that does not match any layout."""
+
+
+class Decoder:
+    """Turns raw ring buffer records into events, for one capture layout."""
+
+    def __init__(self, layout: Layout = Layout()) -> None:
+        self.layout = layout
+        self._slot_size = TAIL_SLOT_HEADER.size + layout.tail_cap
+
+    def decode(self, raw: bytes) -> Event:
+        """Decode one record. Raises DecodeError for a short or unknown record."""
+        if not raw:
+            raise DecodeError("empty record")
+        kind = raw[0]
+        try:
+            if kind == EV_DATA:
+                return self._data(raw)
+            if kind == EV_SUMMARY:
+                return self._summary(raw)
+            if kind == EV_CONN:
+                (_, role, addr_len, _, tgid, conn_id, ts, fd, listen_fd, addr, _) = CONN_EVENT.unpack_from(raw)
+                return ConnEvent(role, tgid, conn_id, ts, fd, listen_fd, addr[:addr_len])
+            if kind == EV_PROC:
+                (_, pk, _, tgid, pid, ppid, ts, comm) = PROC_EVENT.unpack_from(raw)
+                return ProcEvent(pk, tgid, pid, ppid, ts, comm.split(b"\0", 1)[0].decode("utf-8", "replace"))
+        except struct.error as e:
+            raise DecodeError(f"short record of type {kind}: {len(raw)} bytes") from e
+        raise DecodeError(f"unknown record type {kind}")
+
+    def _data(self, raw: bytes) -> DataEvent:
+        (_, d, flags, role, tgid, conn_id, ts, fd, seq, ln, index, head_len, tail_len, lost, _) = (
+            DATA_HEADER.unpack_from(raw)
+        )
+        base = DATA_HEADER.size
+        if flags & DF_TAIL_ONLY:
+            head = b""
+            tail = raw[base : base + tail_len]
+        else:
+            head = raw[base : base + head_len]
+            tail = raw[base + self.layout.head_cap : base + self.layout.head_cap + tail_len] if tail_len else b""
+        if len(head) != head_len and not flags & DF_TAIL_ONLY:
+            raise DecodeError("data record shorter than its head_len")
+        return DataEvent(d, flags, role, tgid, conn_id, ts, fd, seq, ln, index, head, tail, lost)
+
+    def _summary(self, raw: bytes) -> SummaryEvent:
+        f = SUMMARY_HEADER.unpack_from(raw)
+        ring_count = f[19]
+        gaps = tuple(f[20 : 20 + GAP_BUCKETS])
+        slots = []
+        off = SUMMARY_HEADER.size
+        for _ in range(min(ring_count, self.layout.tail_slots)):
+            ts, ln, index, cap, _ = TAIL_SLOT_HEADER.unpack_from(raw, off)
+            start = off + TAIL_SLOT_HEADER.size
+            slots.append(TailSlot(ts, ln, index, raw[start : start + min(cap, self.layout.tail_cap)]))
+            off += self._slot_size
+        # all slots are copied, the valid ones are those of this phase's last writes
+        return SummaryEvent(
+            reason=f[1],
+            flags=f[2],
+            role=f[3],
+            tgid=f[4],
+            conn_id=f[5],
+            ts_ns=f[6],
+            fd=f[7],
+            seq=f[8],
+            req_start_ns=f[9],
+            req_last_ns=f[10],
+            resp_first_ns=f[11],
+            resp_last_ns=f[12],
+            eof_ns=f[13],
+            bytes_in=f[14],
+            bytes_out=f[15],
+            reads=f[16],
+            writes=f[17],
+            lost=f[18],
+            gaps=gaps,
+            ring=tuple(slots),
+        )

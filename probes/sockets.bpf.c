@@ -1,0 +1,743 @@
+/* probes/sockets.bpf.c — rebuild HTTP requests of traced processes from their socket syscalls.
+ *
+ * Purpose: per connection, track request/response phases in the kernel and send
+ *   user space a few records per request, never one per streamed chunk:
+ *   - EV_DATA for each request-direction syscall (bounded head + tail capture),
+ *     and for the first SAMPLE_WRITES response-direction syscalls of a phase;
+ *   - EV_SUMMARY when a long response ends (chunked terminator, next request,
+ *     or close): counts, times, a log2 histogram of gaps between writes, and
+ *     the last TAIL_SLOTS writes' last TAIL_CAP bytes (usage, finish reason);
+ *   - EV_CONN on accept/connect, EV_PROC on exec/fork/exit/listen.
+ *
+ * Hooks: syscall tracepoints only (sys_enter_* / sys_exit_* of accept, accept4,
+ *   connect, read, readv, recvfrom, recvmsg, write, writev, sendto, sendmsg,
+ *   sendfile64, splice, close, listen) and sched:sched_process_{exec,fork,exit}.
+ *   No kprobes: many kernels (this project's CI kernel included) have none.
+ *
+ * Kernel features: BPF ring buffer (5.8+), bounded loops, bpf_probe_read_user.
+ *   No kernel struct is dereferenced: only tracepoint fields, user memory read
+ *   with bpf_probe_read_user (iovec and user_msghdr are userspace ABI structs),
+ *   and BPF helpers. Mismatched kernel headers therefore do not matter.
+ *
+ * Filtering: a process must be in `targets` (by tgid), and a file descriptor in
+ *   `conns` (seeded from accept/connect, and by user space for sockets open at
+ *   attach time). Everything else returns after one or two hash lookups.
+ *
+ * Overhead (FIELD-NOTES §7, 2 vCPU): ~90 ns per syscall of untargeted processes,
+ *   ~400 ns per targeted socket syscall, no wakeup per record (BPF_RB_NO_WAKEUP
+ *   with a timed drain, plus a forced wakeup every WAKEUP_EVERY records).
+ */
+#include "sockets.h"
+
+#ifndef MAX_TARGETS
+#define MAX_TARGETS 1024
+#endif
+#ifndef MAX_CONNS
+#define MAX_CONNS 16384
+#endif
+#ifndef MAX_STREAMS
+#define MAX_STREAMS 2048
+#endif
+#ifndef MAX_INFLIGHT
+#define MAX_INFLIGHT 8192
+#endif
+#ifndef SAMPLE_WRITES
+#define SAMPLE_WRITES 4
+#endif
+#ifndef REQ_CAPTURE
+#define REQ_CAPTURE 16384
+#endif
+#ifndef RINGBUF_PAGES
+#define RINGBUF_PAGES 256
+#endif
+#ifndef WAKEUP_EVERY
+#define WAKEUP_EVERY 256
+#endif
+#ifndef TRACE_CLIENTS
+#define TRACE_CLIENTS 0
+#endif
+#define MAX_IOV 4
+#define ECONNRESET 104
+#define EPIPE 32
+#define EINPROGRESS 115
+
+/* Bound a size for the verifier. The empty asm makes the compiler keep the
+ * clamped register, instead of reusing an unclamped copy of the value. */
+#define CLAMP(v, max) do { asm volatile("" : "+r"(v)); if ((v) > (max)) (v) = (max); asm volatile("" : "+r"(v)); } while (0)
+
+#define PH_IDLE 0
+#define PH_REQ 1
+#define PH_RESP 2
+
+/* syscall kinds saved between enter and exit */
+#define K_READ 1
+#define K_READV 2
+#define K_RECVMSG 3
+#define K_WRITE 4
+#define K_WRITEV 5
+#define K_SENDMSG 6
+#define K_NOPAYLOAD_IN 7
+#define K_NOPAYLOAD_OUT 8
+#define K_ACCEPT 9
+#define K_CONNECT 10
+
+struct conn_t {
+    u64 conn_id;
+    u64 req_start_ns;
+    u64 req_last_ns;
+    u64 resp_first_ns;
+    u64 resp_last_ns;
+    u64 eof_ns;
+    u64 bytes_in;
+    u64 bytes_out;
+    u32 reads;
+    u32 writes;
+    u32 seq;
+    u32 lost;
+    u8 role;
+    u8 phase;
+    u8 flags;
+    u8 summarized;      /* the current phase's summary was sent */
+    u32 pad;
+    u32 gaps[GAP_BUCKETS];
+};
+
+struct tails_t {
+    struct tail_slot_t slot[TAIL_SLOTS];
+};
+
+struct args_t {
+    u64 ptr;            /* buf, iovec array, user_msghdr or sockaddr */
+    u64 extra;          /* iovec count, or addrlen pointer / value */
+    u32 fd;
+    u32 kind;
+};
+
+struct data_scratch_t {
+    struct data_event_t ev;
+    u8 slack[HEAD_CAP]; /* lets the verifier accept gathered copies at variable offsets */
+};
+
+struct iovec_t {
+    u64 base;
+    u64 len;
+};
+
+BPF_HASH(targets, u32, u8, MAX_TARGETS);
+BPF_TABLE("lru_hash", u64, struct conn_t, conns, MAX_CONNS);
+BPF_TABLE("lru_hash", u64, struct tails_t, tails, MAX_STREAMS);
+BPF_HASH(inflight, u64, struct args_t, MAX_INFLIGHT);
+BPF_PERCPU_ARRAY(scratch_data, struct data_scratch_t, 1);
+BPF_PERCPU_ARRAY(scratch_summary, struct summary_event_t, 1);
+BPF_PERCPU_ARRAY(counters, u64, C_COUNTERS);
+BPF_PERCPU_ARRAY(wake, u32, 1);
+BPF_ARRAY(next_conn_id, u64, 1);
+/* all-zero templates: values too large for the 512-byte BPF stack */
+BPF_ARRAY(zero_conn, struct conn_t, 1);
+BPF_ARRAY(zero_tails, struct tails_t, 1);
+BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+
+static __always_inline void count(u32 idx) {
+    u64 *v = counters.lookup(&idx);
+    if (v)
+        *v += 1;
+}
+
+static __always_inline int is_target(u32 tgid) {
+    return targets.lookup(&tgid) != 0;
+}
+
+/* Records go out without a wakeup; user space drains on a timer. Every
+ * WAKEUP_EVERY records one forced wakeup bounds the delay under load. */
+static __always_inline int emit(void *data, u64 size, u32 lost_idx, struct conn_t *c) {
+    u64 flags = BPF_RB_NO_WAKEUP;
+    u32 z = 0;
+    u32 *w = wake.lookup(&z);
+    if (w) {
+        *w += 1;
+        if (*w >= WAKEUP_EVERY) {
+            *w = 0;
+            flags = BPF_RB_FORCE_WAKEUP;
+        }
+    }
+    if (events.ringbuf_output(data, size, flags) < 0) {
+        count(lost_idx);
+        if (c)
+            c->lost += 1;
+        return -1;
+    }
+    if (c)
+        c->lost = 0;
+    return 0;
+}
+
+static __always_inline u32 log2_u64(u64 v) {
+    u32 r = 0;
+    if (v >> 32) { v >>= 32; r += 32; }
+    if (v >> 16) { v >>= 16; r += 16; }
+    if (v >> 8) { v >>= 8; r += 8; }
+    if (v >> 4) { v >>= 4; r += 4; }
+    if (v >> 2) { v >>= 2; r += 2; }
+    if (v >> 1) { r += 1; }
+    return r;
+}
+
+/* "GET ", "POST", "PUT ", "HEAD", "DELE", "PATC", "OPTI", "CONN", "TRAC", "PRI " */
+static __always_inline int looks_like_http_request(const u8 *p, u32 n) {
+    if (n < 4)
+        return 1;   /* too short to tell: let user space decide */
+    u32 w = p[0] | (p[1] << 8) | (p[2] << 16) | ((u32)p[3] << 24);
+    switch (w) {
+    case 0x20544547: case 0x54534f50: case 0x20545550: case 0x44414548:
+    case 0x454c4544: case 0x43544150: case 0x4954504f: case 0x4e4e4f43:
+    case 0x43415254: case 0x20495250:
+        return 1;
+    }
+    return 0;
+}
+
+/* Copy the head of the data (up to HEAD_CAP) into ev->payload, and its tail
+ * (up to TAIL_CAP bytes, not overlapping the head) after it. `vec` selects an
+ * iovec array of `cnt` entries instead of one buffer. Returns nothing; sets
+ * head_len / tail_len / flags. */
+static __always_inline void capture(struct data_scratch_t *s, u64 ptr, u64 cnt, u64 len, int vec, int tail_only) {
+    /* All sizes are u64: a u32 passed to a helper keeps undefined upper bits in
+     * its register, and the verifier then rejects the (unbounded) size. */
+    struct data_event_t *ev = &s->ev;
+    ev->head_len = 0;
+    ev->tail_len = 0;
+    if (len == 0 || ptr == 0)
+        return;
+    u64 want_tail = 0;
+    if (tail_only) {
+        want_tail = len < TAIL_CAP ? len : TAIL_CAP;
+    } else if (len > HEAD_CAP) {
+        u64 rest = len - HEAD_CAP;
+        want_tail = rest < TAIL_CAP ? rest : TAIL_CAP;
+    }
+    if (!vec) {
+        if (!tail_only) {
+            u64 n = len;
+            CLAMP(n, HEAD_CAP);
+            bpf_probe_read_user(ev->payload, n, (void *)ptr);
+            ev->head_len = n;
+        }
+        if (want_tail) {
+            CLAMP(want_tail, TAIL_CAP);
+            void *src = (void *)(ptr + len - want_tail);
+            if (tail_only)
+                bpf_probe_read_user(ev->payload, want_tail, src);
+            else
+                bpf_probe_read_user(ev->payload + HEAD_CAP, want_tail, src);
+            ev->tail_len = want_tail;
+        }
+        return;
+    }
+    ev->flags |= DF_VECTORED;
+    u64 off = 0;        /* bytes of the data before this iovec */
+    u64 got = 0;        /* head bytes captured */
+#pragma unroll
+    for (int i = 0; i < MAX_IOV; i++) {
+        if (i >= cnt || off >= len)
+            break;
+        struct iovec_t iov = {};
+        if (bpf_probe_read_user(&iov, sizeof(iov), (void *)(ptr + i * sizeof(iov))) < 0)
+            break;
+        u64 in_iov = iov.len < len - off ? iov.len : len - off;
+        if (!tail_only && got < HEAD_CAP) {
+            u64 n = in_iov < HEAD_CAP - got ? in_iov : HEAD_CAP - got;
+            CLAMP(n, HEAD_CAP);
+            CLAMP(got, HEAD_CAP);
+            if (n)
+                bpf_probe_read_user(ev->payload + got, n, (void *)iov.base);
+            got += n;
+        }
+        off += in_iov;
+        if (off >= len && want_tail) {
+            /* the data ends in this iovec: take the tail from here */
+            u64 t = want_tail < in_iov ? want_tail : in_iov;
+            CLAMP(t, TAIL_CAP);
+            void *src = (void *)(iov.base + in_iov - t);
+            if (tail_only)
+                bpf_probe_read_user(ev->payload, t, src);
+            else
+                bpf_probe_read_user(ev->payload + HEAD_CAP, t, src);
+            ev->tail_len = t;
+        }
+    }
+    ev->head_len = got;
+}
+
+static __always_inline u64 data_size(struct data_event_t *ev) {
+    u64 n = ev->tail_len && !(ev->flags & DF_TAIL_ONLY) ? HEAD_CAP + ev->tail_len : ev->head_len + ev->tail_len;
+    CLAMP(n, HEAD_CAP + TAIL_CAP);
+    return offsetof(struct data_event_t, payload) + n;
+}
+
+static __always_inline void send_summary(struct conn_t *c, u64 key, u32 tgid, u32 fd, u8 reason, u64 now) {
+    u32 z = 0;
+    struct summary_event_t *s = scratch_summary.lookup(&z);
+    if (!s)
+        return;
+    s->type = EV_SUMMARY;
+    s->reason = reason;
+    s->flags = c->flags;
+    s->role = c->role;
+    s->tgid = tgid;
+    s->conn_id = c->conn_id;
+    s->ts_ns = now;
+    s->fd = fd;
+    s->seq = c->seq;
+    s->req_start_ns = c->req_start_ns;
+    s->req_last_ns = c->req_last_ns;
+    s->resp_first_ns = c->resp_first_ns;
+    s->resp_last_ns = c->resp_last_ns;
+    s->eof_ns = c->eof_ns;
+    s->bytes_in = c->bytes_in;
+    s->bytes_out = c->bytes_out;
+    s->reads = c->reads;
+    s->writes = c->writes;
+    s->lost = c->lost;
+    __builtin_memcpy(s->gaps, c->gaps, sizeof(s->gaps));
+    u32 ring = 0;
+    if (c->phase == PH_RESP && c->writes > SAMPLE_WRITES) {
+        struct tails_t *t = tails.lookup(&key);
+        if (t) {
+            ring = c->writes - SAMPLE_WRITES;
+            if (ring > TAIL_SLOTS)
+                ring = TAIL_SLOTS;
+            bpf_probe_read_kernel(s->ring, sizeof(s->ring), t->slot);
+        }
+    }
+    s->ring_count = ring;
+    u64 size = offsetof(struct summary_event_t, ring) + (u64)ring * sizeof(struct tail_slot_t);
+    CLAMP(size, sizeof(*s));
+    emit(s, size, C_LOST_SUMMARY, c);
+    c->summarized = 1;
+}
+
+static __always_inline void new_conn(u32 tgid, u32 fd, u8 role, s32 listen_fd, u64 addr, u64 addr_len) {
+    u64 now = bpf_ktime_get_ns();
+    u32 z = 0;
+    u64 *idp = next_conn_id.lookup(&z);
+    if (!idp)
+        return;
+    u64 id = __sync_fetch_and_add(idp, 1) + 1;
+    struct conn_t *zc = zero_conn.lookup(&z);
+    if (!zc)
+        return;
+    u64 key = ((u64)tgid << 32) | fd;
+    if (conns.update(&key, zc) < 0) {
+        count(C_CONN_FULL);
+        return;
+    }
+    struct conn_t *c = conns.lookup(&key);
+    if (!c)
+        return;
+    c->conn_id = id;
+    c->role = role;
+    tails.delete(&key);
+    count(C_CONNS);
+    struct conn_event_t ev = {};
+    ev.type = EV_CONN;
+    ev.role = role;
+    ev.tgid = tgid;
+    ev.conn_id = id;
+    ev.ts_ns = now;
+    ev.fd = fd;
+    ev.listen_fd = listen_fd;
+    if (addr && addr_len) {
+        u64 n = addr_len & 0xffffffff;
+        CLAMP(n, sizeof(ev.addr));
+        if (bpf_probe_read_user(ev.addr, n, (void *)addr) == 0)
+            ev.addr_len = n;
+    }
+    emit(&ev, sizeof(ev), C_LOST_CONN, 0);
+}
+
+#define CAP_NONE 0
+#define CAP_FULL 1
+#define CAP_TAIL 2
+
+/* A request-direction or response-direction syscall on a tracked connection.
+ * Written with one capture() call site: each inlined copy multiplies the
+ * verifier's work. */
+static __always_inline void on_data(u64 pid_tgid, struct args_t *a, s64 ret) {
+    u32 tgid = pid_tgid >> 32;
+    u64 key = ((u64)tgid << 32) | a->fd;
+    struct conn_t *c = conns.lookup(&key);
+    if (!c)
+        return;
+    u64 now = bpf_ktime_get_ns();
+    int dir_in = a->kind == K_READ || a->kind == K_READV || a->kind == K_RECVMSG || a->kind == K_NOPAYLOAD_IN;
+    if (ret <= 0) {
+        if (dir_in && (ret == 0 || ret == -ECONNRESET)) {
+            c->flags |= ret == 0 ? CF_PEER_EOF : CF_READ_ERR;
+            if (!c->eof_ns)
+                c->eof_ns = now;
+        } else if (!dir_in && (ret == -EPIPE || ret == -ECONNRESET)) {
+            c->flags |= CF_WRITE_ERR;
+            if (!c->eof_ns)
+                c->eof_ns = now;
+        }
+        return;
+    }
+    u64 len = ret;
+    int is_req = dir_in ^ (c->role == ROLE_CLIENT);
+    int nopayload = a->kind == K_NOPAYLOAD_IN || a->kind == K_NOPAYLOAD_OUT;
+    int vec = a->kind == K_READV || a->kind == K_WRITEV || a->kind == K_RECVMSG || a->kind == K_SENDMSG;
+    int mode = CAP_NONE;
+    int new_req = 0;
+    int ring = 0;
+    u32 idx;
+
+    if (is_req) {
+        if (c->phase != PH_REQ) {
+            /* a new request: close out the previous response first */
+            if (c->phase == PH_RESP && !c->summarized && c->writes > SAMPLE_WRITES)
+                send_summary(c, key, tgid, a->fd, SR_NEXT_REQUEST, now);
+            c->seq += 1;
+            c->phase = PH_REQ;
+            c->req_start_ns = now;
+            c->resp_first_ns = 0;
+            c->resp_last_ns = 0;
+            c->eof_ns = 0;
+            c->bytes_in = 0;
+            c->bytes_out = 0;
+            c->reads = 0;
+            c->writes = 0;
+            c->flags = 0;
+            c->summarized = 0;
+#pragma unroll
+            for (int i = 0; i < GAP_BUCKETS; i++)
+                c->gaps[i] = 0;
+            new_req = 1;
+            mode = CAP_FULL;
+        } else if (!(c->flags & CF_FOREIGN)) {
+            /* past REQ_CAPTURE only the tail of each read is sent (the body's end
+             * carries `model` when the client put it after the prompt) */
+            mode = c->bytes_in >= REQ_CAPTURE ? CAP_TAIL : CAP_FULL;
+        }
+        idx = c->reads;
+        c->reads += 1;
+        c->bytes_in += len;
+        c->req_last_ns = now;
+    } else {
+        if (c->phase != PH_RESP) {
+            c->phase = PH_RESP;
+            c->resp_first_ns = now;
+            c->writes = 0;
+            c->summarized = 0;
+        } else if (c->writes >= 2) {
+            /* gaps between body writes (write 0 is usually the head) */
+            u64 gap_us = (now - c->resp_last_ns) / 1000;
+            u32 b = log2_u64(gap_us);
+            if (b >= GAP_BUCKETS)
+                b = GAP_BUCKETS - 1;
+            c->gaps[b & (GAP_BUCKETS - 1)] += 1;
+        }
+        idx = c->writes;
+        c->writes += 1;
+        c->bytes_out += len;
+        c->resp_last_ns = now;
+        if (c->flags & CF_FOREIGN)
+            return;
+        ring = idx >= SAMPLE_WRITES;
+        mode = ring ? CAP_TAIL : CAP_FULL;
+    }
+    if (nopayload)
+        mode = CAP_NONE;
+
+    u32 z = 0;
+    struct data_scratch_t *s = scratch_data.lookup(&z);
+    if (!s)
+        return;
+    struct data_event_t *ev = &s->ev;
+    ev->flags = 0;
+    ev->head_len = 0;
+    ev->tail_len = 0;
+    if (mode != CAP_NONE)
+        capture(s, a->ptr, a->extra, len, vec, mode == CAP_TAIL);
+    if (mode == CAP_TAIL)
+        ev->flags |= DF_TAIL_ONLY;
+    if (nopayload)
+        ev->flags |= DF_NO_PAYLOAD;
+
+    if (new_req) {
+        if (mode == CAP_FULL && !looks_like_http_request(ev->payload, ev->head_len))
+            c->flags |= CF_FOREIGN;
+        count(c->flags & CF_FOREIGN ? C_FOREIGN : C_REQUESTS);
+    }
+    if (c->flags & CF_FOREIGN)
+        return;
+
+    if (!ring) {
+        if (ev->head_len + ev->tail_len < len)
+            count(C_TRUNCATED);
+        ev->type = EV_DATA;
+        ev->dir = dir_in ? DIR_IN : DIR_OUT;
+        ev->role = c->role;
+        ev->tgid = tgid;
+        ev->conn_id = c->conn_id;
+        ev->ts_ns = now;
+        ev->fd = a->fd;
+        ev->len = len > 0xffffffff ? 0xffffffff : len;
+        ev->pad = 0;
+        ev->index = idx;
+        ev->seq = c->seq;
+        ev->lost = c->lost;
+        emit(ev, data_size(ev), C_LOST_DATA, c);
+        return;
+    }
+
+    /* beyond the samples: keep the write's last bytes in the tail ring */
+    struct tails_t *t = tails.lookup(&key);
+    if (!t) {
+        struct tails_t *empty = zero_tails.lookup(&z);
+        if (!empty)
+            return;
+        tails.update(&key, empty);
+        t = tails.lookup(&key);
+        if (!t)
+            return;
+    }
+    u32 slot = (idx - SAMPLE_WRITES) & (TAIL_SLOTS - 1);
+    struct tail_slot_t *ts = &t->slot[slot];
+    ts->ts_ns = now;
+    ts->len = len > 0xffffffff ? 0xffffffff : len;
+    ts->index = idx;
+    u64 n = ev->tail_len;
+    CLAMP(n, TAIL_CAP);
+    bpf_probe_read_kernel(ts->data, n, ev->payload);
+    ts->cap = n;
+    /* chunked terminator "0\r\n\r\n" at the end of the write (alone, or after
+     * the previous chunk's CRLF) ends the response now */
+    if (n >= 5) {
+        u64 e = n - 5;
+        CLAMP(e, TAIL_CAP - 5);
+        u8 *p = ev->payload + e;
+        if (p[0] == '0' && p[1] == '\r' && p[2] == '\n' && p[3] == '\r' && p[4] == '\n') {
+            int alone = n == 5;
+            if (!alone && e >= 2) {
+                u8 *q = ev->payload + ((e - 2) & (TAIL_CAP - 1));
+                alone = q[0] == '\r' && q[1] == '\n';
+            }
+            if (alone) {
+                c->flags |= CF_TERMINATED;
+                send_summary(c, key, tgid, a->fd, SR_TERMINATED, now);
+            }
+        }
+    }
+}
+
+/* ---- enter/exit plumbing ------------------------------------------------ */
+
+static __always_inline int save_data(u32 fd, u64 ptr, u64 extra, u32 kind) {
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 tgid = pid_tgid >> 32;
+    if (!is_target(tgid))
+        return 0;
+    u64 key = ((u64)tgid << 32) | fd;
+    if (!conns.lookup(&key))
+        return 0;
+    struct args_t a = {.ptr = ptr, .extra = extra, .fd = fd, .kind = kind};
+    inflight.update(&pid_tgid, &a);
+    return 0;
+}
+
+static __always_inline int save_msg(u32 fd, u64 msg, u32 kind) {
+    /* struct user_msghdr (userspace ABI): msg_iov at offset 16, msg_iovlen at 24 */
+    u64 iov = 0, cnt = 0;
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    if (!is_target(pid_tgid >> 32))
+        return 0;
+    bpf_probe_read_user(&iov, sizeof(iov), (void *)(msg + 16));
+    bpf_probe_read_user(&cnt, sizeof(cnt), (void *)(msg + 24));
+    return save_data(fd, iov, cnt, kind);
+}
+
+static __always_inline int finish(s64 ret) {
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    struct args_t *a = inflight.lookup(&pid_tgid);
+    if (!a)
+        return 0;
+    struct args_t copy = *a;
+    inflight.delete(&pid_tgid);
+    on_data(pid_tgid, &copy, ret);
+    return 0;
+}
+
+static __always_inline int finish_conn(s64 ret) {
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    struct args_t *a = inflight.lookup(&pid_tgid);
+    if (!a)
+        return 0;
+    struct args_t copy = *a;
+    inflight.delete(&pid_tgid);
+    if (copy.kind == K_ACCEPT) {
+        if (ret >= 0) {
+            u64 addr_len = 0;
+            if (copy.ptr && copy.extra)
+                bpf_probe_read_user(&addr_len, 4, (void *)copy.extra);
+            new_conn(pid_tgid >> 32, (u32)ret, ROLE_SERVER, (s32)copy.fd, copy.ptr, addr_len);
+        }
+    } else if (copy.kind == K_CONNECT) {
+        if (ret == 0 || ret == -EINPROGRESS)
+            new_conn(pid_tgid >> 32, copy.fd, ROLE_CLIENT, -1, copy.ptr, copy.extra);
+    }
+    return 0;
+}
+
+static __always_inline int save_accept(u32 fd, u64 addr, u64 addrlen_ptr) {
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    if (!is_target(pid_tgid >> 32))
+        return 0;
+    struct args_t a = {.ptr = addr, .extra = addrlen_ptr, .fd = fd, .kind = K_ACCEPT};
+    inflight.update(&pid_tgid, &a);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_accept) { return save_accept(args->fd, (u64)args->upeer_sockaddr, (u64)args->upeer_addrlen); }
+TRACEPOINT_PROBE(syscalls, sys_exit_accept) { return finish_conn(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_enter_accept4) { return save_accept(args->fd, (u64)args->upeer_sockaddr, (u64)args->upeer_addrlen); }
+TRACEPOINT_PROBE(syscalls, sys_exit_accept4) { return finish_conn(args->ret); }
+
+TRACEPOINT_PROBE(syscalls, sys_enter_connect) {
+    if (!TRACE_CLIENTS)
+        return 0;
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    if (!is_target(pid_tgid >> 32))
+        return 0;
+    u16 family = 0;
+    bpf_probe_read_user(&family, sizeof(family), (void *)args->uservaddr);
+    if (family != 2 && family != 10)    /* AF_INET, AF_INET6 only */
+        return 0;
+    struct args_t a = {.ptr = (u64)args->uservaddr, .extra = (u64)args->addrlen, .fd = args->fd, .kind = K_CONNECT};
+    inflight.update(&pid_tgid, &a);
+    return 0;
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_connect) { return TRACE_CLIENTS ? finish_conn(args->ret) : 0; }
+
+TRACEPOINT_PROBE(syscalls, sys_enter_read) { return save_data(args->fd, (u64)args->buf, 0, K_READ); }
+TRACEPOINT_PROBE(syscalls, sys_exit_read) { return finish(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_enter_readv) { return save_data(args->fd, (u64)args->vec, args->vlen, K_READV); }
+TRACEPOINT_PROBE(syscalls, sys_exit_readv) { return finish(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_enter_recvfrom) { return save_data(args->fd, (u64)args->ubuf, 0, K_READ); }
+TRACEPOINT_PROBE(syscalls, sys_exit_recvfrom) { return finish(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_enter_recvmsg) { return save_msg(args->fd, (u64)args->msg, K_RECVMSG); }
+TRACEPOINT_PROBE(syscalls, sys_exit_recvmsg) { return finish(args->ret); }
+
+TRACEPOINT_PROBE(syscalls, sys_enter_write) { return save_data(args->fd, (u64)args->buf, 0, K_WRITE); }
+TRACEPOINT_PROBE(syscalls, sys_exit_write) { return finish(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_enter_writev) { return save_data(args->fd, (u64)args->vec, args->vlen, K_WRITEV); }
+TRACEPOINT_PROBE(syscalls, sys_exit_writev) { return finish(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_enter_sendto) { return save_data(args->fd, (u64)args->buff, 0, K_WRITE); }
+TRACEPOINT_PROBE(syscalls, sys_exit_sendto) { return finish(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_enter_sendmsg) { return save_msg(args->fd, (u64)args->msg, K_SENDMSG); }
+TRACEPOINT_PROBE(syscalls, sys_exit_sendmsg) { return finish(args->ret); }
+
+/* sendfile and splice move bytes without a user buffer: counted for timing and
+ * byte totals, nothing captured. */
+TRACEPOINT_PROBE(syscalls, sys_enter_sendfile64) { return save_data(args->out_fd, 0, 0, K_NOPAYLOAD_OUT); }
+TRACEPOINT_PROBE(syscalls, sys_exit_sendfile64) { return finish(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_enter_splice) {
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 tgid = pid_tgid >> 32;
+    if (!is_target(tgid))
+        return 0;
+    u64 kout = ((u64)tgid << 32) | (u32)args->fd_out;
+    if (conns.lookup(&kout))
+        return save_data(args->fd_out, 0, 0, K_NOPAYLOAD_OUT);
+    return save_data(args->fd_in, 0, 0, K_NOPAYLOAD_IN);
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_splice) { return finish(args->ret); }
+
+TRACEPOINT_PROBE(syscalls, sys_enter_close) {
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 tgid = pid_tgid >> 32;
+    if (!is_target(tgid))
+        return 0;
+    u32 fd = args->fd;
+    u64 key = ((u64)tgid << 32) | fd;
+    struct conn_t *c = conns.lookup(&key);
+    if (!c)
+        return 0;
+    if (c->seq || c->phase != PH_IDLE)
+        send_summary(c, key, tgid, fd, SR_CLOSE, bpf_ktime_get_ns());
+    conns.delete(&key);
+    tails.delete(&key);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_listen) {
+    if (args->ret != 0)
+        return 0;
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    struct proc_event_t ev = {};
+    ev.type = EV_PROC;
+    ev.kind = PK_LISTEN;
+    ev.tgid = pid_tgid >> 32;
+    ev.ts_ns = bpf_ktime_get_ns();
+    bpf_get_current_comm(ev.comm, sizeof(ev.comm));
+    emit(&ev, sizeof(ev), C_LOST_PROC, 0);
+    return 0;
+}
+
+/* ---- process lifecycle: discovery of new, restarted and forked servers ---- */
+
+TRACEPOINT_PROBE(sched, sched_process_exec) {
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    struct proc_event_t ev = {};
+    ev.type = EV_PROC;
+    ev.kind = PK_EXEC;
+    ev.tgid = pid_tgid >> 32;
+    ev.pid = (u32)pid_tgid;
+    ev.ts_ns = bpf_ktime_get_ns();
+    bpf_get_current_comm(ev.comm, sizeof(ev.comm));
+    emit(&ev, sizeof(ev), C_LOST_PROC, 0);
+    return 0;
+}
+
+/* A traced process's children (uvicorn/gunicorn workers) are traced from their
+ * first instruction. Threads also pass here; user space removes them. */
+TRACEPOINT_PROBE(sched, sched_process_fork) {
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 parent = pid_tgid >> 32;
+    if (!is_target(parent))
+        return 0;
+    u32 child = args->child_pid;
+    u8 one = 1;
+    targets.update(&child, &one);
+    struct proc_event_t ev = {};
+    ev.type = EV_PROC;
+    ev.kind = PK_FORK;
+    ev.tgid = child;
+    ev.pid = child;
+    ev.ppid = parent;
+    ev.ts_ns = bpf_ktime_get_ns();
+    bpf_get_current_comm(ev.comm, sizeof(ev.comm));
+    emit(&ev, sizeof(ev), C_LOST_PROC, 0);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exit) {
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 tgid = pid_tgid >> 32;
+    u32 pid = (u32)pid_tgid;
+    if (pid != tgid) {
+        targets.delete(&pid);   /* a thread that fork() above added */
+        return 0;
+    }
+    if (!is_target(tgid))
+        return 0;
+    targets.delete(&tgid);
+    struct proc_event_t ev = {};
+    ev.type = EV_PROC;
+    ev.kind = PK_EXIT;
+    ev.tgid = tgid;
+    ev.pid = pid;
+    ev.ts_ns = bpf_ktime_get_ns();
+    bpf_get_current_comm(ev.comm, sizeof(ev.comm));
+    emit(&ev, sizeof(ev), C_LOST_PROC, 0);
+    return 0;
+}

@@ -1,0 +1,152 @@
+/* Event layouts shared by probes/sockets.bpf.c and probes/socket_events.py.
+ *
+ * This file is a contract: every struct below has a ctypes twin in
+ * probes/socket_events.py, and tests/test_socket_events.py checks that their
+ * sizes and field offsets match the compiled BPF program's. Every struct starts
+ * with a one-byte event type, is padded explicitly, and has 8-byte aligned u64s.
+ *
+ * Capture sizes are compile-time constants (cflags -D...), defaulted here.
+ */
+#ifndef INFERSIGHT_SOCKETS_H
+#define INFERSIGHT_SOCKETS_H
+
+#ifndef HEAD_CAP
+#define HEAD_CAP 2048       /* bytes captured from the start of a syscall's data (power of 2) */
+#endif
+#ifndef TAIL_CAP
+#define TAIL_CAP 256        /* bytes captured from the end of a syscall's data (power of 2) */
+#endif
+#ifndef TAIL_SLOTS
+#define TAIL_SLOTS 8        /* last response writes kept per stream (power of 2); an OpenAI
+                             * stream ends with finish, usage, [DONE] and terminator writes */
+#endif
+#define GAP_BUCKETS 32      /* log2 histogram of inter-write gaps, in microseconds */
+
+/* event types: the first byte of every ring buffer record */
+#define EV_DATA 1
+#define EV_SUMMARY 2
+#define EV_CONN 3
+#define EV_PROC 4
+
+/* directions, as seen by the traced process */
+#define DIR_IN 0            /* read, readv, recvfrom, recvmsg, splice from the socket */
+#define DIR_OUT 1           /* write, writev, sendto, sendmsg, sendfile, splice to the socket */
+
+/* connection roles */
+#define ROLE_SERVER 1       /* accepted: requests come in, responses go out */
+#define ROLE_CLIENT 2       /* connected: requests go out, responses come in */
+
+/* EV_DATA flags */
+#define DF_TAIL_ONLY 1      /* payload holds only the tail (head_len == 0) */
+#define DF_NO_PAYLOAD 2     /* sendfile/splice: bytes moved, none captured */
+#define DF_VECTORED 4       /* readv/writev/recvmsg/sendmsg: head gathered over iovecs */
+
+/* EV_SUMMARY reasons */
+#define SR_TERMINATED 1     /* the response's chunked terminator was written */
+#define SR_NEXT_REQUEST 2   /* a new request started on the connection */
+#define SR_CLOSE 3          /* the traced process closed the socket */
+
+/* EV_SUMMARY / connection flags */
+#define CF_PEER_EOF 1       /* a read returned 0: the peer closed its side */
+#define CF_WRITE_ERR 2      /* a write failed with EPIPE or ECONNRESET */
+#define CF_READ_ERR 4       /* a read failed with ECONNRESET */
+#define CF_TERMINATED 8     /* the response's chunked terminator was seen */
+#define CF_FOREIGN 16       /* the current request does not start like HTTP: not captured */
+
+/* EV_PROC kinds */
+#define PK_EXEC 1
+#define PK_FORK 2
+#define PK_EXIT 3
+#define PK_LISTEN 4
+
+/* per-CPU counters (index into the `counters` array) */
+#define C_REQUESTS 0        /* request phases started (non-foreign) */
+#define C_FOREIGN 1         /* request phases that did not look like HTTP */
+#define C_LOST_DATA 2       /* EV_DATA records the ring buffer refused */
+#define C_LOST_SUMMARY 3
+#define C_LOST_CONN 4
+#define C_LOST_PROC 5
+#define C_CONNS 6           /* connections tracked from accept/connect */
+#define C_CONN_FULL 7       /* conn map updates that failed */
+#define C_TRUNCATED 8       /* syscalls larger than what was captured */
+#define C_COUNTERS 9
+
+struct data_event_t {
+    u8 type;
+    u8 dir;
+    u8 flags;
+    u8 role;
+    u32 tgid;
+    u64 conn_id;
+    u64 ts_ns;          /* syscall exit, CLOCK_MONOTONIC */
+    u32 fd;
+    u32 seq;            /* request phase number on this connection */
+    u32 len;            /* bytes the syscall moved */
+    u32 index;          /* index of this syscall within its direction in the phase */
+    u32 head_len;       /* payload[0:head_len] is the data's start */
+    u32 tail_len;       /* payload[HEAD_CAP:HEAD_CAP+tail_len] is its end (at 0 if DF_TAIL_ONLY) */
+    u32 lost;           /* records lost on this connection since the last delivered one */
+    u32 pad;
+    u8 payload[HEAD_CAP + TAIL_CAP];
+};
+
+struct tail_slot_t {
+    u64 ts_ns;
+    u32 len;            /* bytes the write moved */
+    u32 index;          /* write index in the phase */
+    u32 cap;            /* data[0:cap] holds the write's last cap bytes */
+    u32 pad;
+    u8 data[TAIL_CAP];
+};
+
+struct summary_event_t {
+    u8 type;
+    u8 reason;
+    u8 flags;
+    u8 role;
+    u32 tgid;
+    u64 conn_id;
+    u64 ts_ns;
+    u32 fd;
+    u32 seq;
+    u64 req_start_ns;   /* first request byte of the phase */
+    u64 req_last_ns;    /* last request-direction syscall */
+    u64 resp_first_ns;  /* first response byte */
+    u64 resp_last_ns;   /* last response byte */
+    u64 eof_ns;         /* when the peer's EOF or a reset was seen, else 0 */
+    u64 bytes_in;       /* request-direction bytes in the phase */
+    u64 bytes_out;      /* response-direction bytes in the phase */
+    u32 reads;          /* request-direction syscalls in the phase */
+    u32 writes;         /* response-direction syscalls in the phase */
+    u32 lost;
+    u32 ring_count;     /* valid entries in ring[] (the last writes with index >= SAMPLE_WRITES) */
+    u32 gaps[GAP_BUCKETS];
+    struct tail_slot_t ring[TAIL_SLOTS];
+};
+
+struct conn_event_t {
+    u8 type;
+    u8 role;
+    u8 addr_len;        /* bytes of sockaddr captured (0: the caller passed none) */
+    u8 pad0;
+    u32 tgid;
+    u64 conn_id;
+    u64 ts_ns;
+    u32 fd;
+    s32 listen_fd;      /* accept: the listening socket; connect: -1 */
+    u8 addr[28];        /* struct sockaddr_in / sockaddr_in6 as the process saw it */
+    u32 pad1;
+};
+
+struct proc_event_t {
+    u8 type;
+    u8 kind;
+    u16 pad0;
+    u32 tgid;
+    u32 pid;            /* fork: child pid; listen: fd */
+    u32 ppid;           /* fork: parent tgid */
+    u64 ts_ns;
+    char comm[16];
+};
+
+#endif

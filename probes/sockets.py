@@ -1,0 +1,240 @@
+"""Loader for probes/sockets.bpf.c: the thin privileged edge of the capture path.
+
+It compiles and attaches the probe, keeps the target-PID and connection maps,
+and drains the ring buffer on a timer, handing raw records in batches to a
+callback. Decoding and everything after it happen elsewhere, without root.
+
+Threading: ``drain()`` is called from one thread (the pipeline's drain thread).
+``add_target``/``remove_target``/``seed_conn``/``delete_conn``/``counters`` may be
+called from any thread; BCC map operations are single syscalls.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.selfmetrics import SELF_METRICS, SelfMetrics
+from probes.socket_events import COUNTER_NAMES, Layout
+
+log = logging.getLogger(__name__)
+
+PROBE_DIR = Path(__file__).resolve().parent
+SOURCE = PROBE_DIR / "sockets.bpf.c"
+
+# syscall tracepoints the probe needs, in pairs (sched ones are checked too)
+SYSCALLS = (
+    "accept",
+    "accept4",
+    "connect",
+    "read",
+    "readv",
+    "recvfrom",
+    "recvmsg",
+    "write",
+    "writev",
+    "sendto",
+    "sendmsg",
+    "sendfile64",
+    "splice",
+    "close",
+    "listen",
+)
+SCHED = ("sched_process_exec", "sched_process_fork", "sched_process_exit")
+
+
+@dataclass(frozen=True)
+class SocketProbeConfig:
+    """Sizes and bounds of the socket probe; each becomes a -D cflag."""
+
+    head_cap: int = 2048
+    """Bytes captured from the start of each captured syscall (power of 2)."""
+    tail_cap: int = 256
+    """Bytes captured from the end of a syscall's data (power of 2)."""
+    tail_slots: int = 8
+    """Last response writes of a long stream kept in the kernel (power of 2)."""
+    sample_writes: int = 4
+    """Response writes per request sent to user space in full (the rest are aggregated)."""
+    req_capture: int = 16384
+    """Request bytes captured per request before only tails of later reads are sent."""
+    max_targets: int = 1024
+    """Entries of the target-PID map (processes and their forked children)."""
+    max_conns: int = 16384
+    """Entries of the per-connection LRU map."""
+    max_streams: int = 2048
+    """Entries of the LRU map of tail rings (concurrent long responses)."""
+    max_inflight: int = 8192
+    """Threads inside a traced syscall at once."""
+    ringbuf_pages: int = 256
+    """Ring buffer size in pages (power of 2)."""
+    wakeup_every: int = 256
+    """Records between forced wakeups; the rest are drained on a timer."""
+    trace_clients: bool = False
+    """Also trace connections the targets open (client spans)."""
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(self.head_cap, self.tail_cap, self.tail_slots)
+
+    def cflags(self) -> list[str]:
+        for name in ("head_cap", "tail_cap", "tail_slots", "ringbuf_pages"):
+            v = getattr(self, name)
+            if v <= 0 or v & (v - 1):
+                raise ValueError(f"{name} must be a power of two, got {v}")
+        return [
+            f"-I{PROBE_DIR}",
+            f"-DHEAD_CAP={self.head_cap}",
+            f"-DTAIL_CAP={self.tail_cap}",
+            f"-DTAIL_SLOTS={self.tail_slots}",
+            f"-DSAMPLE_WRITES={self.sample_writes}",
+            f"-DREQ_CAPTURE={self.req_capture}",
+            f"-DMAX_TARGETS={self.max_targets}",
+            f"-DMAX_CONNS={self.max_conns}",
+            f"-DMAX_STREAMS={self.max_streams}",
+            f"-DMAX_INFLIGHT={self.max_inflight}",
+            f"-DRINGBUF_PAGES={self.ringbuf_pages}",
+            f"-DWAKEUP_EVERY={self.wakeup_every}",
+            f"-DTRACE_CLIENTS={int(self.trace_clients)}",
+            "-Wno-unused-function",
+        ]
+
+
+def missing_tracepoints() -> list[str]:
+    """Tracepoints the probe needs that this kernel lacks (a feature test)."""
+    from bcc import BPF
+
+    missing = []
+    for sc in SYSCALLS:
+        for side in ("enter", "exit"):
+            if sc == "close" and side == "exit":
+                continue
+            if sc == "listen" and side == "enter":
+                continue
+            if not BPF.tracepoint_exists("syscalls", f"sys_{side}_{sc}"):
+                missing.append(f"syscalls:sys_{side}_{sc}")
+    for tp in SCHED:
+        if not BPF.tracepoint_exists("sched", tp):
+            missing.append(f"sched:{tp}")
+    return missing
+
+
+class SocketProbe:
+    """The loaded socket probe. Raises from ``__init__`` when BCC cannot
+    compile, load or attach it (the error names what failed)."""
+
+    def __init__(
+        self,
+        config: SocketProbeConfig = SocketProbeConfig(),
+        *,
+        on_records: Callable[[list[bytes]], None],
+        metrics: SelfMetrics = SELF_METRICS,
+    ) -> None:
+        from bcc import BPF
+
+        self.config = config
+        self._metrics = metrics
+        self._on_records = on_records
+        self._batch: list[bytes] = []
+        missing = missing_tracepoints()
+        # sendfile64/splice are optional (they only keep timing right); the rest are not.
+        hard = [m for m in missing if "sendfile64" not in m and "splice" not in m]
+        if hard:
+            raise RuntimeError(f"kernel lacks tracepoints: {', '.join(hard)}")
+        t0 = time.monotonic()
+        self.bpf = BPF(src_file=str(SOURCE).encode(), cflags=config.cflags())
+        self.load_seconds = time.monotonic() - t0
+        self._targets = self.bpf["targets"]
+        self._conns = self.bpf["conns"]
+        self._counters = self.bpf["counters"]
+        self._string_at = ctypes.string_at
+        batch_append = self._batch.append
+        string_at = ctypes.string_at
+
+        def _cb(_ctx: Any, data: Any, size: int) -> int:
+            batch_append(string_at(data, size))
+            return 0
+
+        self._cb = _cb  # keep a reference: BCC holds only a ctypes pointer
+        self.bpf["events"].open_ring_buffer(_cb)
+        metrics.set("infersight.probe.load.seconds", self.load_seconds, (("probe", "sockets"),))
+
+    # ---- targets and connections -------------------------------------------------
+    def add_target(self, pid: int) -> None:
+        self._targets[ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
+
+    def remove_target(self, pid: int) -> None:
+        try:
+            del self._targets[ctypes.c_uint32(pid)]
+        except KeyError:
+            pass
+
+    def targets(self) -> set[int]:
+        return {k.value for k in self._targets.keys()}
+
+    def seed_conn(self, pid: int, fd: int, role: int, conn_id: int) -> bool:
+        """Track a socket that was open before the probe attached. Does not
+        replace a connection the probe already tracks. True when inserted."""
+        key = self._conns.Key((pid << 32) | fd)
+        leaf = self._conns.Leaf()
+        leaf.conn_id = conn_id
+        leaf.role = role
+        # BPF_NOEXIST = 1: never clobber state the kernel created meanwhile
+        from bcc import lib
+
+        rc = lib.bpf_update_elem(self._conns.map_fd, ctypes.byref(key), ctypes.byref(leaf), 1)
+        return rc == 0
+
+    def conn_alive(self, pid: int, fd: int, conn_id: int) -> bool:
+        """Whether the kernel still tracks this connection (same generation)."""
+        try:
+            leaf = self._conns[self._conns.Key((pid << 32) | fd)]
+        except KeyError:
+            return False
+        return bool(leaf.conn_id == conn_id)
+
+    def delete_conn(self, pid: int, fd: int) -> None:
+        key = self._conns.Key((pid << 32) | fd)
+        for table in (self._conns, self.bpf["tails"]):
+            try:
+                del table[key]
+            except KeyError:
+                pass
+
+    # ---- draining ---------------------------------------------------------------
+    def drain(self, timeout_ms: int) -> int:
+        """Wait up to ``timeout_ms`` for a forced wakeup, then take every record
+        in the ring buffer and pass them, as one batch, to ``on_records``.
+        Returns the number of records."""
+        self.bpf.ring_buffer_poll(timeout_ms)
+        self.bpf.ring_buffer_consume()
+        batch = self._batch
+        n = len(batch)
+        if n:
+            self._on_records(batch[:])
+            batch.clear()
+        return n
+
+    def counters(self) -> dict[str, int]:
+        """Per-CPU kernel counters, summed."""
+        out = {}
+        for i, name in enumerate(COUNTER_NAMES):
+            vals = self._counters[ctypes.c_int(i)]
+            out[name] = int(sum(vals))
+        return out
+
+    def map_entries(self) -> dict[str, tuple[int, int]]:
+        """(entries, max_entries) per map. Walks each map: call at most every few seconds."""
+        out = {}
+        for name in ("targets", "conns", "tails", "inflight"):
+            table = self.bpf[name]
+            n = sum(1 for _ in table.keys())
+            out[name] = (n, int(table.max_entries))
+        return out
+
+    def close(self) -> None:
+        self.bpf.cleanup()
