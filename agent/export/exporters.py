@@ -149,7 +149,7 @@ class Exporters:
                 config.retry_backoff_max_s,
                 metrics,
             )
-            self.spans = SpanBuilder(self.resource, self.span_processor)
+            self.spans = SpanBuilder(self.resource, self.span_processor, metrics)
             self.metric_pusher = MetricPusher(
                 self.state, metric_exporter, self.resource, config.otlp_metrics_interval_s, metrics
             )

@@ -10,11 +10,13 @@ Thread-safe: a lock serialises writes.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import threading
 from typing import IO
 
+from agent.export.routes import REFUSED, is_body_attribute, strip_query
 from agent.record import Request
 from agent.selfmetrics import SELF_METRICS, SelfMetrics
 
@@ -40,7 +42,7 @@ class JsonlSink:
         metrics.describe(WRITTEN, "counter", "Records written as JSONL lines")
 
     def emit(self, record: Request) -> None:
-        line = record.to_json() + "\n"
+        line = self._line(record) + "\n"
         with self._lock:
             if self._out is None:
                 self._metrics.inc(ERRORS, labels=(("reason", "closed"),))
@@ -54,6 +56,24 @@ class JsonlSink:
                 self._close()
                 return
         self._metrics.inc(WRITTEN)
+
+    def _line(self, record: Request) -> str:
+        """``record.to_json()``, minus content a later stage may have put in by mistake.
+
+        A query string is cut from ``url.path`` and content-carrying attributes
+        (see ``routes.BODY_ATTRIBUTE_PREFIXES``) are left out, counted; records
+        without either (all of them, normally) are written exactly as ``to_json``.
+        """
+        refused = [k for k in record.attributes if is_body_attribute(k)]
+        if not refused and (record.path is None or not any(c in record.path for c in "?#")):
+            return record.to_json()
+        d = record.to_dict()
+        for k in refused:
+            del d[k]
+            self._metrics.inc(REFUSED, labels=(("attribute", k[:64]),))
+        if record.path is not None:
+            d["url.path"] = strip_query(record.path)
+        return json.dumps(d, separators=(",", ":"))
 
     def flush(self) -> None:
         with self._lock:

@@ -57,7 +57,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from agent.export.instruments import HistogramPoint, MetricSnapshot, MetricState, ScalarPoint
-from agent.export.routes import bound_method, template_route
+from agent.export.routes import REFUSED, bound_method, is_body_attribute, strip_query, template_route
 from agent.record import Request
 from agent.selfmetrics import SELF_METRICS, SelfMetrics
 
@@ -323,8 +323,13 @@ def parse_hex_id(value: str | None, nbytes: int) -> int:
         return 0
 
 
-def span_attributes(r: Request) -> dict[str, Any]:
-    """The span attributes of a record, per OTel HTTP and GenAI semconv. Bodies are never read."""
+def span_attributes(r: Request, metrics: SelfMetrics = SELF_METRICS) -> dict[str, Any]:
+    """The span attributes of a record, per OTel HTTP and GenAI semconv.
+
+    Bodies are never read; a content-carrying attribute added by a later stage
+    (``gen_ai.prompt``, ``http.request.body.*``, ...) is refused and counted in
+    ``infersight.export.attributes.refused``.
+    """
     a: dict[str, Any] = {}
     method, other = bound_method(r.method)
     if method:
@@ -336,7 +341,7 @@ def span_attributes(r: Request) -> dict[str, Any]:
         a["http.route"] = route
     if r.path:
         # url.path excludes the query (semconv); query strings may carry secrets and are never exported.
-        a["url.path"] = r.path.split("?", 1)[0].split("#", 1)[0]
+        a["url.path"] = strip_query(r.path)
     _put(a, "http.response.status_code", r.status_code)
     _put(a, "server.port", r.server_port)
     _put(a, "client.address", r.client_address)
@@ -361,6 +366,9 @@ def span_attributes(r: Request) -> dict[str, Any]:
     )
     _put(a, "error.type", error)
     for k, v in r.attributes.items():
+        if is_body_attribute(k):
+            metrics.inc(REFUSED, labels=(("attribute", k[:64]),))
+            continue
         a[k] = _attr_value(v)
     return a
 
@@ -385,7 +393,10 @@ class SpanBuilder:
     not block on I/O: ending a span only enqueues it.
     """
 
-    def __init__(self, resource: Resource, processor: SpanProcessor) -> None:
+    def __init__(
+        self, resource: Resource, processor: SpanProcessor, metrics: SelfMetrics = SELF_METRICS
+    ) -> None:
+        self._metrics = metrics
         self._ids = _PresetIds()
         self.provider = TracerProvider(resource=resource, sampler=ALWAYS_ON, id_generator=self._ids)
         self.provider.add_span_processor(processor)

@@ -233,6 +233,35 @@ class AttributeBounds:
             return {k: len(v) for k, v in self._caps.items()}
 
 
+# Attribute keys that carry message content under OTel GenAI / HTTP semconv. The
+# parsers never produce them; this is the exporters' second line of defence, so
+# that no later stage can leak a prompt or a completion by adding one.
+BODY_ATTRIBUTE_PREFIXES: tuple[str, ...] = (
+    "gen_ai.prompt",
+    "gen_ai.completion",
+    "gen_ai.input.messages",
+    "gen_ai.output.messages",
+    "gen_ai.system_instructions",
+    "gen_ai.tool.call.arguments",
+    "gen_ai.tool.call.result",
+    "http.request.body",
+    "http.response.body",
+    "url.query",
+    "url.full",
+)
+REFUSED = "infersight.export.attributes.refused"
+
+
+def is_body_attribute(key: str) -> bool:
+    """Whether ``key`` may hold request or response content (never exported)."""
+    return key.startswith(BODY_ATTRIBUTE_PREFIXES)
+
+
+def strip_query(path: str) -> str:
+    """``path`` without query string or fragment: query values may carry prompts or secrets."""
+    return path.split("?", 1)[0].split("#", 1)[0]
+
+
 def label_name(attribute: str) -> str:
     """The Prometheus label name of an OTel attribute key (``k8s.pod.name`` -> ``k8s_pod_name``)."""
     out = re.sub(r"[^A-Za-z0-9_]", "_", attribute)
