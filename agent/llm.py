@@ -1,0 +1,542 @@
+"""LLM API metadata from bounded, possibly truncated request and response bytes.
+
+Which API a request calls (:func:`classify`), the model and ``stream`` flag it
+asked for (:func:`parse_request_body`), and what each streamed event, captured
+write tail or whole response says (:func:`parse_stream_event`,
+:func:`parse_fragment`, :func:`parse_response_body`): whether it carries
+generated output, terminal markers, finish reasons, model and token counts.
+
+What comes back is metadata only: model names, counts, finish reasons and
+booleans. The text of prompts and completions never leaves this module.
+
+Captures are bounded, so bytes are often cut. Small inputs that look complete
+are decoded with :func:`json.loads`; everything else is read with precompiled
+patterns over at most :data:`MAX_SCAN_BYTES` bytes. The patterns only trust a
+key whose quotes are unescaped (``"model"``, never ``\\"model\\"``): inside a
+JSON string every quote is escaped, so text of a prompt or completion cannot
+forge a key, even when a capture starts in the middle of that string.
+
+Every function here is pure, thread-safe and never raises on any input bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Final
+from urllib.parse import unquote
+
+__all__ = [
+    "EMPTY_EVENT",
+    "MAX_JSON_BYTES",
+    "MAX_SCAN_BYTES",
+    "Api",
+    "EventInfo",
+    "RequestInfo",
+    "classify",
+    "merge_events",
+    "operation_name",
+    "parse_fragment",
+    "parse_request_body",
+    "parse_response_body",
+    "parse_stream_event",
+    "path_model",
+]
+
+#: Inputs up to this size that look complete are decoded as JSON.
+MAX_JSON_BYTES: Final = 65536
+#: Pattern scans read at most this many bytes of one input (the start of a
+#: prefix, the end of a suffix or fragment).
+MAX_SCAN_BYTES: Final = 65536
+_MAX_MODEL_CHARS = 256
+_MAX_FINISH_REASONS = 8
+_MAX_TOKENS = 1 << 40  # larger counts are not real
+
+
+class Api(StrEnum):
+    OPENAI_CHAT = "openai.chat"
+    OPENAI_COMPLETIONS = "openai.completions"
+    OPENAI_EMBEDDINGS = "openai.embeddings"
+    OLLAMA_GENERATE = "ollama.generate"
+    OLLAMA_CHAT = "ollama.chat"
+    TGI_GENERATE = "tgi.generate"
+    TGI_GENERATE_STREAM = "tgi.generate_stream"
+    TRITON_GENERATE = "triton.generate"
+    TRITON_GENERATE_STREAM = "triton.generate_stream"
+    TRITON_INFER = "triton.infer"
+
+
+_EXACT_PATHS: dict[str, Api] = {
+    "/v1/chat/completions": Api.OPENAI_CHAT,
+    "/v1/completions": Api.OPENAI_COMPLETIONS,
+    "/v1/embeddings": Api.OPENAI_EMBEDDINGS,
+    "/api/generate": Api.OLLAMA_GENERATE,
+    "/api/chat": Api.OLLAMA_CHAT,
+    "/generate": Api.TGI_GENERATE,
+    "/generate_stream": Api.TGI_GENERATE_STREAM,
+}
+_TRITON_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/[^/]+)?/(generate_stream|generate|infer)")
+_TRITON_APIS = {
+    "generate": Api.TRITON_GENERATE,
+    "generate_stream": Api.TRITON_GENERATE_STREAM,
+    "infer": Api.TRITON_INFER,
+}
+_OPERATIONS: dict[Api, str] = {
+    Api.OPENAI_CHAT: "chat",
+    Api.OLLAMA_CHAT: "chat",
+    Api.OPENAI_COMPLETIONS: "text_completion",
+    Api.OPENAI_EMBEDDINGS: "embeddings",
+}
+# APIs whose streaming is fixed by the route, not by the body.
+_ROUTE_STREAMING: dict[Api, bool] = {
+    Api.OPENAI_EMBEDDINGS: False,
+    Api.TGI_GENERATE: False,
+    Api.TGI_GENERATE_STREAM: True,
+    Api.TRITON_GENERATE: False,
+    Api.TRITON_GENERATE_STREAM: True,
+    Api.TRITON_INFER: False,
+}
+# Defaults when a complete body has no "stream" key.
+_STREAM_DEFAULTS: dict[Api, bool] = {
+    Api.OPENAI_CHAT: False,
+    Api.OPENAI_COMPLETIONS: False,
+    Api.OLLAMA_GENERATE: True,  # Ollama streams unless told "stream": false
+    Api.OLLAMA_CHAT: True,
+}
+_TRITON = (Api.TRITON_GENERATE, Api.TRITON_GENERATE_STREAM, Api.TRITON_INFER)
+
+
+def _path_only(path: str) -> str:
+    p = path.split("?", 1)[0].split("#", 1)[0]
+    if p.startswith(("http://", "https://")):  # absolute-form target (RFC 9112 §3.2.2)
+        slash = p.find("/", p.find("//") + 2)
+        p = p[slash:] if slash >= 0 else "/"
+    if len(p) > 1 and p.endswith("/"):
+        p = p.rstrip("/") or "/"
+    return p
+
+
+def classify(method: str, path: str) -> Api | None:
+    """The LLM API a request calls, or None. Only POST is an LLM call; the query is ignored."""
+    if method != "POST":
+        return None
+    p = _path_only(path)
+    api = _EXACT_PATHS.get(p)
+    if api is not None:
+        return api
+    m = _TRITON_PATH.fullmatch(p)
+    return _TRITON_APIS[m.group(2)] if m else None
+
+
+def operation_name(api: Api) -> str:
+    """The OpenTelemetry ``gen_ai.operation.name`` for ``api``."""
+    return _OPERATIONS.get(api, "generate_content")
+
+
+def path_model(api: Api, path: str) -> str | None:
+    """The model named in the URL (Triton / KServe v2), or None."""
+    if api not in _TRITON:
+        return None
+    m = _TRITON_PATH.fullmatch(_path_only(path))
+    return _clean_model(unquote(m.group(1))) if m else None
+
+
+# --- results ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RequestInfo:
+    model: str | None  # the requested model, None when not visible
+    stream: bool | None  # whether a streamed response was asked for, None when unknown
+
+
+@dataclass(frozen=True, slots=True)
+class EventInfo:
+    output: bool | None = None  # carries generated output; None: cannot tell from what was captured
+    done: bool = False  # a terminal marker: [DONE], Ollama "done":true, TGI details
+    model: str | None = None
+    finish_reasons: tuple[str, ...] = ()  # non-null finish reasons, in order, without repeats
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+
+
+EMPTY_EVENT: Final = EventInfo()
+_DONE_EVENT = EventInfo(output=False, done=True)
+
+
+def merge_events(first: EventInfo, later: EventInfo) -> EventInfo:
+    """Combine what two parts of one response say.
+
+    Output is True if either shows output, False if one shows none and neither
+    shows some; ``done`` if either is terminal; the first model seen; finish
+    reasons from both; token counts from ``later`` when it has them (usage
+    arrives last, and servers that repeat it send growing counts).
+    """
+    if later is EMPTY_EVENT:
+        return first
+    if first is EMPTY_EVENT:
+        return later
+    if first.output or later.output:
+        output: bool | None = True
+    elif first.output is None and later.output is None:
+        output = None
+    else:
+        output = False
+    reasons = first.finish_reasons
+    for r in later.finish_reasons:
+        if r not in reasons and len(reasons) < _MAX_FINISH_REASONS:
+            reasons = (*reasons, r)
+    return EventInfo(
+        output=output,
+        done=first.done or later.done,
+        model=first.model if first.model is not None else later.model,
+        finish_reasons=reasons,
+        input_tokens=later.input_tokens if later.input_tokens is not None else first.input_tokens,
+        output_tokens=later.output_tokens if later.output_tokens is not None else first.output_tokens,
+    )
+
+
+# --- entry points -------------------------------------------------------------
+
+
+def parse_request_body(api: Api, prefix: bytes, suffix: bytes | None = None) -> RequestInfo:
+    """Model and stream flag from a request body.
+
+    ``prefix`` is the start of the body (maybe cut); ``suffix`` the end of the
+    body when its middle was not captured (None when ``prefix`` is the whole
+    body). Both are searched: the openai client writes ``model`` after a long
+    ``messages`` array.
+    """
+    model: str | None = None
+    stream: bool | None = None
+    whole = False
+    obj = _load_complete(prefix) if suffix is None else None
+    if isinstance(obj, dict):
+        whole = True
+        model = _clean_model(obj.get("model"))
+        s = obj.get("stream")
+        stream = s if isinstance(s, bool) else None
+    else:
+        for part in _parts(prefix, suffix):
+            if model is None:
+                model = _find_string(_MODEL, part)
+            if stream is None:
+                m = _STREAM.search(part)
+                if m is not None:
+                    stream = m.group(1) == b"true"
+    if api in _ROUTE_STREAMING:
+        stream = _ROUTE_STREAMING[api]
+    elif stream is None and whole:
+        stream = _STREAM_DEFAULTS.get(api)
+    return RequestInfo(model, stream)
+
+
+def parse_stream_event(api: Api, data: bytes, truncated: bool = False) -> EventInfo:
+    """What one SSE ``data`` payload or one NDJSON line says.
+
+    ``truncated``: the payload was cut (bound or gap), so it is read with
+    patterns instead of being decoded.
+    """
+    s = data.strip()
+    if not s:
+        return EMPTY_EVENT
+    if s == b"[DONE]":
+        return _DONE_EVENT
+    if not truncated:
+        obj = _load_complete(s)
+        if isinstance(obj, dict):
+            return _from_object(api, obj)
+    return _from_text(api, _head(s))
+
+
+def parse_fragment(api: Api, fragment: bytes) -> EventInfo:
+    """What the last bytes of one response write show.
+
+    ``fragment`` starts anywhere (mid-JSON, mid chunk-size line) and may span
+    several events: usage counts, finish reasons, done markers and visible
+    output are merged. ``output`` is False when event bodies are visible and
+    none carries output, None when nothing tells.
+    """
+    return _from_text(api, _tail(fragment))
+
+
+def parse_response_body(api: Api, prefix: bytes, suffix: bytes | None = None) -> EventInfo:
+    """What a non-streamed JSON response says (``prefix``/``suffix`` as in :func:`parse_request_body`)."""
+    if suffix is None:
+        obj = _load_complete(prefix)
+        if isinstance(obj, list) and obj and isinstance(obj[0], dict):
+            obj = obj[0]  # TGI answers a list for batched inputs
+        if isinstance(obj, dict):
+            return _from_object(api, obj)
+        return _from_text(api, _head(prefix))
+    return merge_events(_from_text(api, _head(prefix)), _from_text(api, _tail(suffix)))
+
+
+# --- decoded objects ----------------------------------------------------------
+
+
+def _from_object(api: Api, obj: dict[str, Any]) -> EventInfo:
+    output: bool | None = False
+    done = False
+    reasons: list[str] = []
+    in_tok: int | None = None
+    out_tok: int | None = None
+    model = _clean_model(obj.get("model"))
+
+    if api in (Api.OPENAI_CHAT, Api.OPENAI_COMPLETIONS):
+        choices = obj.get("choices")
+        if isinstance(choices, list):
+            for c in choices[:256]:
+                if not isinstance(c, dict):
+                    continue
+                if api is Api.OPENAI_CHAT:
+                    d = c.get("delta")
+                    if not isinstance(d, dict):
+                        d = c.get("message")
+                    if isinstance(d, dict) and _chat_output(d):
+                        output = True
+                elif _nonempty_str(c.get("text")):
+                    output = True
+                _add_reason(reasons, c.get("finish_reason"))
+        in_tok, out_tok = _usage(obj.get("usage"))
+    elif api is Api.OPENAI_EMBEDDINGS:
+        data = obj.get("data")
+        output = isinstance(data, list) and bool(data)
+        in_tok, _ = _usage(obj.get("usage"))
+    elif api in (Api.OLLAMA_GENERATE, Api.OLLAMA_CHAT):
+        if api is Api.OLLAMA_GENERATE:
+            output = _nonempty_str(obj.get("response")) or _nonempty_str(obj.get("thinking"))
+        else:
+            msg = obj.get("message")
+            output = isinstance(msg, dict) and _chat_output(msg)
+        done = obj.get("done") is True
+        _add_reason(reasons, obj.get("done_reason"))
+        in_tok = _count(obj.get("prompt_eval_count"))
+        out_tok = _count(obj.get("eval_count"))
+    elif api in (Api.TGI_GENERATE, Api.TGI_GENERATE_STREAM):
+        token = obj.get("token")
+        if isinstance(token, dict):
+            output = _nonempty_str(token.get("text")) and token.get("special") is not True
+        elif api is Api.TGI_GENERATE:
+            output = _nonempty_str(obj.get("generated_text"))
+        details = obj.get("details")
+        if isinstance(details, dict):
+            done = True
+            _add_reason(reasons, details.get("finish_reason"))
+            out_tok = _count(details.get("generated_tokens"))
+            prefill = details.get("prefill")
+            if isinstance(prefill, list) and prefill:
+                in_tok = len(prefill)
+    elif api in (Api.TRITON_GENERATE, Api.TRITON_GENERATE_STREAM):
+        model = _clean_model(obj.get("model_name"))
+        text = obj.get("text_output")
+        if isinstance(text, list):
+            output = any(_nonempty_str(t) for t in text[:256])
+        else:
+            output = _nonempty_str(text)
+        _add_reason(reasons, obj.get("finish_reason"))
+    elif api is Api.TRITON_INFER:
+        model = _clean_model(obj.get("model_name"))
+        outputs = obj.get("outputs")
+        output = isinstance(outputs, list) and bool(outputs)
+    return EventInfo(output, done, model, tuple(reasons), in_tok, out_tok)
+
+
+def _chat_output(d: dict[str, Any]) -> bool:
+    # A role-only first chunk ({"role":"assistant","content":""}) and the
+    # finish chunk ({}) carry no output.
+    for key in ("content", "reasoning_content", "reasoning", "thinking", "refusal"):
+        if _nonempty_str(d.get(key)):
+            return True
+    tool_calls = d.get("tool_calls")
+    if isinstance(tool_calls, list) and tool_calls:
+        return True
+    fc = d.get("function_call")
+    return isinstance(fc, dict) and bool(fc)
+
+
+def _usage(usage: object) -> tuple[int | None, int | None]:
+    if not isinstance(usage, dict):
+        return None, None
+    return _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
+
+
+def _nonempty_str(v: object) -> bool:
+    return isinstance(v, str) and v != ""
+
+
+def _count(v: object) -> int | None:
+    if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < _MAX_TOKENS:
+        return v
+    return None
+
+
+_REASON_CHARS = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+
+
+def _add_reason(reasons: list[str], v: object) -> None:
+    # Finish reasons become label values: keep only short, plain tokens.
+    if (
+        isinstance(v, str)
+        and v not in reasons
+        and len(reasons) < _MAX_FINISH_REASONS
+        and _REASON_CHARS.fullmatch(v)
+    ):
+        reasons.append(v)
+
+
+def _clean_model(v: object) -> str | None:
+    if isinstance(v, str) and 0 < len(v) <= _MAX_MODEL_CHARS and v.isprintable():
+        return v
+    return None
+
+
+def _load_complete(s: bytes) -> Any:
+    """``json.loads`` for small inputs that look like one whole object or array."""
+    if len(s) > MAX_JSON_BYTES:
+        return None
+    s = s.strip()
+    if s[:1] not in (b"{", b"[") or s[-1:] not in (b"}", b"]"):
+        return None
+    try:
+        return json.loads(s)
+    except (ValueError, RecursionError):
+        return None
+
+
+# --- patterns over cut bytes --------------------------------------------------
+
+
+def _key(name: bytes) -> bytes:
+    # An unescaped quote: a backslash before it would make it string content.
+    return rb'(?<!\\)"' + name + rb'"\s*:\s*'
+
+
+_STRING = rb'"((?:[^"\\\x00-\x1f]|\\.){1,512})"'
+_NONEMPTY = rb'"(?:[^"\\]|\\.)'  # an opened string with at least one character visible
+_NUMBER = rb"(\d{1,15})(?=\s*[,}\]])"  # the terminator proves the number is not cut
+_MODEL = re.compile(_key(rb"model") + _STRING)
+_MODEL_NAME = re.compile(_key(rb"model_name") + _STRING)
+_STREAM = re.compile(_key(rb"stream") + rb"(true|false)(?![A-Za-z0-9_])")
+_FINISH = re.compile(_key(rb"(?:finish_reason|done_reason)") + rb'"([A-Za-z0-9_.:-]{1,64})"')
+_INPUT_TOKENS = re.compile(_key(rb"(?:prompt_tokens|prompt_eval_count)") + _NUMBER)
+_OUTPUT_TOKENS = re.compile(_key(rb"(?:completion_tokens|eval_count|generated_tokens)") + _NUMBER)
+_DONE_MARK = re.compile(rb"(?:^|data: ?)\[DONE\]", re.MULTILINE)
+_OLLAMA_DONE = re.compile(_key(rb"done") + rb"true|" + _key(rb"(?:done_reason|eval_count)"))
+_TGI_DONE = re.compile(_key(rb"details") + rb"\{|" + _key(rb"generated_tokens"))
+_TGI_TOKEN = re.compile(_key(rb"token") + rb"\{([^{}]*)\}")
+_TGI_TOKEN_TEXT = re.compile(_key(rb"text") + _NONEMPTY)
+_TGI_SPECIAL = re.compile(_key(rb"special") + rb"true")
+
+# Per API: (output is visible, an event without output is visible).
+_OUTPUT_PATTERNS: dict[Api, tuple[re.Pattern[bytes], re.Pattern[bytes]]] = {
+    Api.OPENAI_CHAT: (
+        re.compile(
+            _key(rb"(?:content|reasoning_content|reasoning|refusal)")
+            + _NONEMPTY
+            + rb"|"
+            + _key(rb"tool_calls")
+            + rb"\[\s*\{"
+        ),
+        re.compile(_key(rb"(?:delta|message)") + rb"\{[^{}]*\}|" + _key(rb"choices") + rb"\[\s*\]"),
+    ),
+    Api.OPENAI_COMPLETIONS: (
+        re.compile(_key(rb"text") + _NONEMPTY),
+        re.compile(_key(rb"text") + rb'""|' + _key(rb"choices") + rb"\[\s*\]"),
+    ),
+    Api.OPENAI_EMBEDDINGS: (
+        re.compile(_key(rb"data") + rb"\[\s*\{"),
+        re.compile(_key(rb"data") + rb"\[\s*\]"),
+    ),
+    Api.OLLAMA_GENERATE: (
+        re.compile(_key(rb"(?:response|thinking)") + _NONEMPTY),
+        re.compile(_key(rb"response") + rb'""'),
+    ),
+    Api.OLLAMA_CHAT: (
+        re.compile(_key(rb"(?:content|thinking)") + _NONEMPTY + rb"|" + _key(rb"tool_calls") + rb"\[\s*\{"),
+        re.compile(_key(rb"content") + rb'""'),
+    ),
+    Api.TGI_GENERATE: (
+        re.compile(_key(rb"generated_text") + _NONEMPTY),
+        re.compile(_key(rb"generated_text") + rb'(?:""|null)'),
+    ),
+    Api.TRITON_GENERATE: (
+        re.compile(_key(rb"text_output") + rb"(?:\[\s*)?" + _NONEMPTY),
+        re.compile(_key(rb"text_output") + rb'(?:\[\s*)?""'),
+    ),
+    Api.TRITON_INFER: (
+        re.compile(_key(rb"outputs") + rb"\[\s*\{"),
+        re.compile(_key(rb"outputs") + rb"\[\s*\]"),
+    ),
+}
+_OUTPUT_PATTERNS[Api.TRITON_GENERATE_STREAM] = _OUTPUT_PATTERNS[Api.TRITON_GENERATE]
+
+
+def _from_text(api: Api, s: bytes) -> EventInfo:
+    if not s:
+        return EMPTY_EVENT
+    output: bool | None = None
+    if api is Api.TGI_GENERATE_STREAM:
+        for m in _TGI_TOKEN.finditer(s):
+            body = m.group(1)
+            if _TGI_TOKEN_TEXT.search(body) and not _TGI_SPECIAL.search(body):
+                output = True
+                break
+            output = False
+    else:
+        visible, empty = _OUTPUT_PATTERNS[api]
+        if visible.search(s):
+            output = True
+        elif empty.search(s):
+            output = False
+
+    if api in (Api.OLLAMA_GENERATE, Api.OLLAMA_CHAT):
+        done = _OLLAMA_DONE.search(s) is not None
+    elif api in (Api.TGI_GENERATE, Api.TGI_GENERATE_STREAM):
+        done = _TGI_DONE.search(s) is not None
+    else:
+        done = _DONE_MARK.search(s) is not None
+        if done and output is None:
+            output = False  # the visible [DONE] event carries no output
+
+    reasons: list[str] = []
+    for m in _FINISH.finditer(s):
+        _add_reason(reasons, m.group(1).decode("ascii"))
+    model = _find_string(_MODEL_NAME if api in _TRITON else _MODEL, s)
+    return EventInfo(
+        output, done, model, tuple(reasons), _last_number(_INPUT_TOKENS, s), _last_number(_OUTPUT_TOKENS, s)
+    )
+
+
+def _find_string(pattern: re.Pattern[bytes], s: bytes) -> str | None:
+    for m in pattern.finditer(s):
+        try:
+            value = json.loads(b'"' + m.group(1) + b'"')
+        except ValueError:
+            continue
+        model = _clean_model(value)
+        if model is not None:
+            return model
+    return None
+
+
+def _last_number(pattern: re.Pattern[bytes], s: bytes) -> int | None:
+    last = None
+    for m in pattern.finditer(s):
+        last = m
+    return _count(int(last.group(1))) if last is not None else None
+
+
+def _head(b: bytes) -> bytes:
+    return b[:MAX_SCAN_BYTES]
+
+
+def _tail(b: bytes) -> bytes:
+    return b[-MAX_SCAN_BYTES:]
+
+
+def _parts(prefix: bytes, suffix: bytes | None) -> tuple[bytes, ...]:
+    # Scanned apart, never joined: a match across the missing middle would be invented.
+    return (_head(prefix),) if suffix is None else (_head(prefix), _tail(suffix))
