@@ -1,0 +1,1 @@
+"""Fakes that sit at process boundaries: servers the code under test talks to over real sockets."""
