@@ -202,6 +202,7 @@ class BoundedSpanProcessor(SpanProcessor):
         self._flush_requests = 0
         self._flushed = 0
         self._outage = _Outage("span")
+        self._inflight = 0
         metrics.describe(
             SPANS,
             "counter",
@@ -212,7 +213,8 @@ class BoundedSpanProcessor(SpanProcessor):
         self._thread.start()
 
     def _queued(self) -> dict[tuple[tuple[str, str], ...], float]:
-        return {(): float(len(self._queue))}
+        # Queued plus the batch being exported: spans not yet counted by outcome.
+        return {(): float(len(self._queue) + self._inflight)}
 
     def on_start(self, span: Any, parent_context: Any = None) -> None:
         pass
@@ -247,9 +249,11 @@ class BoundedSpanProcessor(SpanProcessor):
                     self._cond.notify_all()
                     return
                 batch = [self._queue.popleft() for _ in range(min(self._batch_size, len(self._queue)))]
+                self._inflight = len(batch)
                 flush_target = self._flush_requests
             if batch:
                 ok = self._export(batch)
+                self._inflight = 0
                 backoff = 0.0 if ok else min(self._backoff_max_s, max(0.5, backoff * 2))
                 if not ok and self._stop:
                     # Shutting down with the backend down: drop the rest, counted.
