@@ -66,6 +66,7 @@ __all__ = [
     "EndOfMessage",
     "Event",
     "H1Parser",
+    "NeedData",
     "RequestHead",
     "ResponseHead",
     "Skipped",
@@ -76,7 +77,9 @@ __all__ = [
 Headers = tuple[tuple[str, str], ...]
 
 
-class _NeedData:
+class NeedData:
+    """The type of :data:`NEED_DATA`."""
+
     __slots__ = ()
 
     def __repr__(self) -> str:
@@ -84,7 +87,7 @@ class _NeedData:
 
 
 #: Returned by :meth:`H1Parser.next_event` when no event is ready.
-NEED_DATA: Final = _NeedData()
+NEED_DATA: Final = NeedData()
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,7 +179,7 @@ _METHOD_PREFIXES = sorted({m[:i] for m in _KNOWN_METHODS for i in range(1, len(m
 _REQUEST_SYNC = re.compile(rb"(?:" + _METHOD_ALT + rb") " + _TARGET + rb"+ HTTP/1\.[01]\r?\n")
 # The earliest position whose rest could still grow into a _REQUEST_SYNC match.
 _REQUEST_SYNC_PARTIAL = re.compile(
-    rb"(?:(?:%s) (?:%s+(?: (?:%s)?)?)?|%s)\Z"
+    rb"(?:(?:%s)(?: (?:%s+(?: (?:%s)?)?)?)?|%s)\Z"
     % (_METHOD_ALT, _TARGET, _VERSION_PREFIX, b"|".join(_METHOD_PREFIXES))
 )
 _RESPONSE_SYNC = re.compile(rb"HTTP/1\.[01] [0-9]{3}")
@@ -322,7 +325,12 @@ class H1Parser:
             self._metrics.inc("infersight.parse.failures", 1, (("reason", "pending_methods_full"),))
         self._methods.append(method)
 
-    def next_event(self) -> Event | _NeedData:
+    @property
+    def buffered(self) -> int:
+        """Bytes held while waiting for more (at most ``max_head_bytes`` plus a small constant)."""
+        return len(self._buf)
+
+    def next_event(self) -> Event | NeedData:
         """The next event, or :data:`NEED_DATA` when none is ready."""
         if self._events:
             return self._events.popleft()
@@ -589,6 +597,10 @@ class H1Parser:
         if pos >= n:
             return pos, False
         m = self._sync.search(buf, pos)
+        # A start line longer than a whole head cannot begin a message; skipping
+        # it here keeps the result independent of how the stream was split.
+        while m is not None and m.end() - m.start() > self._max_head:
+            m = self._sync.search(buf, m.start() + 1)
         if m is not None:
             self._skip(m.start() - pos, self._reason)
             self._state = _HEAD

@@ -1,0 +1,771 @@
+"""HTTP/1.1 framing for a passive observer (agent/http1.py).
+
+Every table case runs three ways, as h11's tests do: fed whole, fed one byte at
+a time, and with the next message appended. Hypothesis checks that any split of
+any input gives the same events and that random input never raises and never
+grows the parser's buffer past its bound.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from agent.http1 import (
+    NEED_DATA,
+    Body,
+    BodyGap,
+    EndOfMessage,
+    Event,
+    H1Parser,
+    NeedData,
+    RequestHead,
+    ResponseHead,
+    Skipped,
+    Upgrade,
+    header,
+)
+from agent.selfmetrics import SelfMetrics
+
+Segment = bytes | int  # bytes are captured, an int is a gap of that many bytes
+
+
+def drain(p: H1Parser) -> list[Event]:
+    out: list[Event] = []
+    while not isinstance(ev := p.next_event(), NeedData):
+        out.append(ev)
+    return out
+
+
+def merged(events: list[Event]) -> list[Event]:
+    """Join runs of Body, BodyGap and same-reason Skipped, whose split depends on the feeds."""
+    out: list[Event] = []
+    for ev in events:
+        last = out[-1] if out else None
+        if isinstance(ev, Body) and isinstance(last, Body):
+            out[-1] = Body(last.data + ev.data)
+        elif isinstance(ev, BodyGap) and isinstance(last, BodyGap):
+            out[-1] = BodyGap(last.n + ev.n)
+        elif isinstance(ev, Skipped) and isinstance(last, Skipped) and last.reason == ev.reason:
+            out[-1] = Skipped(last.n + ev.n, ev.reason)
+        elif isinstance(ev, Body) and not ev.data:
+            continue
+        else:
+            out.append(ev)
+    return out
+
+
+def run(
+    role: str,
+    segments: list[Segment],
+    *,
+    methods: tuple[str, ...] = (),
+    close: bool = False,
+    bytewise: bool = False,
+    max_head_bytes: int = 16384,
+    metrics: SelfMetrics | None = None,
+) -> list[Event]:
+    p = H1Parser(role, max_head_bytes=max_head_bytes, metrics=metrics or SelfMetrics())  # type: ignore[arg-type]
+    for m in methods:
+        p.expect_response_to(m)
+    events: list[Event] = []
+    for seg in segments:
+        if isinstance(seg, int):
+            p.feed_gap(seg)
+        elif bytewise:
+            for i in range(len(seg)):
+                p.feed(seg[i : i + 1])
+                events += drain(p)
+        else:
+            p.feed(seg)
+        events += drain(p)
+    if close:
+        p.close()
+    events += drain(p)
+    return merged(events)
+
+
+@dataclass
+class Case:
+    name: str
+    role: str
+    segments: list[Segment]
+    expected: list[Event]
+    methods: tuple[str, ...] = ()
+    close: bool = False
+    boundary: bool = True  # ends between messages, so a next message can follow
+    max_head_bytes: int = 16384
+    failures: dict[str, int] = field(default_factory=dict)  # expected infersight.parse.failures
+
+
+def rq(method: str, target: str, *headers: tuple[str, str], version: str = "1.1") -> RequestHead:
+    return RequestHead(method, target, version, tuple(headers))
+
+
+def rs(status: int, reason: str, *headers: tuple[str, str], version: str = "1.1") -> ResponseHead:
+    return ResponseHead(status, reason, version, tuple(headers))
+
+
+EOM = EndOfMessage(True)
+CUT = EndOfMessage(False)
+CHAT_BODY = b'{"model":"m","messages":[{"role":"user","content":"hi"}],"stream":true}'
+CL = ("content-length", str(len(CHAT_BODY)))
+CHUNKED = ("transfer-encoding", "chunked")
+SSE_EVENTS = [b'data: {"a":1}\n\n', b'data: {"b":2}\n\n', b"data: [DONE]\n\n"]
+SSE_CHUNKED = b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in SSE_EVENTS) + b"0\r\n\r\n"
+SSE_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+SSE_RS = rs(200, "OK", ("content-type", "text/event-stream"), CHUNKED)
+CLIENT_HELLO = bytes.fromhex("16030100f4010000f00303") + bytes(range(32)) + b"\x00\x20" + b"\x13\x01" * 16
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes.fromhex("000012040000000000")
+
+REQUEST_CASES = [
+    Case(
+        "get",
+        "request",
+        [b"GET /health HTTP/1.1\r\nHost: a\r\n\r\n"],
+        [rq("GET", "/health", ("host", "a")), EOM],
+    ),
+    Case(
+        "post_content_length",
+        "request",
+        [
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(CHAT_BODY), CHAT_BODY)
+        ],
+        [rq("POST", "/v1/chat/completions", ("host", "a"), CL), Body(CHAT_BODY), EOM],
+    ),
+    Case(
+        "http10_and_header_case",
+        "request",
+        [b"GET / HTTP/1.0\r\nX-Mixed-CASE:  v  \r\n\r\n"],
+        [rq("GET", "/", ("x-mixed-case", "v"), version="1.0"), EOM],
+    ),
+    Case(
+        "chunked_with_extensions_and_trailers",
+        "request",
+        [
+            b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n4;ext=1\r\nabcd\r\nA \r\n0123456789\r\n0\r\nX-Trailer: t\r\n\r\n"
+        ],
+        [rq("POST", "/x", CHUNKED), Body(b"abcd0123456789"), EOM],
+    ),
+    Case(
+        "pipelined",
+        "request",
+        [b"GET /a HTTP/1.1\r\n\r\nPOST /b HTTP/1.1\r\nContent-Length: 2\r\n\r\nhiGET /c HTTP/1.1\r\n\r\n"],
+        [
+            rq("GET", "/a"),
+            EOM,
+            rq("POST", "/b", ("content-length", "2")),
+            Body(b"hi"),
+            EOM,
+            rq("GET", "/c"),
+            EOM,
+        ],
+    ),
+    Case(
+        "stray_crlf_between_requests",
+        "request",
+        [b"\r\n\nGET / HTTP/1.1\r\n\r\n\r\n"],
+        [rq("GET", "/"), EOM],
+    ),
+    Case(
+        "bare_lf_line_ends",
+        "request",
+        [b"POST /x HTTP/1.1\nContent-Length: 1\n\nz"],
+        [rq("POST", "/x", ("content-length", "1")), Body(b"z"), EOM],
+    ),
+    Case("extension_method", "request", [b"PURGE /cache HTTP/1.1\r\n\r\n"], [rq("PURGE", "/cache"), EOM]),
+    Case(
+        "obs_fold",
+        "request",
+        [b"GET / HTTP/1.1\r\nX-Long: a\r\n  b\r\n\r\n"],
+        [rq("GET", "/", ("x-long", "a b")), EOM],
+    ),
+    Case(
+        "repeated_equal_content_length",
+        "request",
+        [b"POST / HTTP/1.1\r\nContent-Length: 2, 2\r\n\r\nok"],
+        [rq("POST", "/", ("content-length", "2, 2")), Body(b"ok"), EOM],
+    ),
+    Case(
+        "te_and_cl_conflict_chunked_wins",
+        "request",
+        [b"POST / HTTP/1.1\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"],
+        [rq("POST", "/", ("content-length", "100"), CHUNKED), Body(b"ok"), EOM],
+        failures={"conflicting_framing": 1},
+    ),
+    Case(
+        "invalid_content_length",
+        "request",
+        [b"POST / HTTP/1.1\r\nContent-Length: 1x\r\n\r\nzzzz"],
+        [rq("POST", "/", ("content-length", "1x")), CUT, Skipped(4, "bad_framing")],
+        failures={"bad_framing": 1},
+    ),
+    Case(
+        "differing_content_lengths",
+        "request",
+        [b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"],
+        [rq("POST", "/", ("content-length", "1"), ("content-length", "2")), CUT],
+        failures={"bad_framing": 1},
+    ),
+    Case(
+        "request_with_unchunked_transfer_coding",
+        "request",
+        [b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\nzz"],
+        [rq("POST", "/", ("transfer-encoding", "gzip")), CUT, Skipped(2, "bad_framing")],
+        failures={"bad_framing": 1},
+    ),
+    Case(
+        "missing_final_chunk_then_next_request",
+        "request",
+        [b"POST /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\nGET /b HTTP/1.1\r\n\r\n"],
+        [rq("POST", "/a", CHUNKED), Body(b"ok"), CUT, rq("GET", "/b"), EOM],
+        failures={"bad_chunk": 1},
+    ),
+    Case(
+        "huge_chunk_size",
+        "request",
+        [b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nFFFFFFFFFFFF\r\nzz"],
+        [rq("POST", "/", CHUNKED), CUT, Skipped(16, "bad_chunk")],
+        failures={"bad_chunk": 1},
+    ),
+    Case(
+        "invalid_chunk_hex",
+        "request",
+        [b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"],
+        [rq("POST", "/", CHUNKED), CUT, Skipped(4, "bad_chunk")],
+        failures={"bad_chunk": 1},
+    ),
+    Case(
+        "chunk_data_without_crlf",
+        "request",
+        [b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nokXX"],
+        [rq("POST", "/", CHUNKED), Body(b"ok"), CUT, Skipped(2, "bad_chunk")],
+        failures={"bad_chunk": 1},
+    ),
+    Case(
+        "tls_client_hello",
+        "request",
+        [CLIENT_HELLO],
+        [Skipped(len(CLIENT_HELLO), "tls")],
+        failures={"tls": 1},
+    ),
+    Case(
+        "http2_preface",
+        "request",
+        [H2_PREFACE],
+        [Skipped(len(H2_PREFACE), "http2")],
+        failures={"http2": 1},
+    ),
+    Case(
+        "binary_then_request",
+        "request",
+        [b"\x00\xff\x10binary\x80GET / HTTP/1.1\r\n\r\n"],
+        [Skipped(10, "not_http"), rq("GET", "/"), EOM],
+        failures={"not_http": 1},
+    ),
+    Case(
+        "attach_mid_body",
+        "request",
+        [b'content":"hi"}]}POST /v1/completions HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}'],
+        [Skipped(16, "not_http"), rq("POST", "/v1/completions", ("content-length", "2")), Body(b"{}"), EOM],
+        failures={"not_http": 1},
+    ),
+    Case(
+        "head_too_large",
+        "request",
+        [b"GET /big HTTP/1.1\r\nCookie: " + b"c" * 300 + b"\r\n\r\nGET /ok HTTP/1.1\r\n\r\n"],
+        [Skipped(331, "head_too_large"), rq("GET", "/ok"), EOM],
+        max_head_bytes=128,
+        failures={"head_too_large": 1},
+    ),
+    Case(
+        "header_line_without_colon",
+        "request",
+        [b"GET /a HTTP/1.1\r\nnot a header\r\n\r\nGET /b HTTP/1.1\r\n\r\n"],
+        [Skipped(33, "bad_head"), rq("GET", "/b"), EOM],
+        failures={"bad_head": 1},
+    ),
+    Case(
+        "gap_inside_content_length_body",
+        "request",
+        [b"POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\nab", 5, b"cde"],
+        [rq("POST", "/", ("content-length", "10")), Body(b"ab"), BodyGap(5), Body(b"cde"), EOM],
+    ),
+    Case(
+        "gap_past_body_end_resyncs",
+        "request",
+        [b"POST / HTTP/1.1\r\nContent-Length: 4\r\n\r\nab", 9, b"ost: x\r\n\r\nGET /n HTTP/1.1\r\n\r\n"],
+        [
+            rq("POST", "/", ("content-length", "4")),
+            Body(b"ab"),
+            BodyGap(2),
+            EOM,
+            Skipped(10, "gap"),
+            rq("GET", "/n"),
+            EOM,
+        ],
+    ),
+    Case(
+        "gap_in_head",
+        "request",
+        [b"GET /a HTT", 3, b".1\r\n\r\nGET /b HTTP/1.1\r\n\r\n"],
+        [Skipped(16, "gap"), rq("GET", "/b"), EOM],
+    ),
+    Case(
+        "gap_in_chunk_size_line",
+        "request",
+        [b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n1", 2, b"\r\n0\r\n\r\n"],
+        [rq("POST", "/", CHUNKED), Body(b"ok"), Skipped(1, "gap"), CUT, Skipped(7, "gap")],
+    ),
+    Case(
+        "close_inside_body",
+        "request",
+        [b"POST / HTTP/1.1\r\nContent-Length: 9\r\n\r\nabc"],
+        [rq("POST", "/", ("content-length", "9")), Body(b"abc"), CUT],
+        close=True,
+        boundary=False,
+        failures={"truncated": 1},
+    ),
+    Case(
+        "close_inside_head",
+        "request",
+        [b"GET / HTTP/1.1\r\nHost:"],
+        [Skipped(21, "truncated")],
+        close=True,
+        boundary=False,
+        failures={"truncated": 1},
+    ),
+]
+
+RESPONSE_CASES = [
+    Case(
+        "content_length",
+        "response",
+        [b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"],
+        [rs(200, "OK", ("content-length", "5")), Body(b"hello"), EOM],
+        methods=("POST",),
+    ),
+    Case(
+        "chunked_sse_yields_only_event_bytes",
+        "response",
+        [SSE_HEAD + SSE_CHUNKED],
+        [SSE_RS, Body(b"".join(SSE_EVENTS)), EOM],
+        methods=("POST",),
+    ),
+    Case(
+        "status_line_without_reason_and_http10",
+        "response",
+        [b"HTTP/1.0 200\r\nContent-Length: 0\r\n\r\n"],
+        [rs(200, "", ("content-length", "0"), version="1.0"), EOM],
+        methods=("GET",),
+    ),
+    Case(
+        "read_to_close",
+        "response",
+        [b'HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n\r\n{"a":1}\n{"b":2}\n'],
+        [rs(200, "OK", ("content-type", "application/x-ndjson")), Body(b'{"a":1}\n{"b":2}\n'), EOM],
+        methods=("POST",),
+        close=True,
+        boundary=False,
+    ),
+    Case(
+        "unchunked_transfer_coding_reads_to_close",
+        "response",
+        [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nzzz"],
+        [rs(200, "OK", ("transfer-encoding", "gzip")), Body(b"zzz"), EOM],
+        close=True,
+        boundary=False,
+    ),
+    Case(
+        "continue_then_final",
+        "response",
+        [
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+        ],
+        [
+            rs(100, "Continue"),
+            rs(103, "Early Hints", ("link", "</a>")),
+            rs(200, "OK", ("content-length", "2")),
+            Body(b"ok"),
+            EOM,
+        ],
+        methods=("POST",),
+    ),
+    Case(
+        "no_body_statuses",
+        "response",
+        [
+            b"HTTP/1.1 204 No Content\r\nContent-Length: 7\r\n\r\nHTTP/1.1 304 Not Modified\r\nContent-Length: 7\r\n\r\n"
+        ],
+        [
+            rs(204, "No Content", ("content-length", "7")),
+            EOM,
+            rs(304, "Not Modified", ("content-length", "7")),
+            EOM,
+        ],
+        methods=("GET", "GET"),
+    ),
+    Case(
+        "head_response_has_no_body",
+        "response",
+        [b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx"],
+        [
+            rs(200, "OK", ("content-length", "1000")),
+            EOM,
+            rs(200, "OK", ("content-length", "1")),
+            Body(b"x"),
+            EOM,
+        ],
+        methods=("HEAD", "GET"),
+    ),
+    Case(
+        "switching_protocols",
+        "response",
+        [b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n\x81\x05hello"],
+        [rs(101, "Switching Protocols", ("upgrade", "websocket")), Upgrade()],
+        methods=("GET",),
+        boundary=False,
+    ),
+    Case(
+        "connect_tunnel",
+        "response",
+        [b"HTTP/1.1 200 Connection Established\r\n\r\n\x16\x03\x03\x00\x10"],
+        [rs(200, "Connection Established"), Upgrade()],
+        methods=("CONNECT",),
+        boundary=False,
+    ),
+    Case(
+        "keep_alive_pair_in_one_read",
+        "response",
+        [
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nabHTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
+        ],
+        [
+            rs(200, "OK", ("content-length", "2")),
+            Body(b"ab"),
+            EOM,
+            rs(404, "Not Found", ("content-length", "0")),
+            EOM,
+        ],
+        methods=("GET", "GET"),
+    ),
+    Case(
+        "te_and_cl_conflict",
+        "response",
+        [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n1\r\nA\r\n0\r\n\r\n"],
+        [rs(200, "OK", CHUNKED, ("content-length", "3")), Body(b"A"), EOM],
+        failures={"conflicting_framing": 1},
+    ),
+    Case(
+        "attach_mid_stream",
+        "response",
+        [b'oken":"x"}\n\n\r\n0\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n'],
+        [Skipped(19, "not_http"), rs(200, "OK", ("content-length", "0")), EOM],
+        failures={"not_http": 1},
+    ),
+    Case(
+        "tls_server_hello",
+        "response",
+        [bytes.fromhex("160303003a020000360303") + bytes(40)],
+        [Skipped(51, "tls")],
+        failures={"tls": 1},
+    ),
+    Case(
+        "bad_status_code",
+        "response",
+        [b"HTTP/1.1 2000 OK\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"],
+        [Skipped(20, "not_http"), rs(200, "OK", ("content-length", "0")), EOM],
+        failures={"not_http": 1},
+    ),
+    Case(
+        "gap_inside_chunk_keeps_framing",
+        "response",
+        [SSE_HEAD + b'1d\r\ndata: {"tok', 10, b'en":1}\n\n\r\n0\r\n\r\n'],
+        [SSE_RS, Body(b'data: {"tok'), BodyGap(10), Body(b'en":1}\n\n'), EOM],
+        methods=("POST",),
+    ),
+    Case(
+        "gap_across_chunks_loses_framing",
+        "response",
+        [
+            SSE_HEAD + b"10\r\ndata: {}\n\n",
+            40,
+            b'":2}\n\n\r\n0\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n',
+        ],
+        [
+            SSE_RS,
+            Body(b"data: {}\n\n"),
+            BodyGap(6),
+            CUT,
+            Skipped(13, "gap"),
+            rs(200, "OK", ("content-length", "0")),
+            EOM,
+        ],
+        methods=("POST", "GET"),
+    ),
+    Case(
+        "gap_in_read_to_close_body",
+        "response",
+        [b'HTTP/1.1 200 OK\r\n\r\n{"a"', 100, b"1}\n"],
+        [rs(200, "OK"), Body(b'{"a"'), BodyGap(100), Body(b"1}\n"), EOM],
+        close=True,
+        boundary=False,
+    ),
+    Case(
+        "close_inside_chunked",
+        "response",
+        [SSE_HEAD + b"5\r\nab"],
+        [SSE_RS, Body(b"ab"), CUT],
+        close=True,
+        boundary=False,
+        failures={"truncated": 1},
+    ),
+    Case(
+        "no_method_queued_frames_as_get",
+        "response",
+        [b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc"],
+        [rs(200, "OK", ("content-length", "3")), Body(b"abc"), EOM],
+    ),
+]
+
+NEXT_MESSAGE: dict[str, tuple[bytes, list[Event], tuple[str, ...]]] = {
+    "request": (b"GET /next HTTP/1.1\r\nHost: n\r\n\r\n", [rq("GET", "/next", ("host", "n")), EOM], ()),
+    "response": (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        [rs(200, "OK", ("content-length", "2")), Body(b"ok"), EOM],
+        ("GET",),
+    ),
+}
+
+CASES = REQUEST_CASES + RESPONSE_CASES
+
+
+def _run_case(case: Case, **kw: object) -> list[Event]:
+    return run(
+        case.role,
+        case.segments,
+        methods=case.methods,
+        close=case.close,
+        max_head_bytes=case.max_head_bytes,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c.role}-{c.name}")
+def test_case_fed_whole(case: Case) -> None:
+    metrics = SelfMetrics()
+    assert _run_case(case, metrics=metrics) == case.expected
+    failures = {
+        dict(s.labels)["reason"]: s.value for s in metrics.snapshot() if s.name == "infersight.parse.failures"
+    }
+    assert failures == case.failures
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c.role}-{c.name}")
+def test_case_fed_byte_by_byte(case: Case) -> None:
+    assert _run_case(case, bytewise=True) == case.expected
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.boundary], ids=lambda c: f"{c.role}-{c.name}")
+def test_case_with_next_message_appended(case: Case) -> None:
+    data, events, methods = NEXT_MESSAGE[case.role]
+    segments = (
+        [*case.segments[:-1], case.segments[-1] + data]
+        if isinstance(case.segments[-1], bytes)
+        else [
+            *case.segments,
+            data,
+        ]
+    )
+    got = run(
+        case.role,
+        segments,
+        methods=case.methods + methods,
+        close=case.close,
+        max_head_bytes=case.max_head_bytes,
+    )
+    assert got == merged([*case.expected, *events])
+
+
+def test_skipped_bytes_are_counted_by_reason() -> None:
+    metrics = SelfMetrics()
+    run("request", [CLIENT_HELLO, b"GET / HTTP/1.1\r\n\r\n", b"\x00\x01"], metrics=metrics, close=True)
+    assert metrics.get("infersight.parse.skipped.bytes", (("reason", "tls"),)) == len(CLIENT_HELLO)
+    assert metrics.get("infersight.parse.skipped.bytes", (("reason", "not_http"),)) == 2
+    assert metrics.get("infersight.parse.failures", (("reason", "tls"),)) == 1
+
+
+def test_gap_resync_is_counted_apart_from_failures() -> None:
+    metrics = SelfMetrics()
+    run(
+        "response",
+        [SSE_HEAD + b"10\r\ndata: {}\n\n", 100, b"xyz"],
+        methods=("POST",),
+        metrics=metrics,
+        close=True,
+    )
+    assert metrics.get("infersight.parse.resyncs", (("reason", "gap"),)) == 1
+    assert metrics.get("infersight.parse.skipped.bytes", (("reason", "gap"),)) == 3
+    assert metrics.total("infersight.parse.failures") == 0
+
+
+def test_upgraded_bytes_are_counted_not_reported() -> None:
+    metrics = SelfMetrics()
+    got = run("response", [b"HTTP/1.1 101 Switching Protocols\r\n\r\n", b"\x00" * 50, 10], metrics=metrics)
+    assert got == [rs(101, "Switching Protocols"), Upgrade()]
+    assert metrics.get("infersight.parse.skipped.bytes", (("reason", "upgraded"),)) == 60
+    assert metrics.total("infersight.parse.failures") == 0
+
+
+def test_chunk_header_split_between_cr_and_lf() -> None:
+    p = H1Parser("response", metrics=SelfMetrics())
+    p.expect_response_to("POST")
+    for part in (SSE_HEAD + b"3\r", b"\nabc\r", b"\n0\r", b"\n\r", b"\n"):
+        p.feed(part)
+    assert merged(drain(p)) == [SSE_RS, Body(b"abc"), EOM]
+
+
+def test_response_methods_are_matched_in_order() -> None:
+    p = H1Parser("response", metrics=SelfMetrics())
+    p.expect_response_to("HEAD")
+    p.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n")
+    p.expect_response_to("GET")  # queued late, but before its response arrives
+    p.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nbody")
+    assert [type(e) for e in drain(p)] == [ResponseHead, EndOfMessage, ResponseHead, Body, EndOfMessage]
+
+
+def test_pending_methods_are_bounded_and_counted() -> None:
+    metrics = SelfMetrics()
+    p = H1Parser("response", metrics=metrics)
+    for _ in range(200):
+        p.expect_response_to("GET")
+    assert metrics.get("infersight.parse.failures", (("reason", "pending_methods_full"),)) == 72
+
+
+def test_feed_after_close_is_ignored() -> None:
+    p = H1Parser("request", metrics=SelfMetrics())
+    p.close()
+    p.feed(b"GET / HTTP/1.1\r\n\r\n")
+    p.feed_gap(5)
+    assert p.next_event() is NEED_DATA
+
+
+def test_header_lookup() -> None:
+    headers = (("content-type", "text/event-stream"), ("x", "1"), ("x", "2"))
+    assert header(headers, "Content-Type") == "text/event-stream"
+    assert header(headers, "X") == "1"
+    assert header(headers, "missing") is None
+
+
+def test_invalid_arguments_raise() -> None:
+    with pytest.raises(ValueError):
+        H1Parser("both")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        H1Parser("request", max_head_bytes=10)
+
+
+# --- properties -----------------------------------------------------------------
+
+# Pieces that make malformed-but-plausible HTTP when concatenated at random.
+PIECES = [
+    b"GET / HTTP/1.1\r\n",
+    b"POST /v1/chat/completions HTTP/1.1\r\n",
+    b"HTTP/1.1 200 OK\r\n",
+    b"HTTP/1.1 100 Continue\r\n",
+    b"HTTP/1.1 101 Switching Protocols\r\n",
+    b"HTTP/1.1 204 No Content\r\n",
+    b"Content-Length: 3\r\n",
+    b"Content-Length: x\r\n",
+    b"Transfer-Encoding: chunked\r\n",
+    b"Host: a\r\n",
+    b"\r\n",
+    b"\n",
+    b"\r",
+    b"3\r\n",
+    b"0\r\n",
+    b"ffffffffffffffff\r\n",
+    b"abc",
+    b"data: {}\n\n",
+    b"\x16\x03\x01",
+    b"PRI * HTTP/2.0\r\n",
+    b"\x00\xff",
+    b"HTTP/1.",
+    b"GE",
+    b" ",
+    b":",
+]
+
+inputs = st.one_of(
+    st.binary(max_size=600),
+    st.lists(st.sampled_from(PIECES), max_size=40).map(b"".join),
+    st.lists(
+        st.sampled_from([s for c in CASES for s in c.segments if isinstance(s, bytes)]),
+        min_size=1,
+        max_size=4,
+    ).map(b"".join),
+)
+
+
+def _split(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    bounds = [0, *points, len(data)]
+    return [data[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    data=inputs,
+    cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=30),
+    role=st.sampled_from(["request", "response"]),
+    max_head=st.sampled_from([64, 200, 16384]),
+    methods=st.lists(st.sampled_from(["GET", "HEAD", "POST", "CONNECT"]), max_size=4),
+    close=st.booleans(),
+)
+def test_any_split_gives_the_same_events(
+    data: bytes, cuts: list[int], role: str, max_head: int, methods: list[str], close: bool
+) -> None:
+    whole = run(role, [data], methods=tuple(methods), max_head_bytes=max_head, close=close)
+    split = run(role, _split(data, cuts), methods=tuple(methods), max_head_bytes=max_head, close=close)  # type: ignore[arg-type]
+    assert split == whole
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    ops=st.lists(st.one_of(inputs, st.integers(min_value=1, max_value=5000)), max_size=12),
+    role=st.sampled_from(["request", "response"]),
+    max_head=st.sampled_from([64, 1024]),
+)
+def test_random_input_never_raises_and_stays_bounded(ops: list[Segment], role: str, max_head: int) -> None:
+    metrics = SelfMetrics()
+    p = H1Parser(role, max_head_bytes=max_head, metrics=metrics)  # type: ignore[arg-type]
+    fed = 0
+    reported = 0
+    for op in ops:
+        if isinstance(op, int):
+            p.feed_gap(op)
+        else:
+            p.feed(op)
+            fed += len(op)
+        assert p.buffered <= max(max_head, 1024)
+        for ev in drain(p):
+            assert isinstance(
+                ev, RequestHead | ResponseHead | Body | BodyGap | EndOfMessage | Skipped | Upgrade
+            )
+            if isinstance(ev, Body):
+                reported += len(ev.data)
+            elif isinstance(ev, Skipped):
+                assert ev.n > 0
+                reported += ev.n
+    p.close()
+    for ev in drain(p):
+        if isinstance(ev, Body):
+            reported += len(ev.data)
+        elif isinstance(ev, Skipped):
+            reported += ev.n
+    # Every captured byte is accounted for: body, skipped, or head/framing overhead.
+    assert reported <= fed
