@@ -92,7 +92,7 @@ class Request:
     # [2^i, 2^(i+1)) microseconds. Empty for non-streamed responses.
     gap_histogram_log2_us: tuple[int, ...] = ()
     # Attributes added by later stages (k8s.*, gpu.*); exporters pass them on.
-    attributes: Mapping[str, Any] = field(default=_EMPTY)
+    attributes: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
 
     @property
     def duration_s(self) -> float:
@@ -164,4 +164,4 @@ class ActiveRequest:
     method: str | None
     path: str | None
     request_model: str | None
-    attributes: Mapping[str, Any] = field(default=_EMPTY)
+    attributes: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
