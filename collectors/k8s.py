@@ -35,10 +35,10 @@ import random
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Protocol
 
 from agent.selfmetrics import SELF_METRICS, SelfMetrics
 from collectors.cgroup import PidResolver
@@ -286,6 +286,7 @@ class PodIndex:
             except Exception:  # closing a pool that never opened; nothing to recover
                 pass
             self._client = None
+            self._core = self._apps = None
 
     # ---- the watch thread -----------------------------------------------------------------------
 
@@ -522,8 +523,9 @@ class PodIndex:
             for cid in info.containers:
                 self._by_container[cid] = info.uid
             # A pod seen again (a relist racing a delete) is live, not a tombstone.
-            if self._deleted.pop(info.uid, None) is not None:
-                self._drop_deleted_containers(info.uid)
+            tomb = self._deleted.pop(info.uid, None)
+            if tomb is not None:
+                self._forget_deleted(tomb[0])
 
     def _replace_all(self, items: list[dict[str, Any]]) -> None:
         seen: set[str] = set()
@@ -548,8 +550,8 @@ class PodIndex:
         self._deleted[uid] = (info, self._clock())
         self._deleted.move_to_end(uid)
         while len(self._deleted) > self._config.max_deleted_pods:
-            old_uid, _ = self._deleted.popitem(last=False)
-            self._drop_deleted_containers(old_uid)
+            _, (old, _) = self._deleted.popitem(last=False)
+            self._forget_deleted(old)
             self._metrics.inc("infersight.cache.evictions", labels=(("cache", "k8s_deleted_pods"),))
 
     def _deleted_lookup(self, uid: str) -> PodInfo | None:
@@ -561,17 +563,19 @@ class PodIndex:
         if self._clock() - at > self._config.deleted_retention_s:
             # Entries are in deletion order, so everything before this one has expired too.
             while self._deleted:
-                first_uid, (_, first_at) = next(iter(self._deleted.items()))
+                first, first_at = next(iter(self._deleted.values()))
                 if self._clock() - first_at <= self._config.deleted_retention_s:
                     break
                 self._deleted.popitem(last=False)
-                self._drop_deleted_containers(first_uid)
+                self._forget_deleted(first)
             return None
         return info
 
-    def _drop_deleted_containers(self, uid: str) -> None:
-        for cid in [c for c, u in self._deleted_by_container.items() if u == uid]:
-            del self._deleted_by_container[cid]
+    def _forget_deleted(self, info: PodInfo) -> None:
+        """Drop a tombstone's container entries. Caller holds the lock."""
+        for cid in info.containers:
+            if self._deleted_by_container.get(cid) == info.uid:
+                del self._deleted_by_container[cid]
 
     def _resolve_owner(
         self, namespace: str, meta: Mapping[str, Any], labels: Mapping[str, str]
@@ -640,7 +644,40 @@ def _interrupt(resp: Any) -> None:
         pass
 
 
-def pod_attributes_for_pid(pid: int, resolver: PidResolver, index: PodIndex) -> dict[str, str]:
+class PodLookup(Protocol):
+    """What consumers of pod metadata need: :class:`PodIndex` in the agent, :class:`StaticPodIndex` in tests."""
+
+    def by_container(self, container_id: str) -> PodInfo | None: ...
+
+    def by_uid(self, pod_uid: str) -> PodInfo | None: ...
+
+
+class StaticPodIndex:
+    """An in-memory :class:`PodLookup` over fixed pods, for tests of code that reads pod metadata.
+
+    Thread-safe for lookups; :meth:`put` and :meth:`remove` from the test thread.
+    """
+
+    def __init__(self, pods: Iterable[PodInfo] = ()) -> None:
+        self._pods: dict[str, PodInfo] = {}
+        for pod in pods:
+            self.put(pod)
+
+    def put(self, pod: PodInfo) -> None:
+        self._pods = {**self._pods, pod.uid: pod}
+
+    def remove(self, pod_uid: str) -> None:
+        self._pods = {u: p for u, p in self._pods.items() if u != pod_uid}
+
+    def by_container(self, container_id: str) -> PodInfo | None:
+        cid = strip_runtime_prefix(container_id)
+        return next((p for p in self._pods.values() if cid in p.containers), None)
+
+    def by_uid(self, pod_uid: str) -> PodInfo | None:
+        return self._pods.get(pod_uid)
+
+
+def pod_attributes_for_pid(pid: int, resolver: PidResolver, index: PodLookup) -> dict[str, str]:
     """``k8s.*`` attributes of the pod process ``pid`` runs in; ``{}`` when unknown.
 
     Goes PID → container (cgroup path) → pod (index). A container the pod status

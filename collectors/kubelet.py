@@ -29,7 +29,7 @@ import fnmatch
 import logging
 import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -303,3 +303,31 @@ def _code_name(err: grpc.RpcError) -> str:
 
 def _details(err: grpc.RpcError) -> str:
     return str(err.details()) if hasattr(err, "details") else str(err)
+
+
+class StaticGpuPodMap:
+    """An in-memory stand-in for :class:`GpuPodMap` with fixed assignments, for tests of the join.
+
+    ``assignments``: device UUID → the containers holding it. Same lookups, same
+    meaning (``pod_of_device`` is None for a shared device); never polls anything.
+    """
+
+    def __init__(self, assignments: Mapping[str, Sequence[PodContainer]] | None = None, available: bool = True) -> None:
+        self._by_device = {uuid: tuple(holders) for uuid, holders in (assignments or {}).items()}
+        self.available = available
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def devices_of_pod(self, namespace: str, name: str) -> list[str]:
+        return [u for u, holders in self._by_device.items() if any(h[:2] == (namespace, name) for h in holders)]
+
+    def pods_of_device(self, uuid: str) -> list[PodContainer]:
+        return list(self._by_device.get(uuid, ()))
+
+    def pod_of_device(self, uuid: str) -> PodContainer | None:
+        holders = self._by_device.get(uuid, ())
+        return holders[0] if len(holders) == 1 else None

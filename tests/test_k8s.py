@@ -15,7 +15,7 @@ import pytest
 
 from agent.selfmetrics import SelfMetrics
 from collectors.cgroup import PidResolver
-from collectors.k8s import UP, UP_LABELS, K8sConfig, PodIndex, pod_attributes_for_pid
+from collectors.k8s import UP, UP_LABELS, K8sConfig, PodIndex, StaticPodIndex, pod_attributes_for_pid
 from tests.fakes.fake_apiserver import FakeApiServer, make_pod, make_replicaset
 
 
@@ -401,3 +401,9 @@ def test_pod_attributes_for_pid(api: FakeApiServer, make_index: Factory, tmp_pat
     assert pod_attributes_for_pid(12, resolver, index) == {}
     assert pod_attributes_for_pid(13, resolver, index) == {}
     assert pod_attributes_for_pid(99, resolver, index) == {}
+    # The in-memory double, given the same pods, answers the same.
+    double = StaticPodIndex([p for p in (index.by_uid(running_uid), index.by_uid(pending_uid)) if p is not None])
+    for pid in (10, 11, 12, 13, 99):
+        assert pod_attributes_for_pid(pid, resolver, double) == pod_attributes_for_pid(pid, resolver, index)
+    double.remove(running_uid)
+    assert pod_attributes_for_pid(10, resolver, double) == {}

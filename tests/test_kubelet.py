@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from agent.selfmetrics import SelfMetrics
-from collectors.kubelet import UP, UP_LABELS, GpuPodMap, KubeletConfig, normalise_device_id
+from collectors.kubelet import UP, UP_LABELS, GpuPodMap, KubeletConfig, StaticGpuPodMap, normalise_device_id
 from tests.fakes.fake_kubelet import FakeKubelet, pod_resources
 
 GPU0 = "GPU-8d4e1c2a-6f3b-4a5d-9e7c-1b2a3c4d5e6f"
@@ -132,6 +132,11 @@ def test_time_sliced_gpu_has_several_holders(kubelet: FakeKubelet) -> None:
         assert gpus.pods_of_device(GPU0) == [("ml", "a", "c"), ("ml", "b", "c")]
         assert gpus.pod_of_device(GPU0) is None  # naming one pod would be wrong
         assert gpus.devices_of_pod("ml", "b") == [GPU0]
+        # The in-memory double, given the same assignments, answers the same.
+        double = StaticGpuPodMap({GPU0: gpus.pods_of_device(GPU0)})
+        assert double.pod_of_device(GPU0) is None and double.pods_of_device(GPU0) == gpus.pods_of_device(GPU0)
+        assert double.devices_of_pod("ml", "b") == [GPU0] and double.devices_of_pod("ml", "z") == []
+        assert StaticGpuPodMap({GPU1: [("ml", "x", "c")]}).pod_of_device(GPU1) == ("ml", "x", "c")
     finally:
         gpus.stop()
 
