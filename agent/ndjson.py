@@ -66,6 +66,11 @@ class NDJSONParser:
             self._line(line, out)
         return out
 
+    @property
+    def buffered(self) -> int:
+        """Bytes held for the line in progress (at most ``max_line_bytes`` + 1)."""
+        return len(self._partial)
+
     def feed_gap(self, n: int) -> None:
         """``n`` bytes were lost: the current (or next) line is marked truncated."""
         if n > 0:

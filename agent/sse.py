@@ -97,6 +97,11 @@ class SSEParser:
             self._line(line, cut, out)
         return out
 
+    @property
+    def buffered(self) -> int:
+        """Bytes held for the event in progress (at most about twice ``max_event_bytes``)."""
+        return len(self._partial) + self._size
+
     def feed_gap(self, n: int) -> None:
         """``n`` bytes were lost: the event in progress is marked truncated and continues."""
         if n > 0:
