@@ -13,8 +13,11 @@ container (and which pod) a process belongs to. Shapes handled:
   ``crio-conmon-<id>.scope`` monitor is not the container), Docker
   (``docker-<id>.scope``, ``/docker/<id>``) and Podman (``libpod-<id>.scope``).
 
-The agent needs ``hostPID`` and the host's ``/proc``: inside a private cgroup
-namespace every process reads ``0::/`` and nothing can be resolved.
+The agent needs ``hostPID`` and the host's ``/proc``. From inside a private
+cgroup namespace (the default for pods on cgroup v2) other containers' paths
+read relative to the agent's own cgroup (``0::/../../kubepods-…-pod<uid>.slice/…``);
+those still resolve, except that a container of the agent's own pod shows no
+pod component (its pod UID is then None; the container ID still resolves).
 
 The functions are pure apart from reading files under ``proc``; they never
 raise for a vanished or unreadable process (they return ``None``).
@@ -76,7 +79,7 @@ class ContainerRef:
     pod_uid: str | None
     """The pod UID with dashes, or None for a container outside Kubernetes."""
     qos: str | None
-    """``guaranteed``, ``burstable`` or ``besteffort``; None outside Kubernetes."""
+    """``guaranteed``, ``burstable`` or ``besteffort``; None outside Kubernetes or when the path hides it."""
 
 
 def parse_cgroup_path(path: str) -> ContainerRef | None:
@@ -103,7 +106,11 @@ def parse_cgroup_path(path: str) -> ContainerRef | None:
     pod_uid: str | None = None
     qos: str | None = None
     # "kubepods" appears as kubepods, kubepods.slice, or under a --cgroup-root such as kubelet-kubepods.slice.
-    in_kubepods = any("kubepods" in c for c in components[:container_at])
+    # A path that climbs with ".." was read from inside a private cgroup namespace (the
+    # agent's own pod, cgroupns=private being the default on cgroup v2): it is relative
+    # to the agent's container, which sits under kubepods, so the kubepods prefix may be
+    # among the components the ".." skipped.
+    in_kubepods = ".." in components[:container_at] or any("kubepods" in c for c in components[:container_at])
     for i in range(container_at - 1, -1, -1):
         m = _POD_COMPONENT.match(components[i])
         if not m:
@@ -116,6 +123,8 @@ def parse_cgroup_path(path: str) -> ContainerRef | None:
         if qos is None and i > 0:
             parent = _QOS_COMPONENT.match(components[i - 1])
             qos = parent.group("qos") if parent else None
+        if qos is None and not prefix and i > 0 and components[i - 1] == "..":
+            break  # cgroupfs path relative to a namespace: the QoS level was skipped, unknown
         # Guaranteed pods sit directly under kubepods, with no QoS level.
         qos = qos or "guaranteed"
         break

@@ -114,6 +114,26 @@ RECORDED: list[tuple[str, str, ContainerRef | None]] = [
         f"0::/machine.slice/libpod-{CID_C}.scope/container\n",
         ContainerRef(CID_C, "podman", None, None),
     ),
+    (
+        "v2 read from a private cgroup namespace, other QoS class",
+        f"0::/../../../kubepods-besteffort.slice/kubepods-besteffort-pod{UID_}.slice/cri-containerd-{CID_A}.scope\n",
+        ContainerRef(CID_A, "containerd", UID, "besteffort"),
+    ),
+    (
+        "v2 read from a private cgroup namespace, same QoS class, cgroupfs driver",
+        f"0::/../../pod{UID}/{CID_C}\n",
+        ContainerRef(CID_C, "unknown", UID, None),
+    ),
+    (
+        "v2 read from a private cgroup namespace, guaranteed pod, systemd driver",
+        f"0::/../../../kubepods-pod{UID_}.slice/cri-containerd-{CID_A}.scope\n",
+        ContainerRef(CID_A, "containerd", UID, "guaranteed"),
+    ),
+    (
+        "v2 read from a private cgroup namespace, same pod",
+        f"0::/../cri-containerd-{CID_A}.scope\n",
+        ContainerRef(CID_A, "containerd", None, None),
+    ),
     ("v2 login session", "0::/user.slice/user-1000.slice/session-3.scope\n", None),
     ("v2 containerd daemon itself", "0::/system.slice/containerd.service\n", None),
     ("v2 root (private cgroup namespace)", "0::/\n", None),
