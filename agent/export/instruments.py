@@ -95,13 +95,13 @@ GENAI_DURATION = Instrument(
 )  # fmt: skip
 GENAI_TTFT = Instrument(
     "gen_ai.server.time_to_first_token", "histogram", "s",
-    "Time from the end of the request to the first output token (first response event carrying output).",
+    "Time from the start of the request to the first response event that carries output.",
     "gen_ai_server_time_to_first_token_seconds", ("gen_ai.operation.name", "gen_ai.request.model", *_K8S),
     TTFT_BUCKETS,
 )  # fmt: skip
 GENAI_TPOT = Instrument(
     "gen_ai.server.time_per_output_token", "histogram", "s",
-    "Time per output token after the first one (decode time / (output tokens - 1)).",
+    "Mean time per output token after the first one.",
     "gen_ai_server_time_per_output_token_seconds", ("gen_ai.operation.name", "gen_ai.request.model", *_K8S),
     TPOT_BUCKETS,
 )  # fmt: skip
