@@ -40,6 +40,11 @@ CF_READ_ERR = 4
 CF_TERMINATED = 8
 CF_FOREIGN = 16
 
+CS_ACCEPT = 0
+CS_CONNECT = 1
+CS_PEERNAME = 2
+CS_SOCKNAME = 3
+
 PK_EXEC = 1
 PK_FORK = 2
 PK_EXIT = 3
@@ -66,6 +71,7 @@ class Layout:
     head_cap: int = 2048
     tail_cap: int = 256
     tail_slots: int = 8
+    ring_head: int = 96
 
 
 def ctypes_structs(layout: Layout) -> dict[str, type[ctypes.Structure]]:
@@ -132,7 +138,7 @@ def ctypes_structs(layout: Layout) -> dict[str, type[ctypes.Structure]]:
             ("type", ctypes.c_uint8),
             ("role", ctypes.c_uint8),
             ("addr_len", ctypes.c_uint8),
-            ("pad0", ctypes.c_uint8),
+            ("source", ctypes.c_uint8),
             ("tgid", ctypes.c_uint32),
             ("conn_id", ctypes.c_uint64),
             ("ts_ns", ctypes.c_uint64),
@@ -236,10 +242,15 @@ class DataEvent:
 
 @dataclass(frozen=True, slots=True)
 class TailSlot:
+    """One of the last writes of a long response. For a write of at most
+    ``tail_cap`` bytes ``head`` is all of it and ``tail`` is empty; for a longer
+    one ``head`` is its first ``ring_head`` bytes and ``tail`` its last bytes."""
+
     ts_ns: int
     len: int
     index: int
-    data: bytes  # the write's last len(data) bytes
+    head: bytes
+    tail: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,6 +279,7 @@ class SummaryEvent:
 
 @dataclass(frozen=True, slots=True)
 class ConnEvent:
+    source: int  # CS_*
     role: int
     tgid: int
     conn_id: int
@@ -312,8 +324,8 @@ class Decoder:
             if kind == EV_SUMMARY:
                 return self._summary(raw)
             if kind == EV_CONN:
-                (_, role, addr_len, _, tgid, conn_id, ts, fd, listen_fd, addr, _) = CONN_EVENT.unpack_from(raw)
-                return ConnEvent(role, tgid, conn_id, ts, fd, listen_fd, addr[:addr_len])
+                (_, role, addr_len, source, tgid, conn_id, ts, fd, listen_fd, addr, _) = CONN_EVENT.unpack_from(raw)
+                return ConnEvent(source, role, tgid, conn_id, ts, fd, listen_fd, addr[:addr_len])
             if kind == EV_PROC:
                 (_, pk, _, tgid, pid, ppid, ts, comm) = PROC_EVENT.unpack_from(raw)
                 return ProcEvent(pk, tgid, pid, ppid, ts, comm.split(b"\0", 1)[0].decode("utf-8", "replace"))
@@ -345,7 +357,11 @@ class Decoder:
         for _ in range(min(ring_count, self.layout.tail_slots)):
             ts, ln, index, cap, _ = TAIL_SLOT_HEADER.unpack_from(raw, off)
             start = off + TAIL_SLOT_HEADER.size
-            slots.append(TailSlot(ts, ln, index, raw[start : start + min(cap, self.layout.tail_cap)]))
+            data = raw[start : start + min(cap, self.layout.tail_cap)]
+            if ln > self.layout.tail_cap:
+                slots.append(TailSlot(ts, ln, index, data[: self.layout.ring_head], data[self.layout.ring_head :]))
+            else:
+                slots.append(TailSlot(ts, ln, index, data, b""))
             off += self._slot_size
         # all slots are copied, the valid ones are those of this phase's last writes
         return SummaryEvent(

@@ -11,7 +11,8 @@
  *
  * Hooks: syscall tracepoints only (sys_enter_* / sys_exit_* of accept, accept4,
  *   connect, read, readv, recvfrom, recvmsg, write, writev, sendto, sendmsg,
- *   sendfile64, splice, close, listen) and sched:sched_process_{exec,fork,exit}.
+ *   sendfile64, splice, close, listen, getpeername, getsockname) and
+ *   sched:sched_process_{exec,fork,exit}.
  *   No kprobes: many kernels (this project's CI kernel included) have none.
  *
  * Kernel features: BPF ring buffer (5.8+), bounded loops, bpf_probe_read_user.
@@ -80,6 +81,8 @@
 #define K_NOPAYLOAD_OUT 8
 #define K_ACCEPT 9
 #define K_CONNECT 10
+#define K_PEERNAME 11
+#define K_SOCKNAME 12
 
 struct conn_t {
     u64 conn_id;
@@ -200,7 +203,7 @@ static __always_inline int looks_like_http_request(const u8 *p, u32 n) {
  * (up to TAIL_CAP bytes, not overlapping the head) after it. `vec` selects an
  * iovec array of `cnt` entries instead of one buffer. Returns nothing; sets
  * head_len / tail_len / flags. */
-static __always_inline void capture(struct data_scratch_t *s, u64 ptr, u64 cnt, u64 len, int vec, int tail_only) {
+static __always_inline void capture(struct data_scratch_t *s, u64 ptr, u64 cnt, u64 len, int vec, int tail_only, int ring) {
     /* All sizes are u64: a u32 passed to a helper keeps undefined upper bits in
      * its register, and the verifier then rejects the (unbounded) size. */
     struct data_event_t *ev = &s->ev;
@@ -214,6 +217,13 @@ static __always_inline void capture(struct data_scratch_t *s, u64 ptr, u64 cnt, 
     } else if (len > HEAD_CAP) {
         u64 rest = len - HEAD_CAP;
         want_tail = rest < TAIL_CAP ? rest : TAIL_CAP;
+    }
+    if (!vec && ring && len > TAIL_CAP) {
+        /* a long write in the tail ring: its first RING_HEAD bytes and its end */
+        bpf_probe_read_user(ev->payload, RING_HEAD, (void *)ptr);
+        bpf_probe_read_user(ev->payload + RING_HEAD, TAIL_CAP - RING_HEAD, (void *)(ptr + len - (TAIL_CAP - RING_HEAD)));
+        ev->tail_len = TAIL_CAP;
+        return;
     }
     if (!vec) {
         if (!tail_only) {
@@ -316,6 +326,25 @@ static __always_inline void send_summary(struct conn_t *c, u64 key, u32 tgid, u3
     c->summarized = 1;
 }
 
+static __always_inline void send_addr(u32 tgid, u32 fd, u64 conn_id, u8 role, u8 source, s32 listen_fd, u64 addr, u64 addr_len, u64 now) {
+    struct conn_event_t ev = {};
+    ev.type = EV_CONN;
+    ev.role = role;
+    ev.source = source;
+    ev.tgid = tgid;
+    ev.conn_id = conn_id;
+    ev.ts_ns = now;
+    ev.fd = fd;
+    ev.listen_fd = listen_fd;
+    if (addr && addr_len) {
+        u64 n = addr_len & 0xffffffff;
+        CLAMP(n, sizeof(ev.addr));
+        if (bpf_probe_read_user(ev.addr, n, (void *)addr) == 0)
+            ev.addr_len = n;
+    }
+    emit(&ev, sizeof(ev), C_LOST_CONN, 0);
+}
+
 static __always_inline void new_conn(u32 tgid, u32 fd, u8 role, s32 listen_fd, u64 addr, u64 addr_len) {
     u64 now = bpf_ktime_get_ns();
     u32 z = 0;
@@ -338,21 +367,7 @@ static __always_inline void new_conn(u32 tgid, u32 fd, u8 role, s32 listen_fd, u
     c->role = role;
     tails.delete(&key);
     count(C_CONNS);
-    struct conn_event_t ev = {};
-    ev.type = EV_CONN;
-    ev.role = role;
-    ev.tgid = tgid;
-    ev.conn_id = id;
-    ev.ts_ns = now;
-    ev.fd = fd;
-    ev.listen_fd = listen_fd;
-    if (addr && addr_len) {
-        u64 n = addr_len & 0xffffffff;
-        CLAMP(n, sizeof(ev.addr));
-        if (bpf_probe_read_user(ev.addr, n, (void *)addr) == 0)
-            ev.addr_len = n;
-    }
-    emit(&ev, sizeof(ev), C_LOST_CONN, 0);
+    send_addr(tgid, fd, id, role, role == ROLE_SERVER ? CS_ACCEPT : CS_CONNECT, listen_fd, addr, addr_len, now);
 }
 
 #define CAP_NONE 0
@@ -457,7 +472,7 @@ static __always_inline void on_data(u64 pid_tgid, struct args_t *a, s64 ret) {
     ev->head_len = 0;
     ev->tail_len = 0;
     if (mode != CAP_NONE)
-        capture(s, a->ptr, a->extra, len, vec, mode == CAP_TAIL);
+        capture(s, a->ptr, a->extra, len, vec, mode == CAP_TAIL, ring);
     if (mode == CAP_TAIL)
         ev->flags |= DF_TAIL_ONLY;
     if (nopayload)
@@ -668,6 +683,47 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close) {
     tails.delete(&key);
     return 0;
 }
+
+/* Servers ask for their connections' addresses (uvicorn, asyncio, Go's
+ * net/http): the answer names the client and the server port exactly. */
+static __always_inline int save_name(u32 fd, u64 addr, u64 addrlen_ptr, u32 kind) {
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 tgid = pid_tgid >> 32;
+    if (!is_target(tgid))
+        return 0;
+    u64 key = ((u64)tgid << 32) | fd;
+    if (!conns.lookup(&key))
+        return 0;
+    struct args_t a = {.ptr = addr, .extra = addrlen_ptr, .fd = fd, .kind = kind};
+    inflight.update(&pid_tgid, &a);
+    return 0;
+}
+
+static __always_inline int finish_name(s64 ret) {
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    struct args_t *a = inflight.lookup(&pid_tgid);
+    if (!a)
+        return 0;
+    struct args_t copy = *a;
+    inflight.delete(&pid_tgid);
+    if (ret != 0)
+        return 0;
+    u32 tgid = pid_tgid >> 32;
+    u64 key = ((u64)tgid << 32) | copy.fd;
+    struct conn_t *c = conns.lookup(&key);
+    if (!c)
+        return 0;
+    u64 addr_len = 0;
+    bpf_probe_read_user(&addr_len, 4, (void *)copy.extra);
+    send_addr(tgid, copy.fd, c->conn_id, c->role, copy.kind == K_PEERNAME ? CS_PEERNAME : CS_SOCKNAME, -1,
+              copy.ptr, addr_len, bpf_ktime_get_ns());
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_getpeername) { return save_name(args->fd, (u64)args->usockaddr, (u64)args->usockaddr_len, K_PEERNAME); }
+TRACEPOINT_PROBE(syscalls, sys_exit_getpeername) { return finish_name(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_enter_getsockname) { return save_name(args->fd, (u64)args->usockaddr, (u64)args->usockaddr_len, K_SOCKNAME); }
+TRACEPOINT_PROBE(syscalls, sys_exit_getsockname) { return finish_name(args->ret); }
 
 TRACEPOINT_PROBE(syscalls, sys_exit_listen) {
     if (args->ret != 0)

@@ -124,11 +124,24 @@ struct summary_event_t {
     struct tail_slot_t ring[TAIL_SLOTS];
 };
 
+/* EV_CONN sources */
+#define CS_ACCEPT 0
+#define CS_CONNECT 1
+#define CS_PEERNAME 2       /* getpeername() on a tracked connection */
+#define CS_SOCKNAME 3       /* getsockname() on a tracked connection */
+
+/* Ring slots of writes longer than TAIL_CAP hold the first RING_HEAD bytes and
+ * the last TAIL_CAP - RING_HEAD (Ollama's last line carries done_reason near
+ * its start and eval_count at its end, with a long `context` array between). */
+#ifndef RING_HEAD
+#define RING_HEAD 96
+#endif
+
 struct conn_event_t {
     u8 type;
     u8 role;
     u8 addr_len;        /* bytes of sockaddr captured (0: the caller passed none) */
-    u8 pad0;
+    u8 source;          /* CS_* */
     u32 tgid;
     u64 conn_id;
     u64 ts_ns;

@@ -44,6 +44,8 @@ SYSCALLS = (
     "splice",
     "close",
     "listen",
+    "getpeername",
+    "getsockname",
 )
 SCHED = ("sched_process_exec", "sched_process_fork", "sched_process_exit")
 
@@ -77,9 +79,12 @@ class SocketProbeConfig:
     trace_clients: bool = False
     """Also trace connections the targets open (client spans)."""
 
+    ring_head: int = 96
+    """Of a long write in the tail ring, bytes kept from its start (the rest from its end)."""
+
     @property
     def layout(self) -> Layout:
-        return Layout(self.head_cap, self.tail_cap, self.tail_slots)
+        return Layout(self.head_cap, self.tail_cap, self.tail_slots, self.ring_head)
 
     def cflags(self) -> list[str]:
         for name in ("head_cap", "tail_cap", "tail_slots", "ringbuf_pages"):
@@ -91,6 +96,7 @@ class SocketProbeConfig:
             f"-DHEAD_CAP={self.head_cap}",
             f"-DTAIL_CAP={self.tail_cap}",
             f"-DTAIL_SLOTS={self.tail_slots}",
+            f"-DRING_HEAD={self.ring_head}",
             f"-DSAMPLE_WRITES={self.sample_writes}",
             f"-DREQ_CAPTURE={self.req_capture}",
             f"-DMAX_TARGETS={self.max_targets}",
@@ -196,6 +202,10 @@ class SocketProbe:
         except KeyError:
             return False
         return bool(leaf.conn_id == conn_id)
+
+    def conn_keys(self) -> list[tuple[int, int]]:
+        """(pid, fd) of every tracked connection (walks the map)."""
+        return [(k.value >> 32, k.value & 0xFFFFFFFF) for k in self._conns.keys()]
 
     def delete_conn(self, pid: int, fd: int) -> None:
         key = self._conns.Key((pid << 32) | fd)

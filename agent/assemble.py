@@ -1,0 +1,846 @@
+"""Request assembly: socket-probe events in, one :class:`Request` per request out.
+
+The kernel (probes/sockets.bpf.c) splits each connection into request phases
+and sends, per phase: the request-direction syscalls (bounded head and tail of
+each), the first ``sample_writes`` response writes, and for longer responses a
+summary with counts, times and the last writes' tails. This module feeds those
+captures through the sans-IO parsers (http1, sse, ndjson) and the LLM API
+extraction (llm), and builds the record.
+
+Timing definitions (README "Timing definitions"):
+- start: the first request byte read by the server (exit of that read);
+- end: the last response byte written;
+- TTFT: start → the write that completed the first stream event carrying output
+  (a role-only first event does not count);
+- time per output token: (last output event - first output event) / (output
+  events - 1);
+- aborted: the client closed (or reset) before the response ended.
+
+Output events are counted exactly over the sampled writes and the tail ring;
+writes between the two, which the kernel only counted, are taken as one output
+event each (servers write one stream event per write).
+
+Accounting: every request phase the kernel counted ends as exactly one of: a
+record, or a counted loss (``infersight.requests.lost`` by reason).
+
+Threading: one owner thread calls every method except :meth:`active`, which
+may be called from any thread (it reads a snapshot under a lock).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from agent import http1, llm
+from agent.clock import Clock
+from agent.ndjson import NDJSONParser
+from agent.procfs import SocketTable, parse_sockaddr, socket_inode
+from agent.record import ActiveRequest, Request
+from agent.selfmetrics import SELF_METRICS, SelfMetrics
+from agent.sse import SSEParser
+from probes.socket_events import (
+    CF_PEER_EOF,
+    CF_READ_ERR,
+    CF_TERMINATED,
+    CF_WRITE_ERR,
+    CS_PEERNAME,
+    CS_SOCKNAME,
+    DF_NO_PAYLOAD,
+    DIR_IN,
+    PK_EXIT,
+    ROLE_CLIENT,
+    ROLE_SERVER,
+    SR_CLOSE,
+    SR_NEXT_REQUEST,
+    SR_TERMINATED,
+    ConnEvent,
+    DataEvent,
+    DecodeError,
+    Decoder,
+    ProcEvent,
+    SummaryEvent,
+    TailSlot,
+)
+
+log = logging.getLogger(__name__)
+
+_TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+LOST = "infersight.requests.lost"
+
+
+@dataclass(frozen=True)
+class AssemblyConfig:
+    """Bounds of request assembly."""
+
+    sample_writes: int = 4
+    """Response writes per request the probe sends in full (must match the probe)."""
+    tail_slots: int = 8
+    """Tail ring size of the probe (must match the probe)."""
+    max_connections: int = 65536
+    """Connections with assembly state; the least recently active is evicted (counted)."""
+    max_body_capture: int = 16384
+    """Request and response body bytes kept for metadata extraction."""
+    idle_check_s: float = 30.0
+    """An open request without news for this long is checked against the kernel's map."""
+    client_spans: bool = False
+    """Emit records for connections the targets opened (span_kind client)."""
+
+
+class Exchange:
+    """One request/response phase of a connection."""
+
+    __slots__ = (
+        "api",
+        "body_prefix",
+        "body_suffix",
+        "complete",
+        "damaged",
+        "done",
+        "end_ns",
+        "events_output",
+        "finish_reasons",
+        "first_output_ns",
+        "headers",
+        "input_tokens",
+        "last_news_ns",
+        "last_output_ns",
+        "max_sample_index",
+        "method",
+        "output_tokens",
+        "path",
+        "req_gap",
+        "req_model",
+        "req_prefix",
+        "req_stream",
+        "req_suffix",
+        "resp_gap",
+        "resp_head_seen",
+        "resp_model",
+        "resp_prefix",
+        "resp_suffix",
+        "sampled_bytes",
+        "seq",
+        "start_ns",
+        "status",
+        "stream",
+        "streaming",
+        "target",
+        "traceparent",
+        "writes",
+    )
+
+    def __init__(self, seq: int, start_ns: int) -> None:
+        self.seq = seq
+        self.start_ns = start_ns
+        self.last_news_ns = start_ns
+        self.method: str | None = None
+        self.target: str | None = None
+        self.path: str | None = None
+        self.headers: tuple[tuple[str, str], ...] = ()
+        self.traceparent: str | None = None
+        self.api: llm.Api | None = None
+        self.req_prefix = bytearray()
+        self.req_suffix = b""
+        self.req_gap = False
+        self.req_model: str | None = None
+        self.req_stream: bool | None = None
+        self.status: int | None = None
+        self.resp_head_seen = False
+        self.streaming = False
+        self.stream: SSEParser | NDJSONParser | None = None
+        self.resp_prefix = bytearray()
+        self.resp_suffix = b""
+        self.resp_gap = False
+        self.body_prefix = b""
+        self.body_suffix = b""
+        self.writes: dict[int, int] = {}  # sampled write index -> ts
+        self.sampled_bytes = 0
+        self.max_sample_index = -1
+        self.events_output = 0
+        self.first_output_ns: int | None = None
+        self.last_output_ns: int | None = None
+        self.resp_model: str | None = None
+        self.finish_reasons: list[str] = []
+        self.input_tokens: int | None = None
+        self.output_tokens: int | None = None
+        self.complete = False
+        self.damaged = False
+        self.done = False
+        self.end_ns: int | None = None
+
+
+class Conn:
+    __slots__ = (
+        "client_addr",
+        "client_port",
+        "conn_id",
+        "cur",
+        "fd",
+        "inode",
+        "last_seq",
+        "listen_fd",
+        "req_parser",
+        "resp_parser",
+        "role",
+        "server_port",
+        "tgid",
+    )
+
+    def __init__(self, conn_id: int, tgid: int, fd: int, role: int) -> None:
+        self.conn_id = conn_id
+        self.tgid = tgid
+        self.fd = fd
+        self.role = role
+        self.inode: int | None = None
+        self.listen_fd = -1
+        self.server_port: int | None = None
+        self.client_addr: str | None = None
+        self.client_port: int | None = None
+        self.cur: Exchange | None = None
+        self.last_seq = 0
+        self.req_parser: http1.H1Parser | None = None
+        self.resp_parser: http1.H1Parser | None = None
+
+
+class Assembler:
+    """Builds records from decoded socket-probe events.
+
+    ``emit`` receives each completed :class:`Request`. ``process_name(pid)``
+    names processes; ``conn_alive(pid, fd, conn_id)`` asks the kernel whether a
+    connection still exists (for requests whose close was lost); ``sockets``
+    resolves addresses from /proc. All are injected so tests can run without a
+    kernel.
+    """
+
+    def __init__(
+        self,
+        config: AssemblyConfig,
+        emit: Callable[[Request], None],
+        *,
+        clock: Clock,
+        decoder: Decoder,
+        process_name: Callable[[int], str | None] = lambda pid: None,
+        conn_alive: Callable[[int, int, int], bool] | None = None,
+        sockets: SocketTable | None = None,
+        proc: str = "/proc",
+        metrics: SelfMetrics = SELF_METRICS,
+        on_proc_event: Callable[[ProcEvent], None] | None = None,
+    ) -> None:
+        self.config = config
+        self._emit = emit
+        self._clock = clock
+        self._decoder = decoder
+        self._process_name = process_name
+        self._conn_alive = conn_alive
+        self._sockets = sockets
+        self._proc = proc
+        self._metrics = metrics
+        self._on_proc_event = on_proc_event
+        self._conns: OrderedDict[int, Conn] = OrderedDict()
+        self._by_fd: dict[tuple[int, int], int] = {}
+        self._listen_ports: dict[tuple[int, int], int | None] = {}
+        self._names: dict[int, str] = {}
+        self._lock = threading.Lock()
+        self._active: dict[tuple[int, int], ActiveRequest] = {}
+        self.records = 0
+        self._seed_ids = iter(range(1 << 62, 1 << 63))
+
+    # ---- input -------------------------------------------------------------------
+    def feed(self, raws: list[bytes]) -> None:
+        """Process a batch of raw ring buffer records, in order."""
+        decode = self._decoder.decode
+        for raw in raws:
+            try:
+                ev = decode(raw)
+            except DecodeError as e:
+                self._metrics.inc("infersight.parse.failures", labels=(("reason", "decode"),))
+                log.debug("undecodable record: %s", e)
+                continue
+            if isinstance(ev, DataEvent):
+                self._on_data(ev)
+            elif isinstance(ev, SummaryEvent):
+                self._on_summary(ev)
+            elif isinstance(ev, ConnEvent):
+                self._on_conn(ev)
+            else:
+                self._on_proc(ev)
+
+    def next_seed_id(self) -> int:
+        return next(self._seed_ids)
+
+    def register_conn(
+        self,
+        conn_id: int,
+        tgid: int,
+        fd: int,
+        role: int,
+        server_port: int | None,
+        client_addr: str | None,
+        client_port: int | None,
+    ) -> None:
+        """Connection state for a socket seeded from /proc at attach time."""
+        c = self._new_conn(conn_id, tgid, fd, role)
+        c.server_port = server_port
+        c.client_addr = client_addr
+        c.client_port = client_port
+
+    # ---- connection bookkeeping ---------------------------------------------------
+    def _new_conn(self, conn_id: int, tgid: int, fd: int, role: int) -> Conn:
+        old_id = self._by_fd.get((tgid, fd))
+        if old_id is not None and old_id != conn_id:
+            # the fd was reused: the old connection closed without us seeing it
+            old = self._conns.pop(old_id, None)
+            if old is not None:
+                self._abandon(old, "close_lost")
+        c = Conn(conn_id, tgid, fd, role)
+        self._conns[conn_id] = c
+        self._by_fd[(tgid, fd)] = conn_id
+        if len(self._conns) > self.config.max_connections:
+            _, evicted = self._conns.popitem(last=False)
+            self._by_fd.pop((evicted.tgid, evicted.fd), None)
+            self._metrics.inc("infersight.assembly.evictions", labels=(("what", "connection"),))
+            self._abandon(evicted, "evicted")
+        return c
+
+    def _conn_for(self, conn_id: int, tgid: int, fd: int, role: int) -> Conn:
+        c = self._conns.get(conn_id)
+        if c is None:
+            # EV_CONN lost or the socket predates us: build state from /proc
+            c = self._new_conn(conn_id, tgid, fd, role)
+            c.inode = socket_inode(tgid, fd, self._proc)
+        else:
+            self._conns.move_to_end(conn_id)
+        return c
+
+    def _on_conn(self, ev: ConnEvent) -> None:
+        if ev.source in (CS_PEERNAME, CS_SOCKNAME):
+            c0 = self._conns.get(ev.conn_id)
+            addr = parse_sockaddr(ev.addr) if ev.addr else None
+            if c0 is None or addr is None:
+                return
+            # peer of a server connection / local end of a client one: the client
+            if (ev.source == CS_PEERNAME) == (c0.role == ROLE_SERVER):
+                c0.client_addr, c0.client_port = addr
+            else:
+                c0.server_port = addr[1]
+            return
+        c = self._new_conn(ev.conn_id, ev.tgid, ev.fd, ev.role)
+        c.listen_fd = ev.listen_fd
+        addr = parse_sockaddr(ev.addr) if ev.addr else None
+        if addr is not None:
+            if ev.role == ROLE_SERVER:
+                c.client_addr, c.client_port = addr
+            else:
+                c.server_port = addr[1]
+        if c.client_addr is None or c.server_port is None:
+            c.inode = socket_inode(ev.tgid, ev.fd, self._proc)
+
+    def _resolve_addresses(self, c: Conn, final: bool = False) -> None:
+        if c.role == ROLE_SERVER and c.server_port is None and c.listen_fd >= 0:
+            key = (c.tgid, c.listen_fd)
+            if key not in self._listen_ports and self._sockets is not None:
+                ino = socket_inode(c.tgid, c.listen_fd, self._proc)
+                info = self._sockets.lookup(c.tgid, ino) if ino else None
+                self._listen_ports[key] = info.local_port if info else None
+                if len(self._listen_ports) > 4096:
+                    self._listen_ports.clear()
+            c.server_port = self._listen_ports.get(key)
+        if (c.client_addr is None or c.server_port is None) and c.inode and self._sockets is not None:
+            info = self._sockets.lookup(c.tgid, c.inode)
+            if info is not None:
+                if c.role == ROLE_SERVER:
+                    c.server_port = c.server_port or info.local_port
+                    c.client_addr = c.client_addr or info.remote_addr
+                    c.client_port = c.client_port or info.remote_port
+                else:
+                    c.server_port = c.server_port or info.remote_port
+                    c.client_addr = c.client_addr or info.local_addr
+                    c.client_port = c.client_port or info.local_port
+                c.inode = None
+            elif final:
+                self._metrics.inc("infersight.assembly.address.unresolved")
+                c.inode = None  # two tries per connection: at its first request, and at its end
+
+    def _on_proc(self, ev: ProcEvent) -> None:
+        if ev.kind == PK_EXIT:
+            self._names.pop(ev.tgid, None)
+            for c in [c for c in self._conns.values() if c.tgid == ev.tgid]:
+                self._conns.pop(c.conn_id, None)
+                self._by_fd.pop((c.tgid, c.fd), None)
+                if c.cur is not None and not c.cur.done:
+                    self._finish(c, c.cur, None, process_exited=True)
+        elif ev.tgid in self._names:
+            self._names.pop(ev.tgid, None)  # exec: a new program name
+        if self._on_proc_event is not None:
+            self._on_proc_event(ev)
+
+    def _name(self, tgid: int) -> str:
+        n = self._names.get(tgid)
+        if n is None:
+            n = self._process_name(tgid) or ""
+            if len(self._names) > 4096:
+                self._names.clear()
+            self._names[tgid] = n
+        return n
+
+    # ---- data --------------------------------------------------------------------
+    def _on_data(self, ev: DataEvent) -> None:
+        c = self._conn_for(ev.conn_id, ev.tgid, ev.fd, ev.role)
+        is_req = (ev.dir == DIR_IN) == (c.role != ROLE_CLIENT)
+        if ev.lost and c.cur is not None and not c.cur.done:
+            c.cur.damaged = True
+        if is_req:
+            ex = c.cur
+            if ex is None or ex.seq != ev.seq:
+                if ex is not None and not ex.done:
+                    # the previous response ended when this request began
+                    self._finish(c, ex, None, next_request=True)
+                self._count_skipped_phases(c, ev.seq)
+                ex = Exchange(ev.seq, ev.ts_ns)
+                c.cur = ex
+                c.last_seq = ev.seq
+                if ev.index != 0:
+                    ex.damaged = True  # the request's first read was lost
+                if c.req_parser is None:
+                    c.req_parser = http1.H1Parser("request", metrics=self._metrics)
+                if c.server_port is None or c.client_addr is None:
+                    self._resolve_addresses(c)
+            elif ex.done:
+                return
+            ex.last_news_ns = ev.ts_ns
+            self._feed_request(c, ex, ev)
+            return
+        ex = c.cur
+        if ex is None or ex.seq != ev.seq:
+            if ev.seq > c.last_seq:
+                # a response whose request records were all lost
+                self._count_skipped_phases(c, ev.seq)
+                c.last_seq = ev.seq
+                c.cur = None
+            else:
+                self._metrics.inc("infersight.assembly.orphan.writes")
+            return
+        if ex.done:
+            self._metrics.inc("infersight.assembly.orphan.writes")
+            return
+        ex.last_news_ns = ev.ts_ns
+        self._feed_response(c, ex, ev)
+
+    def _count_skipped_phases(self, c: Conn, seq: int) -> None:
+        if c.last_seq and seq > c.last_seq + 1:
+            self._metrics.inc(LOST, seq - c.last_seq - 1, (("reason", "capture_lost"),))
+
+    def _feed_request(self, c: Conn, ex: Exchange, ev: DataEvent) -> None:
+        p = c.req_parser
+        assert p is not None
+        if ev.flags & DF_NO_PAYLOAD:
+            p.feed_gap(ev.len)
+        else:
+            if ev.head:
+                p.feed(ev.head)
+            gap = ev.gap
+            if gap:
+                p.feed_gap(gap)
+            if ev.tail:
+                p.feed(ev.tail)
+        cap = self.config.max_body_capture
+        while True:
+            e = p.next_event()
+            if e is http1.NEED_DATA:
+                break
+            if isinstance(e, http1.RequestHead):
+                if ex.method is not None:
+                    # a pipelined second request in the same phase: its timing is
+                    # shared with the first; it is parsed on the next phase's data
+                    self._metrics.inc("infersight.assembly.pipelined")
+                    continue
+                ex.method = e.method
+                ex.target = e.target
+                ex.path = e.target.split("?", 1)[0]
+                ex.headers = e.headers
+                ex.traceparent = http1.header(e.headers, "traceparent")
+                ex.api = llm.classify(e.method, ex.path)
+                self._set_active(c, ex)
+            elif isinstance(e, http1.Body):
+                if ex.req_gap:
+                    ex.req_suffix = (ex.req_suffix + e.data)[-1024:]
+                elif len(ex.req_prefix) < cap:
+                    ex.req_prefix += e.data[: cap - len(ex.req_prefix)]
+            elif isinstance(e, http1.BodyGap):
+                ex.req_gap = True
+            elif isinstance(e, http1.Skipped):
+                self._metrics.inc("infersight.parse.failures", labels=(("reason", "request_" + e.reason),))
+
+    def _feed_response(self, c: Conn, ex: Exchange, ev: DataEvent) -> None:
+        if c.resp_parser is None:
+            c.resp_parser = http1.H1Parser("response", metrics=self._metrics)
+        p = c.resp_parser
+        if ev.index == 0 or not ex.writes:
+            p.expect_response_to(ex.method or "GET")
+        ex.writes[ev.index] = ev.ts_ns
+        ex.sampled_bytes += ev.len
+        ex.max_sample_index = max(ex.max_sample_index, ev.index)
+        ts = ev.ts_ns
+        if ev.flags & DF_NO_PAYLOAD:
+            p.feed_gap(ev.len)
+            self._drain_response(ex, p, ts)
+        else:
+            if ev.head:
+                p.feed(ev.head)
+                self._drain_response(ex, p, ts)
+            gap = ev.gap
+            if gap:
+                p.feed_gap(gap)
+                self._drain_response(ex, p, ts)
+            if ev.tail:
+                p.feed(ev.tail)
+                self._drain_response(ex, p, ts)
+        if ex.complete and not ex.done:
+            ex.end_ns = ts
+            self._finish(c, ex, None)
+
+    def _drain_response(self, ex: Exchange, p: http1.H1Parser, ts: int) -> None:
+        cap = self.config.max_body_capture
+        while True:
+            e = p.next_event()
+            if e is http1.NEED_DATA:
+                return
+            if isinstance(e, http1.ResponseHead):
+                if e.status < 200 and e.status != 101:
+                    continue  # informational: the final response follows
+                ex.status = e.status
+                ex.resp_head_seen = True
+                ctype = (http1.header(e.headers, "content-type") or "").lower()
+                if "text/event-stream" in ctype:
+                    ex.stream = SSEParser()
+                    ex.streaming = True
+                elif "ndjson" in ctype or "jsonlines" in ctype:
+                    ex.stream = NDJSONParser()
+                    ex.streaming = True
+            elif isinstance(e, http1.Body):
+                if ex.stream is not None:
+                    self._stream_events(ex, ex.stream.feed(e.data), ts)
+                elif ex.resp_gap:
+                    ex.resp_suffix = (ex.resp_suffix + e.data)[-1024:]
+                elif len(ex.resp_prefix) < cap:
+                    ex.resp_prefix += e.data[: cap - len(ex.resp_prefix)]
+            elif isinstance(e, http1.BodyGap):
+                if ex.stream is not None:
+                    ex.stream.feed_gap(e.n)
+                else:
+                    ex.resp_gap = True
+            elif isinstance(e, http1.EndOfMessage):
+                if ex.resp_head_seen:
+                    ex.complete = e.complete
+                    if ex.end_ns is None:
+                        ex.end_ns = ts
+                    if not e.complete:
+                        self._metrics.inc("infersight.parse.failures", labels=(("reason", "response_framing"),))
+            elif isinstance(e, http1.Skipped):
+                self._metrics.inc("infersight.parse.failures", labels=(("reason", "response_" + e.reason),))
+            elif isinstance(e, http1.Upgrade):
+                ex.complete = True
+
+    def _stream_events(self, ex: Exchange, events: list, ts: int) -> None:
+        api = ex.api
+        for se in events:
+            if api is None:
+                # generic SSE/NDJSON: every event is output
+                output: bool | None = True
+                info = None
+            else:
+                info = llm.parse_stream_event(api, se.data, se.truncated)
+                output = info.output
+                if output is None:
+                    output = not (info.done or info.finish_reasons or info.output_tokens is not None)
+            if info is not None:
+                self._merge_info(ex, info)
+            if output:
+                ex.events_output += 1
+                if ex.first_output_ns is None:
+                    ex.first_output_ns = ts
+                ex.last_output_ns = ts
+
+    @staticmethod
+    def _merge_info(ex: Exchange, info: llm.EventInfo) -> None:
+        if info.model and ex.resp_model is None:
+            ex.resp_model = info.model
+        for r in info.finish_reasons:
+            if r not in ex.finish_reasons and len(ex.finish_reasons) < 16:
+                ex.finish_reasons.append(r)
+        if info.input_tokens is not None:
+            ex.input_tokens = info.input_tokens
+        if info.output_tokens is not None:
+            ex.output_tokens = info.output_tokens
+
+    # ---- summaries and completion -----------------------------------------------
+    def _on_summary(self, ev: SummaryEvent) -> None:
+        c = self._conns.get(ev.conn_id)
+        if c is None:
+            if ev.seq and (ev.reason != SR_CLOSE or ev.writes or ev.reads):
+                # we never saw this connection's requests: the phase was lost
+                self._metrics.inc(LOST, 1, (("reason", "capture_lost"),))
+            return
+        ex = c.cur
+        if ev.seq > c.last_seq:
+            self._count_skipped_phases(c, ev.seq)
+            if ev.reason != SR_CLOSE or ev.reads:
+                self._metrics.inc(LOST, 1, (("reason", "capture_lost"),))
+            c.last_seq = ev.seq
+            ex = None
+        if ex is not None and ex.seq == ev.seq and not ex.done:
+            if ev.lost:
+                ex.damaged = True
+            self._finish(c, ex, ev)
+        if ev.reason == SR_CLOSE:
+            self._conns.pop(c.conn_id, None)
+            if self._by_fd.get((c.tgid, c.fd)) == c.conn_id:
+                self._by_fd.pop((c.tgid, c.fd), None)
+
+    def _abandon(self, c: Conn, reason: str) -> None:
+        if c.cur is not None and not c.cur.done:
+            c.cur.done = True
+            self._clear_active(c)
+            self._metrics.inc(LOST, 1, (("reason", reason),))
+
+    def _finish(
+        self,
+        c: Conn,
+        ex: Exchange,
+        s: SummaryEvent | None,
+        *,
+        next_request: bool = False,
+        process_exited: bool = False,
+    ) -> None:
+        ex.done = True
+        self._clear_active(c)
+        p = c.resp_parser
+        if s is not None and p is not None and ex.resp_head_seen and not ex.complete:
+            # The writes the kernel only counted still went through the stream:
+            # skip them in the parser (which keeps Content-Length framing across
+            # the gap, and stays aligned for the connection's next response), and
+            # end a read-to-close body at close.
+            unseen = s.bytes_out - ex.sampled_bytes
+            if unseen > 0:
+                p.feed_gap(unseen)
+            if s.reason == SR_CLOSE:
+                p.close()
+            self._drain_response(ex, p, s.resp_last_ns or s.ts_ns)
+        if ex.method is None or ex.damaged:
+            reason = "capture_lost" if ex.damaged else "request_unparsed"
+            self._metrics.inc(LOST, 1, (("reason", reason),))
+            return
+        if c.role == ROLE_CLIENT and not self.config.client_spans:
+            self._metrics.inc("infersight.assembly.client.requests.ignored")
+            return
+        sample = self.config.sample_writes
+        ring: list[TailSlot] = []
+        total_writes = len(ex.writes)
+        flags = 0
+        if s is not None:
+            total_writes = s.writes
+            flags = s.flags
+            lo = max(sample, s.writes - self.config.tail_slots)
+            ring = sorted((t for t in s.ring if lo <= t.index < s.writes), key=lambda t: t.index)
+            if s.writes > ex.max_sample_index + 1 and not ring and s.writes > sample:
+                self._metrics.inc("infersight.assembly.tails.missing")
+        # ---- the tail ring: writes the kernel aggregated
+        unseen_mid = 0
+        if total_writes > sample:
+            first_ring = ring[0].index if ring else total_writes
+            unseen_mid = max(0, first_ring - max(sample, ex.max_sample_index + 1))
+        ring_first_output: int | None = None
+        ring_last_output: int | None = None
+        ring_outputs = 0
+        for t in ring:
+            is_output = self._fragment(ex, t)
+            if is_output:
+                ring_outputs += 1
+                if ring_first_output is None:
+                    ring_first_output = t.ts_ns
+                ring_last_output = t.ts_ns
+        # ---- completion and end time
+        complete = ex.complete or bool(flags & CF_TERMINATED) or next_request
+        if s is not None and not complete and s.reason in (SR_TERMINATED, SR_NEXT_REQUEST):
+            complete = True
+        end_ns = ex.end_ns
+        if s is not None and s.resp_last_ns:
+            end_ns = max(end_ns or 0, s.resp_last_ns)
+        if end_ns is None and ex.writes:
+            end_ns = max(ex.writes.values())
+        peer_gone = bool(flags & (CF_PEER_EOF | CF_READ_ERR | CF_WRITE_ERR))
+        aborted = not complete and peer_gone
+        if end_ns is None:
+            end_ns = (s.eof_ns or s.ts_ns) if s is not None else ex.last_news_ns
+        if aborted and s is not None and s.eof_ns:
+            end_ns = max(end_ns, s.eof_ns)
+        error_type: str | None = None
+        if not complete and not aborted:
+            error_type = "process_exit" if process_exited else (
+                "no_response" if ex.status is None else "response_incomplete"
+            )
+        # ---- streaming metrics
+        output_events: int | None = None
+        ttft_ns: int | None = None
+        tpot_s: float | None = None
+        first_out = ex.first_output_ns
+        last_out = ex.last_output_ns
+        if ex.streaming:
+            output_events = ex.events_output + unseen_mid + ring_outputs
+            if first_out is None:
+                if unseen_mid == 0 and ring_first_output is not None:
+                    first_out = ring_first_output
+                elif output_events:
+                    self._metrics.inc("infersight.assembly.ttft.unresolved")
+            if ring_last_output is not None:
+                last_out = ring_last_output
+            elif unseen_mid and ring:
+                # the last output write went unseen; the first write after it bounds it
+                last_out = ring[0].ts_ns
+            if first_out is not None:
+                ttft_ns = first_out - ex.start_ns
+                if last_out is not None and output_events and output_events >= 2:
+                    tpot_s = max(0, last_out - first_out) / 1e9 / (output_events - 1)
+        elif ex.api is not None and ex.status is not None:
+            info = llm.parse_response_body(
+                ex.api, bytes(ex.resp_prefix), ex.resp_suffix if ex.resp_gap else None
+            )
+            self._merge_info(ex, info)
+        # ---- request metadata
+        if ex.api is not None:
+            rinfo = llm.parse_request_body(ex.api, bytes(ex.req_prefix), ex.req_suffix if ex.req_gap else None)
+            ex.req_model = rinfo.model or llm.path_model(ex.api, ex.path or "")
+            ex.req_stream = rinfo.stream
+        if c.inode is not None:
+            self._resolve_addresses(c, final=True)
+        trace_id, parent = _parse_traceparent(ex.traceparent)
+        clock = self._clock.to_unix_ns
+        rec = Request(
+            start_time_unix_nano=clock(ex.start_ns),
+            end_time_unix_nano=clock(max(end_ns, ex.start_ns)),
+            pid=c.tgid,
+            command=self._name(c.tgid),
+            method=ex.method,
+            path=ex.path,
+            status_code=ex.status,
+            span_kind="server" if c.role == ROLE_SERVER else "client",
+            server_port=c.server_port,
+            client_address=c.client_addr,
+            client_port=c.client_port,
+            streaming=ex.streaming or bool(ex.req_stream and ex.stream is not None),
+            output_events=output_events,
+            time_to_first_token_s=None if ttft_ns is None else max(0, ttft_ns) / 1e9,
+            time_per_output_token_s=tpot_s,
+            operation=llm.operation_name(ex.api) if ex.api is not None else None,
+            request_model=ex.req_model,
+            response_model=ex.resp_model,
+            input_tokens=ex.input_tokens,
+            output_tokens=ex.output_tokens,
+            finish_reasons=tuple(ex.finish_reasons) or None,
+            aborted=aborted,
+            error_type=error_type,
+            trace_id=trace_id or f"{random.getrandbits(128):032x}",
+            span_id=f"{random.getrandbits(64) or 1:016x}",
+            parent_span_id=parent,
+            first_token_time_unix_nano=None if first_out is None else clock(first_out),
+            gap_histogram_log2_us=_trim(s.gaps) if s is not None and ex.streaming else (),
+        )
+        self.records += 1
+        self._emit(rec)
+
+    def _fragment(self, ex: Exchange, t: TailSlot) -> bool:
+        """Classify one tail-ring write; True when it carries output."""
+        if t.len <= 7 and t.head.strip(b"\r\n") == b"0":
+            return False  # the chunked terminator alone
+        if ex.api is None:
+            return bool(ex.stream is not None)
+        info = llm.parse_fragment(ex.api, t.head)
+        self._merge_info(ex, info)
+        if t.tail:
+            info2 = llm.parse_fragment(ex.api, t.tail)
+            self._merge_info(ex, info2)
+            info = _merge_fragments(info, info2)
+        if info.output is not None:
+            return info.output
+        return not (info.done or info.finish_reasons or info.output_tokens is not None)
+
+    # ---- in-flight requests and idle checks ---------------------------------------
+    def _set_active(self, c: Conn, ex: Exchange) -> None:
+        if c.role == ROLE_CLIENT and not self.config.client_spans:
+            return
+        a = ActiveRequest(
+            start_time_unix_nano=self._clock.to_unix_ns(ex.start_ns),
+            pid=c.tgid,
+            command=self._name(c.tgid),
+            server_port=c.server_port,
+            method=ex.method,
+            path=ex.path,
+            request_model=None,
+        )
+        with self._lock:
+            self._active[(c.tgid, c.conn_id)] = a
+
+    def _clear_active(self, c: Conn) -> None:
+        with self._lock:
+            self._active.pop((c.tgid, c.conn_id), None)
+
+    def active(self) -> list[ActiveRequest]:
+        """Requests whose head was seen and whose response has not ended."""
+        with self._lock:
+            return list(self._active.values())
+
+    def sweep(self, now_mono_ns: int) -> None:
+        """Close out requests whose connection the kernel no longer tracks
+        (their close record was lost, or the process died)."""
+        limit = int(self.config.idle_check_s * 1e9)
+        stale = [
+            c
+            for c in self._conns.values()
+            if c.cur is not None and not c.cur.done and now_mono_ns - c.cur.last_news_ns > limit
+        ]
+        for c in stale:
+            if self._conn_alive is not None and self._conn_alive(c.tgid, c.fd, c.conn_id):
+                assert c.cur is not None
+                c.cur.last_news_ns = now_mono_ns  # still streaming: check again later
+                continue
+            self._conns.pop(c.conn_id, None)
+            self._by_fd.pop((c.tgid, c.fd), None)
+            self._abandon(c, "close_lost")
+
+    def open_requests(self) -> int:
+        return sum(1 for c in self._conns.values() if c.cur is not None and not c.cur.done)
+
+
+def _parse_traceparent(value: str | None) -> tuple[str | None, str | None]:
+    if not value:
+        return None, None
+    m = _TRACEPARENT.match(value.strip().lower())
+    if not m or m.group(1) == "ff" or set(m.group(2)) == {"0"} or set(m.group(3)) == {"0"}:
+        return None, None
+    return m.group(2), m.group(3)
+
+
+def _merge_fragments(a: llm.EventInfo, b: llm.EventInfo) -> llm.EventInfo:
+    """What the start and the end of one long write say together."""
+    output = a.output if b.output is None else (b.output if a.output is None else a.output or b.output)
+    return llm.EventInfo(
+        output=output,
+        done=a.done or b.done,
+        model=a.model or b.model,
+        finish_reasons=a.finish_reasons + tuple(r for r in b.finish_reasons if r not in a.finish_reasons),
+        input_tokens=b.input_tokens if b.input_tokens is not None else a.input_tokens,
+        output_tokens=b.output_tokens if b.output_tokens is not None else a.output_tokens,
+    )
+
+
+def _trim(gaps: tuple[int, ...]) -> tuple[int, ...]:
+    n = len(gaps)
+    while n and not gaps[n - 1]:
+        n -= 1
+    return gaps[:n]

@@ -1,0 +1,210 @@
+"""The ``infersight`` command: run, doctor, demo, top.
+
+Options come, in increasing precedence, from defaults, a YAML file
+(``--config``, keys named like the long options with ``_``), environment
+variables (``INFERSIGHT_<OPTION>``, plus the standard ``OTEL_*`` ones the OTLP
+exporter reads) and the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+log = logging.getLogger("infersight")
+
+RUN_OPTIONS: dict[str, tuple[Any, str]] = {
+    # name: (default, help)
+    "pid": ([], "trace this process and its children (repeatable)"),
+    "port": ([], "trace processes listening on this TCP port (repeatable)"),
+    "comm": ([], "trace processes whose name or argv contains this (repeatable)"),
+    "jsonl": (None, "write one JSON record per request to PATH, or - for stdout"),
+    "duration": (None, "stop after this many seconds"),
+    "prometheus_port": (9464, "Prometheus endpoint port (0 disables)"),
+    "prometheus_host": ("0.0.0.0", "Prometheus endpoint address"),
+    "otlp_endpoint": (None, "OTLP endpoint (default: OTEL_EXPORTER_OTLP_ENDPOINT; unset disables OTLP)"),
+    "sample_ratio": (1.0, "fraction of ordinary requests exported as spans (errors, aborts, slow: always)"),
+    "slow_threshold": (30.0, "requests slower than this many seconds are always exported as spans"),
+    "ringbuf_pages": (256, "kernel ring buffer size in 4 KiB pages (power of 2)"),
+    "max_conns": (16384, "connections tracked in the kernel (LRU)"),
+    "trace_clients": (False, "also record requests the targets make (client spans)"),
+    "proc": ("/proc", "the host's /proc (a DaemonSet mounts it at /host/proc)"),
+    "log_level": ("info", "debug, info, warning or error"),
+}
+
+
+def _env_default(name: str, default: Any) -> Any:
+    raw = os.environ.get("INFERSIGHT_" + name.upper())
+    if raw is None:
+        return default
+    if isinstance(default, list):
+        return [x for x in raw.replace(",", " ").split() if x]
+    if isinstance(default, bool):
+        return raw.lower() in ("1", "true", "yes", "on")
+    if isinstance(default, int) and not isinstance(default, bool):
+        return int(raw)
+    if isinstance(default, float):
+        return float(raw)
+    return raw
+
+
+def _load_yaml(path: str | None) -> dict[str, Any]:
+    if not path:
+        return {}
+    import yaml
+
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise SystemExit(f"infersight: {path}: expected a mapping of option names to values")
+    unknown = set(data) - set(RUN_OPTIONS)
+    if unknown:
+        raise SystemExit(f"infersight: {path}: unknown options: {', '.join(sorted(unknown))}")
+    return data
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="infersight",
+        description="eBPF observability for LLM inference servers: per-request TTFT, tokens and GPU work.",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="trace inference servers and export what they serve")
+    run.add_argument("--config", help="YAML file of options")
+    for name, (default, help_) in RUN_OPTIONS.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(default, list):
+            typ = int if name in ("pid", "port") else str
+            run.add_argument(flag, action="append", type=typ, default=None, help=help_)
+        elif isinstance(default, bool):
+            run.add_argument(flag, action="store_true", default=None, help=help_)
+        else:
+            typ2: Any = type(default) if default is not None else (float if name == "duration" else str)
+            run.add_argument(flag, type=typ2, default=None, help=f"{help_} (default: {default})")
+    sub.add_parser("doctor", help="check what this node can do, and how to fix what it cannot")
+    demo = sub.add_parser("demo", help="a streaming test server, load and the agent, on this machine")
+    demo.add_argument("--seconds", type=float, default=20.0, help="how long to run (default 20)")
+    demo.add_argument("--concurrency", type=int, default=4, help="concurrent clients (default 4)")
+    demo.add_argument("--prometheus-port", type=int, default=0, help="also serve metrics here (0: off)")
+    top = sub.add_parser("top", help="live per-model view of a running agent's metrics")
+    top.add_argument("args", nargs=argparse.REMAINDER)
+    return p
+
+
+def resolve_run_options(ns: argparse.Namespace) -> dict[str, Any]:
+    """defaults < YAML < environment < command line"""
+    yaml_opts = _load_yaml(getattr(ns, "config", None))
+    out = {}
+    for name, (default, _) in RUN_OPTIONS.items():
+        v = yaml_opts.get(name, default)
+        v = _env_default(name, v)
+        cli = getattr(ns, name, None)
+        if cli is not None:
+            v = cli
+        out[name] = v
+    out["pid"] = tuple(int(x) for x in out["pid"])
+    out["port"] = tuple(int(x) for x in out["port"])
+    out["comm"] = tuple(str(x) for x in out["comm"])
+    return out
+
+
+def cmd_run(ns: argparse.Namespace) -> int:
+    opts = resolve_run_options(ns)
+    logging.basicConfig(
+        level=getattr(logging, str(opts["log_level"]).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from agent.assemble import AssemblyConfig
+    from agent.export.exporters import ExportConfig, Exporters
+    from agent.export.jsonl import JsonlSink
+    from agent.pipeline import Pipeline, PipelineConfig
+    from agent.targets import TargetConfig
+    from probes.socket_events import Decoder
+    from probes.sockets import SocketProbe, SocketProbeConfig
+
+    probe_cfg = SocketProbeConfig(
+        ringbuf_pages=opts["ringbuf_pages"], max_conns=opts["max_conns"], trace_clients=opts["trace_clients"]
+    )
+    cfg = PipelineConfig(
+        assembly=AssemblyConfig(
+            sample_writes=probe_cfg.sample_writes,
+            tail_slots=probe_cfg.tail_slots,
+            client_spans=opts["trace_clients"],
+        ),
+        targets=TargetConfig(pids=opts["pid"], ports=opts["port"], comms=opts["comm"]),
+        proc=opts["proc"],
+    )
+    sinks: list[Any] = []
+    if opts["jsonl"]:
+        sinks.append(JsonlSink(opts["jsonl"]))
+    exporters = Exporters(
+        ExportConfig(
+            otlp_endpoint=opts["otlp_endpoint"],
+            prometheus_port=opts["prometheus_port"],
+            prometheus_host=opts["prometheus_host"],
+            sample_ratio=opts["sample_ratio"],
+            slow_threshold_s=opts["slow_threshold"],
+        )
+    )
+    sinks.append(exporters)
+    pipeline = Pipeline(
+        cfg,
+        lambda on_records: SocketProbe(probe_cfg, on_records=on_records),
+        sinks,
+        layout_decoder=Decoder(probe_cfg.layout),
+    )
+    exporters.set_active_source(pipeline.active)
+    stop = threading.Event()
+
+    def _stop(signum: int, _frame: Any) -> None:
+        log.info("signal %d: flushing and detaching", signum)
+        stop.set()
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        pipeline.start()
+    except Exception as e:
+        log.error("capture cannot start: %s (run `infersight doctor`)", str(e).splitlines()[0] if str(e) else e)
+        exporters.shutdown()
+        return 2
+    deadline = None if opts["duration"] is None else time.monotonic() + float(opts["duration"])
+    while not stop.is_set():
+        timeout = 0.5 if deadline is None else max(0.0, min(0.5, deadline - time.monotonic()))
+        stop.wait(timeout)
+        if deadline is not None and time.monotonic() >= deadline:
+            break
+    pipeline.stop()
+    log.info("stopped: %d records", pipeline.records)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    if ns.command == "run":
+        return cmd_run(ns)
+    if ns.command == "doctor":
+        from agent.doctor import main as doctor_main
+
+        return doctor_main([])
+    if ns.command == "demo":
+        from agent.demo import main as demo_main
+
+        return demo_main(ns)
+    if ns.command == "top":
+        from agent.top import main as top_main
+
+        return top_main(list(ns.args))
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""A small OpenAI-compatible (and Ollama-style) streaming server for demos,
+tests and benchmarks. It serves with FastAPI on uvicorn, the stack of vLLM's
+API server, and "generates" tokens on a fixed schedule: the first token after
+``ttft_s``, then one every ``tpot_s``.
+
+When ``INFERSIGHT_DEMO_TIMINGS`` names a file, each request appends one JSON
+line with the server's own monotonic timestamps (handler start, each chunk
+handed to the server, end), so tests can compare the agent's measurements with
+what the server did.
+
+Run: ``python -m agent.demo_server --port 8000 [--ttft 0.05 --tpot 0.01]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+WORDS = ("the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "and", "runs", "away")
+
+
+class Timings:
+    """Appends one JSON line per request to a file (thread-safe)."""
+
+    def __init__(self, path: str | None) -> None:
+        self._path = path
+        self._lock = threading.Lock()
+
+    def write(self, entry: dict[str, Any]) -> None:
+        if not self._path:
+            return
+        line = json.dumps(entry) + "\n"
+        with self._lock, open(self._path, "a") as f:
+            f.write(line)
+
+
+def make_app(ttft_s: float = 0.05, tpot_s: float = 0.01, model: str = "demo-llm") -> FastAPI:
+    app = FastAPI()
+    timings = Timings(os.environ.get("INFERSIGHT_DEMO_TIMINGS"))
+
+    def plan(body: dict[str, Any]) -> tuple[int, float, float]:
+        n = int(body.get("max_tokens") or body.get("options", {}).get("num_predict") or 16)
+        return max(1, min(n, 4096)), float(body.get("ttft_s", ttft_s)), float(body.get("tpot_s", tpot_s))
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Any:
+        t0 = time.monotonic_ns()
+        body = await request.json()
+        n, first, per = plan(body)
+        name = body.get("model") or model
+        rid = "chatcmpl-" + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in body.get("messages", []))
+        entry: dict[str, Any] = {"path": "/v1/chat/completions", "t_start": t0, "chunks": [], "model": name}
+        if not body.get("stream"):
+            await asyncio.sleep(first + per * (n - 1))
+            text = " ".join(WORDS[i % len(WORDS)] for i in range(n))
+            entry["t_end"] = time.monotonic_ns()
+            timings.write(entry)
+            return JSONResponse(
+                {
+                    "id": rid,
+                    "object": "chat.completion",
+                    "created": created,
+                    "model": name,
+                    "choices": [
+                        {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}
+                    ],
+                    "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": n,
+                              "total_tokens": prompt_tokens + n},
+                }
+            )
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+            c = {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": name,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+            }
+            return b"data: " + json.dumps(c, separators=(",", ":")).encode() + b"\n\n"
+
+        async def gen() -> AsyncIterator[bytes]:
+            try:
+                # like vLLM: a role-only first event, before any token exists
+                entry["chunks"].append(["role", time.monotonic_ns()])
+                yield chunk({"role": "assistant", "content": ""})
+                await asyncio.sleep(first)
+                for i in range(n):
+                    if i:
+                        await asyncio.sleep(per)
+                    entry["chunks"].append(["token", time.monotonic_ns()])
+                    yield chunk({"content": WORDS[i % len(WORDS)] + " "})
+                entry["chunks"].append(["finish", time.monotonic_ns()])
+                yield chunk({}, "length")
+                if include_usage:
+                    u: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
+                         "choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": n,
+                                                  "total_tokens": prompt_tokens + n}}
+                    entry["chunks"].append(["usage", time.monotonic_ns()])
+                    yield b"data: " + json.dumps(u, separators=(",", ":")).encode() + b"\n\n"
+                entry["chunks"].append(["done", time.monotonic_ns()])
+                yield b"data: [DONE]\n\n"
+                entry["t_end"] = time.monotonic_ns()
+            finally:
+                entry.setdefault("t_end", time.monotonic_ns())
+                entry["aborted"] = entry["chunks"][-1][0] != "done" if entry["chunks"] else True
+                timings.write(entry)
+
+        return StreamingResponse(gen(), media_type="text/event-stream")
+
+    @app.post("/api/generate")
+    async def ollama_generate(request: Request) -> Any:
+        t0 = time.monotonic_ns()
+        body = await request.json()
+        n, first, per = plan(body)
+        name = body.get("model") or model
+        entry: dict[str, Any] = {"path": "/api/generate", "t_start": t0, "chunks": [], "model": name}
+
+        async def gen() -> AsyncIterator[bytes]:
+            await asyncio.sleep(first)
+            for i in range(n):
+                if i:
+                    await asyncio.sleep(per)
+                entry["chunks"].append(["token", time.monotonic_ns()])
+                yield json.dumps({"model": name, "created_at": "2026-01-01T00:00:00Z",
+                                  "response": WORDS[i % len(WORDS)] + " ", "done": False}).encode() + b"\n"
+            final = {"model": name, "created_at": "2026-01-01T00:00:00Z", "response": "", "done": True,
+                     "done_reason": "length", "context": list(range(300)), "total_duration": 1,
+                     "prompt_eval_count": 7, "eval_count": n, "eval_duration": 1}
+            entry["chunks"].append(["done", time.monotonic_ns()])
+            yield json.dumps(final).encode() + b"\n"
+            entry["t_end"] = time.monotonic_ns()
+            timings.write(entry)
+
+        if body.get("stream") is False:
+            await asyncio.sleep(first + per * (n - 1))
+            return JSONResponse({"model": name, "response": "x", "done": True, "done_reason": "length",
+                                 "prompt_eval_count": 7, "eval_count": n})
+        return StreamingResponse(gen(), media_type="application/x-ndjson")
+
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    import uvicorn
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--ttft", type=float, default=0.05)
+    ap.add_argument("--tpot", type=float, default=0.01)
+    ap.add_argument("--model", default="demo-llm")
+    ap.add_argument("--loop", default="auto", help="uvicorn event loop: auto, asyncio or uvloop")
+    a = ap.parse_args(argv)
+    uvicorn.run(make_app(a.ttft, a.tpot, a.model), host=a.host, port=a.port, log_level="warning",
+                loop=a.loop, access_log=False)
+
+
+if __name__ == "__main__":
+    main()
