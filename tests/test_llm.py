@@ -1,0 +1,693 @@
+"""LLM API metadata extraction (agent/llm.py) from whole, cut and fragmentary bytes.
+
+Streams are built in the shapes real servers send (vLLM's OpenAI server, Ollama,
+TGI, Triton's generate extension) and also run through the wire parsers, so the
+same bytes are checked whole, byte by byte, chunked and not.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.http1 import Body, BodyGap, H1Parser, NeedData
+from agent.llm import (
+    EMPTY_EVENT,
+    Api,
+    EventInfo,
+    RequestInfo,
+    classify,
+    merge_events,
+    operation_name,
+    parse_fragment,
+    parse_request_body,
+    parse_response_body,
+    parse_stream_event,
+    path_model,
+)
+from agent.ndjson import NDJSONParser
+from agent.selfmetrics import SelfMetrics
+from agent.sse import SSEParser
+
+MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+SECRET = "SECRET-TEXT"  # prompt and completion text; must never come back
+
+
+def j(obj: object) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+# --- realistic streams -------------------------------------------------------------
+
+
+def vllm_chat_chunks(words: list[str], *, usage_null: bool = False) -> list[bytes]:
+    """vLLM /v1/chat/completions with stream_options.include_usage: role chunk, content, finish, usage."""
+    base = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1718000000, "model": MODEL}
+    extra = {"usage": None} if usage_null else {}
+
+    def chunk(delta: dict[str, object], finish: str | None = None) -> bytes:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        if finish:
+            choice["stop_reason"] = None
+        return j({**base, "choices": [choice], **extra})
+
+    out = [chunk({"role": "assistant", "content": ""})]
+    out += [chunk({"content": w}) for w in words]
+    out.append(chunk({"content": ""}, "stop"))
+    out.append(
+        j(
+            {
+                **base,
+                "choices": [],
+                "usage": {
+                    "prompt_tokens": 12,
+                    "total_tokens": 12 + len(words),
+                    "completion_tokens": len(words),
+                },
+            }
+        )
+    )
+    return out
+
+
+def sse(payloads: list[bytes], *, space: bool = True) -> list[bytes]:
+    prefix = b"data: " if space else b"data:"
+    return [prefix + p + b"\n\n" for p in payloads]
+
+
+def chunked(parts: list[bytes]) -> bytes:
+    return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in parts) + b"0\r\n\r\n"
+
+
+OLLAMA_CONTEXT = list(range(128000, 128000 + 3000))
+
+
+def ollama_generate_lines(words: list[str]) -> list[bytes]:
+    lines = [
+        j({"model": "llama3.2", "created_at": "2024-09-01T00:00:00Z", "response": w, "done": False})
+        for w in words
+    ]
+    lines.append(
+        j(
+            {
+                "model": "llama3.2",
+                "created_at": "2024-09-01T00:00:01Z",
+                "response": "",
+                "done": True,
+                "done_reason": "stop",
+                "context": OLLAMA_CONTEXT,
+                "total_duration": 5589157167,
+                "load_duration": 3013701500,
+                "prompt_eval_count": 26,
+                "prompt_eval_duration": 130079000,
+                "eval_count": len(words),
+                "eval_duration": 2450436000,
+            }
+        )
+    )
+    return lines
+
+
+def ollama_chat_lines(words: list[str]) -> list[bytes]:
+    head = {"model": "llama3.2", "created_at": "2024-09-01T00:00:00Z"}
+    lines = [j({**head, "message": {"role": "assistant", "content": w}, "done": False}) for w in words]
+    lines.append(
+        j(
+            {
+                **head,
+                "message": {"role": "assistant", "content": ""},
+                "done_reason": "stop",
+                "done": True,
+                "total_duration": 4883583458,
+                "prompt_eval_count": 26,
+                "eval_count": len(words),
+            }
+        )
+    )
+    return lines
+
+
+def tgi_stream_events(words: list[str]) -> list[bytes]:
+    out = [
+        j(
+            {
+                "index": i + 1,
+                "token": {"id": 100 + i, "text": w, "logprob": -0.1, "special": False},
+                "generated_text": None,
+                "details": None,
+            }
+        )
+        for i, w in enumerate(words)
+    ]
+    out.append(
+        j(
+            {
+                "index": len(words) + 1,
+                "token": {"id": 128009, "text": "<|eot_id|>", "logprob": -0.01, "special": True},
+                "generated_text": "".join(words),
+                "details": {"finish_reason": "eos_token", "generated_tokens": len(words) + 1, "seed": None},
+            }
+        )
+    )
+    return out
+
+
+def triton_stream_events(words: list[str]) -> list[bytes]:
+    return [
+        j(
+            {
+                "model_name": "ensemble",
+                "model_version": "1",
+                "sequence_end": False,
+                "sequence_id": 0,
+                "sequence_start": False,
+                "text_output": w,
+            }
+        )
+        for w in words
+    ]
+
+
+WORDS = [f" {SECRET}", " is", " here", "."]
+
+
+def fold(api: Api, payloads: list[bytes]) -> tuple[EventInfo, int]:
+    """Merge what every event says; count output events (as the assembler does)."""
+    total = EMPTY_EVENT
+    outputs = 0
+    for p in payloads:
+        info = parse_stream_event(api, p)
+        outputs += bool(info.output)
+        total = merge_events(total, info)
+    return total, outputs
+
+
+# --- classify, operation_name, path_model --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "api"),
+    [
+        ("POST", "/v1/chat/completions", Api.OPENAI_CHAT),
+        ("POST", "/v1/chat/completions?stream=1", Api.OPENAI_CHAT),
+        ("POST", "/v1/chat/completions/", Api.OPENAI_CHAT),
+        ("POST", "http://vllm:8000/v1/completions", Api.OPENAI_COMPLETIONS),
+        ("POST", "/v1/embeddings", Api.OPENAI_EMBEDDINGS),
+        ("POST", "/api/generate", Api.OLLAMA_GENERATE),
+        ("POST", "/api/chat", Api.OLLAMA_CHAT),
+        ("POST", "/generate", Api.TGI_GENERATE),
+        ("POST", "/generate_stream", Api.TGI_GENERATE_STREAM),
+        ("POST", "/v2/models/ensemble/generate", Api.TRITON_GENERATE),
+        ("POST", "/v2/models/ensemble/versions/3/generate_stream", Api.TRITON_GENERATE_STREAM),
+        ("POST", "/v2/models/bert/infer", Api.TRITON_INFER),
+        ("GET", "/v1/chat/completions", None),
+        ("post", "/v1/chat/completions", None),
+        ("POST", "/v1/models", None),
+        ("POST", "/v1/chat/completions/extra", None),
+        ("POST", "/v2/models/a/b/generate", None),
+        ("POST", "/metrics", None),
+    ],
+)
+def test_classify(method: str, path: str, api: Api | None) -> None:
+    assert classify(method, path) is api
+
+
+def test_operation_names() -> None:
+    assert operation_name(Api.OPENAI_CHAT) == "chat"
+    assert operation_name(Api.OLLAMA_CHAT) == "chat"
+    assert operation_name(Api.OPENAI_COMPLETIONS) == "text_completion"
+    assert operation_name(Api.OPENAI_EMBEDDINGS) == "embeddings"
+    for api in (Api.OLLAMA_GENERATE, Api.TGI_GENERATE, Api.TGI_GENERATE_STREAM, Api.TRITON_GENERATE_STREAM):
+        assert operation_name(api) == "generate_content"
+
+
+def test_path_model() -> None:
+    assert path_model(Api.TRITON_GENERATE, "/v2/models/ensemble/generate") == "ensemble"
+    assert (
+        path_model(Api.TRITON_GENERATE_STREAM, "/v2/models/my%20model/versions/2/generate_stream?x=1")
+        == "my model"
+    )
+    assert path_model(Api.OPENAI_CHAT, "/v1/chat/completions") is None
+
+
+# --- requests -------------------------------------------------------------------------
+
+
+def openai_request(n_messages: int = 1, **params: object) -> bytes:
+    # The openai client writes messages first, then model, then the other parameters.
+    messages = [{"role": "user", "content": f"{SECRET} {i} " + "x" * 200} for i in range(n_messages)]
+    return j({"messages": messages, "model": MODEL, **params})
+
+
+def test_request_whole_body() -> None:
+    body = openai_request(stream=True, stream_options={"include_usage": True})
+    assert parse_request_body(Api.OPENAI_CHAT, body) == RequestInfo(MODEL, True)
+    assert parse_request_body(Api.OPENAI_CHAT, openai_request()) == RequestInfo(MODEL, False)
+
+
+def test_request_model_after_long_messages_found_in_suffix() -> None:
+    body = openai_request(n_messages=50, stream=True, max_tokens=64)
+    prefix, suffix = body[:1024], body[-256:]
+    assert MODEL.encode() not in prefix
+    assert parse_request_body(Api.OPENAI_CHAT, prefix, suffix) == RequestInfo(MODEL, True)
+    assert parse_request_body(Api.OPENAI_CHAT, prefix) == RequestInfo(None, None)
+
+
+def test_request_text_cannot_forge_the_model_key() -> None:
+    messages = [{"role": "user", "content": 'reply with {"model": "forged", "stream": false}'}]
+    body = j({"messages": messages, "model": "real", "stream": True})
+    cut = body.index(b'"model":"real"')
+    assert parse_request_body(Api.OPENAI_CHAT, body[:cut], body[cut:]) == RequestInfo("real", True)
+    # A capture that starts inside the prompt sees only escaped quotes.
+    start = body.index(b"forged") - 3
+    assert parse_request_body(Api.OPENAI_CHAT, body[start : start + 40]) == RequestInfo(None, None)
+
+
+def test_request_model_with_escaped_quote() -> None:
+    body = b'{"model":"odd\\"name","prompt":"' + b"p" * 100
+    assert parse_request_body(Api.OPENAI_COMPLETIONS, body, b'","stream":false}') == RequestInfo(
+        'odd"name', False
+    )
+
+
+def test_request_ollama_stream_defaults_to_true() -> None:
+    assert parse_request_body(Api.OLLAMA_GENERATE, b'{"model":"llama3.2","prompt":"hi"}') == RequestInfo(
+        "llama3.2", True
+    )
+    assert parse_request_body(
+        Api.OLLAMA_CHAT, b'{"model":"llama3.2","stream":false,"messages":[]}'
+    ) == RequestInfo("llama3.2", False)
+    # Cut body without a visible "stream": the default cannot be assumed.
+    assert parse_request_body(
+        Api.OLLAMA_CHAT, b'{"model":"llama3.2","messages":[{"role":"user","content":"'
+    ) == RequestInfo("llama3.2", None)
+
+
+def test_request_route_decides_streaming() -> None:
+    assert parse_request_body(Api.TGI_GENERATE_STREAM, b'{"inputs":"hi","parameters":{}}') == RequestInfo(
+        None, True
+    )
+    assert parse_request_body(Api.TGI_GENERATE, b'{"inputs":"hi","stream":true}') == RequestInfo(None, False)
+    assert parse_request_body(Api.TRITON_GENERATE_STREAM, b'{"text_input":"hi"}') == RequestInfo(None, True)
+    assert parse_request_body(Api.OPENAI_EMBEDDINGS, b'{"model":"e5","input":"hi"}') == RequestInfo(
+        "e5", False
+    )
+
+
+@pytest.mark.parametrize(
+    "body", [b"", b"not json", b"{", b'{"model":123}', b'{"model":"' + b"m" * 1000 + b'"}', b"[1,2]"]
+)
+def test_request_without_usable_model(body: bytes) -> None:
+    assert parse_request_body(Api.OPENAI_CHAT, body).model is None
+
+
+# --- stream events --------------------------------------------------------------------
+
+
+def test_vllm_chat_stream_events() -> None:
+    role, *content, finish, usage = vllm_chat_chunks(WORDS)
+    assert parse_stream_event(Api.OPENAI_CHAT, role) == EventInfo(output=False, model=MODEL)
+    assert parse_stream_event(Api.OPENAI_CHAT, content[0]) == EventInfo(output=True, model=MODEL)
+    assert parse_stream_event(Api.OPENAI_CHAT, finish) == EventInfo(
+        output=False, model=MODEL, finish_reasons=("stop",)
+    )
+    assert parse_stream_event(Api.OPENAI_CHAT, usage) == EventInfo(
+        output=False, model=MODEL, input_tokens=12, output_tokens=len(WORDS)
+    )
+    assert parse_stream_event(Api.OPENAI_CHAT, b"[DONE]") == EventInfo(output=False, done=True)
+
+
+@pytest.mark.parametrize("usage_null", [False, True])
+def test_vllm_chat_stream_folded(usage_null: bool) -> None:
+    total, outputs = fold(Api.OPENAI_CHAT, [*vllm_chat_chunks(WORDS, usage_null=usage_null), b"[DONE]"])
+    assert outputs == len(WORDS)
+    assert total == EventInfo(True, True, MODEL, ("stop",), 12, len(WORDS))
+    assert SECRET not in repr(total)
+
+
+def test_chat_tool_calls_and_reasoning_are_output() -> None:
+    tool = j(
+        {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{"}}]}}]}
+    )
+    reasoning = j({"choices": [{"index": 0, "delta": {"reasoning_content": "think"}}]})
+    nulls = j({"choices": [{"index": 0, "delta": {"role": None, "content": None, "tool_calls": None}}]})
+    assert parse_stream_event(Api.OPENAI_CHAT, tool).output is True
+    assert parse_stream_event(Api.OPENAI_CHAT, reasoning).output is True
+    assert parse_stream_event(Api.OPENAI_CHAT, nulls).output is False
+
+
+def test_completions_stream() -> None:
+    def chunk(text: str, finish: str | None) -> bytes:
+        return j(
+            {
+                "id": "cmpl-1",
+                "object": "text_completion",
+                "model": "m",
+                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+            }
+        )
+
+    assert parse_stream_event(Api.OPENAI_COMPLETIONS, chunk(" hi", None)) == EventInfo(output=True, model="m")
+    assert parse_stream_event(Api.OPENAI_COMPLETIONS, chunk("", "length")) == EventInfo(
+        output=False, model="m", finish_reasons=("length",)
+    )
+
+
+def test_ollama_generate_stream_folded() -> None:
+    total, outputs = fold(Api.OLLAMA_GENERATE, ollama_generate_lines(WORDS))
+    assert outputs == len(WORDS)
+    assert total == EventInfo(True, True, "llama3.2", ("stop",), 26, len(WORDS))
+
+
+def test_ollama_final_line_cut_by_the_line_bound() -> None:
+    final = ollama_generate_lines(WORDS)[-1]
+    lines = NDJSONParser(1024, metrics=SelfMetrics()).feed(final + b"\n")
+    assert lines[0].truncated
+    info = parse_stream_event(Api.OLLAMA_GENERATE, lines[0].data, lines[0].truncated)
+    # The counts sit after the context array, beyond the bound; done and the reason are visible.
+    assert info == EventInfo(output=False, done=True, model="llama3.2", finish_reasons=("stop",))
+
+
+def test_ollama_chat_stream_folded() -> None:
+    total, outputs = fold(Api.OLLAMA_CHAT, ollama_chat_lines(WORDS))
+    assert outputs == len(WORDS)
+    assert total == EventInfo(True, True, "llama3.2", ("stop",), 26, len(WORDS))
+
+
+def test_tgi_stream() -> None:
+    events = tgi_stream_events(WORDS)
+    assert parse_stream_event(Api.TGI_GENERATE_STREAM, events[0]) == EventInfo(output=True)
+    assert parse_stream_event(Api.TGI_GENERATE_STREAM, events[-1]) == EventInfo(
+        output=False, done=True, finish_reasons=("eos_token",), output_tokens=len(WORDS) + 1
+    )
+    total, outputs = fold(Api.TGI_GENERATE_STREAM, events)
+    assert (outputs, total.done, total.output_tokens) == (len(WORDS), True, len(WORDS) + 1)
+    assert SECRET not in repr(total)
+
+
+def test_triton_generate_stream() -> None:
+    total, outputs = fold(Api.TRITON_GENERATE_STREAM, triton_stream_events(WORDS))
+    assert outputs == len(WORDS)
+    assert total == EventInfo(output=True, model="ensemble")
+    empty = j({"model_name": "ensemble", "text_output": ""})
+    assert parse_stream_event(Api.TRITON_GENERATE_STREAM, empty).output is False
+
+
+def test_truncated_events_use_patterns() -> None:
+    content = vllm_chat_chunks([" word"])[1]
+    cut = content[:-20]  # cut inside the choices array
+    assert parse_stream_event(Api.OPENAI_CHAT, cut, truncated=True) == EventInfo(output=True, model=MODEL)
+    role = vllm_chat_chunks([])[0]
+    assert parse_stream_event(Api.OPENAI_CHAT, role[:-2], truncated=True).output is False
+    # Nothing about the delta is visible: cannot tell.
+    assert parse_stream_event(Api.OPENAI_CHAT, content[:60], truncated=True).output is None
+
+
+def test_error_event_is_not_output() -> None:
+    err = j({"error": {"message": "boom", "type": "BadRequestError", "code": 400}})
+    assert parse_stream_event(Api.OPENAI_CHAT, err) == EventInfo(output=False)
+
+
+# --- fragments (tails of response writes) -----------------------------------------------
+
+
+def test_fragment_of_final_vllm_write() -> None:
+    *_, finish, usage = vllm_chat_chunks(WORDS)
+    write = b"".join(sse([finish, usage, b"[DONE]"]))
+    info = parse_fragment(Api.OPENAI_CHAT, write[-256:])
+    assert (info.input_tokens, info.output_tokens, info.done, info.output) == (12, len(WORDS), True, False)
+    # These 256 bytes start at 'ason":"stop"': a cut key is not read.
+    assert info.finish_reasons == ()
+    assert parse_fragment(Api.OPENAI_CHAT, write[-320:]).finish_reasons == ("stop",)
+
+
+def test_fragment_of_chunked_write_starting_mid_number() -> None:
+    usage = b'{"choices":[],"usage":{"prompt_tokens":15,"total_tokens":35,"completion_tokens":20}}'
+    write = chunked(sse([usage, b"[DONE]"]))
+    frag = write[write.index(b'5,"total_tokens"') :]
+    info = parse_fragment(Api.OPENAI_CHAT, frag)
+    assert (info.input_tokens, info.output_tokens, info.done) == (None, 20, True)
+
+
+def test_fragment_shows_output() -> None:
+    write = b"".join(sse(vllm_chat_chunks(WORDS)[1:3]))
+    info = parse_fragment(Api.OPENAI_CHAT, write[-200:])
+    assert info.output is True
+    assert SECRET not in repr(info)
+
+
+def test_fragment_of_ollama_final_line() -> None:
+    final = ollama_generate_lines(WORDS)[-1] + b"\n"
+    info = parse_fragment(Api.OLLAMA_GENERATE, final[-256:])
+    assert (info.input_tokens, info.output_tokens, info.done) == (26, len(WORDS), True)
+
+
+def test_fragment_of_tgi_final_event() -> None:
+    final = b"data:" + tgi_stream_events(WORDS)[-1] + b"\n\n"
+    info = parse_fragment(Api.TGI_GENERATE_STREAM, final[-90:])
+    assert (info.done, info.finish_reasons, info.output_tokens) == (True, ("eos_token",), len(WORDS) + 1)
+
+
+def test_fragment_inside_text_cannot_forge_keys() -> None:
+    text = 'The field is "finish_reason": "stop" and "completion_tokens": 99, then [DONE]'
+    write = b"".join(sse([j({"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]})]))
+    frag = write[write.index(b"finish_reason") - 1 :]
+    info = parse_fragment(Api.OPENAI_CHAT, frag)
+    assert (info.finish_reasons, info.output_tokens, info.done) == ((), None, False)
+
+
+def test_fragment_with_number_cut_at_the_end() -> None:
+    assert (
+        parse_fragment(Api.OLLAMA_GENERATE, b'"prompt_eval_count":26,"eval_count":29').output_tokens is None
+    )
+    assert parse_fragment(Api.OLLAMA_GENERATE, b'"prompt_eval_count":26,"eval_count":29').input_tokens == 26
+
+
+def test_fragment_without_anything_known() -> None:
+    assert parse_fragment(Api.OPENAI_CHAT, b"\r\n1f\r\n") == EventInfo()
+    assert parse_fragment(Api.OPENAI_CHAT, b"") == EMPTY_EVENT
+
+
+# --- whole responses ------------------------------------------------------------------------
+
+
+def openai_chat_response(text: str) -> bytes:
+    return j(
+        {
+            "id": "chatcmpl-9",
+            "object": "chat.completion",
+            "created": 1718000000,
+            "model": MODEL,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": None,
+                    "finish_reason": "length",
+                }
+            ],
+            "usage": {"prompt_tokens": 30, "total_tokens": 94, "completion_tokens": 64},
+        }
+    )
+
+
+def test_response_openai_chat_whole() -> None:
+    info = parse_response_body(Api.OPENAI_CHAT, openai_chat_response(SECRET))
+    assert info == EventInfo(True, False, MODEL, ("length",), 30, 64)
+
+
+def test_response_openai_chat_prefix_and_suffix() -> None:
+    body = openai_chat_response(SECRET + " " + "y" * 20000)
+    info = parse_response_body(Api.OPENAI_CHAT, body[:512], body[-256:])
+    assert info == EventInfo(True, False, MODEL, ("length",), 30, 64)
+    assert SECRET not in repr(info)
+
+
+def test_response_ollama_generate_with_context() -> None:
+    body = ollama_generate_lines([])[-1].replace(b'"response":""', b'"response":"' + SECRET.encode() + b'"')
+    assert parse_response_body(Api.OLLAMA_GENERATE, body) == EventInfo(
+        True, True, "llama3.2", ("stop",), 26, 0
+    )
+    cut = parse_response_body(Api.OLLAMA_GENERATE, body[:400], body[-300:])
+    assert cut == EventInfo(True, True, "llama3.2", ("stop",), 26, 0)
+
+
+def test_response_tgi_generate() -> None:
+    body = j(
+        {
+            "generated_text": SECRET,
+            "details": {
+                "finish_reason": "length",
+                "generated_tokens": 20,
+                "seed": None,
+                "prefill": [{"id": 1}] * 7,
+                "tokens": [],
+            },
+        }
+    )
+    assert parse_response_body(Api.TGI_GENERATE, body) == EventInfo(True, True, None, ("length",), 7, 20)
+    assert parse_response_body(Api.TGI_GENERATE, b"[" + body + b"]").output_tokens == 20
+
+
+def test_response_triton_infer_and_generate() -> None:
+    infer = j(
+        {
+            "model_name": "bert",
+            "model_version": "1",
+            "outputs": [{"name": "o", "datatype": "FP32", "shape": [1], "data": [0.5]}],
+        }
+    )
+    assert parse_response_body(Api.TRITON_INFER, infer) == EventInfo(output=True, model="bert")
+    gen = j({"model_name": "ensemble", "model_version": "1", "text_output": SECRET})
+    assert parse_response_body(Api.TRITON_GENERATE, gen) == EventInfo(output=True, model="ensemble")
+
+
+def test_response_embeddings_usage() -> None:
+    body = j(
+        {
+            "object": "list",
+            "data": [{"object": "embedding", "index": 0, "embedding": [0.1] * 8}],
+            "model": "e5",
+            "usage": {"prompt_tokens": 9, "total_tokens": 9},
+        }
+    )
+    assert parse_response_body(Api.OPENAI_EMBEDDINGS, body) == EventInfo(
+        output=True, model="e5", input_tokens=9
+    )
+
+
+def test_merge_events() -> None:
+    a = EventInfo(output=False, model="a", finish_reasons=("stop",), input_tokens=1, output_tokens=2)
+    b = EventInfo(output=None, done=True, model="b", finish_reasons=("stop", "length"), output_tokens=5)
+    assert merge_events(a, b) == EventInfo(False, True, "a", ("stop", "length"), 1, 5)
+    assert merge_events(EMPTY_EVENT, b) is b
+    assert merge_events(a, EventInfo(output=True)).output is True
+
+
+# --- through the wire parsers -------------------------------------------------------------
+
+
+def _http_events(response: bytes, step: int) -> list[bytes]:
+    """Response bytes through H1Parser, fed `step` bytes at a time, returning body runs."""
+    p = H1Parser("response", metrics=SelfMetrics())
+    p.expect_response_to("POST")
+    bodies: list[bytes] = []
+    for i in range(0, len(response), step):
+        p.feed(response[i : i + step])
+        while not isinstance(ev := p.next_event(), NeedData):
+            assert not isinstance(ev, BodyGap)
+            if isinstance(ev, Body):
+                bodies.append(ev.data)
+    return bodies
+
+
+SSE_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+NDJSON_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\ntransfer-encoding: chunked\r\n\r\n"
+
+
+@pytest.mark.parametrize("step", [1, 7, 1 << 20])
+@pytest.mark.parametrize(
+    ("api", "payloads", "space", "outputs"),
+    [
+        (Api.OPENAI_CHAT, [*vllm_chat_chunks(WORDS), b"[DONE]"], True, len(WORDS)),
+        (Api.TGI_GENERATE_STREAM, tgi_stream_events(WORDS), False, len(WORDS)),
+        (Api.TRITON_GENERATE_STREAM, triton_stream_events(WORDS), True, len(WORDS)),
+    ],
+    ids=["vllm", "tgi", "triton"],
+)
+def test_sse_streams_through_http(
+    step: int, api: Api, payloads: list[bytes], space: bool, outputs: int
+) -> None:
+    events = sse(payloads, space=space)
+    direct = fold(api, payloads)
+    for response in (
+        SSE_HEAD + chunked(events),
+        SSE_HEAD.replace(b"transfer-encoding: chunked\r\n", b"") + b"".join(events),
+    ):
+        parser = SSEParser(metrics=SelfMetrics())
+        seen = [e for body in _http_events(response, step) for e in parser.feed(body)]
+        assert [e.data for e in seen] == payloads
+        assert fold(api, [e.data for e in seen]) == direct
+        assert direct[1] == outputs
+
+
+@pytest.mark.parametrize("step", [1, 13, 1 << 20])
+@pytest.mark.parametrize(
+    ("api", "lines"),
+    [(Api.OLLAMA_GENERATE, ollama_generate_lines(WORDS)), (Api.OLLAMA_CHAT, ollama_chat_lines(WORDS))],
+)
+def test_ndjson_streams_through_http(step: int, api: Api, lines: list[bytes]) -> None:
+    response = NDJSON_HEAD + chunked([x + b"\n" for x in lines])
+    parser = NDJSONParser(metrics=SelfMetrics())
+    seen = [x for body in _http_events(response, step) for x in parser.feed(body)]
+    assert [x.data for x in seen] == lines
+    total, outputs = fold(api, [x.data for x in seen])
+    assert (outputs, total.done, total.input_tokens, total.output_tokens) == (
+        len(WORDS),
+        True,
+        26,
+        len(WORDS),
+    )
+
+
+# --- robustness -------------------------------------------------------------------------------
+
+json_like = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=10),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(
+                [
+                    "model",
+                    "choices",
+                    "delta",
+                    "content",
+                    "usage",
+                    "prompt_tokens",
+                    "done",
+                    "details",
+                    "token",
+                    "text",
+                    "message",
+                    "finish_reason",
+                    "text_output",
+                    "outputs",
+                    "data",
+                ]
+            ),
+            children,
+            max_size=5,
+        )
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    api=st.sampled_from(list(Api)),
+    data=st.one_of(st.binary(max_size=300), json_like.map(lambda o: json.dumps(o).encode())),
+    flag=st.booleans(),
+)
+def test_never_raises(api: Api, data: bytes, flag: bool) -> None:
+    for info in (
+        parse_stream_event(api, data, flag),
+        parse_fragment(api, data),
+        parse_response_body(api, data),
+        parse_response_body(api, data[:10], data[10:]),
+    ):
+        assert isinstance(info, EventInfo)
+        assert info.input_tokens is None or isinstance(info.input_tokens, int)
+        assert all(isinstance(r, str) for r in info.finish_reasons)
+    req = parse_request_body(api, data, data if flag else None)
+    assert req.model is None or len(req.model) <= 256
+
+
+def test_deeply_nested_json_does_not_raise() -> None:
+    deep = b"[" * 50000 + b"]" * 50000
+    assert parse_response_body(Api.OPENAI_CHAT, b"{" + b'"a":' + deep[:60000] + b"}") is not None
+    assert parse_stream_event(Api.OPENAI_CHAT, b'{"a":' + b"[" * 60000 + b"]" * 60000 + b"}").output is None
