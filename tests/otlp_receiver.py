@@ -70,7 +70,7 @@ class Collected:
         """Every span received, with its resource attributes."""
         with self._cond:
             reqs = list(self.trace_requests)
-        out = []
+        out: list[tuple[dict[str, Any], Span]] = []
         for req in reqs:
             for rs in req.resource_spans:
                 res = attrs(rs.resource.attributes)
@@ -82,7 +82,7 @@ class Collected:
         """Every metric of every export request, oldest first, with its resource attributes."""
         with self._cond:
             reqs = list(self.metric_requests)
-        out = []
+        out: list[tuple[dict[str, Any], Metric]] = []
         for req in reqs:
             for rm in req.resource_metrics:
                 res = attrs(rm.resource.attributes)

@@ -80,7 +80,7 @@ def assert_no_canary(payloads: Iterable[bytes | str], canary: str) -> None:
         data = p.encode() if isinstance(p, str) else bytes(p)
         count += 1
         for needle in needles:
-            assert needle not in data, f"canary found in payload {i}: ...{_around(data, needle)}..."
+            assert needle not in data, f"canary found in payload {i}: ...{_around(data, needle)!r}..."
     assert count, "no payloads to check: the test would prove nothing"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import socket
 import subprocess
 import time
 import urllib.parse
@@ -209,8 +210,12 @@ def exporter_and_prometheus(tmp_path: Path) -> Iterator[tuple[Exporters, Prometh
     if prometheus_binary() is None:
         pytest.skip("prometheus binary missing (apt-get install -y prometheus)")
     port = free_port()
+    # OTLP on (to a real receiver) so that sampled requests lend exemplars.
+    rx = GrpcReceiver().start()
     ex = Exporters(
-        ExportConfig(otlp_endpoint="", prometheus_port=port, prometheus_host="127.0.0.1"),
+        ExportConfig(
+            otlp_endpoint=f"http://127.0.0.1:{rx.port}", prometheus_port=port, prometheus_host="127.0.0.1"
+        ),
         metrics=SelfMetrics(),
     )
     prom = PrometheusServer(tmp_path, [f"127.0.0.1:{port}"])
@@ -219,6 +224,7 @@ def exporter_and_prometheus(tmp_path: Path) -> Iterator[tuple[Exporters, Prometh
     finally:
         prom.stop()
         ex.shutdown()
+        rx.stop()
 
 
 # A TTFT schedule with known quantiles: 50 requests at 30 ms, 40 at 300 ms, 10 at 3 s.
@@ -262,3 +268,31 @@ def test_histogram_quantile_over_ttft_returns_the_schedule(
     )
     assert per_pod and per_pod[0]["value"][1] == "100"
     assert re.fullmatch(r"1", prom.query("infersight_up")[0]["value"][1])
+    # Prometheus stored the exemplars it scraped (OpenMetrics negotiation, exemplar storage on).
+    now = time.time()
+    url = f"http://127.0.0.1:{prom.port}/api/v1/query_exemplars?" + urllib.parse.urlencode(
+        {"query": "gen_ai_server_time_to_first_token_seconds_bucket", "start": now - 300, "end": now + 60}
+    )
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        data = json.load(resp)["data"]
+    stored = {e["labels"]["trace_id"] for series in data for e in series["exemplars"]}
+    values = {float(e["value"]) for series in data for e in series["exemplars"]}
+    assert stored and all(re.fullmatch(r"[0-9a-f]{32}", t) for t in stored)
+    assert values <= {ttft for ttft, _ in SCHEDULE}
+
+
+def test_busy_port_degrades_to_no_endpoint() -> None:
+    m = SelfMetrics()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        ex = Exporters(
+            ExportConfig(otlp_endpoint="", prometheus_port=port, prometheus_host="127.0.0.1"), metrics=m
+        )
+        try:
+            assert ex.prometheus is None and ex.prometheus_port is None
+            ex.emit(make_request())  # the rest works
+            assert m.get("infersight.export.prometheus.errors", (("stage", "bind"),)) == 1
+        finally:
+            ex.shutdown()

@@ -173,15 +173,22 @@ class MetricSnapshot:
 
 
 class MetricPointLike(Protocol):
-    """What a collector source yields (``collectors/*`` build these)."""
+    """What a collector source yields (``collectors/*`` build these; a frozen dataclass fits)."""
 
-    name: str
-    prom_name: str
-    unit: str
-    kind: str  # "gauge" or "counter"
-    help: str
-    attributes: Mapping[str, Any]
-    value: float
+    @property
+    def name(self) -> str: ...  # OTel name
+    @property
+    def prom_name(self) -> str: ...  # exposition name (counters ending in "_total")
+    @property
+    def unit(self) -> str: ...
+    @property
+    def kind(self) -> str: ...  # "gauge" or "counter"
+    @property
+    def help(self) -> str: ...
+    @property
+    def attributes(self) -> Mapping[str, Any]: ...
+    @property
+    def value(self) -> float: ...
 
 
 PointSource = Callable[[], Iterable[MetricPointLike]]
