@@ -26,7 +26,7 @@ import re
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,8 @@ SRC_FILE = PROBE_DIR / "cuda.bpf.c"
 # against the C compiler and against the BPF object's own table types.
 
 CUDA_SYNC_HIST_SLOTS = 32
+#: Upper bounds, in seconds, of ``sync_hist`` slots 0..30 (slot 31 is open-ended).
+SYNC_BOUNDS_S: tuple[float, ...] = tuple((1 << k) / 1e6 for k in range(CUDA_SYNC_HIST_SLOTS - 1))
 
 CUDA_STAT_BUCKETS_CREATED = 0
 CUDA_STAT_BUCKET_FAILED = 1
@@ -264,33 +266,62 @@ class CudaWindow:
 
 @dataclass(frozen=True, slots=True)
 class CudaPoint:
-    """One cumulative metric point of one process.
+    """One cumulative counter of one process; fits ``agent.export.instruments.MetricPointLike``.
 
-    ``kind`` is ``"sum"`` (monotonic counter: ``value``) or ``"histogram"``
-    (``count``, ``value`` = sum, ``bounds`` = explicit upper bounds,
-    ``bucket_counts`` = one more than ``bounds``).
+    ``attributes`` carry ``process.pid`` (the join maps it to ``k8s.*``; the
+    exporters never make it a label) and, for copies, ``gpu.cuda.memcpy.direction``.
     """
 
     name: str
+    prom_name: str
     unit: str
-    kind: str
-    attributes: tuple[tuple[str, str | int], ...]
+    kind: str  # always "counter"
+    help: str
+    attributes: Mapping[str, Any]
     value: float
-    start_unix_nano: int
-    time_unix_nano: int
-    count: int = 0
-    bounds: tuple[float, ...] = ()
-    bucket_counts: tuple[int, ...] = ()
+    start_time_unix_nano: int
 
 
-#: Upper bounds, in seconds, of the sync histogram slots (the last slot is open).
-SYNC_BOUNDS_S: tuple[float, ...] = tuple((1 << k) / 1e6 for k in range(CUDA_SYNC_HIST_SLOTS - 1))
+@dataclass(frozen=True, slots=True)
+class CudaMetric:
+    """How one bucket counter is exported: the metric set is data, not code."""
 
-MEMCPY_DIRECTIONS = (
-    ("memcpy_htod_bytes", "host_to_device"),
-    ("memcpy_dtoh_bytes", "device_to_host"),
-    ("memcpy_dtod_bytes", "device_to_device"),
-    ("memcpy_other_bytes", "other"),
+    field: str
+    name: str
+    prom_name: str
+    unit: str
+    help: str
+    attributes: tuple[tuple[str, str], ...] = ()
+    scale: float = 1.0
+
+
+_DIRECTION = "gpu.cuda.memcpy.direction"
+_MEMCPY_HELP = "Bytes copied by CUDA memcpy calls, by direction"
+
+#: The per-process counters :meth:`CudaProbe.points` exports. The synchronize
+#: histogram is not among them (collector sources export counters and gauges);
+#: it is in every :class:`CudaBucket` and :class:`CudaWindow`.
+CUDA_METRICS: tuple[CudaMetric, ...] = (
+    CudaMetric("launches", "gpu.cuda.kernel.launch.calls", "gpu_cuda_kernel_launch_calls_total", "{call}",
+               "CUDA kernel launches (cuLaunchKernel*, cudaLaunchKernel*)"),
+    CudaMetric("graph_launches", "gpu.cuda.graph.launch.calls", "gpu_cuda_graph_launch_calls_total", "{call}",
+               "CUDA graph launches (cuGraphLaunch, cudaGraphLaunch)"),
+    CudaMetric("alloc_bytes", "gpu.cuda.memory.allocated", "gpu_cuda_memory_allocated_bytes_total", "By",
+               "Bytes of successful CUDA device allocations"),
+    CudaMetric("free_bytes", "gpu.cuda.memory.freed", "gpu_cuda_memory_freed_bytes_total", "By",
+               "Bytes of CUDA device memory freed (allocations seen by the probe)"),
+    CudaMetric("memcpy_htod_bytes", "gpu.cuda.memcpy.bytes", "gpu_cuda_memcpy_bytes_total", "By", _MEMCPY_HELP,
+               ((_DIRECTION, "host_to_device"),)),
+    CudaMetric("memcpy_dtoh_bytes", "gpu.cuda.memcpy.bytes", "gpu_cuda_memcpy_bytes_total", "By", _MEMCPY_HELP,
+               ((_DIRECTION, "device_to_host"),)),
+    CudaMetric("memcpy_dtod_bytes", "gpu.cuda.memcpy.bytes", "gpu_cuda_memcpy_bytes_total", "By", _MEMCPY_HELP,
+               ((_DIRECTION, "device_to_device"),)),
+    CudaMetric("memcpy_other_bytes", "gpu.cuda.memcpy.bytes", "gpu_cuda_memcpy_bytes_total", "By", _MEMCPY_HELP,
+               ((_DIRECTION, "other"),)),
+    CudaMetric("sync_calls", "gpu.cuda.sync.calls", "gpu_cuda_sync_calls_total", "{call}",
+               "CUDA stream, context and device synchronize calls"),
+    CudaMetric("sync_ns", "gpu.cuda.sync.duration", "gpu_cuda_sync_duration_seconds_total", "s",
+               "Time spent waiting in CUDA synchronize calls", scale=1e-9),
 )
 
 
@@ -379,7 +410,6 @@ class _EvictionEstimate:
 class _Totals:
     start_unix_nano: int
     sums: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_SUMMED, 0))
-    hist: list[int] = field(default_factory=lambda: [0] * CUDA_SYNC_HIST_SLOTS)
 
 
 class CudaProbe:
@@ -788,8 +818,6 @@ class CudaProbe:
             self._totals.move_to_end(b.pid)
         for name in _SUMMED:
             totals.sums[name] += getattr(b, name)
-        for i, n in enumerate(b.sync_hist):
-            totals.hist[i] += n
 
     def history(self, pid: int) -> list[CudaBucket]:
         """Completed buckets kept for ``pid``, oldest first."""
@@ -811,35 +839,19 @@ class CudaProbe:
         return summarise(pid, picked, self.config.bucket_ns)
 
     def points(self) -> list[CudaPoint]:
-        """Cumulative per-process counters since each process's first bucket.
+        """Cumulative per-process counters (:data:`CUDA_METRICS`) since each process's first bucket.
 
-        Names follow OpenTelemetry style: ``gpu.cuda.kernel.launch.calls``,
-        ``gpu.cuda.graph.launch.calls``, ``gpu.cuda.memory.allocated`` /
-        ``.freed`` (By), ``gpu.cuda.memcpy.bytes`` (By, attribute
-        ``gpu.cuda.memcpy.direction``), ``gpu.cuda.sync.duration`` (s, histogram).
+        Several processes may map to the same labels once the join swaps
+        ``process.pid`` for ``k8s.*``: a consumer sums those points.
         """
-        now = time.time_ns()
-        out: list[CudaPoint] = []
         with self._lock:
-            items = [(pid, t.start_unix_nano, dict(t.sums), tuple(t.hist)) for pid, t in self._totals.items()]
-        for pid, start, sums, hist in items:
-            attrs: tuple[tuple[str, str | int], ...] = (("process.pid", pid),)
-
-            def point(name: str, unit: str, value: int, extra: tuple[tuple[str, str | int], ...] = (),
-                      attrs: tuple[tuple[str, str | int], ...] = attrs, start: int = start) -> CudaPoint:
-                return CudaPoint(name, unit, "sum", attrs + extra, value, start, now)
-
-            out.append(point("gpu.cuda.kernel.launch.calls", "{call}", sums["launches"]))
-            out.append(point("gpu.cuda.graph.launch.calls", "{call}", sums["graph_launches"]))
-            out.append(point("gpu.cuda.memory.allocated", "By", sums["alloc_bytes"]))
-            out.append(point("gpu.cuda.memory.freed", "By", sums["free_bytes"]))
-            for key, direction in MEMCPY_DIRECTIONS:
-                out.append(point("gpu.cuda.memcpy.bytes", "By", sums[key],
-                                 (("gpu.cuda.memcpy.direction", direction),)))
-            out.append(CudaPoint("gpu.cuda.sync.duration", "s", "histogram", attrs, sums["sync_ns"] / 1e9,
-                                 start, now, count=sums["sync_calls"], bounds=SYNC_BOUNDS_S,
-                                 bucket_counts=hist))
-        return out
+            items = [(pid, t.start_unix_nano, dict(t.sums)) for pid, t in self._totals.items()]
+        return [
+            CudaPoint(m.name, m.prom_name, m.unit, "counter", m.help, {"process.pid": pid, **dict(m.attributes)},
+                      sums[m.field] * m.scale if m.scale != 1.0 else sums[m.field], start)
+            for pid, start, sums in items
+            for m in CUDA_METRICS
+        ]
 
     # ------------------------------------------------------------------- helpers
 

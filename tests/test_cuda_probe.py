@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from agent.export.instruments import SOURCE_ERRORS, MetricState
+from agent.export.routes import AttributeBounds
 from agent.selfmetrics import SelfMetrics
 from probes.cuda import (
     CUDA_SYNC_HIST_SLOTS,
@@ -385,24 +387,40 @@ def test_window_and_points(stubs: StubBuild, apps: Callable[..., App],
     assert probe.window(app.pid, t0 - 10 * BUCKET_NS, t0 - 5 * BUCKET_NS) is None
     assert probe.window(app.pid + 1, t0, t1) is None
 
-    points = {(p.name, p.attributes): p for p in probe.points()}
+    points = {(p.name, tuple(sorted(p.attributes.items()))): p for p in probe.points()}
     pid = (("process.pid", app.pid),)
     exp = pattern.expected("runtime")
-    assert points[("gpu.cuda.kernel.launch.calls", pid)].value == exp["launches"]
-    assert points[("gpu.cuda.graph.launch.calls", pid)].value == exp["graph_launches"]
-    assert points[("gpu.cuda.memory.allocated", pid)].value == exp["alloc_bytes"]
-    assert points[("gpu.cuda.memory.allocated", pid)].unit == "By"
-    assert points[("gpu.cuda.memory.freed", pid)].value == exp["free_bytes"]
     direction = "gpu.cuda.memcpy.direction"
-    assert points[("gpu.cuda.memcpy.bytes", (*pid, (direction, "host_to_device")))].value == exp["memcpy_htod_bytes"]
-    assert points[("gpu.cuda.memcpy.bytes", (*pid, (direction, "device_to_host")))].value == exp["memcpy_dtoh_bytes"]
-    assert points[("gpu.cuda.memcpy.bytes", (*pid, (direction, "device_to_device")))].value == exp["memcpy_dtod_bytes"]
-    assert points[("gpu.cuda.memcpy.bytes", (*pid, (direction, "other")))].value == exp["memcpy_other_bytes"]
-    sync = points[("gpu.cuda.sync.duration", pid)]
-    assert sync.kind == "histogram" and sync.unit == "s"
-    assert sync.count == pattern.syncs == sum(sync.bucket_counts)
-    assert len(sync.bucket_counts) == len(sync.bounds) + 1
-    assert sync.value >= pattern.syncs * SYNC_US / 1e6
+    assert {key: p.value for key, p in points.items()} == {
+        ("gpu.cuda.kernel.launch.calls", pid): exp["launches"],
+        ("gpu.cuda.graph.launch.calls", pid): exp["graph_launches"],
+        ("gpu.cuda.memory.allocated", pid): exp["alloc_bytes"],
+        ("gpu.cuda.memory.freed", pid): exp["free_bytes"],
+        ("gpu.cuda.memcpy.bytes", ((direction, "device_to_device"), *pid)): exp["memcpy_dtod_bytes"],
+        ("gpu.cuda.memcpy.bytes", ((direction, "device_to_host"), *pid)): exp["memcpy_dtoh_bytes"],
+        ("gpu.cuda.memcpy.bytes", ((direction, "host_to_device"), *pid)): exp["memcpy_htod_bytes"],
+        ("gpu.cuda.memcpy.bytes", ((direction, "other"), *pid)): exp["memcpy_other_bytes"],
+        ("gpu.cuda.sync.calls", pid): exp["sync_calls"],
+        ("gpu.cuda.sync.duration", pid): pytest.approx(w.sync_ns / 1e9),
+    }
+    assert all(p.kind == "counter" and p.prom_name.endswith("_total") for p in points.values())
+    assert points[("gpu.cuda.memory.allocated", pid)].unit == "By"
+    assert points[("gpu.cuda.sync.duration", pid)].unit == "s"
+    assert points[("gpu.cuda.sync.duration", pid)].value >= pattern.syncs * SYNC_US / 1e6
+
+    # The agent's real metric state takes probe.points as a collector source.
+    m = SelfMetrics()
+    state = MetricState(AttributeBounds(metrics=m), metrics=m)
+    state.add_point_source(probe.points)
+    exported = {
+        (snap.instrument.prom_name, pt.labels): pt.value
+        for snap in state.collect()
+        if snap.instrument.prom_name.startswith("gpu_cuda_")
+        for pt in snap.points
+    }
+    assert exported[("gpu_cuda_kernel_launch_calls_total", ())] == exp["launches"]
+    assert exported[("gpu_cuda_memcpy_bytes_total", ("host_to_device",))] == exp["memcpy_htod_bytes"]
+    assert m.total(SOURCE_ERRORS) == 0
 
 
 @pytest.mark.ebpf
