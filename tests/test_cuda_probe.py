@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.export.instruments import SOURCE_ERRORS, MetricState
+from agent.export.instruments import SOURCE_ERRORS, MetricState, ScalarPoint
 from agent.export.routes import AttributeBounds
 from agent.selfmetrics import SelfMetrics
 from probes.cuda import (
@@ -417,6 +417,7 @@ def test_window_and_points(stubs: StubBuild, apps: Callable[..., App],
         for snap in state.collect()
         if snap.instrument.prom_name.startswith("gpu_cuda_")
         for pt in snap.points
+        if isinstance(pt, ScalarPoint)
     }
     assert exported[("gpu_cuda_kernel_launch_calls_total", ())] == exp["launches"]
     assert exported[("gpu_cuda_memcpy_bytes_total", ("host_to_device",))] == exp["memcpy_htod_bytes"]
