@@ -8,12 +8,13 @@ same bytes are checked whole, byte by byte, chunked and not.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.http1 import Body, BodyGap, H1Parser, NeedData
+from agent.http1 import Body, BodyGap, EndOfMessage, H1Parser, NeedData, RequestHead, ResponseHead, header
 from agent.llm import (
     EMPTY_EVENT,
     Api,
@@ -691,3 +692,124 @@ def test_deeply_nested_json_does_not_raise() -> None:
     deep = b"[" * 50000 + b"]" * 50000
     assert parse_response_body(Api.OPENAI_CHAT, b"{" + b'"a":' + deep[:60000] + b"}") is not None
     assert parse_stream_event(Api.OPENAI_CHAT, b'{"a":' + b"[" * 60000 + b"]" * 60000 + b"}").output is None
+
+
+# --- recorded streams (tests/data/parsers/record.py: real uvicorn, openai and httpx clients) ---
+
+RECORDED = Path(__file__).resolve().parent / "data" / "parsers"
+
+
+def _messages(role: str, data: bytes, step: int, methods: tuple[str, ...] = ()) -> list[tuple[object, bytes]]:
+    """(head, body) per message, the stream fed `step` bytes at a time; every message must end cleanly."""
+    p = H1Parser(role, metrics=SelfMetrics())  # type: ignore[arg-type]
+    for m in methods:
+        p.expect_response_to(m)
+    out: list[tuple[object, bytes]] = []
+    head: object = None
+    body = b""
+    for i in range(0, len(data), step):
+        p.feed(data[i : i + step])
+        while not isinstance(ev := p.next_event(), NeedData):
+            if isinstance(ev, RequestHead | ResponseHead):
+                head, body = ev, b""
+            elif isinstance(ev, Body):
+                body += ev.data
+            elif isinstance(ev, EndOfMessage):
+                assert ev.complete
+                out.append((head, body))
+            else:
+                raise AssertionError(f"unexpected {ev}")
+    return out
+
+
+@pytest.mark.parametrize("step", [1, 100, 1 << 20])
+def test_recorded_openai_client_and_uvicorn(step: int) -> None:
+    requests = _messages("request", (RECORDED / "openai_chat.request.bin").read_bytes(), step)
+    assert [(h.method, h.target) for h, _ in requests] == [("POST", "/v1/chat/completions")] * 2  # type: ignore[attr-defined]
+    assert [parse_request_body(Api.OPENAI_CHAT, b) for _, b in requests] == [
+        RequestInfo(MODEL, True),
+        RequestInfo(MODEL, False),
+    ]
+
+    responses = _messages(
+        "response", (RECORDED / "openai_chat.response.bin").read_bytes(), step, ("POST", "POST")
+    )
+    (streamed_head, streamed), (plain_head, plain) = responses
+    assert header(streamed_head.headers, "content-type") == "text/event-stream; charset=utf-8"  # type: ignore[attr-defined]
+    assert header(plain_head.headers, "content-length") == str(len(plain))  # type: ignore[attr-defined]
+    events = SSEParser(metrics=SelfMetrics()).feed(streamed)
+    total, outputs = fold(Api.OPENAI_CHAT, [e.data for e in events])
+    assert outputs == 5
+    assert total == EventInfo(True, True, MODEL, ("stop",), 17, 5)
+    assert parse_response_body(Api.OPENAI_CHAT, plain) == EventInfo(True, False, MODEL, ("stop",), 17, 5)
+    assert SECRET not in repr(total)
+
+
+def test_recorded_openai_request_cut_to_prefix_and_suffix() -> None:
+    requests = _messages("request", (RECORDED / "openai_chat.request.bin").read_bytes(), 1 << 20)
+    body = requests[0][1]
+    assert parse_request_body(Api.OPENAI_CHAT, body[:256], body[-256:]) == RequestInfo(MODEL, True)
+
+
+def test_recorded_stream_tail_fragment() -> None:
+    # What the kernel keeps of the last response write: its final 256 bytes.
+    data = (RECORDED / "openai_chat.response.bin").read_bytes()
+    first_end = data.index(b"0\r\n\r\n", data.index(b"[DONE]")) + 5
+    info = parse_fragment(Api.OPENAI_CHAT, data[first_end - 256 : first_end])
+    assert (info.done, info.input_tokens, info.output_tokens) == (True, 17, 5)
+
+
+@pytest.mark.parametrize("step", [1, 333, 1 << 20])
+def test_recorded_ollama_generate(step: int) -> None:
+    requests = _messages("request", (RECORDED / "ollama_generate.request.bin").read_bytes(), step)
+    assert [parse_request_body(Api.OLLAMA_GENERATE, b) for _, b in requests] == [
+        RequestInfo("llama3.2", True)
+    ] * 2
+    responses = _messages(
+        "response", (RECORDED / "ollama_generate.response.bin").read_bytes(), step, ("POST", "POST")
+    )
+    assert len(responses) == 2
+    for _, body in responses:
+        lines = NDJSONParser(4096, metrics=SelfMetrics()).feed(body)
+        assert lines[-1].truncated  # the context array exceeds the line bound
+        total = EMPTY_EVENT
+        for line in lines:
+            total = merge_events(total, parse_stream_event(Api.OLLAMA_GENERATE, line.data, line.truncated))
+        assert total == EventInfo(True, True, "llama3.2", ("stop",), None, None)
+        # The counts come from the tail of the last write, as the agent captures it.
+        tail = parse_fragment(Api.OLLAMA_GENERATE, body[-256:])
+        assert (tail.input_tokens, tail.output_tokens, tail.done) == (26, 5, True)
+
+
+@pytest.mark.parametrize("step", [1, 1 << 20])
+def test_recorded_tgi_generate_stream(step: int) -> None:
+    responses = _messages(
+        "response", (RECORDED / "tgi_generate_stream.response.bin").read_bytes(), step, ("POST", "POST")
+    )
+    for _, body in responses:
+        events = SSEParser(metrics=SelfMetrics()).feed(body)
+        total, outputs = fold(Api.TGI_GENERATE_STREAM, [e.data for e in events])
+        assert outputs == 5
+        assert total == EventInfo(True, True, None, ("eos_token",), None, 6)
+
+
+def test_recorded_response_with_capture_gap() -> None:
+    # Head and first writes captured, the middle lost, then the tail of the last write.
+    data = (RECORDED / "openai_chat.response.bin").read_bytes()
+    end = data.index(b"0\r\n\r\n", data.index(b"[DONE]")) + 5
+    first, tail = data[:700], data[end - 256 : end]
+    p = H1Parser("response", metrics=SelfMetrics())
+    p.expect_response_to("POST")
+    p.feed(first)
+    p.feed_gap(end - 256 - 700)
+    p.feed(tail)
+    events = []
+    while not isinstance(ev := p.next_event(), NeedData):
+        events.append(ev)
+    assert isinstance(events[0], ResponseHead)
+    assert EndOfMessage(False) in events  # framing lost inside the chunked body
+    sse_events = SSEParser(metrics=SelfMetrics()).feed(
+        b"".join(e.data for e in events if isinstance(e, Body))
+    )
+    assert parse_stream_event(Api.OPENAI_CHAT, sse_events[0].data).output is False  # the role-only chunk
+    assert parse_fragment(Api.OPENAI_CHAT, tail).output_tokens == 5
