@@ -663,11 +663,13 @@ class NvmlCollector:
                         self._gpu_down(lost, e)
                 else:
                     self._metrics.inc(NVML_ERRORS, labels=(("call", "discover"), ("error", _error_name(e.value))))
+        by_address = {_handle_address(d.handle): d.info.uuid for d in devs if not d.info.is_mig}
         with self._lock:
             gone = set(old) - {d.info.uuid for d in devs}
             self._devs = devs
-            self._by_address = {_handle_address(d.handle): d.info.uuid for d in devs if not d.info.is_mig}
-            self._generation += 1  # new handles: the event thread re-registers
+            if by_address != self._by_address:
+                self._by_address = by_address
+                self._generation += 1  # new handles: the event thread registers them
         for uuid in gone:
             self._metrics.set(GPU_UP, 0, (("gpu.uuid", uuid),))
         for d in devs:
@@ -714,8 +716,11 @@ class NvmlCollector:
         return prev
 
     def _gpu_down(self, dev: _Dev, err: BaseException | str) -> None:
-        """Mark a GPU (and its MIG devices) lost; log once per outage."""
+        """Mark a GPU (and its MIG devices) lost; log once per outage. A MIG
+        device that reports the loss takes its parent down with it."""
         with self._lock:
+            if dev.info.is_mig:
+                dev = next((d for d in self._devs if d.info.uuid == dev.info.parent_uuid), dev)
             family = [d for d in self._devs if d is dev or d.info.parent_uuid == dev.info.uuid] or [dev]
             first = dev.up
             for d in family:

@@ -9,6 +9,11 @@ soname.
 
 Its state is a ``key=value`` scenario file (format documented at the top of
 ``fake_nvml.c``) named by ``$FAKE_NVML_SCENARIO`` and re-read when it changes.
+Without one, the fake answers ``NVML_ERROR_DRIVER_NOT_LOADED``.
+
+pynvml keeps the library it loaded for the life of the process, so every test
+in one pytest process shares the first library loaded; tests switch GPUs by
+switching scenario files, never libraries.
 """
 
 from __future__ import annotations

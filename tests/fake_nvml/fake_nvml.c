@@ -15,6 +15,8 @@
  * State comes from a scenario file named by $FAKE_NVML_SCENARIO. The file is
  * re-read whenever its path, inode, size or mtime changes, so a test changes
  * the GPU state mid-run by rewriting it (write a temporary file, then rename).
+ * With no scenario (variable unset, file missing) the fake acts as a node
+ * whose driver is not loaded.
  *
  * Scenario format: one `key=value` per line; `#` starts a comment line.
  * A missing device key means "not supported on this device" unless noted.
@@ -96,7 +98,11 @@ static void reload(void)
     const char *path = getenv("FAKE_NVML_SCENARIO");
     struct stat st;
     if (path == NULL || stat(path, &st) != 0) {
-        nkeys = 0;
+        /* no scenario: behave like a node without the NVIDIA driver, so a
+         * test that loads no scenario never sees another test's GPUs */
+        snprintf(keys[0], KEY_LEN, "driver");
+        snprintf(vals[0], VAL_LEN, "0");
+        nkeys = 1;
         loaded_path[0] = '\0';
         return;
     }
