@@ -13,12 +13,14 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pynvml
 import pytest
 
 from agent.selfmetrics import SelfMetrics
 from collectors.nvml import (
     COLLECTOR_UP,
     GPU_UP,
+    PROCESSES_DROPPED,
     RETRIES,
     UNSUPPORTED,
     GpuDevice,
@@ -196,6 +198,13 @@ def test_backoff_doubles_and_caps() -> None:
     assert [backoff_delay(n, 1.0, 10.0) for n in range(1, 7)] == [1, 2, 4, 8, 10, 10]
 
 
+@pytest.mark.parametrize("bad", [{"period_s": 0}, {"max_processes": 0}, {"retry_initial_s": 5, "retry_max_s": 1},
+                                 {"event_timeout_ms": 0}])
+def test_config_is_validated_once(bad: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        NvmlConfig(**bad)  # type: ignore[arg-type]
+
+
 # --------------------------------------------------------------------------- discovery and values
 
 
@@ -340,6 +349,15 @@ def test_per_process_memory_and_utilisation(make, scenario: Scenario) -> None:
     assert c.processes() == {4242: [GPU0], 777: [MIG_B]}
 
 
+def test_process_bound_drops_and_counts(make, scenario: Scenario) -> None:
+    scenario.update({"gpu0.procs": 3, "gpu0.proc0.pid": 1, "gpu0.proc0.mem": 1, "gpu0.proc1.pid": 2,
+                     "gpu0.proc1.mem": 1, "gpu0.proc2.pid": 3, "gpu0.proc2.mem": 1})
+    c, m = make(period_s=3600, max_processes=2)
+    c.start()
+    assert c.processes() == {1: [GPU0], 2: [GPU0]}
+    assert m.get(PROCESSES_DROPPED) == 1
+
+
 # --------------------------------------------------------------------------- events
 
 
@@ -419,6 +437,10 @@ def test_driver_unloaded_mid_run_turns_collection_off_and_back(make, scenario: S
     # the event thread re-registered with the new NVML session
     scenario.update({"xids": 1, "xid0": "1:48"})
     wait_for(lambda: c.xid_counts() == {(GPU1, "48"): 1})
+    # every nvmlInit was matched by an nvmlShutdown, re-init included
+    c.stop()
+    with pytest.raises(pynvml.NVMLError_Uninitialized):
+        pynvml.nvmlDeviceGetCount()
 
 
 def test_lost_gpu_turns_off_that_gpu_only_then_recovers(make, scenario: Scenario,
