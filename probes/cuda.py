@@ -363,7 +363,8 @@ def parse_maps(text: str) -> list[MappedLibrary]:
     Pure; never raises on odd lines (they are skipped).
     """
     found: dict[tuple[str, int], MappedLibrary] = {}
-    for line in text.splitlines():
+    # Only lines naming a CUDA library are split: a PyTorch process maps thousands of files.
+    for line in (ln for ln in text.splitlines() if "/libcud" in ln):
         parts = line.split(maxsplit=5)
         if len(parts) < 6 or not parts[5].startswith("/"):
             continue
@@ -439,7 +440,7 @@ class CudaProbe:
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._pids: set[int] = set()
+        self._pids: dict[int, int] = {}  # target pid -> start time (detects pid reuse)
         self._libraries: dict[tuple[str, int], CudaLibrary] = {}
         self._attempts: dict[tuple[str, int], int] = {}
         self._pid_libraries: dict[int, set[tuple[str, int]]] = {}
@@ -454,6 +455,10 @@ class CudaProbe:
         self._logged: set[str] = set()
         self._describe_metrics()
         self._bpf: Any = None
+        if not self.uprobes_supported():
+            metrics.inc("infersight.cuda.probe.load.failures")
+            self._log_once("load", "CUDA probe disabled: this kernel offers no uprobes (CONFIG_UPROBE_EVENTS)")
+            return
         try:
             self._bpf = self._load()
         except Exception as exc:  # BCC raises bare Exception for compile/load errors
@@ -488,10 +493,10 @@ class CudaProbe:
         ]
         bpf = BPF(src_file=str(SRC_FILE).encode(), cflags=cflags)
         # Our ctypes mirrors are the table types, so the layout contract is used, not just tested.
-        self._targets = bpf.get_table("targets", ct.c_uint32, ct.c_uint8)
-        self._buckets = bpf.get_table("buckets", CudaBucketKey, CudaBucketValue)
-        self._allocs = bpf.get_table("allocs", CudaAllocKey, ct.c_uint64)
-        self._stats = bpf.get_table("stats", ct.c_uint32, ct.c_uint64)
+        self._targets = bpf.get_table(b"targets", ct.c_uint32, ct.c_uint8)
+        self._buckets = bpf.get_table(b"buckets", CudaBucketKey, CudaBucketValue)
+        self._allocs = bpf.get_table(b"allocs", CudaAllocKey, ct.c_uint64)
+        self._stats = bpf.get_table(b"stats", ct.c_uint32, ct.c_uint64)
         return bpf
 
     def start(self) -> None:
@@ -544,10 +549,13 @@ class CudaProbe:
         """Count process ``pid`` from now on and attach to the CUDA libraries it maps.
 
         Scans its maps at once (attaching takes tens of ms per library); later
-        loads are found by the background rescan.
+        loads are found by the background rescan. A pid that does not exist is ignored.
         """
         with self._lock:
             if self._bpf is None or pid in self._pids:
+                return
+            view = self._read_pid(pid)
+            if view is None:
                 return
             if len(self._pids) >= self.config.max_pids:
                 self._metrics.inc("infersight.cuda.targets.rejected")
@@ -560,8 +568,8 @@ class CudaProbe:
                 self._metrics.inc("infersight.cuda.targets.rejected")
                 self._log_once("targets-map", "CUDA probe: target map update failed: %s", exc)
                 return
-            self._pids.add(pid)
-            self._scan_pid(pid)
+            self._pids[pid] = view[0]
+            self._attach_mapped(pid, view[1])
 
     def remove_pid(self, pid: int) -> None:
         """Stop counting ``pid``. Its buckets already counted stay readable."""
@@ -569,9 +577,8 @@ class CudaProbe:
             self._forget_pid(pid)
 
     def _forget_pid(self, pid: int) -> None:
-        if pid not in self._pids:
+        if self._pids.pop(pid, None) is None:
             return
-        self._pids.discard(pid)
         self._pid_libraries.pop(pid, None)
         if self._bpf is not None:
             try:
@@ -597,25 +604,53 @@ class CudaProbe:
     def rescan(self) -> None:
         """Read every target's maps again and attach libraries not seen before.
 
-        A target whose /proc entry is gone has exited: it is removed from the
-        target map (so a reused pid is not counted), its history stays.
+        A target that has exited (its /proc entry gone, a zombie, or the pid
+        reused by a process with another start time) leaves the target map, so
+        that a reused pid is not counted; its history stays. /proc is read
+        outside the lock.
         """
         with self._lock:
-            for pid in list(self._pids):
-                self._scan_pid(pid)
+            targets = dict(self._pids)
+        for pid, start in targets.items():
+            view = self._read_pid(pid)
+            with self._lock:
+                if pid not in self._pids:
+                    continue  # removed meanwhile
+                if view is None or view[0] != start:
+                    self._forget_pid(pid)
+                elif view[1]:
+                    self._attach_mapped(pid, view[1])
 
-    def _scan_pid(self, pid: int) -> None:
+    def _read_pid(self, pid: int) -> tuple[int, list[MappedLibrary]] | None:
+        """Start time (clock ticks after boot) and CUDA libraries of ``pid``; None if it has exited.
+
+        A /proc read failing for another reason (EACCES) is counted and logged
+        once, and reads as "alive, no libraries" so the pid is kept.
+        """
+        base = Path(self._proc, str(pid))
         try:
-            text = Path(self._proc, str(pid), "maps").read_text(errors="replace")
-        except FileNotFoundError:
-            self._forget_pid(pid)
-            return
+            stat = (base / "stat").read_text(errors="replace")
+            maps = (base / "maps").read_text(errors="replace")
+        except (FileNotFoundError, ProcessLookupError):
+            return None
         except OSError as exc:
             self._metrics.inc("infersight.cuda.scan.failures")
-            self._log_once(f"maps-{exc.errno}", "CUDA probe: reading maps of pid %d failed: %s", pid, exc)
-            return
+            self._log_once(f"proc-{exc.errno}", "CUDA probe: reading /proc of pid %d failed: %s", pid, exc)
+            return (self._pids.get(pid) or 0), []
+        # stat: "pid (comm) state ppid ..."; comm may hold spaces and parentheses, so split after the last ')'.
+        fields_after_comm = stat.rpartition(")")[2].split()
+        if not fields_after_comm or fields_after_comm[0] == "Z":
+            return None
+        try:
+            start = int(fields_after_comm[19])  # field 22, starttime
+        except (IndexError, ValueError):
+            start = 0
+        return start, parse_maps(maps)
+
+    def _attach_mapped(self, pid: int, libs: list[MappedLibrary]) -> None:
+        """Attach the libraries of ``pid`` not attached yet (call with the lock held)."""
         seen = self._pid_libraries.setdefault(pid, set())
-        for lib in parse_maps(text):
+        for lib in libs:
             key = (lib.dev, lib.inode)
             if key not in self._libraries and self._attempts.get(key, 0) < self.config.max_attach_attempts:
                 self._attach_library(pid, lib)
@@ -868,6 +903,9 @@ class CudaProbe:
         m.describe("infersight.cuda.frees.untracked", "counter",
                    "CUDA frees of memory allocated before attach or evicted from the allocation map")
         m.describe("infersight.cuda.targets.rejected", "counter", "processes not traced: target map full")
+        m.describe("infersight.cuda.scan.failures", "counter", "reads of a target's /proc entry that failed")
+        m.describe("infersight.cuda.probe.load.failures", "counter", "CUDA probe not loaded (no uprobes, BPF error)")
+        m.describe("infersight.cuda.thread.errors", "counter", "unexpected errors in the CUDA probe's thread")
 
     def _log_once(self, key: str, msg: str, *args: object) -> None:
         if key not in self._logged:

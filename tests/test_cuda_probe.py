@@ -258,10 +258,10 @@ def test_layout_matches_c_and_bpf_object(stubs: StubBuild, make_probe: Callable[
     c_sizes = {name: int(size) for name, size in (line.split() for line in out.splitlines())}
     assert c_sizes == {name: ct.sizeof(t) for name, t in LAYOUT.items()}
     bpf = make_probe()._bpf  # the BPF object's own idea of the table types
-    assert ct.sizeof(bpf["buckets"].Key) == ct.sizeof(LAYOUT["cuda_bucket_key"])
-    assert ct.sizeof(bpf["buckets"].Leaf) == ct.sizeof(LAYOUT["cuda_bucket"])
-    assert ct.sizeof(bpf["allocs"].Key) == ct.sizeof(LAYOUT["cuda_alloc_key"])
-    assert ct.sizeof(bpf["calls"].Leaf) == ct.sizeof(LAYOUT["cuda_call"])
+    assert ct.sizeof(bpf[b"buckets"].Key) == ct.sizeof(LAYOUT["cuda_bucket_key"])
+    assert ct.sizeof(bpf[b"buckets"].Leaf) == ct.sizeof(LAYOUT["cuda_bucket"])
+    assert ct.sizeof(bpf[b"allocs"].Key) == ct.sizeof(LAYOUT["cuda_alloc_key"])
+    assert ct.sizeof(bpf[b"calls"].Leaf) == ct.sizeof(LAYOUT["cuda_call"])
 
 
 @pytest.mark.ebpf
@@ -462,3 +462,43 @@ def test_allocation_map_evictions_are_counted(stubs: StubBuild, apps: Callable[.
     assert evicted >= 12
     assert freed + (untracked - 1) == 19  # 19 frees of real allocations, 1 of a never-allocated pointer
     assert evicted + freed + left == 20
+
+
+def _fake_proc_pid(proc: Path, pid: int, start_time: int, maps: str) -> None:
+    """One process in a recorded-style /proc tree: stat (start time is field 22), maps, root."""
+    d = proc / str(pid)
+    d.mkdir(parents=True, exist_ok=True)
+    rest = ["S", "1"] + ["0"] * 17 + [str(start_time)] + ["0"] * 30
+    (d / "stat").write_text(f"{pid} (python3 (worker)) {' '.join(rest)}\n")
+    (d / "maps").write_text(maps)
+    if not (d / "root").exists():
+        (d / "root").symlink_to("/")
+
+
+@pytest.mark.ebpf
+def test_rescan_drops_exited_and_reused_pids(stubs: StubBuild, make_probe: Callable[..., CudaProbe],
+                                            tmp_path: Path) -> None:
+    st = stubs.libcuda.stat()
+    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}"
+    maps = f"7f0000000000-7f0000001000 r-xp 00000000 {dev} {st.st_ino} {stubs.libcuda}\n"
+    proc = tmp_path / "proc"
+    _fake_proc_pid(proc, 4242, 1000, maps)
+    _fake_proc_pid(proc, 4343, 2000, "")
+    metrics = SelfMetrics()
+    probe = CudaProbe(CudaProbeConfig(), metrics=metrics, proc=str(proc))
+    try:
+        probe.add_pid(4242)
+        probe.add_pid(4343)
+        probe.add_pid(4444)  # no such process: ignored
+        assert probe.pids() == [4242, 4343]
+        assert [(lib.kind, lib.inode) for lib in probe.libraries(4242)] == [("driver", st.st_ino)]
+        assert sorted(k.value for k in probe._targets.keys()) == [4242, 4343]
+
+        _fake_proc_pid(proc, 4242, 1001, maps)  # pid reused by a newer process
+        shutil.rmtree(proc / "4343")  # exited
+        probe.rescan()
+        assert probe.pids() == []
+        assert list(probe._targets.keys()) == []
+        assert metrics.total("infersight.cuda.libraries.attached") == 1
+    finally:
+        probe.stop()
