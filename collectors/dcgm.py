@@ -34,12 +34,12 @@ only :meth:`DcgmCollector.sample_now` does I/O (bounded by ``timeout_s``).
 
 from __future__ import annotations
 
+import http.client
 import logging
 import math
 import os
 import threading
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -298,7 +298,7 @@ class DcgmCollector:
         for url in urls:
             try:
                 text = self._fetch(url)
-            except (OSError, ValueError, urllib.error.URLError) as e:
+            except (OSError, ValueError, http.client.HTTPException) as e:  # URLError is an OSError
                 reason = type(e).__name__
                 self._metrics.inc(SCRAPE_FAILURES, labels=(("reason", reason),))
                 errors.append(f"{url}: {e}")
@@ -325,7 +325,9 @@ class DcgmCollector:
         return False
 
     def _fetch(self, url: str) -> str:
-        """GET ``url``; raises OSError/URLError (HTTPError for a non-2xx status)."""
+        """GET ``url``; raises OSError (URLError, HTTPError for a non-2xx status,
+        timeouts), http.client.HTTPException for a broken response, ValueError
+        for a bad URL."""
         req = urllib.request.Request(url, headers={"Accept": "text/plain"})
         with self._opener.open(req, timeout=self.config.timeout_s) as resp:
             body = resp.read(self.config.max_response_bytes + 1)

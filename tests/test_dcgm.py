@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socketserver
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -15,6 +16,7 @@ from agent.selfmetrics import SelfMetrics
 from collectors.dcgm import (
     MIG_UNRESOLVED,
     PARSE_FAILURES,
+    SCRAPE_FAILURES,
     TRUNCATED,
     DcgmCollector,
     DcgmConfig,
@@ -48,11 +50,14 @@ class Exporter:
                 if self.path != "/metrics":
                     self.send_error(404)
                     return
-                self.send_response(outer.status)
-                self.send_header("Content-Type", "text/plain; version=0.0.4")
-                self.send_header("Content-Length", str(len(outer.body)))
-                self.end_headers()
-                self.wfile.write(outer.body)
+                try:
+                    self.send_response(outer.status)
+                    self.send_header("Content-Type", "text/plain; version=0.0.4")
+                    self.send_header("Content-Length", str(len(outer.body)))
+                    self.end_headers()
+                    self.wfile.write(outer.body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up first (the timeout test)
 
             def log_message(self, format: str, *args: object) -> None:
                 pass
@@ -264,6 +269,25 @@ def test_hung_exporter_times_out(make, exporter: Exporter) -> None:
     assert time.monotonic() - started < 5
     assert m.get(COLLECTOR_UP, DCGM_UP) == 0
     exporter.hold.set()
+
+
+def test_non_http_answer_is_a_counted_failure(make) -> None:
+    class Garbage(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            self.request.recv(4096)
+            self.request.sendall(b"\x15\x03\x01\x00\x02\x02\x28 not http at all\r\n\r\n")
+
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Garbage)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        c, m = make(url=f"http://127.0.0.1:{server.server_address[1]}/metrics")
+        assert not c.sample_now()
+        assert m.get(COLLECTOR_UP, DCGM_UP) == 0
+        assert m.total(SCRAPE_FAILURES) == 1
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_discovery_tries_localhost_then_node_ip() -> None:
