@@ -223,9 +223,7 @@ def parse_request_body(api: Api, prefix: bytes, suffix: bytes | None = None) -> 
             if model is None:
                 model = _find_string(_MODEL, part)
             if stream is None:
-                m = _STREAM.search(part)
-                if m is not None:
-                    stream = m.group(1) == b"true"
+                stream = _find_stream(part)
     if api in _ROUTE_STREAMING:
         stream = _ROUTE_STREAMING[api]
     elif stream is None and whole:
@@ -407,126 +405,173 @@ def _load_complete(s: bytes) -> Any:
 
 
 # --- patterns over cut bytes --------------------------------------------------
+#
+# One pass over the bytes finds every key of interest with its value. The
+# pattern opens with a literal quote, so the regex engine skips ahead quickly;
+# a key whose opening quote follows a backslash is string content (inside a
+# JSON string every quote is escaped) and is ignored.
 
-
-def _key(name: bytes) -> bytes:
-    # An unescaped quote: a backslash before it would make it string content.
-    return rb'(?<!\\)"' + name + rb'"\s*:\s*'
-
-
-_STRING = rb'"((?:[^"\\\x00-\x1f]|\\.){1,512})"'
-_NONEMPTY = rb'"(?:[^"\\]|\\.)'  # an opened string with at least one character visible
-_NUMBER = rb"(\d{1,15})(?=\s*[,}\]])"  # the terminator proves the number is not cut
-_MODEL = re.compile(_key(rb"model") + _STRING)
-_MODEL_NAME = re.compile(_key(rb"model_name") + _STRING)
-_STREAM = re.compile(_key(rb"stream") + rb"(true|false)(?![A-Za-z0-9_])")
-_FINISH = re.compile(_key(rb"(?:finish_reason|done_reason)") + rb'"([A-Za-z0-9_.:-]{1,64})"')
-_INPUT_TOKENS = re.compile(_key(rb"(?:prompt_tokens|prompt_eval_count)") + _NUMBER)
-_OUTPUT_TOKENS = re.compile(_key(rb"(?:completion_tokens|eval_count|generated_tokens)") + _NUMBER)
+_KEYS = (
+    b"model_name|model|finish_reason|done_reason|prompt_tokens|completion_tokens|prompt_eval_count|"
+    b"eval_count|generated_tokens|done|details|token|text_output|text|special|content|reasoning_content|"
+    b"reasoning|thinking|refusal|tool_calls|function_call|delta|message|choices|response|generated_text|"
+    b"outputs|data"
+)
+_FIELD = re.compile(
+    rb'"(%s)"\s*:\s*(?:'
+    # a string: its visible start (at most 512 bytes) and whether it closes
+    rb'"((?:[^"\\]|\\.){0,512})("?)'
+    # a number, with the terminator that proves it is not cut
+    rb"|(\d{1,15})(?=\s*[,}\]])"
+    rb"|(true|false|null)(?![A-Za-z0-9_])"
+    # the start of an object or array, and its first token
+    rb"|([\[{])(?=\s*([\[{\]}\"]?)))" % _KEYS
+)
+_LIST_STRING = re.compile(rb'\s*"(.?)', re.DOTALL)  # the first character of a list's first string
+_FLAT_OBJECT = re.compile(rb"\{[^{}]*\}")  # an object without nested objects, wholly visible
+_MODEL = re.compile(rb'"model"\s*:\s*"((?:[^"\\\x00-\x1f]|\\.){1,512})"')
+_STREAM = re.compile(rb'"stream"\s*:\s*(true|false)(?![A-Za-z0-9_])')
 _DONE_MARK = re.compile(rb"(?:^|data: ?)\[DONE\]", re.MULTILINE)
-_OLLAMA_DONE = re.compile(_key(rb"done") + rb"true|" + _key(rb"(?:done_reason|eval_count)"))
-_TGI_DONE = re.compile(_key(rb"details") + rb"\{|" + _key(rb"generated_tokens"))
-_TGI_TOKEN = re.compile(_key(rb"token") + rb"\{([^{}]*)\}")
-_TGI_TOKEN_TEXT = re.compile(_key(rb"text") + _NONEMPTY)
-_TGI_SPECIAL = re.compile(_key(rb"special") + rb"true")
 
-# Per API: (output is visible, an event without output is visible).
-_OUTPUT_PATTERNS: dict[Api, tuple[re.Pattern[bytes], re.Pattern[bytes]]] = {
-    Api.OPENAI_CHAT: (
-        re.compile(
-            _key(rb"(?:content|reasoning_content|reasoning|refusal)")
-            + _NONEMPTY
-            + rb"|"
-            + _key(rb"tool_calls")
-            + rb"\[\s*\{"
-        ),
-        re.compile(_key(rb"(?:delta|message)") + rb"\{[^{}]*\}|" + _key(rb"choices") + rb"\[\s*\]"),
-    ),
-    Api.OPENAI_COMPLETIONS: (
-        re.compile(_key(rb"text") + _NONEMPTY),
-        re.compile(_key(rb"text") + rb'""|' + _key(rb"choices") + rb"\[\s*\]"),
-    ),
-    Api.OPENAI_EMBEDDINGS: (
-        re.compile(_key(rb"data") + rb"\[\s*\{"),
-        re.compile(_key(rb"data") + rb"\[\s*\]"),
-    ),
-    Api.OLLAMA_GENERATE: (
-        re.compile(_key(rb"(?:response|thinking)") + _NONEMPTY),
-        re.compile(_key(rb"response") + rb'""'),
-    ),
-    Api.OLLAMA_CHAT: (
-        re.compile(_key(rb"(?:content|thinking)") + _NONEMPTY + rb"|" + _key(rb"tool_calls") + rb"\[\s*\{"),
-        re.compile(_key(rb"content") + rb'""'),
-    ),
-    Api.TGI_GENERATE: (
-        re.compile(_key(rb"generated_text") + _NONEMPTY),
-        re.compile(_key(rb"generated_text") + rb'(?:""|null)'),
-    ),
-    Api.TRITON_GENERATE: (
-        re.compile(_key(rb"text_output") + rb"(?:\[\s*)?" + _NONEMPTY),
-        re.compile(_key(rb"text_output") + rb'(?:\[\s*)?""'),
-    ),
-    Api.TRITON_INFER: (
-        re.compile(_key(rb"outputs") + rb"\[\s*\{"),
-        re.compile(_key(rb"outputs") + rb"\[\s*\]"),
-    ),
+# Per API: keys whose non-empty string value is generated output, and keys whose
+# list of objects is (tool calls, embeddings, Triton outputs).
+_OUTPUT_STRINGS: dict[Api, frozenset[bytes]] = {
+    Api.OPENAI_CHAT: frozenset((b"content", b"reasoning_content", b"reasoning", b"thinking", b"refusal")),
+    Api.OPENAI_COMPLETIONS: frozenset((b"text",)),
+    Api.OPENAI_EMBEDDINGS: frozenset(),
+    Api.OLLAMA_GENERATE: frozenset((b"response", b"thinking")),
+    Api.OLLAMA_CHAT: frozenset((b"content", b"thinking")),
+    Api.TGI_GENERATE: frozenset((b"generated_text",)),
+    Api.TGI_GENERATE_STREAM: frozenset(),  # read from the token object instead
+    Api.TRITON_GENERATE: frozenset((b"text_output",)),
+    Api.TRITON_GENERATE_STREAM: frozenset((b"text_output",)),
+    Api.TRITON_INFER: frozenset(),
 }
-_OUTPUT_PATTERNS[Api.TRITON_GENERATE_STREAM] = _OUTPUT_PATTERNS[Api.TRITON_GENERATE]
+_OUTPUT_LISTS: dict[Api, frozenset[bytes]] = {
+    Api.OPENAI_CHAT: frozenset((b"tool_calls",)),
+    Api.OLLAMA_CHAT: frozenset((b"tool_calls",)),
+    Api.OPENAI_EMBEDDINGS: frozenset((b"data",)),
+    Api.TRITON_INFER: frozenset((b"outputs",)),
+}
+_NO_KEYS: frozenset[bytes] = frozenset()
+_INPUT_KEYS = frozenset((b"prompt_tokens", b"prompt_eval_count"))
+_OUTPUT_KEYS = frozenset((b"completion_tokens", b"eval_count", b"generated_tokens"))
+_OLLAMA = (Api.OLLAMA_GENERATE, Api.OLLAMA_CHAT)
+_TGI = (Api.TGI_GENERATE, Api.TGI_GENERATE_STREAM)
 
 
 def _from_text(api: Api, s: bytes) -> EventInfo:
+    """What cut JSON shows, read in one pass of :data:`_FIELD` (see the section comment)."""
     if not s:
         return EMPTY_EVENT
-    output: bool | None = None
-    if api is Api.TGI_GENERATE_STREAM:
-        for m in _TGI_TOKEN.finditer(s):
-            body = m.group(1)
-            if _TGI_TOKEN_TEXT.search(body) and not _TGI_SPECIAL.search(body):
-                output = True
-                break
-            output = False
-    else:
-        visible, empty = _OUTPUT_PATTERNS[api]
-        if visible.search(s):
-            output = True
-        elif empty.search(s):
-            output = False
-
-    if api in (Api.OLLAMA_GENERATE, Api.OLLAMA_CHAT):
-        done = _OLLAMA_DONE.search(s) is not None
-    elif api in (Api.TGI_GENERATE, Api.TGI_GENERATE_STREAM):
-        done = _TGI_DONE.search(s) is not None
-    else:
-        done = _DONE_MARK.search(s) is not None
-        if done and output is None:
-            output = False  # the visible [DONE] event carries no output
-
+    out_strings = _OUTPUT_STRINGS[api]
+    out_lists = _OUTPUT_LISTS.get(api, _NO_KEYS)
+    model_key = b"model_name" if api in _TRITON else b"model"
+    ollama, tgi = api in _OLLAMA, api in _TGI
+    seen_output = seen_empty = done = False
+    model: str | None = None
     reasons: list[str] = []
-    for m in _FINISH.finditer(s):
-        _add_reason(reasons, m.group(1).decode("ascii"))
-    model = _find_string(_MODEL_NAME if api in _TRITON else _MODEL, s)
-    return EventInfo(
-        output, done, model, tuple(reasons), _last_number(_INPUT_TOKENS, s), _last_number(_OUTPUT_TOKENS, s)
-    )
+    in_tok: int | None = None
+    out_tok: int | None = None
+
+    for m in _FIELD.finditer(s):
+        start = m.start()
+        if start and s[start - 1] == 0x5C:  # an escaped quote: this is text inside a string
+            continue
+        key, text, closed, number, literal, opener, first = m.groups()
+        if text is not None:
+            if key in out_strings:
+                if text:
+                    seen_output = True
+                elif closed:
+                    seen_empty = True
+            elif key == model_key:
+                if model is None and closed:
+                    model = _decode_model(text)
+            elif key in (b"finish_reason", b"done_reason"):
+                if closed:
+                    _add_reason(reasons, text.decode("latin-1"))
+                    done = done or (ollama and key == b"done_reason")
+            elif key == b"generated_text" and tgi:
+                done = True  # set only on the final event, beside details
+        elif number is not None:
+            if key in _INPUT_KEYS:
+                in_tok = _count(int(number))
+            elif key in _OUTPUT_KEYS:
+                out_tok = _count(int(number))
+                done = done or (ollama and key == b"eval_count") or (tgi and key == b"generated_tokens")
+        elif literal is not None:
+            if key == b"done" and ollama and literal == b"true":
+                done = True
+            elif key in out_strings and literal == b"null":
+                seen_empty = True
+        elif opener is not None:
+            if key in out_lists:
+                if first == b"{" or first == b'"':
+                    seen_output = True
+                elif first == b"]":
+                    seen_empty = True
+            elif key in out_strings and opener == b"[":
+                item = _LIST_STRING.match(s, m.end())  # a list of strings (Triton text_output)
+                if item is not None:
+                    if item.group(1) == b'"':
+                        seen_empty = True
+                    elif item.group(1):
+                        seen_output = True
+            elif key == b"choices" and first == b"]":
+                seen_empty = True  # the usage-only chunk
+            elif key in (b"delta", b"message") and opener == b"{":
+                if _FLAT_OBJECT.match(s, m.start(6)):
+                    seen_empty = True  # a whole delta; output keys inside it are scanned too
+            elif key == b"token" and api is Api.TGI_GENERATE_STREAM and opener == b"{":
+                obj = _FLAT_OBJECT.match(s, m.start(6))
+                if obj is not None:
+                    token = _from_tgi_token(obj.group())
+                    seen_output = seen_output or token
+                    seen_empty = seen_empty or not token
+            elif key == b"details" and tgi and opener == b"{":
+                done = True
+
+    if not ollama and not tgi and b"[DONE]" in s and _DONE_MARK.search(s):
+        done = True
+        seen_empty = True  # the [DONE] event carries no output
+    output = True if seen_output else (False if seen_empty else None)
+    return EventInfo(output, done, model, tuple(reasons), in_tok, out_tok)
+
+
+_TOKEN_TEXT = re.compile(rb'"text"\s*:\s*"(?:[^"\\]|\\.)')
+_TOKEN_SPECIAL = re.compile(rb'"special"\s*:\s*true')
+
+
+def _from_tgi_token(obj: bytes) -> bool:
+    """Whether a whole TGI ``token`` object is output: non-empty text, not special."""
+    return _TOKEN_TEXT.search(obj) is not None and _TOKEN_SPECIAL.search(obj) is None
+
+
+def _decode_model(raw: bytes) -> str | None:
+    try:
+        value = json.loads(b'"' + raw + b'"')
+    except ValueError:
+        return None
+    return _clean_model(value)
 
 
 def _find_string(pattern: re.Pattern[bytes], s: bytes) -> str | None:
     for m in pattern.finditer(s):
-        try:
-            value = json.loads(b'"' + m.group(1) + b'"')
-        except ValueError:
+        if m.start() and s[m.start() - 1] == 0x5C:
             continue
-        model = _clean_model(value)
+        model = _decode_model(m.group(1))
         if model is not None:
             return model
     return None
 
 
-def _last_number(pattern: re.Pattern[bytes], s: bytes) -> int | None:
-    last = None
-    for m in pattern.finditer(s):
-        last = m
-    return _count(int(last.group(1))) if last is not None else None
+def _find_stream(s: bytes) -> bool | None:
+    for m in _STREAM.finditer(s):
+        if m.start() and s[m.start() - 1] == 0x5C:
+            continue
+        return m.group(1) == b"true"
+    return None
 
 
 def _head(b: bytes) -> bytes:

@@ -407,6 +407,51 @@ def test_truncated_events_use_patterns() -> None:
     assert parse_stream_event(Api.OPENAI_CHAT, content[:60], truncated=True).output is None
 
 
+REALISTIC_EVENTS = [
+    *[(Api.OPENAI_CHAT, e) for e in vllm_chat_chunks(WORDS)],
+    *[(Api.OPENAI_CHAT, e) for e in vllm_chat_chunks(WORDS[:1], usage_null=True)],
+    (
+        Api.OPENAI_CHAT,
+        j(
+            {
+                "choices": [
+                    {
+                        "index": 0,
+                        "delta": {"tool_calls": [{"index": 0, "id": "c", "function": {"name": "f"}}]},
+                    }
+                ]
+            }
+        ),
+    ),
+    (
+        Api.OPENAI_CHAT,
+        j({"choices": [{"index": 0, "delta": {"role": None, "content": None, "reasoning_content": "r"}}]}),
+    ),
+    (
+        Api.OPENAI_COMPLETIONS,
+        j({"model": "m", "choices": [{"index": 0, "text": " a", "finish_reason": None}]}),
+    ),
+    (
+        Api.OPENAI_COMPLETIONS,
+        j({"model": "m", "choices": [{"index": 0, "text": "", "finish_reason": "length"}]}),
+    ),
+    *[(Api.OLLAMA_GENERATE, e) for e in ollama_generate_lines(WORDS[:2])],
+    *[(Api.OLLAMA_CHAT, e) for e in ollama_chat_lines(WORDS[:2])],
+    *[(Api.TGI_GENERATE_STREAM, e) for e in tgi_stream_events(WORDS[:2])],
+    *[(Api.TRITON_GENERATE_STREAM, e) for e in triton_stream_events(WORDS[:2])],
+    (Api.TRITON_GENERATE_STREAM, j({"model_name": "ensemble", "text_output": [" a", " b"]})),
+    (Api.TRITON_GENERATE_STREAM, j({"model_name": "ensemble", "text_output": [""]})),
+]
+
+
+@pytest.mark.parametrize(("api", "data"), REALISTIC_EVENTS)
+def test_patterns_agree_with_json_on_whole_events(api: Api, data: bytes) -> None:
+    # truncated=True forces the pattern path; on whole events it must read what json.loads reads.
+    assert parse_stream_event(api, data, truncated=True) == parse_stream_event(api, data)
+    spaced = data.replace(b'":', b'" : ').replace(b",", b", ")
+    assert parse_fragment(api, spaced) == parse_stream_event(api, data)
+
+
 def test_error_event_is_not_output() -> None:
     err = j({"error": {"message": "boom", "type": "BadRequestError", "code": 400}})
     assert parse_stream_event(Api.OPENAI_CHAT, err) == EventInfo(output=False)
