@@ -434,7 +434,7 @@ _STREAM = re.compile(rb'"stream"\s*:\s*(true|false)(?![A-Za-z0-9_])')
 _DONE_MARK = re.compile(rb"(?:^|data: ?)\[DONE\]", re.MULTILINE)
 
 # Per API: keys whose non-empty string value is generated output, and keys whose
-# list of objects is (tool calls, embeddings, Triton outputs).
+# non-empty list or object is (tool calls, embeddings, Triton outputs).
 _OUTPUT_STRINGS: dict[Api, frozenset[bytes]] = {
     Api.OPENAI_CHAT: frozenset((b"content", b"reasoning_content", b"reasoning", b"thinking", b"refusal")),
     Api.OPENAI_COMPLETIONS: frozenset((b"text",)),
@@ -448,7 +448,7 @@ _OUTPUT_STRINGS: dict[Api, frozenset[bytes]] = {
     Api.TRITON_INFER: frozenset(),
 }
 _OUTPUT_LISTS: dict[Api, frozenset[bytes]] = {
-    Api.OPENAI_CHAT: frozenset((b"tool_calls",)),
+    Api.OPENAI_CHAT: frozenset((b"tool_calls", b"function_call")),
     Api.OLLAMA_CHAT: frozenset((b"tool_calls",)),
     Api.OPENAI_EMBEDDINGS: frozenset((b"data",)),
     Api.TRITON_INFER: frozenset((b"outputs",)),

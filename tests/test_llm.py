@@ -427,6 +427,8 @@ REALISTIC_EVENTS = [
         Api.OPENAI_CHAT,
         j({"choices": [{"index": 0, "delta": {"role": None, "content": None, "reasoning_content": "r"}}]}),
     ),
+    (Api.OPENAI_CHAT, j({"choices": [{"index": 0, "delta": {"function_call": {"arguments": "{"}}}]})),
+    (Api.OPENAI_CHAT, j({"choices": [{"index": 0, "delta": {"content": None, "tool_calls": []}}]})),
     (
         Api.OPENAI_COMPLETIONS,
         j({"model": "m", "choices": [{"index": 0, "text": " a", "finish_reason": None}]}),
