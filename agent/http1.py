@@ -281,9 +281,15 @@ class H1Parser:
         if state == _UPGRADED:
             self._metrics.inc("infersight.parse.skipped.bytes", n, (("reason", "upgraded"),))
             return
+        if state == _RESYNC:
+            # Still looking for a start line, for the same reason; a candidate
+            # held at the end of the buffer cannot continue across the gap.
+            self._skip(len(self._buf), self._reason)
+            self._buf = b""
+            return
         # Framing is lost: whatever was buffered cannot be completed.
         if self._buf:
-            self._skip(len(self._buf), self._reason if state == _RESYNC else "gap")
+            self._skip(len(self._buf), "gap")
             self._buf = b""
         if state in (_CHUNK_SIZE, _CHUNK_CRLF, _TRAILER, _CHUNK_DATA):
             self._emit(EndOfMessage(False))

@@ -614,6 +614,14 @@ def test_gap_resync_is_counted_apart_from_failures() -> None:
     assert metrics.total("infersight.parse.failures") == 0
 
 
+def test_gap_during_resync_keeps_its_reason() -> None:
+    metrics = SelfMetrics()
+    got = run("request", [CLIENT_HELLO, 500, b"\x17\x03\x03GE", 7, b"T / HTTP/1.1\r\n\r\n"], metrics=metrics)
+    assert got == [Skipped(len(CLIENT_HELLO) + 5 + 16, "tls")  # "GE" + gap + "T / ..." is no request]
+    assert metrics.get("infersight.parse.failures", (("reason", "tls"),)) == 1
+    assert metrics.total("infersight.parse.resyncs") == 0
+
+
 def test_upgraded_bytes_are_counted_not_reported() -> None:
     metrics = SelfMetrics()
     got = run("response", [b"HTTP/1.1 101 Switching Protocols\r\n\r\n", b"\x00" * 50, 10], metrics=metrics)
