@@ -24,7 +24,10 @@ or close the connection:
 - A gap inside known body framing (the rest of a Content-Length body, or inside
   one chunk's data) keeps framing and yields :class:`BodyGap`. A gap anywhere
   else loses framing: the current message ends with
-  ``EndOfMessage(complete=False)`` and the parser resyncs. Framing lost to a
+  ``EndOfMessage(complete=False)`` and the parser resyncs. A head cut by a gap
+  after its whole start line is still reported (with the header lines that were
+  complete) and ended the same way, so a request with headers larger than the
+  capture keeps its method and path (counted as ``infersight.parse.cut.heads``). Framing lost to a
   gap is an expected consequence of bounded capture, not a parse failure: it is
   counted as ``infersight.parse.resyncs{reason="gap"}`` and its discarded bytes
   as ``infersight.parse.skipped.bytes{reason="gap"}``.
@@ -289,7 +292,10 @@ class H1Parser:
             return
         # Framing is lost: whatever was buffered cannot be completed.
         if self._buf:
-            self._skip(len(self._buf), "gap")
+            if state == _HEAD and self._emit_cut_head(self._buf):
+                self._emit(EndOfMessage(False))
+            else:
+                self._skip(len(self._buf), "gap")
             self._buf = b""
         if state in (_CHUNK_SIZE, _CHUNK_CRLF, _TRAILER, _CHUNK_DATA):
             self._emit(EndOfMessage(False))
@@ -435,6 +441,49 @@ class H1Parser:
                 )
             )
         return end.end(), True
+
+    def _emit_cut_head(self, buf: bytes) -> bool:
+        """Report a head cut by a gap when its start line is whole; False if it is not.
+
+        Captures are bounded: a request with large headers (cookies, tokens)
+        loses its end to a gap. Its method, target or status still name the
+        message; the header fields on complete lines are reported, the cut
+        line is dropped, and ``EndOfMessage(complete=False)`` follows.
+        """
+        line_end = buf.find(b"\n")
+        if line_end < 0:
+            return False
+        line = (_REQUEST_LINE if self._request else _STATUS_LINE).fullmatch(buf, 0, line_end + 1)
+        if line is None:
+            return False
+        last = buf.rfind(b"\n")
+        headers = _parse_fields(buf[line_end + 1 : last + 1])
+        if headers is None:
+            return False
+        self._metrics.inc(
+            "infersight.parse.cut.heads", 1, (("role", "request" if self._request else "response"),)
+        )
+        if self._request:
+            self._emit(
+                RequestHead(
+                    line.group(1).decode("ascii"),
+                    line.group(2).decode("utf-8", "replace"),
+                    line.group(3).decode("ascii"),
+                    headers,
+                )
+            )
+            return True
+        reason = line.group(3)
+        status = int(line.group(2))
+        if status >= 200 or status == 101:
+            if self._methods:
+                self._methods.popleft()
+        self._emit(
+            ResponseHead(
+                status, reason.decode("latin-1") if reason else "", line.group(1).decode("ascii"), headers
+            )
+        )
+        return True
 
     def _not_a_message(self, buf: bytes, pos: int) -> tuple[int, bool]:
         rest = buf[pos : pos + 16]

@@ -317,6 +317,33 @@ REQUEST_CASES = [
         [Skipped(16, "gap"), rq("GET", "/b"), EOM],
     ),
     Case(
+        "gap_in_head_after_start_line",
+        "request",
+        [
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: a\r\nCookie: abc",
+            4000,
+            b"xyz\r\n\r\n{}GET /b HTTP/1.1\r\n\r\n",
+        ],
+        [rq("POST", "/v1/chat/completions", ("host", "a")), CUT, Skipped(9, "gap"), rq("GET", "/b"), EOM],
+    ),
+    Case(
+        "gap_in_response_head_after_status_line",
+        "response",
+        [
+            b"HTTP/1.1 503 Service Unavailable\r\nRetry-Af",
+            10,
+            b"ter: 1\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+        ],
+        [
+            rs(503, "Service Unavailable"),
+            CUT,
+            Skipped(10, "gap"),
+            rs(200, "OK", ("content-length", "0")),
+            EOM,
+        ],
+        methods=("POST", "GET"),
+    ),
+    Case(
         "gap_in_chunk_size_line",
         "request",
         [b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n1", 2, b"\r\n0\r\n\r\n"],
