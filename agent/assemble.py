@@ -45,6 +45,7 @@ from agent.record import ActiveRequest, Request
 from agent.selfmetrics import SELF_METRICS, SelfMetrics
 from agent.sse import SSEParser
 from probes.socket_events import (
+    CF_FOREIGN,
     CF_PEER_EOF,
     CF_READ_ERR,
     CF_TERMINATED,
@@ -243,6 +244,7 @@ class Assembler:
         self._metrics = metrics
         self._on_proc_event = on_proc_event
         self._conns: OrderedDict[int, Conn] = OrderedDict()
+        self._gone: OrderedDict[int, None] = OrderedDict()
         self._by_fd: dict[tuple[int, int], int] = {}
         self._listen_ports: dict[tuple[int, int], int | None] = {}
         self._names: dict[int, str] = {}
@@ -295,15 +297,16 @@ class Assembler:
         old_id = self._by_fd.get((tgid, fd))
         if old_id is not None and old_id != conn_id:
             # the fd was reused: the old connection closed without us seeing it
-            old = self._conns.pop(old_id, None)
+            old = self._conns.get(old_id)
             if old is not None:
+                self._forget(old)
                 self._abandon(old, "close_lost")
         c = Conn(conn_id, tgid, fd, role)
         self._conns[conn_id] = c
         self._by_fd[(tgid, fd)] = conn_id
         if len(self._conns) > self.config.max_connections:
-            _, evicted = self._conns.popitem(last=False)
-            self._by_fd.pop((evicted.tgid, evicted.fd), None)
+            evicted = next(iter(self._conns.values()))
+            self._forget(evicted)
             self._metrics.inc("infersight.assembly.evictions", labels=(("what", "connection"),))
             self._abandon(evicted, "evicted")
         return c
@@ -371,8 +374,7 @@ class Assembler:
         if ev.kind == PK_EXIT:
             self._names.pop(ev.tgid, None)
             for c in [c for c in self._conns.values() if c.tgid == ev.tgid]:
-                self._conns.pop(c.conn_id, None)
-                self._by_fd.pop((c.tgid, c.fd), None)
+                self._forget(c)
                 if c.cur is not None and not c.cur.done:
                     self._finish(c, c.cur, None, process_exited=True)
         elif ev.tgid in self._names:
@@ -401,7 +403,6 @@ class Assembler:
                 if ex is not None and not ex.done:
                     # the previous response ended when this request began
                     self._finish(c, ex, None, next_request=True)
-                self._count_skipped_phases(c, ev.seq)
                 ex = Exchange(ev.seq, ev.ts_ns)
                 c.cur = ex
                 c.last_seq = ev.seq
@@ -419,10 +420,14 @@ class Assembler:
         ex = c.cur
         if ex is None or ex.seq != ev.seq:
             if ev.seq > c.last_seq:
-                # a response whose request records were all lost
-                self._count_skipped_phases(c, ev.seq)
+                # a response whose request records were all lost: the phase is
+                # seen now, and will be counted lost when it ends
+                if ex is not None and not ex.done:
+                    self._finish(c, ex, None, next_request=True)
+                ex = Exchange(ev.seq, ev.ts_ns)
+                ex.damaged = True
+                c.cur = ex
                 c.last_seq = ev.seq
-                c.cur = None
             else:
                 self._metrics.inc("infersight.assembly.orphan.writes")
             return
@@ -431,10 +436,6 @@ class Assembler:
             return
         ex.last_news_ns = ev.ts_ns
         self._feed_response(c, ex, ev)
-
-    def _count_skipped_phases(self, c: Conn, seq: int) -> None:
-        if c.last_seq and seq > c.last_seq + 1:
-            self._metrics.inc(LOST, seq - c.last_seq - 1, (("reason", "capture_lost"),))
 
     def _feed_request(self, c: Conn, ex: Exchange, ev: DataEvent) -> None:
         p = c.req_parser
@@ -581,17 +582,21 @@ class Assembler:
 
     # ---- summaries and completion -----------------------------------------------
     def _on_summary(self, ev: SummaryEvent) -> None:
+        if ev.flags & CF_FOREIGN:
+            self._metrics.inc("infersight.assembly.foreign.summaries")
+            return
         c = self._conns.get(ev.conn_id)
         if c is None:
-            if ev.seq and (ev.reason != SR_CLOSE or ev.writes or ev.reads):
-                # we never saw this connection's requests: the phase was lost
+            if ev.seq and ev.conn_id not in self._gone:
+                # the first record of this phase to arrive: the rest were lost
                 self._metrics.inc(LOST, 1, (("reason", "capture_lost"),))
+                self._remember_gone(ev.conn_id)
             return
         ex = c.cur
         if ev.seq > c.last_seq:
-            self._count_skipped_phases(c, ev.seq)
-            if ev.reason != SR_CLOSE or ev.reads:
-                self._metrics.inc(LOST, 1, (("reason", "capture_lost"),))
+            if ex is not None and not ex.done:
+                self._finish(c, ex, None, next_request=True)
+            self._metrics.inc(LOST, 1, (("reason", "capture_lost"),))
             c.last_seq = ev.seq
             ex = None
         if ex is not None and ex.seq == ev.seq and not ex.done:
@@ -599,9 +604,19 @@ class Assembler:
                 ex.damaged = True
             self._finish(c, ex, ev)
         if ev.reason == SR_CLOSE:
-            self._conns.pop(c.conn_id, None)
-            if self._by_fd.get((c.tgid, c.fd)) == c.conn_id:
-                self._by_fd.pop((c.tgid, c.fd), None)
+            self._forget(c)
+
+    def _forget(self, c: Conn) -> None:
+        self._conns.pop(c.conn_id, None)
+        if self._by_fd.get((c.tgid, c.fd)) == c.conn_id:
+            self._by_fd.pop((c.tgid, c.fd), None)
+        self._remember_gone(c.conn_id)
+
+    def _remember_gone(self, conn_id: int) -> None:
+        # connections already accounted for: a late summary must not count twice
+        self._gone[conn_id] = None
+        if len(self._gone) > 4096:
+            self._gone.popitem(last=False)
 
     def _abandon(self, c: Conn, reason: str) -> None:
         if c.cur is not None and not c.cur.done:
@@ -809,8 +824,7 @@ class Assembler:
                 assert c.cur is not None
                 c.cur.last_news_ns = now_mono_ns  # still streaming: check again later
                 continue
-            self._conns.pop(c.conn_id, None)
-            self._by_fd.pop((c.tgid, c.fd), None)
+            self._forget(c)
             self._abandon(c, "close_lost")
 
     def open_requests(self) -> int:

@@ -44,9 +44,47 @@ class Timings:
             f.write(line)
 
 
-def make_app(ttft_s: float = 0.05, tpot_s: float = 0.01, model: str = "demo-llm") -> FastAPI:
+class TimingMiddleware:
+    """Raw ASGI middleware: stamps the request's arrival at the application and
+    each response body message right before the server writes it, then logs
+    one line per request. The handler names its chunks in ``entry["chunks"]``
+    (kinds, in order); the stamps are paired with them here."""
+
+    def __init__(self, app: Any, timings: Timings) -> None:
+        self.app = app
+        self.timings = timings
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not self.timings._path:
+            await self.app(scope, receive, send)
+            return
+        entry: dict[str, Any] = {"path": scope["path"], "t_start": time.monotonic_ns(), "sends": [], "chunks": []}
+        scope.setdefault("state", {})["timing"] = entry
+
+        async def timed_send(msg: dict[str, Any]) -> None:
+            if msg["type"] == "http.response.body" and msg.get("body"):
+                entry["sends"].append(time.monotonic_ns())
+            await send(msg)
+            if msg["type"] == "http.response.body" and not msg.get("more_body"):
+                entry["t_end"] = time.monotonic_ns()
+
+        try:
+            await self.app(scope, receive, timed_send)
+        finally:
+            entry.setdefault("t_end", time.monotonic_ns())
+            kinds = entry.pop("chunks")
+            sends = entry.pop("sends")
+            entry["chunks"] = [[k, t] for k, t in zip(kinds, sends, strict=False)]
+            entry["aborted"] = bool(kinds) and kinds[-1] != "done"
+            self.timings.write(entry)
+
+
+def make_app(ttft_s: float = 0.05, tpot_s: float = 0.01, model: str = "demo-llm") -> Any:
     app = FastAPI()
     timings = Timings(os.environ.get("INFERSIGHT_DEMO_TIMINGS"))
+
+    def entry_of(request: Request) -> dict[str, Any]:
+        return request.scope.get("state", {}).get("timing", {"chunks": []})
 
     def plan(body: dict[str, Any]) -> tuple[int, float, float]:
         n = int(body.get("max_tokens") or body.get("options", {}).get("num_predict") or 16)
@@ -58,19 +96,18 @@ def make_app(ttft_s: float = 0.05, tpot_s: float = 0.01, model: str = "demo-llm"
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Any:
-        t0 = time.monotonic_ns()
         body = await request.json()
         n, first, per = plan(body)
         name = body.get("model") or model
         rid = "chatcmpl-" + uuid.uuid4().hex[:24]
         created = int(time.time())
         prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in body.get("messages", []))
-        entry: dict[str, Any] = {"path": "/v1/chat/completions", "t_start": t0, "chunks": [], "model": name}
+        entry = entry_of(request)
+        entry["model"] = name
         if not body.get("stream"):
             await asyncio.sleep(first + per * (n - 1))
             text = " ".join(WORDS[i % len(WORDS)] for i in range(n))
-            entry["t_end"] = time.monotonic_ns()
-            timings.write(entry)
+            entry["chunks"].append("done")
             return JSONResponse(
                 {
                     "id": rid,
@@ -97,57 +134,50 @@ def make_app(ttft_s: float = 0.05, tpot_s: float = 0.01, model: str = "demo-llm"
             return b"data: " + json.dumps(c, separators=(",", ":")).encode() + b"\n\n"
 
         async def gen() -> AsyncIterator[bytes]:
-            try:
-                # like vLLM: a role-only first event, before any token exists
-                entry["chunks"].append(["role", time.monotonic_ns()])
-                yield chunk({"role": "assistant", "content": ""})
-                await asyncio.sleep(first)
-                for i in range(n):
-                    if i:
-                        await asyncio.sleep(per)
-                    entry["chunks"].append(["token", time.monotonic_ns()])
-                    yield chunk({"content": WORDS[i % len(WORDS)] + " "})
-                entry["chunks"].append(["finish", time.monotonic_ns()])
-                yield chunk({}, "length")
-                if include_usage:
-                    u: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
-                         "choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": n,
-                                                  "total_tokens": prompt_tokens + n}}
-                    entry["chunks"].append(["usage", time.monotonic_ns()])
-                    yield b"data: " + json.dumps(u, separators=(",", ":")).encode() + b"\n\n"
-                entry["chunks"].append(["done", time.monotonic_ns()])
-                yield b"data: [DONE]\n\n"
-                entry["t_end"] = time.monotonic_ns()
-            finally:
-                entry.setdefault("t_end", time.monotonic_ns())
-                entry["aborted"] = entry["chunks"][-1][0] != "done" if entry["chunks"] else True
-                timings.write(entry)
+            # like vLLM: a role-only first event, before any token exists
+            entry["chunks"].append("role")
+            yield chunk({"role": "assistant", "content": ""})
+            await asyncio.sleep(first)
+            for i in range(n):
+                if i:
+                    await asyncio.sleep(per)
+                entry["chunks"].append("token")
+                yield chunk({"content": WORDS[i % len(WORDS)] + " "})
+            entry["chunks"].append("finish")
+            yield chunk({}, "length")
+            if include_usage:
+                u: dict[str, Any] = {
+                    "id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
+                    "choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": n,
+                                             "total_tokens": prompt_tokens + n}}
+                entry["chunks"].append("usage")
+                yield b"data: " + json.dumps(u, separators=(",", ":")).encode() + b"\n\n"
+            entry["chunks"].append("done")
+            yield b"data: [DONE]\n\n"
 
         return StreamingResponse(gen(), media_type="text/event-stream")
 
     @app.post("/api/generate")
     async def ollama_generate(request: Request) -> Any:
-        t0 = time.monotonic_ns()
         body = await request.json()
         n, first, per = plan(body)
         name = body.get("model") or model
-        entry: dict[str, Any] = {"path": "/api/generate", "t_start": t0, "chunks": [], "model": name}
+        entry = entry_of(request)
 
         async def gen() -> AsyncIterator[bytes]:
             await asyncio.sleep(first)
             for i in range(n):
                 if i:
                     await asyncio.sleep(per)
-                entry["chunks"].append(["token", time.monotonic_ns()])
-                yield json.dumps({"model": name, "created_at": "2026-01-01T00:00:00Z",
-                                  "response": WORDS[i % len(WORDS)] + " ", "done": False}).encode() + b"\n"
+                entry["chunks"].append("token")
+                line = {"model": name, "created_at": "2026-01-01T00:00:00Z",
+                        "response": WORDS[i % len(WORDS)] + " ", "done": False}
+                yield json.dumps(line, separators=(",", ":")).encode() + b"\n"
             final = {"model": name, "created_at": "2026-01-01T00:00:00Z", "response": "", "done": True,
                      "done_reason": "length", "context": list(range(300)), "total_duration": 1,
                      "prompt_eval_count": 7, "eval_count": n, "eval_duration": 1}
-            entry["chunks"].append(["done", time.monotonic_ns()])
-            yield json.dumps(final).encode() + b"\n"
-            entry["t_end"] = time.monotonic_ns()
-            timings.write(entry)
+            entry["chunks"].append("done")
+            yield json.dumps(final, separators=(",", ":")).encode() + b"\n"
 
         if body.get("stream") is False:
             await asyncio.sleep(first + per * (n - 1))
@@ -155,7 +185,7 @@ def make_app(ttft_s: float = 0.05, tpot_s: float = 0.01, model: str = "demo-llm"
                                  "prompt_eval_count": 7, "eval_count": n})
         return StreamingResponse(gen(), media_type="application/x-ndjson")
 
-    return app
+    return TimingMiddleware(app, timings)
 
 
 def main(argv: list[str] | None = None) -> None:

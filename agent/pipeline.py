@@ -376,5 +376,8 @@ class Pipeline:
         m.set("infersight.kernel.connections", k["conns"])
         m.set("infersight.kernel.conn_map.full", k["conn_full"])
         m.set("infersight.kernel.truncated", k["truncated"])
+        # request phases none of whose records arrived: lost, counted by the kernel
+        m.describe("infersight.requests.lost", "counter", "Requests seen but not recorded, by reason.")
+        m.set("infersight.requests.lost", k["unreported"], (("reason", "unreported"),))
         ru = resource.getrusage(resource.RUSAGE_SELF)
         m.set("infersight.process.cpu.seconds", ru.ru_utime + ru.ru_stime)

@@ -60,6 +60,7 @@ COUNTER_NAMES = (
     "conns",
     "conn_full",
     "truncated",
+    "unreported",
 )
 GAP_BUCKETS = 32
 
@@ -69,9 +70,9 @@ class Layout:
     """Capture sizes compiled into the probe (cflags -D...)."""
 
     head_cap: int = 2048
-    tail_cap: int = 256
+    tail_cap: int = 512
     tail_slots: int = 8
-    ring_head: int = 96
+    ring_head: int = 192
 
 
 def ctypes_structs(layout: Layout) -> dict[str, type[ctypes.Structure]]:

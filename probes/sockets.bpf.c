@@ -101,7 +101,7 @@ struct conn_t {
     u8 phase;
     u8 flags;
     u8 summarized;      /* the current phase's summary was sent */
-    u32 pad;
+    u32 reported_seq;   /* the last phase with at least one record delivered */
     u32 gaps[GAP_BUCKETS];
 };
 
@@ -169,9 +169,19 @@ static __always_inline int emit(void *data, u64 size, u32 lost_idx, struct conn_
             c->lost += 1;
         return -1;
     }
-    if (c)
+    if (c) {
         c->lost = 0;
+        c->reported_seq = c->seq;
+    }
     return 0;
+}
+
+/* A request phase ends. If none of its records reached user space, user space
+ * cannot know it existed: count it here, so that every request is either a
+ * record or a counted loss. */
+static __always_inline void phase_ends(struct conn_t *c) {
+    if (c->seq && c->reported_seq != c->seq && !(c->flags & CF_FOREIGN))
+        count(C_UNREPORTED);
 }
 
 static __always_inline u32 log2_u64(u64 v) {
@@ -411,6 +421,7 @@ static __always_inline void on_data(u64 pid_tgid, struct args_t *a, s64 ret) {
             /* a new request: close out the previous response first */
             if (c->phase == PH_RESP && !c->summarized && c->writes > SAMPLE_WRITES)
                 send_summary(c, key, tgid, a->fd, SR_NEXT_REQUEST, now);
+            phase_ends(c);
             c->seq += 1;
             c->phase = PH_REQ;
             c->req_start_ns = now;
@@ -679,6 +690,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close) {
         return 0;
     if (c->seq || c->phase != PH_IDLE)
         send_summary(c, key, tgid, fd, SR_CLOSE, bpf_ktime_get_ns());
+    phase_ends(c);
     conns.delete(&key);
     tails.delete(&key);
     return 0;

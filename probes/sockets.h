@@ -14,7 +14,7 @@
 #define HEAD_CAP 2048       /* bytes captured from the start of a syscall's data (power of 2) */
 #endif
 #ifndef TAIL_CAP
-#define TAIL_CAP 256        /* bytes captured from the end of a syscall's data (power of 2) */
+#define TAIL_CAP 512        /* bytes captured from the end of a syscall's data (power of 2) */
 #endif
 #ifndef TAIL_SLOTS
 #define TAIL_SLOTS 8        /* last response writes kept per stream (power of 2); an OpenAI
@@ -69,7 +69,8 @@
 #define C_CONNS 6           /* connections tracked from accept/connect */
 #define C_CONN_FULL 7       /* conn map updates that failed */
 #define C_TRUNCATED 8       /* syscalls larger than what was captured */
-#define C_COUNTERS 9
+#define C_UNREPORTED 9      /* request phases that ended with none of their records delivered */
+#define C_COUNTERS 10
 
 struct data_event_t {
     u8 type;
@@ -134,7 +135,7 @@ struct summary_event_t {
  * the last TAIL_CAP - RING_HEAD (Ollama's last line carries done_reason near
  * its start and eval_count at its end, with a long `context` array between). */
 #ifndef RING_HEAD
-#define RING_HEAD 96
+#define RING_HEAD 192
 #endif
 
 struct conn_event_t {

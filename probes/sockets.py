@@ -56,7 +56,7 @@ class SocketProbeConfig:
 
     head_cap: int = 2048
     """Bytes captured from the start of each captured syscall (power of 2)."""
-    tail_cap: int = 256
+    tail_cap: int = 512
     """Bytes captured from the end of a syscall's data (power of 2)."""
     tail_slots: int = 8
     """Last response writes of a long stream kept in the kernel (power of 2)."""
@@ -79,7 +79,7 @@ class SocketProbeConfig:
     trace_clients: bool = False
     """Also trace connections the targets open (client spans)."""
 
-    ring_head: int = 96
+    ring_head: int = 192
     """Of a long write in the tail ring, bytes kept from its start (the rest from its end)."""
 
     @property

@@ -1,0 +1,162 @@
+"""Shared plumbing for end-to-end tests: real servers in subprocesses, and the
+real capture pipeline (real BPF) attached to them."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from agent.assemble import AssemblyConfig
+from agent.pipeline import Pipeline, PipelineConfig
+from agent.record import Request
+from agent.selfmetrics import SelfMetrics
+from agent.targets import TargetConfig
+from probes.socket_events import Decoder
+from probes.sockets import SocketProbe, SocketProbeConfig
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(cond: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or cond}")
+        time.sleep(interval)
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen[bytes]
+    port: int
+    timings_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def timings(self) -> list[dict[str, Any]]:
+        if not self.timings_path.exists():
+            return []
+        return [json.loads(line) for line in self.timings_path.read_text().splitlines() if line.strip()]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def start_server(argv: list[str], port: int, tmp: Path, name: str = "server") -> Server:
+    timings = tmp / f"{name}-{port}-timings.jsonl"
+    env = dict(os.environ, INFERSIGHT_DEMO_TIMINGS=str(timings), PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    srv = Server(proc, port, timings)
+
+    def healthy() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"{name} exited: {proc.stderr.read().decode() if proc.stderr else ''}")
+        try:
+            return httpx.get(f"{srv.url}/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(healthy, 20, 0.1, f"{name} on port {port}")
+    return srv
+
+
+def start_demo_server(tmp: Path, port: int | None = None, loop: str = "uvloop") -> Server:
+    port = port or free_port()
+    return start_server([sys.executable, "-m", "agent.demo_server", "--port", str(port), "--loop", loop],
+                        port, tmp, "demo")
+
+
+@dataclass
+class ListSink:
+    records: list[Request] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def emit(self, record: Request) -> None:
+        with self.lock:
+            self.records.append(record)
+
+    def flush(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        pass
+
+    def snapshot(self) -> list[Request]:
+        with self.lock:
+            return list(self.records)
+
+
+@dataclass
+class Agent:
+    pipeline: Pipeline
+    sink: ListSink
+    metrics: SelfMetrics
+
+    def mark(self) -> int:
+        return len(self.sink.snapshot())
+
+    def since(self, mark: int) -> list[Request]:
+        return self.sink.snapshot()[mark:]
+
+    def wait_records(self, mark: int, n: int, timeout: float = 10.0, pred: Callable[[Request], bool] | None = None,
+                     ) -> list[Request]:
+        def got() -> list[Request] | None:
+            recs = [r for r in self.since(mark) if pred is None or pred(r)]
+            return recs if len(recs) >= n else None
+
+        recs = wait_for(got, timeout, 0.05, f"{n} records")
+        return list(recs)
+
+
+@contextmanager
+def running_agent(targets: TargetConfig, probe: SocketProbeConfig | None = None,
+                  drain_interval_s: float = 0.05, idle_check_s: float = 30.0) -> Iterator[Agent]:
+    probe_cfg = probe or SocketProbeConfig()
+    metrics = SelfMetrics()
+    sink = ListSink()
+    cfg = PipelineConfig(
+        assembly=AssemblyConfig(sample_writes=probe_cfg.sample_writes, tail_slots=probe_cfg.tail_slots,
+                                idle_check_s=idle_check_s),
+        targets=targets,
+        drain_interval_s=drain_interval_s,
+    )
+    p = Pipeline(cfg, lambda cb: SocketProbe(probe_cfg, on_records=cb, metrics=metrics), [sink],
+                 metrics=metrics, layout_decoder=Decoder(probe_cfg.layout))
+    p.start()
+    try:
+        yield Agent(p, sink, metrics)
+    finally:
+        p.stop()

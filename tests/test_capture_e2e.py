@@ -1,0 +1,348 @@
+"""End to end, with real eBPF: real servers, real clients, the real pipeline.
+
+The servers record their own monotonic timestamps (handler start, each chunk
+handed to the server, end); the agent's TTFT and durations must match them
+within 2 ms. Records are counted exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from agent.record import RECORD_KEYS
+from agent.targets import TargetConfig
+from probes.sockets import SocketProbeConfig
+from tests.harness import (
+    REPO,
+    Agent,
+    Server,
+    free_port,
+    running_agent,
+    start_demo_server,
+    start_server,
+    wait_for,
+)
+
+pytestmark = pytest.mark.ebpf
+
+TOL = 0.002  # seconds: the agent vs the server's own clock
+
+
+@pytest.fixture(scope="module")
+def tmp_module(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("e2e")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_module: Path) -> Iterator[Server]:
+    srv = start_demo_server(tmp_module)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def aio(tmp_module: Path) -> Iterator[Server]:
+    port = free_port()
+    srv = start_server([sys.executable, "-m", "tests.servers.aiohttp_sse", str(port)], port, tmp_module, "aiohttp")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def agent(demo: Server, aio: Server) -> Iterator[Agent]:
+    with running_agent(TargetConfig(pids=(demo.pid, aio.pid))) as a:
+        yield a
+
+
+def _stream_timings(entry: dict) -> tuple[float, float, float]:
+    """(ttft, tpot, duration) as the server saw them."""
+    tokens = [t for kind, t in entry["chunks"] if kind == "token"]
+    ttft = (tokens[0] - entry["t_start"]) / 1e9
+    tpot = (tokens[-1] - tokens[0]) / 1e9 / (len(tokens) - 1) if len(tokens) > 1 else 0.0
+    return ttft, tpot, (entry["t_end"] - entry["t_start"]) / 1e9
+
+
+def _client(srv: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+
+
+@pytest.mark.parametrize("n_tokens,usage", [(1, True), (3, False), (12, True), (60, True)])
+def test_openai_streaming_records_match_server(agent: Agent, demo: Server, n_tokens: int, usage: bool) -> None:
+    client = _client(demo)
+    mark = agent.mark()
+    t_mark = len(demo.timings())
+    for _ in range(3):
+        stream = client.chat.completions.create(
+            model="llama-e2e",
+            messages=[{"role": "user", "content": "count for me"}],
+            stream=True,
+            max_tokens=n_tokens,
+            stream_options={"include_usage": True} if usage else None,
+            extra_body={"ttft_s": 0.04, "tpot_s": 0.004},
+        )
+        chunks = list(stream)
+        assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) == n_tokens
+    recs = agent.wait_records(mark, 3)
+    time.sleep(0.2)
+    assert len(agent.since(mark)) == 3
+    server = demo.timings()[t_mark:]
+    assert len(server) == 3
+    for rec, entry in zip(recs, server, strict=True):
+        assert rec.method == "POST" and rec.path == "/v1/chat/completions"
+        assert rec.status_code == 200
+        assert rec.streaming is True
+        assert rec.request_model == "llama-e2e" and rec.response_model == "llama-e2e"
+        assert rec.operation == "chat"
+        assert rec.output_events == n_tokens
+        assert rec.finish_reasons == ("length",)
+        assert rec.output_tokens == (n_tokens if usage else None)
+        assert rec.aborted is False and rec.error_type is None
+        assert rec.server_port == demo.port and rec.client_address == "127.0.0.1"
+        ttft, tpot, duration = _stream_timings(entry)
+        assert rec.time_to_first_token_s is not None
+        assert abs(rec.time_to_first_token_s - ttft) <= TOL, (rec.time_to_first_token_s, ttft)
+        assert abs(rec.duration_s - duration) <= TOL, (rec.duration_s, duration)
+        if n_tokens > 1:
+            assert rec.time_per_output_token_s is not None
+            assert abs(rec.time_per_output_token_s - tpot) <= TOL / 2, (rec.time_per_output_token_s, tpot)
+        else:
+            assert rec.time_per_output_token_s is None
+
+
+def test_openai_non_streaming(agent: Agent, demo: Server) -> None:
+    client = _client(demo)
+    mark = agent.mark()
+    t_mark = len(demo.timings())
+    resp = client.chat.completions.create(model="m-json", messages=[{"role": "user", "content": "hi there you"}],
+                                          max_tokens=5, extra_body={"ttft_s": 0.02, "tpot_s": 0.001})
+    assert resp.usage is not None
+    (rec,) = agent.wait_records(mark, 1)
+    entry = demo.timings()[t_mark]
+    assert rec.streaming is False and rec.status_code == 200
+    assert rec.request_model == rec.response_model == "m-json"
+    assert rec.input_tokens == resp.usage.prompt_tokens and rec.output_tokens == 5
+    assert rec.finish_reasons == ("length",)
+    assert rec.time_to_first_token_s is None and rec.output_events is None
+    assert abs(rec.duration_s - (entry["t_end"] - entry["t_start"]) / 1e9) <= TOL
+
+
+def test_keepalive_reuse_and_exact_counts(agent: Agent, demo: Server) -> None:
+    mark = agent.mark()
+    with httpx.Client(base_url=demo.url) as c:
+        for i in range(25):
+            r = c.get("/health") if i % 5 else c.get("/missing")
+            assert r.status_code in (200, 404)
+    recs = agent.wait_records(mark, 25)
+    time.sleep(0.3)
+    assert len(agent.since(mark)) == 25
+    assert [r.status_code for r in recs] == [404 if i % 5 == 0 else 200 for i in range(25)]
+    assert {r.method for r in recs} == {"GET"}
+    assert len({r.client_port for r in recs}) == 1, "one keep-alive connection"
+    assert all(r.operation is None and r.streaming is False for r in recs)
+
+
+def test_client_abort_is_detected(agent: Agent, demo: Server) -> None:
+    mark = agent.mark()
+    t_mark = len(demo.timings())
+    body = {"model": "abort-me", "messages": [{"role": "user", "content": "x"}], "stream": True,
+            "max_tokens": 500, "ttft_s": 0.01, "tpot_s": 0.01}
+    with httpx.Client(base_url=demo.url) as c, c.stream("POST", "/v1/chat/completions", json=body) as r:
+        seen = 0
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                seen += 1
+            if seen == 6:
+                break
+    (rec,) = agent.wait_records(mark, 1)
+    assert rec.aborted is True
+    assert rec.status_code == 200 and rec.request_model == "abort-me"
+    assert rec.output_events is not None and 4 <= rec.output_events < 500
+    wait_for(lambda: len(demo.timings()) > t_mark, 5)
+    assert demo.timings()[t_mark]["aborted"] is True
+
+
+def test_ollama_ndjson(agent: Agent, demo: Server) -> None:
+    mark = agent.mark()
+    with httpx.Client(base_url=demo.url) as c:
+        r = c.post("/api/generate", json={"model": "llama3:8b", "prompt": "why", "options": {"num_predict": 9},
+                                          "ttft_s": 0.02, "tpot_s": 0.002})
+        lines = [json.loads(x) for x in r.text.splitlines()]
+    assert lines[-1]["done"] is True
+    (rec,) = agent.wait_records(mark, 1)
+    assert rec.path == "/api/generate" and rec.operation == "generate_content"
+    assert rec.streaming is True and rec.output_events == 9
+    assert rec.request_model == "llama3:8b" == rec.response_model
+    assert rec.input_tokens == 7 and rec.output_tokens == 9
+    assert rec.finish_reasons == ("length",)
+
+
+def test_traceparent_joins_client_trace(agent: Agent, demo: Server) -> None:
+    mark = agent.mark()
+    tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    httpx.get(demo.url + "/health", headers={"traceparent": tp})
+    (rec,) = agent.wait_records(mark, 1)
+    assert rec.trace_id == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert rec.parent_span_id == "00f067aa0ba902b7"
+    assert rec.span_id and rec.span_id != rec.parent_span_id
+
+
+def test_second_stack_aiohttp(agent: Agent, aio: Server) -> None:
+    client = _client(aio)
+    mark = agent.mark()
+    t_mark = len(aio.timings())
+    for n in (1, 7, 30):
+        chunks = list(client.chat.completions.create(model="aio", messages=[{"role": "user", "content": "q"}],
+                                                     stream=True, max_tokens=n,
+                                                     extra_body={"ttft_s": 0.03, "tpot_s": 0.003}))
+        assert chunks
+    client.chat.completions.create(model="aio", messages=[{"role": "user", "content": "q"}])
+    recs = agent.wait_records(mark, 4)
+    time.sleep(0.2)
+    assert len(agent.since(mark)) == 4
+    server = aio.timings()[t_mark:]
+    for n, rec, entry in zip((1, 7, 30), recs[:3], server[:3], strict=True):
+        assert rec.status_code == 200 and rec.streaming and rec.output_events == n
+        assert rec.finish_reasons == ("stop",)
+        ttft, _, duration = _stream_timings(entry)
+        assert rec.time_to_first_token_s is not None
+        assert abs(rec.time_to_first_token_s - ttft) <= TOL, (rec.time_to_first_token_s, ttft)
+        assert abs(rec.duration_s - duration) <= TOL, (rec.duration_s, duration)
+    assert recs[3].streaming is False and recs[3].output_tokens == 1 and recs[3].input_tokens == 3
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk not installed")
+def test_wrk_load_counts_exactly(agent: Agent, demo: Server) -> None:
+    mark = agent.mark()
+    t_mark = len(demo.timings())
+    out = subprocess.run(["wrk", "-t1", "-c4", "-d2s", demo.url + "/health"], capture_output=True, text=True,
+                         timeout=30, check=True).stdout
+    completed = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+
+    def settled() -> bool:
+        served = len(demo.timings()) - t_mark
+        return served >= completed and len(agent.since(mark)) >= served
+
+    wait_for(settled, 15)
+    time.sleep(0.5)
+    served = len(demo.timings()) - t_mark
+    recs = agent.since(mark)
+    assert served >= completed > 100
+    assert len(recs) == served, (len(recs), served, completed)
+    assert all(r.status_code == 200 and r.path == "/health" for r in recs)
+
+
+def test_no_prompt_or_completion_text_in_records(agent: Agent, demo: Server) -> None:
+    canary = "CANARY-7f3a9c-prompt-text"
+    mark = agent.mark()
+    client = _client(demo)
+    list(client.chat.completions.create(model="m", messages=[{"role": "user", "content": canary}], stream=True,
+                                        max_tokens=4))
+    client.chat.completions.create(model="m", messages=[{"role": "user", "content": canary}], max_tokens=4)
+    recs = agent.wait_records(mark, 2)
+    for r in recs:
+        text = r.to_json()
+        assert canary not in text
+        # completion words of the demo server never appear either
+        assert "quick" not in text and "brown" not in text
+
+
+def test_requests_accounted_with_tiny_ring_buffer(tmp_path: Path) -> None:
+    """A 1-page ring buffer drained slowly must lose records; every request is
+    then either a record or a counted loss."""
+    srv = start_demo_server(tmp_path)
+    try:
+        cfg = SocketProbeConfig(ringbuf_pages=1, wakeup_every=1 << 30)
+        with running_agent(TargetConfig(pids=(srv.pid,)), probe=cfg, drain_interval_s=0.5,
+                           idle_check_s=1.0) as a:
+            sent = 0
+            body = {"model": "loss", "messages": [{"role": "user", "content": "x" * 1500}], "stream": True,
+                    "max_tokens": 6, "ttft_s": 0.0, "tpot_s": 0.0}
+            with httpx.Client(base_url=srv.url, limits=httpx.Limits(max_connections=8)) as c:
+                for i in range(120):
+                    if i % 2:
+                        r = c.post("/v1/chat/completions", json=body)
+                    else:
+                        r = c.get("/health")
+                    assert r.status_code == 200
+                    sent += 1
+
+            def settled() -> bool:
+                lost = a.metrics.total("infersight.requests.lost")
+                return len(a.sink.snapshot()) + lost >= sent
+
+            # closes and idle checks finish the last requests
+            wait_for(settled, 20)
+            time.sleep(1.5)
+            records = len(a.sink.snapshot())
+            lost = a.metrics.total("infersight.requests.lost")
+            kernel_requests = a.pipeline.probe.counters()["requests"]  # type: ignore[union-attr]
+            kernel_lost = sum(v for k, v in a.pipeline.probe.counters().items()  # type: ignore[union-attr]
+                              if k.startswith("lost_"))
+        assert kernel_requests == sent
+        assert kernel_lost > 0, "the tiny ring buffer should have overflowed"
+        assert lost > 0
+        assert records + lost == sent, (records, lost, sent)
+    finally:
+        srv.stop()
+
+
+def test_restarted_server_is_picked_up(tmp_path: Path) -> None:
+    port = free_port()
+    srv = start_demo_server(tmp_path, port)
+    try:
+        with running_agent(TargetConfig(ports=(port,), rescan_s=30.0)) as a:
+            mark = a.mark()
+            httpx.get(srv.url + "/before-restart")
+            (r1,) = a.wait_records(mark, 1, pred=lambda r: r.path == "/before-restart")
+            assert r1.pid == srv.pid and r1.status_code == 404
+            srv.stop()
+            srv = start_demo_server(tmp_path, port)
+            # picked up from its listen() event, long before the 30 s rescan
+            wait_for(lambda: srv.pid in a.pipeline.targets, 5, what="new server traced")
+            mark = a.mark()
+            httpx.get(srv.url + "/after-restart")
+            (r2,) = a.wait_records(mark, 1, timeout=5, pred=lambda r: r.path == "/after-restart")
+            assert r2.pid == srv.pid != r1.pid
+    finally:
+        srv.stop()
+
+
+def test_cli_run_jsonl_and_sigterm(tmp_path: Path) -> None:
+    srv = start_demo_server(tmp_path)
+    out = tmp_path / "records.jsonl"
+    log = tmp_path / "agent.log"
+    try:
+        with open(log, "w") as logf:
+            agent = subprocess.Popen(
+                [sys.executable, "-m", "agent.cli", "run", "--pid", str(srv.pid), "--jsonl", str(out),
+                 "--prometheus-port", "0"],
+                cwd=REPO, stdout=logf, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONPATH=str(REPO)),
+            )
+        wait_for(lambda: "attached to 1 target" in log.read_text(), 30, what="agent attached")
+        with httpx.Client(base_url=srv.url) as c:
+            for _ in range(3):
+                c.get("/health")
+            c.post("/v1/chat/completions", json={"model": "cli", "messages": [], "stream": True, "max_tokens": 2})
+        wait_for(lambda: out.exists() and len(out.read_text().splitlines()) >= 4, 10)
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(20) == 0
+        rows = [json.loads(x) for x in out.read_text().splitlines()]
+        assert len(rows) == 4
+        for row in rows:
+            assert set(RECORD_KEYS) <= set(row)
+        assert rows[-1]["gen_ai.request.model"] == "cli" and rows[-1]["streaming"] is True
+    finally:
+        srv.stop()
