@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -81,8 +82,9 @@ TOGGLES: dict[str, dict[str, Any]] = {
     },
     "agent-config": {
         "agent": {
-            "config": {"export": {"prometheus": {"port": 9464}}, "targets": {"ports": [8000]}},
+            "config": {"max_conns": 32768, "ringbuf_pages": 512, "comm": ["vllm"]},
             "targetPorts": [8000, 8080],
+            "targetComms": ["vllm", "sglang"],
             "sampleRatio": 0.25,
             "extraArgs": ["--comm", "vllm"],
             "extraEnv": [{"name": "INFERSIGHT_EXTRA", "value": "1"}],
@@ -417,7 +419,7 @@ def test_host_mounts_and_their_modes() -> None:
 def test_environment_from_values_and_downward_api() -> None:
     env = {e["name"]: e for e in agent_container(documents(TOGGLES["otlp"]))["env"]}
     assert env["NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
-    assert env["INFERSIGHT_HOST_PROC"]["value"] == "/host/proc"
+    assert env["INFERSIGHT_PROC"]["value"] == "/host/proc"
     assert env["INFERSIGHT_PROMETHEUS_PORT"]["value"] == "9464"
     assert env["OTEL_EXPORTER_OTLP_ENDPOINT"]["value"] == "http://otel-collector.observability:4317"
     assert env["OTEL_EXPORTER_OTLP_PROTOCOL"]["value"] == "grpc"
@@ -437,7 +439,8 @@ def test_agent_config_file_and_arguments() -> None:
     container = agent_container(docs)
     assert container["args"] == ["--config", "/etc/infersight/config.yaml", "--comm", "vllm"]
     env = {e["name"]: e.get("value") for e in container["env"]}
-    assert env["INFERSIGHT_TARGET_PORTS"] == "8000,8080"
+    assert env["INFERSIGHT_PORT"] == "8000,8080"
+    assert env["INFERSIGHT_COMM"] == "vllm,sglang"
     assert env["INFERSIGHT_SAMPLE_RATIO"] == "0.25"
     assert env["INFERSIGHT_EXTRA"] == "1"
     cm = one(docs, "ConfigMap")
@@ -446,6 +449,40 @@ def test_agent_config_file_and_arguments() -> None:
     assert len(annotations["checksum/config"]) == 64  # restarts the pods when the config changes
     assert annotations["example.com/team"] == "ml-platform"
     assert "args" not in agent_container(documents({}))
+
+
+def test_the_agent_cli_accepts_the_rendered_environment_and_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The chart speaks to `infersight run` through INFERSIGHT_* variables and a YAML file; feed both
+    # to the real option resolver, which refuses unknown keys.
+    from agent.cli import RUN_OPTIONS, build_parser, resolve_run_options
+
+    docs = documents(TOGGLES["agent-config"])
+    container = agent_container(docs)
+    chart_env = {e["name"]: e["value"] for e in container["env"] if e["name"].startswith("INFERSIGHT_")}
+    chart_env.pop("INFERSIGHT_EXTRA")  # extraEnv, the user's own
+    for name in chart_env:
+        assert name.removeprefix("INFERSIGHT_").lower() in RUN_OPTIONS, name
+    config = tmp_path / "config.yaml"
+    config.write_text(one(docs, "ConfigMap")["data"]["config.yaml"])
+    for name in list(os.environ):
+        if name.startswith("INFERSIGHT_"):
+            monkeypatch.delenv(name)
+    for name, value in chart_env.items():
+        monkeypatch.setenv(name, value)
+    args = container["args"]
+    assert args[:2] == ["--config", "/etc/infersight/config.yaml"]
+    opts = resolve_run_options(build_parser().parse_args(["run", "--config", str(config), *args[2:]]))
+    assert opts["proc"] == "/host/proc"
+    assert opts["port"] == (8000, 8080)
+    assert opts["comm"] == ("vllm",)  # the command line wins over the environment
+    assert opts["prometheus_port"] == 9464
+    assert opts["sample_ratio"] == 0.25
+    assert opts["max_conns"] == 32768 and opts["ringbuf_pages"] == 512
+    # The values schema lists exactly the options the file may hold.
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert set(schema["properties"]["agent"]["properties"]["config"]["properties"]) == set(RUN_OPTIONS)
 
 
 def test_image_tag_and_digest() -> None:
