@@ -510,21 +510,24 @@ class CudaProbe:
     def stop(self) -> None:
         """Stop the thread, read every bucket left (the current ones too) and detach.
 
-        After stop() the history stays readable; the probe cannot be started again.
+        Detaching takes seconds (the kernel unregisters each uprobe in turn; about
+        0.1 s per probe here), outside the lock: readers are not held up. After
+        stop() the history stays readable; the probe cannot be started again.
         """
         self._stop.set()
         if self._thread:
             self._thread.join(timeout=10)
             self._thread = None
         with self._lock:
-            if self._bpf is None:
+            bpf = self._bpf
+            if bpf is None:
                 return
             self.poll(flush=True)
-            try:
-                self._bpf.cleanup()
-            except Exception as exc:
-                self._log_once("cleanup", "CUDA probe detach failed: %s", exc)
             self._bpf = None
+        try:
+            bpf.cleanup()
+        except Exception as exc:
+            self._log_once("cleanup", "CUDA probe detach failed: %s", exc)
 
     def _run(self) -> None:
         c = self.config
@@ -614,6 +617,8 @@ class CudaProbe:
         for pid, start in targets.items():
             view = self._read_pid(pid)
             with self._lock:
+                if self._bpf is None:
+                    return  # stopped meanwhile
                 if pid not in self._pids:
                     continue  # removed meanwhile
                 if view is None or view[0] != start:
@@ -735,10 +740,9 @@ class CudaProbe:
     def poll(self, *, flush: bool = False) -> list[CudaBucket]:
         """Read and delete completed buckets (all buckets with ``flush``), oldest first.
 
-        Every ``alloc_audit_s`` (and on ``flush``) the allocation map is audited too.
-
         Completed means ended at least ``settle_ns`` ago. The buckets also go
         into the per-process history that :meth:`window` and :meth:`points` read.
+        Every ``alloc_audit_s`` (and on ``flush``) the allocation map is audited too.
         """
         c = self.config
         with self._lock:
