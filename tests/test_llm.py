@@ -860,3 +860,51 @@ def test_recorded_response_with_capture_gap() -> None:
     )
     assert parse_stream_event(Api.OPENAI_CHAT, sse_events[0].data).output is False  # the role-only chunk
     assert parse_fragment(Api.OPENAI_CHAT, tail).output_tokens == 5
+
+
+def _chunk_writes(response: bytes) -> tuple[bytes, list[bytes]]:
+    """Split a recorded chunked response into its head and one write per chunk (how uvicorn writes)."""
+    start = response.index(b"\r\n\r\n") + 4
+    writes, i = [], start
+    while True:
+        j = response.index(b"\r\n", i)
+        size = int(response[i:j], 16)
+        end = j + 2 + size + 2 + (2 if size == 0 else 0)
+        writes.append(response[i:end])
+        i = end
+        if size == 0:
+            return response[:start], writes
+
+
+def test_recorded_ollama_under_bounded_capture() -> None:
+    # The socket probe keeps the first 2048 and the last 256 bytes of each write.
+    head_cap, tail_cap = 2048, 256
+    data = (RECORDED / "ollama_generate.response.bin").read_bytes()
+    first_response = data[: data.index(b"0\r\n\r\n") + 5]
+    head, writes = _chunk_writes(first_response)
+    p = H1Parser("response", metrics=SelfMetrics())
+    p.expect_response_to("POST")
+    p.feed(head)
+    lines = NDJSONParser(4096, metrics=SelfMetrics())
+    seen = []
+    for w in writes:
+        if len(w) <= head_cap + tail_cap:
+            p.feed(w)
+        else:
+            p.feed(w[:head_cap])
+            p.feed_gap(len(w) - head_cap - tail_cap)
+            p.feed(w[-tail_cap:])
+        while not isinstance(ev := p.next_event(), NeedData):
+            if isinstance(ev, Body):
+                seen += lines.feed(ev.data)
+            elif isinstance(ev, BodyGap):
+                lines.feed_gap(ev.n)
+            else:
+                assert isinstance(ev, ResponseHead) or ev == EndOfMessage(True)
+    assert [x.truncated for x in seen] == [False] * 5 + [True]
+    total = EMPTY_EVENT
+    for x in seen:
+        total = merge_events(total, parse_stream_event(Api.OLLAMA_GENERATE, x.data, x.truncated))
+    # The gap fell inside one chunk's data, so framing held and the final line
+    # kept its start (done, reason) and its end (the counts).
+    assert total == EventInfo(True, True, "llama3.2", ("stop",), 26, 5)
