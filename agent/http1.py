@@ -24,13 +24,13 @@ or close the connection:
 - A gap inside known body framing (the rest of a Content-Length body, or inside
   one chunk's data) keeps framing and yields :class:`BodyGap`. A gap anywhere
   else loses framing: the current message ends with
-  ``EndOfMessage(complete=False)`` and the parser resyncs. A head cut by a gap
-  after its whole start line is still reported (with the header lines that were
-  complete) and ended the same way, so a request with headers larger than the
-  capture keeps its method and path (counted as ``infersight.parse.cut.heads``). Framing lost to a
+  ``EndOfMessage(complete=False)`` and the parser resyncs. Framing lost to a
   gap is an expected consequence of bounded capture, not a parse failure: it is
   counted as ``infersight.parse.resyncs{reason="gap"}`` and its discarded bytes
-  as ``infersight.parse.skipped.bytes{reason="gap"}``.
+  as ``infersight.parse.skipped.bytes{reason="gap"}``. A head cut by a gap
+  after its whole start line is still reported (with the header lines that
+  were complete) and ended the same way, so a request whose headers outgrow
+  the capture keeps its method and path (``infersight.parse.cut.heads``).
 - Input is consumed eagerly in :meth:`H1Parser.feed`, so internal buffers never
   hold more than ``max_head_bytes`` plus a small constant; events wait in a
   queue for :meth:`H1Parser.next_event`. Call ``next_event()`` until it returns
@@ -45,7 +45,9 @@ message), ``head_too_large``, ``bad_head`` (an unparsable header line),
 ``bad_framing`` (an invalid Content-Length or request Transfer-Encoding),
 ``bad_chunk`` (an invalid or huge chunk size, chunk data not followed by CRLF,
 oversized trailers), ``truncated`` (the connection closed inside a head or a
-framed body) and ``gap``.
+framed body), and ``gap`` (not a failure, see above). The failure counter also counts
+``conflicting_framing`` (Content-Length beside Transfer-Encoding; chunked wins,
+RFC 9112 §6.3) and ``pending_methods_full``.
 
 Threading: a parser belongs to one connection direction and is not thread-safe;
 use it from one thread. No method raises on any input bytes; the constructor

@@ -206,8 +206,8 @@ def parse_request_body(api: Api, prefix: bytes, suffix: bytes | None = None) -> 
 
     ``prefix`` is the start of the body (maybe cut); ``suffix`` the end of the
     body when its middle was not captured (None when ``prefix`` is the whole
-    body). Both are searched: the openai client writes ``model`` after a long
-    ``messages`` array.
+    body). Both are searched: openai-python 1.x writes ``model`` after a long
+    ``messages`` array (later versions write it first).
     """
     model: str | None = None
     stream: bool | None = None
