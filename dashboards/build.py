@@ -110,6 +110,12 @@ MODEL = POD + ',gen_ai_request_model=~"$model"'
 RATE = "$__rate_interval"
 # process_* series come from many targets; the agent's are those whose target also exports infersight_up.
 AGENT_ONLY = "and on (instance) infersight_up"
+# The in-flight gauge has series only while a request is in flight; show 0 for pods that served
+# requests before, rather than a gap.
+ACTIVE_BY_POD = (
+    f"sum by (k8s_pod_name) (http_server_active_requests{{{POD}}})"
+    f" or (0 * sum by (k8s_pod_name) (http_server_request_duration_seconds_count{{{POD}}}))"
+)
 
 
 @dataclass(frozen=True)
@@ -253,7 +259,7 @@ def llm_serving() -> Dashboard:
                         "timeseries",
                         "short",
                         _q(
-                            f"sum by (k8s_pod_name) (http_server_active_requests{{{POD}}})",
+                            ACTIVE_BY_POD,
                             "{{k8s_pod_name}}",
                         ),
                         description="Requests received and not yet answered, per pod (queued and running).",
@@ -493,7 +499,7 @@ def request_gpu() -> Dashboard:
                         "timeseries",
                         "short",
                         _q(
-                            f"sum by (k8s_pod_name) (http_server_active_requests{{{POD}}})",
+                            ACTIVE_BY_POD,
                             "{{k8s_pod_name}}",
                         ),
                     ),

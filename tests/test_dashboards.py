@@ -4,9 +4,13 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -242,3 +246,109 @@ def test_template_variable_queries_are_valid_promql(tmp_path: Path) -> None:
         exprs[v["name"]] = substitute_variables(m.group(1))
     result = promtool_check(exprs, tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --------------------------------------------------------------------------- live: real agent, real Prometheus
+
+#: Panels that must show data when a real agent watches a real streaming server (no GPU, no
+#: Kubernetes, no client aborts here: the GPU, CUDA, per-pod share and aborted panels stay empty).
+LIVE_PANELS_WITH_DATA = {
+    ("llm-serving", "LLM requests by model and error"),
+    ("llm-serving", "HTTP requests by route and status"),
+    ("llm-serving", "In-flight requests"),
+    ("llm-serving", "Request duration"),
+    ("llm-serving", "Request duration quantiles"),
+    ("llm-serving", "Time to first token"),
+    ("llm-serving", "TTFT quantiles"),
+    ("llm-serving", "Time per output token"),
+    ("llm-serving", "HTTP request duration p90 by route"),
+    ("llm-serving", "Tokens per second"),
+    ("llm-serving", "Tokens per request (mean)"),
+    ("request-gpu", "TTFT p90 per pod"),
+    ("request-gpu", "Request duration p90 per pod"),
+    ("request-gpu", "In-flight requests per pod"),
+    ("agent-health", "Agents up"),
+    ("agent-health", "Agent CPU"),
+    ("agent-health", "Agent RSS"),
+}
+
+
+@pytest.mark.ebpf
+@pytest.mark.slow
+def test_dashboard_queries_against_a_real_agent(tmp_path: Path) -> None:
+    """The demo server under streaming load, `infersight run` attached to it, Prometheus scraping
+    the agent: every dashboard query evaluates, and the serving panels show data."""
+    import httpx
+
+    from tests.harness import free_port, start_demo_server, wait_for
+    from tests.test_export_prometheus import PrometheusServer, prometheus_binary
+
+    if prometheus_binary() is None:
+        if IN_CI:
+            pytest.fail("prometheus (Debian package) is missing under CI")
+        pytest.skip("prometheus binary missing (apt-get install -y prometheus)")
+    srv = start_demo_server(tmp_path)
+    metrics_port = free_port()
+    log = tmp_path / "agent.log"
+    stop = threading.Event()
+    agent = prom = None
+    try:
+        with open(log, "w") as logf:
+            agent = subprocess.Popen(
+                [sys.executable, "-m", "agent.cli", "run", "--pid", str(srv.pid)],
+                cwd=REPO,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONPATH": str(REPO), "INFERSIGHT_PROMETHEUS_PORT": str(metrics_port)},
+            )
+        wait_for(lambda: "attached to 1 target" in log.read_text(), 60, 0.2, "agent attached")
+
+        def load() -> None:
+            # A steady trickle, so that rate() over the window has points on both sides.
+            body = {
+                "model": "dash-model",
+                "messages": [{"role": "user", "content": "hi"}],
+                "stream": True,
+                "max_tokens": 6,
+                "stream_options": {"include_usage": True},
+            }
+            with httpx.Client(base_url=srv.url, timeout=10) as c:
+                while not stop.is_set():
+                    with c.stream("POST", "/v1/chat/completions", json=body) as r:
+                        for _ in r.iter_bytes():
+                            pass
+                    c.get("/health")
+                    stop.wait(0.2)
+
+        loader = threading.Thread(target=load, daemon=True)
+        loader.start()
+        prom = PrometheusServer(tmp_path, [f"127.0.0.1:{metrics_port}"])
+        prom.wait_for(
+            'sum(rate(gen_ai_server_request_duration_seconds_count{gen_ai_request_model="dash-model"}[30s]))',
+            lambda r: bool(r) and float(r[0]["value"][1]) > 0,
+            timeout=60,
+        )
+        with_data = set()
+        for q in build.all_queries():
+            expr = substitute_variables(q.expr).replace("[2m]", "[30s]")
+            if prom.query(expr):  # raises on a query Prometheus refuses
+                with_data.add((q.dashboard, q.panel))
+        missing = LIVE_PANELS_WITH_DATA - with_data
+        assert not missing, f"panels without data: {sorted(missing)}\nagent log:\n{log.read_text()[-3000:]}"
+        # Every variable query finds our model.
+        models = prom.query(
+            'group by (gen_ai_request_model) (gen_ai_server_request_duration_seconds_count{k8s_namespace_name=~".*",k8s_pod_name=~".*"})'
+        )
+        assert {r["metric"].get("gen_ai_request_model") for r in models} == {"dash-model"}
+    finally:
+        stop.set()
+        if prom is not None:
+            prom.stop()
+        if agent is not None:
+            agent.send_signal(signal.SIGTERM)
+            try:
+                agent.wait(30)
+            except subprocess.TimeoutExpired:
+                agent.kill()
+                agent.wait(10)
+        srv.stop()

@@ -584,7 +584,9 @@ def test_scaled_object_triggers_and_queries() -> None:
     active = triggers["active-requests"]
     assert active["type"] == "prometheus"
     assert active["metricType"] == "AverageValue"
-    assert active["metadata"]["query"] == f"sum(http_server_active_requests{{{sel}}})"
+    assert active["metadata"]["query"] == (
+        f"sum(http_server_active_requests{{{sel}}}) or (0 * sum(http_server_request_duration_seconds_count{{{sel}}}))"
+    )
     assert active["metadata"]["threshold"] == "12"
     assert active["authenticationRef"] == {"name": "prom-auth"}
     ttft = triggers["ttft-p90"]
