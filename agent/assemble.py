@@ -475,8 +475,6 @@ class Assembler:
                     ex.req_prefix += e.data[: cap - len(ex.req_prefix)]
             elif isinstance(e, http1.BodyGap):
                 ex.req_gap = True
-            elif isinstance(e, http1.Skipped):
-                self._metrics.inc("infersight.parse.failures", labels=(("reason", "request_" + e.reason),))
 
     def _feed_response(self, c: Conn, ex: Exchange, ev: DataEvent) -> None:
         if c.resp_parser is None:
@@ -541,10 +539,6 @@ class Assembler:
                     ex.complete = e.complete
                     if ex.end_ns is None:
                         ex.end_ns = ts
-                    if not e.complete:
-                        self._metrics.inc("infersight.parse.failures", labels=(("reason", "response_framing"),))
-            elif isinstance(e, http1.Skipped):
-                self._metrics.inc("infersight.parse.failures", labels=(("reason", "response_" + e.reason),))
             elif isinstance(e, http1.Upgrade):
                 ex.complete = True
 
@@ -780,7 +774,7 @@ class Assembler:
         if t.tail:
             info2 = llm.parse_fragment(ex.api, t.tail)
             self._merge_info(ex, info2)
-            info = _merge_fragments(info, info2)
+            info = llm.merge_events(info, info2)
         if info.output is not None:
             return info.output
         return not (info.done or info.finish_reasons or info.output_tokens is not None)
@@ -838,19 +832,6 @@ def _parse_traceparent(value: str | None) -> tuple[str | None, str | None]:
     if not m or m.group(1) == "ff" or set(m.group(2)) == {"0"} or set(m.group(3)) == {"0"}:
         return None, None
     return m.group(2), m.group(3)
-
-
-def _merge_fragments(a: llm.EventInfo, b: llm.EventInfo) -> llm.EventInfo:
-    """What the start and the end of one long write say together."""
-    output = a.output if b.output is None else (b.output if a.output is None else a.output or b.output)
-    return llm.EventInfo(
-        output=output,
-        done=a.done or b.done,
-        model=a.model or b.model,
-        finish_reasons=a.finish_reasons + tuple(r for r in b.finish_reasons if r not in a.finish_reasons),
-        input_tokens=b.input_tokens if b.input_tokens is not None else a.input_tokens,
-        output_tokens=b.output_tokens if b.output_tokens is not None else a.output_tokens,
-    )
 
 
 def _trim(gaps: tuple[int, ...]) -> tuple[int, ...]:

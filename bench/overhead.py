@@ -1,0 +1,229 @@
+"""What tracing costs the server, measured in one run.
+
+    python -m bench.overhead --profile {json,sse} --seconds N [--rounds R] [--json]
+
+Rounds interleave three ways of serving the same uvicorn app, loaded by wrk
+over loopback (server pinned to CPU 0, wrk to CPU 1; the agent is not pinned,
+so its CPU competes with both, as on a real node):
+
+- untraced: no agent running;
+- traced: ``infersight run --pid SERVER`` attached (a fresh agent per round);
+- otel-asgi: OpenTelemetry's in-process ASGI middleware with the SDK.
+
+Printed: requests/s of each (median over rounds), the ratios, the agent's CPU
+seconds per request and per streamed chunk, its start-up time, and accuracy:
+requests wrk completed, requests the server served (the kernel's count),
+records the agent emitted and losses it counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def wait_http(url: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=1).read()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer")
+
+
+def scrape(port: int) -> dict[str, float]:
+    """Sum of each metric family's samples (labels folded) from the agent's endpoint."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line[0] == "#":
+            continue
+        m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)", line)
+        if m:
+            try:
+                out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(3))
+            except ValueError:
+                pass
+    return out
+
+
+class Server:
+    def __init__(self, profile: str, chunks: int, otel: bool) -> None:
+        self.port = free_port()
+        argv = [sys.executable, "-m", "bench.server", "--port", str(self.port), "--chunks", str(chunks)]
+        if otel:
+            argv.append("--otel")
+        taskset = ["taskset", "-c", "0"] if shutil.which("taskset") else []
+        self.proc = subprocess.Popen(taskset + argv, cwd=REPO, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        wait_http(f"http://127.0.0.1:{self.port}/v1/models")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+class Agent:
+    def __init__(self, pid: int, log: Path) -> None:
+        self.prom = free_port()
+        self.log = log
+        self.t0 = time.monotonic()
+        self._logf = open(log, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agent.cli", "run", "--pid", str(pid), "--prometheus-port", str(self.prom),
+             "--prometheus-host", "127.0.0.1"],
+            cwd=REPO, stdout=self._logf, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 60
+        while "attached to" not in log.read_text():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("agent did not attach:\n" + log.read_text())
+            time.sleep(0.05)
+        m = re.search(r"attached to \d+ target\(s\) in ([0-9.]+)s", log.read_text())
+        self.startup_s = float(m.group(1)) if m else float("nan")
+        self.process_startup_s = time.monotonic() - self.t0
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(60)
+        self._logf.close()
+
+
+def run_wrk(port: int, profile: str, seconds: float, conns: int, tmp: Path) -> tuple[float, int]:
+    url = f"http://127.0.0.1:{port}"
+    argv = ["wrk", "-t1", f"-c{conns}", f"-d{max(1, round(seconds))}s", "--latency"]
+    if profile == "sse":
+        script = tmp / "sse.lua"
+        script.write_text('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+                          'wrk.body = \'{"model":"bench-llm","stream":true,"messages":[]}\'\n')
+        argv += ["-s", str(script), url + "/v1/chat/completions"]
+    else:
+        argv.append(url + "/v1/models")
+    if shutil.which("taskset"):
+        argv = ["taskset", "-c", "1", *argv]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=seconds + 60).stdout
+    rps = float(re.search(r"Requests/sec:\s+([0-9.]+)", out).group(1))  # type: ignore[union-attr]
+    n = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    return rps, n
+
+
+def bench(profile: str, seconds: float, rounds: int, conns: int, chunks: int) -> dict[str, Any]:
+    if not shutil.which("wrk"):
+        raise SystemExit("wrk is not installed (apt-get install wrk)")
+    tmp = Path(tempfile.mkdtemp(prefix="infersight-bench-"))
+    rps: dict[str, list[float]] = {"untraced": [], "traced": [], "otel_asgi": []}
+    agent_cpu = 0.0
+    traced_requests = 0
+    startups: list[float] = []
+    process_startups: list[float] = []
+    accuracy = {"wrk_completed": 0, "kernel_requests": 0, "records": 0, "lost": 0, "events_lost": 0}
+    plain = Server(profile, chunks, otel=False)
+    otel = Server(profile, chunks, otel=True)
+    try:
+        for r in range(rounds):
+            # warm both servers once before the first round
+            if r == 0:
+                run_wrk(plain.port, profile, 1, conns, tmp)
+                run_wrk(otel.port, profile, 1, conns, tmp)
+            rps["untraced"].append(run_wrk(plain.port, profile, seconds, conns, tmp)[0])
+            agent = Agent(plain.proc.pid, tmp / f"agent-{r}.log")
+            startups.append(agent.startup_s)
+            process_startups.append(agent.process_startup_s)
+            before = scrape(agent.prom)
+            c0 = cpu_seconds(agent.proc.pid)
+            v, n = run_wrk(plain.port, profile, seconds, conns, tmp)
+            time.sleep(1.5)  # let the agent drain and assemble what is in flight
+            c1 = cpu_seconds(agent.proc.pid)
+            after = scrape(agent.prom)
+            agent.stop()
+            rps["traced"].append(v)
+            agent_cpu += c1 - c0
+            traced_requests += n
+
+            def delta(name: str, after: dict[str, float] = after, before: dict[str, float] = before) -> float:
+                return after.get(name, 0.0) - before.get(name, 0.0)
+
+            accuracy["wrk_completed"] += n
+            accuracy["kernel_requests"] += int(delta("infersight_kernel_requests_total"))
+            accuracy["records"] += int(delta("infersight_records_emitted_total"))
+            accuracy["lost"] += int(delta("infersight_requests_lost_total"))
+            accuracy["events_lost"] += int(delta("infersight_events_lost_total"))
+            rps["otel_asgi"].append(run_wrk(otel.port, profile, seconds, conns, tmp)[0])
+    finally:
+        plain.stop()
+        otel.stop()
+    med = {k: statistics.median(v) for k, v in rps.items()}
+    per_req_us = agent_cpu / traced_requests * 1e6 if traced_requests else float("nan")
+    chunks_per_req = chunks + 3 if profile == "sse" else 0
+    return {
+        "profile": profile,
+        "seconds": seconds,
+        "rounds": rounds,
+        "connections": conns,
+        "requests_per_s": {k: round(v, 1) for k, v in med.items()},
+        "requests_per_s_each_round": rps,
+        "ratio_traced_to_untraced": round(med["traced"] / med["untraced"], 4),
+        "ratio_otel_asgi_to_untraced": round(med["otel_asgi"] / med["untraced"], 4),
+        "agent_cpu_us_per_request": round(per_req_us, 2),
+        "agent_cpu_us_per_chunk": round(agent_cpu / (traced_requests * chunks_per_req) * 1e6, 3)
+        if chunks_per_req and traced_requests else None,
+        "agent_cpu_share_of_a_core": round(agent_cpu / (seconds * rounds), 3),
+        "startup_to_attached_s": round(statistics.median(startups), 3),
+        "process_start_to_attached_s": round(statistics.median(process_startups), 3),
+        "accuracy": accuracy,
+        "accounted": accuracy["records"] + accuracy["lost"] == accuracy["kernel_requests"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", choices=("json", "sse"), default="json")
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--connections", type=int, default=8)
+    ap.add_argument("--chunks", type=int, default=50)
+    ap.add_argument("--json", action="store_true", help="print JSON only")
+    a = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        raise SystemExit("the benchmark attaches eBPF probes: run it as root")
+    result = bench(a.profile, a.seconds, a.rounds, a.connections, a.chunks)
+    if a.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for k, v in result.items():
+            print(f"{k:32} {v}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
