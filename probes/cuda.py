@@ -679,8 +679,13 @@ class CudaProbe:
                 for name, addr in BPF.get_user_functions_and_addresses(path.encode(), rb"^cu")
             }
         except Exception as exc:
+            symbols, error = {}, str(exc)
+        else:
+            error = "none of the hooked functions is exported"
+        if not any(sym in symbols for hook in hooks for sym in hook.symbols):
+            # Not a CUDA library after all (or unreadable): a failure, not N missing symbols.
             self._metrics.inc("infersight.cuda.attach.failures", labels=labels)
-            self._log_once(f"symbols-{lib.kind}", "CUDA probe: cannot read symbols of %s: %s", path, exc)
+            self._log_once(f"symbols-{lib.kind}", "CUDA probe: cannot use %s: %s", path, error)
             return
         attached: list[str] = []
         missing: list[str] = []

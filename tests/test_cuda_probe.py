@@ -204,8 +204,9 @@ def metrics() -> SelfMetrics:
 def make_probe(metrics: SelfMetrics) -> Iterator[Callable[..., CudaProbe]]:
     made: list[CudaProbe] = []
 
-    def make(**overrides: int | float) -> CudaProbe:
-        probe = CudaProbe(CudaProbeConfig(**{"bucket_ns": BUCKET_NS, **overrides}), metrics=metrics)  # type: ignore[arg-type]
+    def make(proc: str = "/proc", **overrides: int | float) -> CudaProbe:
+        config = CudaProbeConfig(**{"bucket_ns": BUCKET_NS, **overrides})  # type: ignore[arg-type]
+        probe = CudaProbe(config, metrics=metrics, proc=proc)
         assert probe.enabled, "BPF program failed to load"
         made.append(probe)
         return probe
@@ -477,28 +478,45 @@ def _fake_proc_pid(proc: Path, pid: int, start_time: int, maps: str) -> None:
 
 @pytest.mark.ebpf
 def test_rescan_drops_exited_and_reused_pids(stubs: StubBuild, make_probe: Callable[..., CudaProbe],
-                                            tmp_path: Path) -> None:
+                                            metrics: SelfMetrics, tmp_path: Path) -> None:
     st = stubs.libcuda.stat()
     dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}"
     maps = f"7f0000000000-7f0000001000 r-xp 00000000 {dev} {st.st_ino} {stubs.libcuda}\n"
     proc = tmp_path / "proc"
     _fake_proc_pid(proc, 4242, 1000, maps)
     _fake_proc_pid(proc, 4343, 2000, "")
-    metrics = SelfMetrics()
-    probe = CudaProbe(CudaProbeConfig(), metrics=metrics, proc=str(proc))
-    try:
-        probe.add_pid(4242)
-        probe.add_pid(4343)
-        probe.add_pid(4444)  # no such process: ignored
-        assert probe.pids() == [4242, 4343]
-        assert [(lib.kind, lib.inode) for lib in probe.libraries(4242)] == [("driver", st.st_ino)]
-        assert sorted(k.value for k in probe._targets.keys()) == [4242, 4343]
+    probe = make_probe(proc=str(proc))
+    probe.add_pid(4242)
+    probe.add_pid(4343)
+    probe.add_pid(4444)  # no such process: ignored
+    assert probe.pids() == [4242, 4343]
+    assert [(lib.kind, lib.inode) for lib in probe.libraries(4242)] == [("driver", st.st_ino)]
+    assert sorted(k.value for k in probe._targets.keys()) == [4242, 4343]
 
-        _fake_proc_pid(proc, 4242, 1001, maps)  # pid reused by a newer process
-        shutil.rmtree(proc / "4343")  # exited
+    _fake_proc_pid(proc, 4242, 1001, maps)  # pid reused by a newer process
+    shutil.rmtree(proc / "4343")  # exited
+    probe.rescan()
+    assert probe.pids() == []
+    assert list(probe._targets.keys()) == []
+    assert metrics.total("infersight.cuda.libraries.attached") == 1
+
+
+@pytest.mark.ebpf
+def test_unattachable_library_is_counted_and_retried_a_bounded_number_of_times(
+        make_probe: Callable[..., CudaProbe], metrics: SelfMetrics, tmp_path: Path) -> None:
+    bogus = tmp_path / "lib" / "libcuda.so.1"
+    bogus.parent.mkdir()
+    bogus.write_bytes(b"not an ELF file")
+    st = bogus.stat()
+    proc = tmp_path / "proc"
+    _fake_proc_pid(proc, 4242, 1000,
+                   f"7f0000000000-7f0000001000 r-xp 00000000 {os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x} "
+                   f"{st.st_ino} {bogus}\n")
+    probe = make_probe(proc=str(proc), max_attach_attempts=2)  # a recorded /proc tree; the BPF side is real
+    probe.add_pid(4242)
+    for _ in range(3):
         probe.rescan()
-        assert probe.pids() == []
-        assert list(probe._targets.keys()) == []
-        assert metrics.total("infersight.cuda.libraries.attached") == 1
-    finally:
-        probe.stop()
+    assert probe.libraries() == []
+    assert probe.pids() == [4242]  # the process stays a target; only its library is given up on
+    assert metrics.get("infersight.cuda.attach.failures", (("library", "driver"),)) == 2
+    assert metrics.total("infersight.cuda.symbols.missing") == 0
