@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # infersight agent image: Debian's BCC plus the agent in a venv.
 #
 # Why Debian and a venv with --system-site-packages: BCC's Python module comes

@@ -246,3 +246,63 @@ def test_podman_default_seccomp_needs_sys_admin_for_bpf(podman_env: dict[str, st
     assert "Operation not permitted" in result.stderr
     with_admin = run_in(podman_env, image, "doctor", options=(*opts, "--cap-add", "SYS_ADMIN"))
     assert doctor_rows(with_admin.stdout)["ring buffer"] == "ok", with_admin.stdout + with_admin.stderr
+
+
+@pytest.mark.ebpf
+def test_agent_captures_requests_under_the_chart_security_settings(
+    podman_env: dict[str, str], image: str, seccomp_profiles: dict[str, Path], tmp_path: Path
+) -> None:
+    """The image's entrypoint, as the DaemonSet runs it (read-only root, the chart's capabilities,
+    host PID, the chart's mounts), traces a real streaming server on the host."""
+    import httpx
+
+    from tests.harness import start_demo_server, wait_for
+
+    srv = start_demo_server(tmp_path)
+    name = f"infersight-test-{os.getpid()}"
+    out, err = tmp_path / "records.jsonl", tmp_path / "agent.log"
+    opts = daemonset_like_options(seccomp_profiles["containerd-like"])
+    cmd = ["podman", "run", "--rm", "--name", name, "--network", "host", "-e", "INFERSIGHT_PROC=/host/proc"]
+    cmd += [
+        *opts,
+        image,
+        "--pid",
+        str(srv.pid),
+        "--jsonl",
+        "-",
+        "--prometheus-port",
+        "0",
+        "--duration",
+        "180",
+    ]
+    try:
+        with open(out, "wb") as o, open(err, "wb") as e:
+            agent = subprocess.Popen(cmd, env=podman_env, stdout=o, stderr=e)
+        try:
+            wait_for(
+                lambda: "attached to 1 target" in err.read_text(), 120, 0.2, "agent attached in the container"
+            )
+            body = {
+                "model": "image-test",
+                "messages": [{"role": "user", "content": "hi"}],
+                "stream": True,
+                "max_tokens": 4,
+            }
+            with httpx.Client(base_url=srv.url, timeout=10) as c:
+                for _ in range(3):
+                    with c.stream("POST", "/v1/chat/completions", json=body) as r:
+                        for _chunk in r.iter_bytes():
+                            pass
+
+            def records() -> list[dict[str, object]]:
+                lines = [line for line in out.read_text().splitlines() if line.strip()]
+                return [r for r in map(json.loads, lines) if r.get("gen_ai.request.model") == "image-test"]
+
+            got = wait_for(lambda: len(records()) >= 3 and records(), 30, 0.2, "3 records on stdout")
+            assert all(r["streaming"] is True for r in got)
+        finally:
+            sh(["podman", "stop", "-t", "20", name], podman_env, 60, check=False)
+            agent.wait(60)
+        assert "Traceback" not in err.read_text()
+    finally:
+        srv.stop()
