@@ -22,6 +22,7 @@ import pytest
 from agent.export.instruments import SOURCE_ERRORS, MetricState, ScalarPoint
 from agent.export.routes import AttributeBounds
 from agent.selfmetrics import SelfMetrics
+from probes import cuda
 from probes.cuda import (
     CUDA_SYNC_HIST_SLOTS,
     LAYOUT,
@@ -253,12 +254,20 @@ def assert_sync_hist(buckets: list[CudaBucket], pid: int, syncs: int) -> None:
 # ------------------------------------------------------------------ real uprobes
 
 
-@pytest.mark.ebpf
-def test_layout_matches_c_and_bpf_object(stubs: StubBuild, make_probe: Callable[..., CudaProbe]) -> None:
+def test_layout_and_constants_match_the_c_header(stubs: StubBuild) -> None:
     out = subprocess.run([str(stubs.sizes)], check=True, capture_output=True, text=True).stdout
-    c_sizes = {name: int(size) for name, size in (line.split() for line in out.splitlines())}
-    assert c_sizes == {name: ct.sizeof(t) for name, t in LAYOUT.items()}
-    bpf = make_probe()._bpf  # the BPF object's own idea of the table types
+    rows = [line.split() for line in out.splitlines()]
+    assert {name: int(v) for kind, name, v in rows if kind == "struct"} == {
+        name: ct.sizeof(t) for name, t in LAYOUT.items()
+    }
+    consts = {name: int(v) for kind, name, v in rows if kind == "const"}
+    assert len(consts) == 9
+    assert consts == {name: getattr(cuda, name) for name in consts}
+
+
+@pytest.mark.ebpf
+def test_layout_matches_the_bpf_object(make_probe: Callable[..., CudaProbe]) -> None:
+    bpf = make_probe()._bpf  # the BPF object's own idea of the table types, from its debug info
     assert ct.sizeof(bpf[b"buckets"].Key) == ct.sizeof(LAYOUT["cuda_bucket_key"])
     assert ct.sizeof(bpf[b"buckets"].Leaf) == ct.sizeof(LAYOUT["cuda_bucket"])
     assert ct.sizeof(bpf[b"allocs"].Key) == ct.sizeof(LAYOUT["cuda_alloc_key"])
