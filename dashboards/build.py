@@ -69,7 +69,7 @@ class GpuMetrics:
     The collectors export the OpenTelemetry hardware conventions (``hw.gpu.*``, ``hw.power``,
     ``hw.energy``, ``hw.errors``; see ``collectors/gpu_metrics.csv``) and the exporter names them
     in base units. The names are still being settled, so every GPU panel takes them from here, and
-    ``tests/test_dashboards.py`` checks them against the collectors' metric set.
+    ``tests/test_dashboards.py`` checks them against the collectors' and the CUDA probe's metric sets.
     """
 
     #: Label naming one GPU (OTel ``hw.id``: the GPU UUID).
