@@ -198,28 +198,33 @@ static __always_inline u32 log2_u64(u64 v)
 	return r;
 }
 
-/* Remember what the uretprobe needs. Returns 0 when stored. */
-static __always_inline int begin_op(u64 id, u8 op, u64 out_ptr, u64 size)
+/* The calling thread's state, created zeroed on first use; NULL (and counted)
+ * when the map cannot take it. */
+static __always_inline struct cuda_call *call_state(u64 id)
 {
 	struct cuda_call fresh = {};
 	struct cuda_call *c = calls.lookup(&id);
 
-	if (!c) {
-		if (calls.update(&id, &fresh) != 0) {
-			stat_inc(CUDA_STAT_CALL_FAILED);
-			return -1;
-		}
-		c = calls.lookup(&id);
-		if (!c) {
-			stat_inc(CUDA_STAT_CALL_FAILED);
-			return -1;
-		}
-	}
+	if (c)
+		return c;
+	calls.insert(&id, &fresh); /* -EEXIST cannot happen: only this thread writes its key */
+	c = calls.lookup(&id);
+	if (!c)
+		stat_inc(CUDA_STAT_CALL_FAILED);
+	return c;
+}
+
+/* Remember what the uretprobe needs. */
+static __always_inline void begin_op(u64 id, u8 op, u64 out_ptr, u64 size)
+{
+	struct cuda_call *c = call_state(id);
+
+	if (!c)
+		return;
 	c->op = op;
 	c->start_ns = bpf_ktime_get_ns();
 	c->out_ptr = out_ptr;
 	c->size = size;
-	return 0;
 }
 
 /* Complete the pending op of `c` (called at the return of the call that began it). */
@@ -368,17 +373,10 @@ int drv_sync(struct pt_regs *ctx)
  * rt_return finds no depth to close). */
 static __always_inline int rt_enter(u64 id)
 {
-	struct cuda_call fresh = {};
-	struct cuda_call *c = calls.lookup(&id);
+	struct cuda_call *c = call_state(id);
 
-	if (!c) {
-		fresh.depth = 1;
-		if (calls.update(&id, &fresh) != 0) {
-			stat_inc(CUDA_STAT_CALL_FAILED);
-			return -1;
-		}
-		return 1;
-	}
+	if (!c)
+		return -1;
 	c->depth++;
 	if (c->depth == 1) {
 		/* A driver op whose return was missed must not complete now. */
