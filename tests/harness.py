@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 
 from agent.assemble import AssemblyConfig
-from agent.pipeline import Pipeline, PipelineConfig
+from agent.pipeline import Pipeline, PipelineConfig, Stage
 from agent.record import Request
 from agent.selfmetrics import SelfMetrics
 from agent.targets import TargetConfig
@@ -143,7 +143,8 @@ class Agent:
 
 @contextmanager
 def running_agent(targets: TargetConfig, probe: SocketProbeConfig | None = None,
-                  drain_interval_s: float = 0.05, idle_check_s: float = 30.0) -> Iterator[Agent]:
+                  drain_interval_s: float = 0.05, idle_check_s: float = 30.0,
+                  stages: Sequence[Stage] = ()) -> Iterator[Agent]:
     probe_cfg = probe or SocketProbeConfig()
     metrics = SelfMetrics()
     sink = ListSink()
@@ -154,7 +155,7 @@ def running_agent(targets: TargetConfig, probe: SocketProbeConfig | None = None,
         drain_interval_s=drain_interval_s,
     )
     p = Pipeline(cfg, lambda cb: SocketProbe(probe_cfg, on_records=cb, metrics=metrics), [sink],
-                 metrics=metrics, layout_decoder=Decoder(probe_cfg.layout))
+                 stages=stages, metrics=metrics, layout_decoder=Decoder(probe_cfg.layout))
     p.start()
     try:
         yield Agent(p, sink, metrics)
