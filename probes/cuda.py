@@ -387,6 +387,15 @@ def parse_maps(text: str) -> list[MappedLibrary]:
 # ---------------------------------------------------------------------- the probe
 
 
+#: Kernel statistics that are losses, and the self-metric each is counted as.
+_KERNEL_LOSSES: dict[int, tuple[str, tuple[tuple[str, str], ...]]] = {
+    CUDA_STAT_BUCKET_FAILED: ("infersight.cuda.updates.lost", (("reason", "bucket_map_full"),)),
+    CUDA_STAT_ALLOC_FAILED: ("infersight.cuda.updates.lost", (("reason", "allocation_untracked"),)),
+    CUDA_STAT_CALL_FAILED: ("infersight.cuda.updates.lost", (("reason", "thread_map_full"),)),
+    CUDA_STAT_FREE_UNTRACKED: ("infersight.cuda.frees.untracked", ()),
+}
+
+
 class _EvictionEstimate:
     """Evictions from an LRU map, derived: created - removed - present.
 
@@ -807,13 +816,7 @@ class CudaProbe:
 
     def _count_stats(self, stats: list[int]) -> None:
         """Mirror the kernel's own loss counters into the self-metrics, by delta."""
-        names = {
-            CUDA_STAT_BUCKET_FAILED: ("infersight.cuda.updates.lost", (("reason", "bucket_map_full"),)),
-            CUDA_STAT_ALLOC_FAILED: ("infersight.cuda.updates.lost", (("reason", "allocation_untracked"),)),
-            CUDA_STAT_CALL_FAILED: ("infersight.cuda.updates.lost", (("reason", "thread_map_full"),)),
-            CUDA_STAT_FREE_UNTRACKED: ("infersight.cuda.frees.untracked", ()),
-        }
-        for idx, (name, labels) in names.items():
+        for idx, (name, labels) in _KERNEL_LOSSES.items():
             delta = stats[idx] - self._stats_seen[idx]
             if delta > 0:
                 self._metrics.inc(name, delta, labels)
