@@ -59,6 +59,8 @@ class ExportConfig:
     span_flush_interval_s: float = 1.0
     #: longest pause between export attempts while the backend is down (seconds).
     retry_backoff_max_s: float = 30.0
+    #: attempts per span batch before its spans count as failed.
+    span_export_attempts: int = 3
     #: Prometheus endpoint port; 0 disables it.
     prometheus_port: int = 9464
     #: address the Prometheus endpoint binds.
@@ -148,6 +150,7 @@ class Exporters:
                 config.span_flush_interval_s,
                 config.retry_backoff_max_s,
                 metrics,
+                config.span_export_attempts,
             )
             self.spans = SpanBuilder(self.resource, self.span_processor, metrics)
             self.metric_pusher = MetricPusher(

@@ -66,6 +66,7 @@ log = logging.getLogger(__name__)
 SPANS = "infersight.export.spans"
 METRICS = "infersight.export.metrics"
 QUEUED = "infersight.export.spans.queued"
+RETRIES = "infersight.export.spans.attempts.failed"
 SCOPE = "infersight"
 PROTOCOLS = ("grpc", "http/protobuf")
 
@@ -174,11 +175,17 @@ class _Outage:
 class BoundedSpanProcessor(SpanProcessor):
     """Queues ended spans (at most ``queue_size``) and exports them in batches from one thread.
 
-    ``on_end`` never blocks: a full queue drops the span and counts it. A failed
-    batch is counted as failed (the SDK exporter has already retried within its
-    timeout) and the worker waits ``backoff`` (doubling up to ``backoff_max_s``)
-    before the next batch, so an outage costs little CPU; the first success
-    resets the backoff. ``force_flush`` and ``shutdown`` may block up to their timeouts.
+    ``on_end`` never blocks: a full queue drops the span and counts it. A batch
+    whose export fails (after the SDK exporter's own retries within its timeout)
+    is held and tried again after a backoff (doubling up to ``backoff_max_s``),
+    at most ``attempts`` times, then counted as failed; new spans queue meanwhile.
+    Memory is therefore bounded by ``queue_size + batch_size`` spans. An outage
+    costs little CPU; the first success resets the backoff.
+
+    Every span ends in exactly one outcome of ``infersight.export.spans``:
+    ``exported``, ``failed`` (gave up) or ``dropped`` (queue full, or shutdown
+    while the backend is down); ``infersight.export.spans.queued`` counts those
+    not yet decided. ``force_flush`` and ``shutdown`` may block up to their timeouts.
     """
 
     def __init__(
@@ -189,6 +196,7 @@ class BoundedSpanProcessor(SpanProcessor):
         interval_s: float = 1.0,
         backoff_max_s: float = 30.0,
         metrics: SelfMetrics = SELF_METRICS,
+        attempts: int = 3,
     ) -> None:
         self._exporter = exporter
         self._queue: collections.deque[ReadableSpan] = collections.deque()
@@ -196,6 +204,7 @@ class BoundedSpanProcessor(SpanProcessor):
         self._batch_size = batch_size
         self._interval_s = interval_s
         self._backoff_max_s = backoff_max_s
+        self._attempts = max(1, attempts)
         self._metrics = metrics
         self._cond = threading.Condition()
         self._stop = False
@@ -206,14 +215,16 @@ class BoundedSpanProcessor(SpanProcessor):
         metrics.describe(
             SPANS,
             "counter",
-            "Spans by export outcome: exported, failed (backend error), dropped (queue full)",
+            "Spans by export outcome: exported, failed (gave up after retries), dropped (queue full)",
         )
-        metrics.gauge_callback(QUEUED, self._queued, "Spans waiting in the export queue")
+        metrics.gauge_callback(
+            QUEUED, self._queued, "Spans waiting for export, the batch being retried included"
+        )
         self._thread = threading.Thread(target=self._run, name="otlp-spans", daemon=True)
         self._thread.start()
 
     def _queued(self) -> dict[tuple[tuple[str, str], ...], float]:
-        # Queued plus the batch being exported: spans not yet counted by outcome.
+        # Queued plus the batch being exported or retried: spans not yet counted by outcome.
         return {(): float(len(self._queue) + self._inflight)}
 
     def on_start(self, span: Any, parent_context: Any = None) -> None:
@@ -230,6 +241,8 @@ class BoundedSpanProcessor(SpanProcessor):
 
     def _run(self) -> None:
         backoff = 0.0
+        batch: list[ReadableSpan] = []  # a failed batch waiting for its next attempt
+        tries = 0
         while True:
             with self._cond:
                 if backoff:
@@ -244,30 +257,39 @@ class BoundedSpanProcessor(SpanProcessor):
                         ),
                         timeout=self._interval_s,
                     )
-                if self._stop and not self._queue:
+                if self._stop and not self._queue and not batch:
                     self._flushed = self._flush_requests
                     self._cond.notify_all()
                     return
-                batch = [self._queue.popleft() for _ in range(min(self._batch_size, len(self._queue)))]
+                if not batch:
+                    batch = [self._queue.popleft() for _ in range(min(self._batch_size, len(self._queue)))]
+                    tries = 0
                 self._inflight = len(batch)
                 flush_target = self._flush_requests
             if batch:
-                ok = self._export(batch)
-                self._inflight = 0
-                backoff = 0.0 if ok else min(self._backoff_max_s, max(0.5, backoff * 2))
-                if not ok and self._stop:
-                    # Shutting down with the backend down: drop the rest, counted.
-                    with self._cond:
-                        rest = len(self._queue)
-                        self._queue.clear()
-                    if rest:
-                        self._metrics.inc(SPANS, rest, labels=(("outcome", "dropped"),))
+                tries += 1
+                if self._export(batch):
+                    batch, backoff = [], 0.0
+                else:
+                    backoff = min(self._backoff_max_s, max(0.5, backoff * 2))
+                    if tries >= self._attempts or self._stop:
+                        self._metrics.inc(SPANS, len(batch), labels=(("outcome", "failed"),))
+                        batch = []
+                        if self._stop:
+                            # Shutting down with the backend down: the rest is dropped, counted.
+                            with self._cond:
+                                rest = len(self._queue)
+                                self._queue.clear()
+                            if rest:
+                                self._metrics.inc(SPANS, rest, labels=(("outcome", "dropped"),))
             with self._cond:
-                if not self._queue or backoff:
+                self._inflight = len(batch)
+                if (not self._queue and not batch) or backoff:
                     self._flushed = max(self._flushed, flush_target)
                     self._cond.notify_all()
 
     def _export(self, batch: Sequence[ReadableSpan]) -> bool:
+        """One export attempt; counts ``exported`` on success. Never raises."""
         try:
             result = self._exporter.export(batch)
         except Exception as exc:  # an exporter bug must not kill the worker
@@ -279,7 +301,7 @@ class BoundedSpanProcessor(SpanProcessor):
             self._metrics.inc(SPANS, len(batch), labels=(("outcome", "exported"),))
             self._outage.ok()
             return True
-        self._metrics.inc(SPANS, len(batch), labels=(("outcome", "failed"),))
+        self._metrics.inc(RETRIES)
         self._outage.failed(detail)
         return False
 
