@@ -54,7 +54,7 @@ ENV PATH=/opt/infersight/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     INFERSIGHT_PROMETHEUS_PORT=9464
 # Root inside the container: the pod's capability set, not the uid, decides
-# what the agent may do (see helm/infersight/values.yaml: securityContext).
+# what the agent may do (helm/infersight/values.yaml: security).
 USER 0
 EXPOSE 9464
 ENTRYPOINT ["infersight", "run"]
