@@ -62,11 +62,14 @@ class TimingMiddleware:
         scope.setdefault("state", {})["timing"] = entry
 
         async def timed_send(msg: dict[str, Any]) -> None:
-            if msg["type"] == "http.response.body" and msg.get("body"):
-                entry["sends"].append(time.monotonic_ns())
+            # stamped right before the server writes: uvicorn writes inside send()
+            if msg["type"] == "http.response.body":
+                now = time.monotonic_ns()
+                if msg.get("body"):
+                    entry["sends"].append(now)
+                if not msg.get("more_body"):
+                    entry["t_end"] = now
             await send(msg)
-            if msg["type"] == "http.response.body" and not msg.get("more_body"):
-                entry["t_end"] = time.monotonic_ns()
 
         try:
             await self.app(scope, receive, timed_send)

@@ -62,7 +62,8 @@ def check_btf() -> Check:
 def check_headers() -> Check:
     rel = platform.release()
     build = Path(f"/lib/modules/{rel}/build")
-    if (build / "include/linux/kconfig.h").exists():
+    # Debian splits headers: generated files in -amd64 (the build dir), the rest in -common
+    if (build / "include/generated/autoconf.h").exists():
         return Check("kernel headers", True, f"{build} -> {os.path.realpath(build)}")
     env = os.environ.get("BCC_KERNEL_SOURCE")
     if env and Path(env, "include/linux/kconfig.h").exists():

@@ -50,7 +50,7 @@ fi
 # Debian headers package (BCC looks at /lib/modules/$(uname -r)/build first).
 kver=$(uname -r)
 moddir=/lib/modules/$kver
-if [ ! -e "$moddir/build/include/linux/kconfig.h" ]; then
+if [ ! -e "$moddir/build/include/generated/autoconf.h" ]; then
     hdr=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n 1)
     common=$(ls -d /usr/src/linux-headers-*-common 2>/dev/null | sort -V | tail -n 1)
     if [ -z "$hdr" ]; then
@@ -81,6 +81,15 @@ if [ ! -e "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/python -m pip install -q --upgrade pip
     .venv/bin/python -m pip install -q -e '.[test]'
     touch "$stamp"
+fi
+
+# checkov (used by the chart tests) pins packages the agent's environment needs
+# newer: it gets an environment of its own.
+if [ ! -x .venv-tools/bin/checkov ]; then
+    log "installing checkov into .venv-tools"
+    /usr/bin/python3 -m venv .venv-tools
+    .venv-tools/bin/python -m pip install -q --upgrade pip
+    .venv-tools/bin/python -m pip install -q checkov
 fi
 
 .venv/bin/python -c 'import bcc, agent' || { echo "setup: the environment cannot import bcc" >&2; exit 1; }

@@ -634,8 +634,12 @@ def test_notes_say_what_to_check_next() -> None:
 
 
 def checkov_binary() -> str | None:
-    local = REPO / ".venv" / "bin" / "checkov"
-    return str(local) if local.exists() else shutil.which("checkov")
+    # scripts/setup.sh installs checkov in its own environment: its pins clash with the agent's
+    for env in (".venv-tools", ".venv"):
+        local = REPO / env / "bin" / "checkov"
+        if local.exists():
+            return str(local)
+    return shutil.which("checkov")
 
 
 @pytest.mark.slow
