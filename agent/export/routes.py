@@ -22,6 +22,7 @@ Never used as labels: pid, raw path, client address or port, connection ids.
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 from collections.abc import Iterable, Mapping
@@ -69,6 +70,9 @@ def _is_identifier(segment: str) -> bool:
     return bool(_TOKEN.match(segment))
 
 
+# Paths repeat (a server has few endpoints), and each record needs its route three
+# times (metrics, span name, span attribute): memoise, bounded.
+@functools.lru_cache(maxsize=4096)
 def template_route(path: str | None) -> str:
     """The route template of a raw request path ("" when the path is unknown).
 
