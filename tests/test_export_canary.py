@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from agent.export import Sink
 from agent.export.exporters import ExportConfig, Exporters
 from agent.export.jsonl import JsonlSink
 from agent.export.routes import BODY_ATTRIBUTE_PREFIXES
@@ -116,7 +117,7 @@ def export_everything(records: list[Request], tmp_path: Path) -> list[bytes]:
     port = free_port()
     out = tmp_path / "records.jsonl"
     with GrpcReceiver() as rx:
-        ex = Exporters(
+        ex: Sink = Exporters(
             ExportConfig(
                 otlp_endpoint=f"http://127.0.0.1:{rx.port}",
                 prometheus_port=port,

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from agent.export import Sink
 from agent.export.jsonl import JsonlSink
 from agent.record import RECORD_KEYS
 from agent.selfmetrics import SelfMetrics
@@ -16,7 +17,7 @@ from tests.test_export_canary import make_request
 def test_lines_are_records_and_visible_before_shutdown(tmp_path: Path) -> None:
     out = tmp_path / "r.jsonl"
     m = SelfMetrics()
-    sink = JsonlSink(str(out), metrics=m)
+    sink: Sink = JsonlSink(str(out), metrics=m)  # the pipeline's Sink protocol (checked by mypy)
     a = make_request().with_attributes({"k8s.pod.name": "vllm-0"})
     b = make_request(status_code=500, error_type="response_incomplete")
     sink.emit(a)
