@@ -57,7 +57,7 @@ from typing import Any, Protocol
 
 from agent.record import ActiveRequest, Request
 from agent.selfmetrics import SELF_METRICS, SelfMetrics
-from collectors.cgroup import ContainerRef, PidResolver, PidResolverConfig
+from collectors.cgroup import ContainerRef, PidResolver, PidResolverConfig, process_start_time
 from collectors.history import WindowStats
 from collectors.k8s import K8sConfig, PodInfo, PodLookup
 from collectors.kubelet import DEFAULT_SOCKET, KubeletConfig, PodContainer
@@ -266,6 +266,8 @@ class _PodAccount:
     attributes: dict[str, str]
     seen: float
     """Monotonic time the pod last served a record or was seen on a GPU."""
+    on_gpu: bool = False
+    """Whether the pod has held a GPU (only then are GPU time and energy exported)."""
     gpu_seconds: float = 0.0
     energy_j: float = 0.0
     tokens: float = 0.0
@@ -349,6 +351,8 @@ class Join:
         self._accounts: OrderedDict[str, _PodAccount] = OrderedDict()
         self._last_tick: float | None = None
         self._last_energy: dict[str, float] = {}
+        # (pid, start time) handed to the CUDA probe, so a refused process is not retried every refresh
+        self._cuda_tried: OrderedDict[tuple[int, int | None], None] = OrderedDict()
         self._logged: set[str] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -470,7 +474,8 @@ class Join:
             return {}
         uuids, source = self._gpus_of(group)
         if not uuids:
-            self._metrics.inc(GPU_MISSING, labels=(("reason", "no_gpu"),))
+            reason = "no_gpu" if nvml.devices() else "nvml_unavailable"
+            self._metrics.inc(GPU_MISSING, labels=(("reason", reason),))
             return {}
         self._metrics.inc(GPU_SOURCE, labels=(("source", source),))
         t0, t1 = record.start_time_unix_nano, record.end_time_unix_nano
@@ -618,12 +623,21 @@ class Join:
         cuda = self._cuda
         if cuda is None:
             return
+        handed = False
         for g in groups.values():
             if not g.pids & (served | gpu_pids):
                 continue
             for pid in sorted(g.pids - traced):
+                key = (pid, process_start_time(pid, self.config.proc))
+                if key in self._cuda_tried:
+                    continue  # refused once (the probe's target bound, an exited process): not again
+                self._cuda_tried[key] = None
+                while len(self._cuda_tried) > self.config.max_pids:
+                    self._cuda_tried.popitem(last=False)
                 cuda.add_pid(pid)
-                self._metrics.inc(CUDA_TARGETS)
+                handed = True
+        if handed:
+            self._metrics.inc(CUDA_TARGETS, len(set(cuda.pids()) - traced))
 
     # ---- per-pod accounting -------------------------------------------------------------------
 
@@ -702,6 +716,7 @@ class Join:
                 acc = self._account_for(g.pod)
                 if acc is None:
                     continue
+                acc.on_gpu = True
                 for u in uuids:
                     pod_sm = [v for (pid, uu), v in sm.items() if uu == u and pid in g.pids]
                     share = self._share(u, g, sum(pod_sm) if pod_sm else None, util_now.get(u))
@@ -724,9 +739,11 @@ class Join:
         with self._lock:
             for acc in self._accounts.values():
                 attrs = acc.attributes
+                out.append(POD_TOKENS.point(attrs, acc.tokens))
+                if not acc.on_gpu:
+                    continue
                 out.append(POD_GPU_TIME.point(attrs, acc.gpu_seconds))
                 out.append(POD_ENERGY.point(attrs, acc.energy_j))
-                out.append(POD_TOKENS.point(attrs, acc.tokens))
                 for uuid, (share, memory, at) in sorted(acc.gauges.items()):
                     if now - at > self.config.stale_s:
                         continue

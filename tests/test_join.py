@@ -439,7 +439,7 @@ def test_no_nvml_means_no_gpu_attributes_and_is_counted(
     finally:
         nvml.stop()
     assert not [k for k in out if k.startswith("gpu.")]
-    assert metrics.get(GPU_MISSING, (("reason", "no_gpu"),)) == 1
+    assert metrics.get(GPU_MISSING, (("reason", "nvml_unavailable"),)) == 1
     assert metrics.get("infersight.collector.up", (("source", "nvml"),)) == 0
     assert join.points() == []
 
@@ -504,8 +504,11 @@ def test_pod_accounts_are_bounded_and_the_excess_counted(
     join = make_join(proc, metrics, clock, pods=StaticPodIndex(infos), gpu_enabled=False, max_pods=2)
     for i in range(3):
         join(record(1000 + i, T0, T0 + S, tokens=5))
-    assert {p.attributes["k8s.pod.name"] for p in join.points()} == {"p0", "p1"}
+    pts = join.points()
+    assert {p.attributes["k8s.pod.name"] for p in pts} == {"p0", "p1"}
     assert metrics.get(PODS_DROPPED) == 1
+    # pods that never held a GPU have tokens, and no GPU time or energy that would claim a zero
+    assert {p.name for p in pts} == {"infersight.pod.output_tokens"}
 
 
 # ---- CUDA -----------------------------------------------------------------------------------
@@ -556,6 +559,8 @@ def test_cuda_window_sums_the_pods_processes_and_they_are_traced(
     join.refresh()  # ...and with the pod's GPU process handed to the CUDA probe; the other pod's too
     assert sorted(cuda.added) == [1001, 1002, 4001]
     assert metrics.get(CUDA_TARGETS) == 3
+    join.refresh()  # a process already traced is not handed again
+    assert sorted(cuda.added) == [1001, 1002, 4001]
     t = T0 + 10 * S
     cuda.put(1002, t, launches=40, htod=1 << 20, sync_ns=2_000_000)
     cuda.put(1002, t + 100_000_000, launches=2)
