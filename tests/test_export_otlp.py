@@ -218,7 +218,7 @@ def test_resource_and_endpoint_from_the_standard_environment(
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{rx.port}")
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
     monkeypatch.setenv("OTEL_SERVICE_NAME", "agent-on-node-7")
-    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=staging,k8s.cluster.name=c1")
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=staging,k8s.cluster.name=east%2C1")
     monkeypatch.setenv("NODE_NAME", "node-7")
     ex = Exporters(ExportConfig(prometheus_port=0, otlp_metrics_interval_s=3600), metrics=SelfMetrics())
     try:
@@ -230,7 +230,7 @@ def test_resource_and_endpoint_from_the_standard_environment(
     for res in [rx.spans()[0][0], rx.metrics()[0][0]]:
         assert res["service.name"] == "agent-on-node-7"
         assert res["k8s.node.name"] == "node-7"
-        assert res["deployment.environment"] == "staging" and res["k8s.cluster.name"] == "c1"
+        assert res["deployment.environment"] == "staging" and res["k8s.cluster.name"] == "east,1"
         assert res["host.name"] == os.uname().nodename
 
 

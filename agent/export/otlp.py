@@ -29,6 +29,7 @@ import os
 import socket
 import threading
 import time
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -48,7 +49,7 @@ from opentelemetry.sdk.metrics.export import (
     ScopeMetrics,
     Sum,
 )
-from opentelemetry.sdk.resources import OTELResourceDetector, Resource
+from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
@@ -107,22 +108,19 @@ def build_resource(service_name: str | None = None, environ: Mapping[str, str] =
     node = environ.get("NODE_NAME")
     if node:
         attrs["k8s.node.name"] = node
-    res = Resource(attrs)
-    if environ is os.environ:
-        res = res.merge(OTELResourceDetector().detect())
-    else:
-        res = res.merge(_env_resource(environ))
+    res = Resource(attrs).merge(_env_resource(environ))
     if service_name:
         res = res.merge(Resource({"service.name": service_name}))
     return res
 
 
 def _env_resource(environ: Mapping[str, str]) -> Resource:
+    # OTEL_RESOURCE_ATTRIBUTES is "k=v,k2=v2" with percent-encoded values (OTel SDK environment spec).
     attrs: dict[str, Any] = {}
     for item in environ.get("OTEL_RESOURCE_ATTRIBUTES", "").split(","):
         key, sep, value = item.partition("=")
         if sep and key.strip():
-            attrs[key.strip()] = value.strip()
+            attrs[key.strip()] = urllib.parse.unquote(value.strip())
     if environ.get("OTEL_SERVICE_NAME"):
         attrs["service.name"] = environ["OTEL_SERVICE_NAME"]
     return Resource(attrs)
