@@ -611,3 +611,17 @@ def test_refresh_thread_learns_new_gpu_processes(
     scenario.update({"gpu0.procs": 1, "gpu0.proc0.pid": 1002, "gpu0.proc0.mem": 1})
     nvml.sample_now()
     wait_for(lambda: A_UUIDS in join(record(1001, T0 - S, T0)).attributes, what="the engine process's GPU")
+
+
+def test_docs_name_every_attribute_and_metric() -> None:
+    import agent.join as join_module
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "join.md").read_text()
+    attributes = [v for k, v in vars(join_module).items() if k.startswith("A_")]
+    assert len(attributes) >= 10
+    for name in attributes:
+        assert f"`{name}`" in doc, name
+    for d in DERIVED_METRICS:
+        assert f"`{d.name}`" in doc and f"`{d.prom_name}`" in doc, d.name
+    for counter in (FAILURES, K8S_MISSING, GPU_MISSING, PODS_DROPPED, CUDA_TARGETS):
+        assert counter in doc, counter
