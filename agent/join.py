@@ -87,6 +87,14 @@ A_CUDA_MEMCPY = "gpu.window.cuda.memcpy.bytes"
 A_CUDA_SYNC = "gpu.window.cuda.sync.seconds"
 A_CUDA_SPAN = "gpu.window.cuda.span.seconds"
 
+#: DCGM profiling field → the window attribute holding its mean over the pod's GPUs (data, not code).
+DCGM_WINDOW_ATTRIBUTES: Mapping[str, str] = MappingProxyType({
+    "DCGM_FI_PROF_SM_ACTIVE": "gpu.window.sm.active.mean",
+    "DCGM_FI_PROF_SM_OCCUPANCY": "gpu.window.sm.occupancy.mean",
+    "DCGM_FI_PROF_PIPE_TENSOR_ACTIVE": "gpu.window.tensor.active.mean",
+    "DCGM_FI_PROF_DRAM_ACTIVE": "gpu.window.dram.active.mean",
+})
+
 
 # ---- what the join needs of each source ------------------------------------------------------
 
@@ -99,6 +107,12 @@ class NvmlReader(Protocol):
     def process_window(self, pid: int, t0_ns: int, t1_ns: int) -> WindowStats | None: ...
     def processes(self) -> dict[int, list[str]]: ...
     def process_points(self) -> list[tuple[int, MetricPoint]]: ...
+
+
+class DcgmReader(Protocol):
+    """What the join reads of :class:`collectors.dcgm.DcgmCollector` (in memory, thread-safe)."""
+
+    def device_window(self, uuid: str, t0_ns: int, t1_ns: int) -> WindowStats | None: ...
 
 
 class CudaWindowLike(Protocol):
@@ -165,6 +179,8 @@ class JoinConfig:
     """Add ``gpu.*`` attributes and per-pod GPU metrics (needs NVML)."""
     cuda_enabled: bool = True
     """Add ``gpu.window.cuda.*`` (needs the CUDA probe) and trace the pods' processes with it."""
+    dcgm_enabled: bool = True
+    """Add DCGM profiling means (SM active, tensor pipe, DRAM) when dcgm-exporter runs on the node."""
     refresh_s: float = 1.0
     """Period of the refresh thread: process → pod mapping, CUDA targets, per-pod accounting."""
     max_pids: int = 4096
@@ -303,6 +319,7 @@ class Join:
         gpu_map: GpuMap | None = None,
         nvml: NvmlReader | None = None,
         cuda: CudaReader | None = None,
+        dcgm: DcgmReader | None = None,
         resolver: PidResolver | None = None,
         metrics: SelfMetrics = SELF_METRICS,
         clock: Callable[[], float] = time.monotonic,
@@ -340,10 +357,18 @@ class Join:
             probe = CudaProbe(metrics=metrics, proc=cfg.proc)
             self._owned.append(probe)
             cuda = probe
+        if dcgm is None and cfg.gpu_enabled and cfg.dcgm_enabled:
+            from collectors.dcgm import DcgmCollector
+
+            nvml_devices = nvml.devices if nvml is not None else None
+            scraper = DcgmCollector(devices=nvml_devices, metrics=metrics)
+            self._owned.append(scraper)
+            dcgm = scraper
         self._pods = pods if cfg.k8s_enabled else None
         self._gpu_map = gpu_map if cfg.gpu_enabled and cfg.kubelet_enabled else None
         self._nvml = nvml if cfg.gpu_enabled else None
         self._cuda = cuda if cfg.gpu_enabled and cfg.cuda_enabled else None
+        self._dcgm = dcgm if cfg.gpu_enabled and cfg.dcgm_enabled else None
         self._snapshot = _Snapshot()
         self._lock = threading.Lock()
         # pids that served records, most recent last (bounded by max_pids)
@@ -510,6 +535,7 @@ class Join:
                 out[A_ENERGY] = energy
         if not samples and not proc_stats:
             self._metrics.inc(GPU_MISSING, labels=(("reason", "no_samples"),))
+        out.update(self._dcgm_attributes(uuids, t0, t1))
         out.update(self._cuda_attributes(group, t0, t1))
         return out
 
@@ -538,6 +564,18 @@ class Join:
         if len(holders) > 1:
             return _ratio(pod_sm, util)
         return 1.0
+
+    def _dcgm_attributes(self, uuids: Sequence[str], t0: int, t1: int) -> dict[str, Any]:
+        dcgm = self._dcgm
+        if dcgm is None:
+            return {}
+        windows = [w for w in (dcgm.device_window(u, t0, t1) for u in uuids) if w is not None]
+        out: dict[str, Any] = {}
+        for dcgm_field, attribute in DCGM_WINDOW_ATTRIBUTES.items():
+            values = [w.mean[dcgm_field] for w in windows if dcgm_field in w.mean]
+            if values:
+                out[attribute] = sum(values) / len(values)
+        return out
 
     def _cuda_attributes(self, group: _Group, t0: int, t1: int) -> dict[str, Any]:
         cuda = self._cuda

@@ -4,9 +4,12 @@ the fake NVML scenario base, and polling."""
 from __future__ import annotations
 
 import secrets
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -106,3 +109,31 @@ def wait_for(pred: Callable[[], Any], timeout: float = 15.0, what: str = "") -> 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what or pred}")
         time.sleep(0.02)
+
+
+@contextmanager
+def serve_text(body: str) -> Iterator[str]:
+    """An HTTP server in a thread answering every GET with ``body`` (a dcgm-exporter's
+    ``/metrics``); yields its URL."""
+    data = body.encode()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/metrics"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -28,6 +28,7 @@ from agent.join import (
     A_UTIL_MEAN,
     A_UUIDS,
     CUDA_TARGETS,
+    DCGM_WINDOW_ATTRIBUTES,
     DERIVED_METRICS,
     FAILURES,
     GPU_MISSING,
@@ -55,6 +56,7 @@ from tests.join_support import (
     S,
     new_cid,
     new_uid,
+    serve_text,
     systemd_path,
     wait_for,
     write_proc,
@@ -146,7 +148,7 @@ def index(api: FakeApiServer, metrics: SelfMetrics) -> Iterator[PodIndex]:
 
 def make_join(proc: Path, metrics: SelfMetrics, clock: ManualClock, **kw: Any) -> Join:
     cfg_keys = {k: kw.pop(k) for k in list(kw) if k in JoinConfig.__dataclass_fields__}
-    cfg = JoinConfig(node_name=NODE, proc=str(proc), **{"cuda_enabled": False, **cfg_keys})
+    cfg = JoinConfig(node_name=NODE, proc=str(proc), **{"cuda_enabled": False, "dcgm_enabled": False, **cfg_keys})
     return Join(cfg, resolver=PidResolver(proc=str(proc), metrics=metrics), metrics=metrics,
                 clock=clock.s, wall_clock=clock.ns, **kw)
 
@@ -623,5 +625,42 @@ def test_docs_name_every_attribute_and_metric() -> None:
         assert f"`{name}`" in doc, name
     for d in DERIVED_METRICS:
         assert f"`{d.name}`" in doc and f"`{d.prom_name}`" in doc, d.name
+    for attribute in DCGM_WINDOW_ATTRIBUTES.values():
+        assert f"`{attribute}`" in doc, attribute
     for counter in (FAILURES, K8S_MISSING, GPU_MISSING, PODS_DROPPED, CUDA_TARGETS):
         assert counter in doc, counter
+
+
+# ---- DCGM -----------------------------------------------------------------------------------
+
+DCGM_TEXT = f"""\
+# HELP DCGM_FI_PROF_SM_ACTIVE The ratio of cycles an SM has at least 1 warp assigned.
+# TYPE DCGM_FI_PROF_SM_ACTIVE gauge
+DCGM_FI_PROF_SM_ACTIVE{{gpu="0",UUID="{GPU0}",pci_bus_id="00000000:17:00.0",device="nvidia0",modelName="NVIDIA H100 80GB HBM3",Hostname="{NODE}"}} 0.8
+# HELP DCGM_FI_PROF_PIPE_TENSOR_ACTIVE Ratio of cycles the tensor (HMMA) pipe is active.
+# TYPE DCGM_FI_PROF_PIPE_TENSOR_ACTIVE gauge
+DCGM_FI_PROF_PIPE_TENSOR_ACTIVE{{gpu="0",UUID="{GPU0}",pci_bus_id="00000000:17:00.0",device="nvidia0",modelName="NVIDIA H100 80GB HBM3",Hostname="{NODE}"}} 0.45
+"""
+
+
+def test_dcgm_profiling_means_over_the_window(
+        proc: Path, metrics: SelfMetrics, clock: ManualClock, nvml: NvmlCollector, scenario: Scenario) -> None:
+    from collectors.dcgm import DcgmCollector, DcgmConfig
+    from collectors.k8s import PodInfo
+
+    uid, cid = new_uid(), new_cid()
+    write_proc(proc, 1001, systemd_path(uid, cid))
+    pods = StaticPodIndex([PodInfo("default", "llm-1", uid, NODE, {cid: "server"})])
+    scenario.update({"gpu0.procs": 1, "gpu0.proc0.pid": 1001, "gpu0.proc0.mem": 1})
+    nvml.sample_now()
+    with serve_text(DCGM_TEXT) as url:
+        dcgm = DcgmCollector(DcgmConfig(url=url, period_s=3600), devices=nvml.devices, metrics=metrics,
+                             clock=clock.ns)
+        assert dcgm.sample_now()
+    join = make_join(proc, metrics, clock, pods=pods, gpu_map=StaticGpuPodMap(available=False), nvml=nvml,
+                     dcgm=dcgm, dcgm_enabled=True)
+    join.refresh()
+    out = join(record(1001, T0 - S, T0)).attributes
+    assert out["gpu.window.sm.active.mean"] == pytest.approx(0.8)
+    assert out["gpu.window.tensor.active.mean"] == pytest.approx(0.45)
+    assert "gpu.window.dram.active.mean" not in out  # not in this exporter's field set

@@ -197,7 +197,7 @@ def stack(tmp_module: Path, server: PodServer, api: FakeApiServer, scenario: Sce
     cuda = CudaProbe(CudaProbeConfig(bucket_ns=20_000_000, poll_s=0.02, settle_ns=5_000_000, rescan_s=0.2),
                      metrics=metrics)
     assert cuda.enabled, "the CUDA probe's BPF program did not load"
-    join = Join(JoinConfig(node_name=NODE, refresh_s=0.1), pods=index, gpu_map=kubelet, nvml=nvml, cuda=cuda,
+    join = Join(JoinConfig(node_name=NODE, refresh_s=0.1, dcgm_enabled=False), pods=index, gpu_map=kubelet, nvml=nvml, cuda=cuda,
                 resolver=PidResolver(metrics=metrics), metrics=metrics)
     sources: list[NvmlCollector | PodIndex | GpuPodMap | CudaProbe] = [nvml, index, kubelet, cuda]
     for s in sources:
