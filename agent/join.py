@@ -554,15 +554,19 @@ class Join:
     def _share(self, uuid: str, group: _Group, pod_sm: float | None, util: float | None) -> float | None:
         """The group's share of one GPU: 1 when it holds the GPU alone, else its SM use over the
         GPU's (None when NVML has no per-process utilisation to tell)."""
-        holders = set(self._snapshot.holders.get(uuid, frozenset()))
-        holders.add(group.key)
+        # shared when NVML shows another pod's (or a pod-less) process on it...
+        holders = set(self._snapshot.holders.get(uuid, frozenset())) | {group.key}
+        if len(holders) > 1:
+            return _ratio(pod_sm, util)
+        # ...or the kubelet assigned it to another pod too (time-slicing replicas, or a pod
+        # using a GPU it did not request)
         gm = self._gpu_map
         if gm is not None and gm.available:
             pods = {(ns, name) for ns, name, _ in gm.pods_of_device(uuid)}
-            if len(pods) > 1:
+            if group.pod is not None:
+                pods.add((group.pod.namespace, group.pod.name))
+            if len(pods) > 1 or (group.pod is None and pods):
                 return _ratio(pod_sm, util)
-        if len(holders) > 1:
-            return _ratio(pod_sm, util)
         return 1.0
 
     def _dcgm_attributes(self, uuids: Sequence[str], t0: int, t1: int) -> dict[str, Any]:

@@ -664,3 +664,22 @@ def test_dcgm_profiling_means_over_the_window(
     assert out["gpu.window.sm.active.mean"] == pytest.approx(0.8)
     assert out["gpu.window.tensor.active.mean"] == pytest.approx(0.45)
     assert "gpu.window.dram.active.mean" not in out  # not in this exporter's field set
+
+
+def test_a_gpu_the_kubelet_gave_another_pod_counts_as_shared(
+        proc: Path, metrics: SelfMetrics, clock: ManualClock, nvml: NvmlCollector, scenario: Scenario) -> None:
+    """A pod running on a GPU it did not request (NVIDIA_VISIBLE_DEVICES=all) is not its sole holder."""
+    from collectors.k8s import PodInfo
+
+    uid, cid = new_uid(), new_cid()
+    write_proc(proc, 1001, systemd_path(uid, cid))
+    pods = StaticPodIndex([PodInfo("default", "sneaky", uid, NODE, {cid: "s"})])
+    scenario.update({"gpu0.procs": 1, "gpu0.proc0.pid": 1001, "gpu0.proc0.mem": 1, "gpu0.proc0.sm": 30,
+                     "gpu0.proc0.ts_us": T0 // 1000})
+    nvml.sample_now()
+    kubelet = StaticGpuPodMap({GPU0: [("default", "owner", "s")]})
+    join = make_join(proc, metrics, clock, pods=pods, gpu_map=kubelet, nvml=nvml)
+    join.refresh()
+    out = join(record(1001, T0, T0)).attributes
+    assert out[A_UUIDS] == (GPU0,) and out[A_GPU_SOURCE] == "nvml"
+    assert out[A_POD_SM_SHARE] == pytest.approx(0.5)  # 30 % SM of a GPU 60 % busy
