@@ -11,6 +11,7 @@ window ``[start, end]``:
     pod ──kubelet pod-resources (GpuPodMap)──► GPU / MIG UUIDs
         (no kubelet socket: NVML's process list, pids mapped to the pod through cgroups)
     GPUs ──NvmlCollector.device_window──► mean utilisation over the window
+         ──DcgmCollector.device_window──► SM active / occupancy, tensor pipe, DRAM (when dcgm-exporter runs)
     pod's processes ──NvmlCollector.process_window──► peak memory, SM utilisation (→ the pod's SM share)
     pod's processes ──CudaProbe.window──► kernel launches, bytes copied, synchronize time
 
@@ -618,7 +619,8 @@ class Join:
     def refresh(self) -> None:
         """Map served, GPU and CUDA processes to their pods, hand the pods' processes to the
         CUDA probe, and account the per-pod metrics. Called every ``refresh_s`` by the join's
-        thread (tests call it directly). Reads /proc; never raises for a vanished process."""
+        thread (tests call it directly; never from two threads at once). Reads /proc and
+        attaches CUDA uprobes, so never on the assembly thread; never raises for a vanished process."""
         nvml_procs = self._nvml.processes() if self._nvml is not None else {}
         cuda_pids = set(self._cuda.pids()) if self._cuda is not None else set()
         with self._lock:
