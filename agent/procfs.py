@@ -78,6 +78,32 @@ def start_time(pid: int, proc: str = "/proc") -> int | None:
         return None
 
 
+def ppid(pid: int, proc: str = "/proc") -> int | None:
+    try:
+        with open(f"{proc}/{pid}/stat", "rb") as f:
+            data = f.read()
+        return int(data[data.rindex(b")") + 2 :].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def descendants(roots: set[int], proc: str = "/proc") -> set[int]:
+    """Every live process below ``roots`` (children, grandchildren, ...)."""
+    children: dict[int, list[int]] = {}
+    for pid in pids(proc):
+        parent = ppid(pid, proc)
+        if parent is not None:
+            children.setdefault(parent, []).append(pid)
+    out: set[int] = set()
+    todo = list(roots)
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            if child not in out:
+                out.add(child)
+                todo.append(child)
+    return out
+
+
 def socket_fds(pid: int, proc: str = "/proc") -> dict[int, int]:
     """fd → socket inode for every socket the process holds."""
     out: dict[int, int] = {}

@@ -39,7 +39,7 @@ class TargetConfig:
     """What to trace. Empty pids/ports/comms means: discover known servers."""
 
     pids: tuple[int, ...] = ()
-    """Trace these processes (and the children they fork)."""
+    """Trace these processes and their children (those alive now and those forked later)."""
     ports: tuple[int, ...] = ()
     """Trace processes listening on these TCP ports."""
     comms: tuple[str, ...] = ()
@@ -94,9 +94,13 @@ class TargetSelector:
         """All processes that are targets now."""
         found = set()
         cfg = self.config
+        roots = {p for p in cfg.pids if os.path.exists(f"{self.proc}/{p}") and p != self.self_pid}
+        if roots:
+            # worker processes (uvicorn --workers, gunicorn) serve for their parent
+            found |= roots | (procfs.descendants(roots, self.proc) - {self.self_pid})
         if cfg.pids and not cfg.ports and not cfg.comms:
-            return {p for p in cfg.pids if os.path.exists(f"{self.proc}/{p}") and p != self.self_pid}
+            return found
         for pid in procfs.pids(self.proc):
-            if self.matches(pid):
+            if pid not in found and self.matches(pid):
                 found.add(pid)
         return found

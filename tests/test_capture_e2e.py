@@ -22,6 +22,7 @@ import httpx
 import openai
 import pytest
 
+from agent import procfs
 from agent.record import RECORD_KEYS
 from agent.targets import TargetConfig
 from probes.sockets import SocketProbeConfig
@@ -344,5 +345,74 @@ def test_cli_run_jsonl_and_sigterm(tmp_path: Path) -> None:
         for row in rows:
             assert set(RECORD_KEYS) <= set(row)
         assert rows[-1]["gen_ai.request.model"] == "cli" and rows[-1]["streaming"] is True
+    finally:
+        srv.stop()
+
+
+def test_non_http_bytes_are_counted_and_ignored(agent: Agent, demo: Server) -> None:
+    import socket as so
+
+    before = agent.pipeline.probe.counters()["foreign"]  # type: ignore[union-attr]
+    mark = agent.mark()
+    # a TLS ClientHello and raw binary on the plain-HTTP port: the server answers 400 or closes
+    for payload in (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(64), bytes(range(256))):
+        with so.create_connection(("127.0.0.1", demo.port), timeout=5) as s:
+            s.sendall(payload)
+            try:
+                s.recv(4096)
+            except OSError:
+                pass
+    httpx.get(demo.url + "/after-garbage")
+    recs = agent.wait_records(mark, 1, pred=lambda r: r.path == "/after-garbage")
+    assert recs[0].status_code == 404
+    wait_for(lambda: agent.pipeline.probe.counters()["foreign"] >= before + 2, 5)  # type: ignore[union-attr]
+    time.sleep(0.3)
+    assert [r.path for r in agent.since(mark)] == ["/after-garbage"]
+
+
+def test_uvicorn_worker_children_are_traced(tmp_path: Path) -> None:
+    """uvicorn --workers: the supervisor is the target; its workers serve. Those
+    alive at attach time are traced, and so are those it spawns afterwards."""
+    port = free_port()
+    srv = start_server([sys.executable, "-m", "uvicorn", "--factory", "agent.demo_server:make_app", "--port",
+                        str(port), "--workers", "2", "--log-level", "warning"], port, tmp_path, "workers")
+    try:
+        with running_agent(TargetConfig(pids=(srv.pid,))) as a:
+            mark = a.mark()
+            with httpx.Client(base_url=srv.url) as c:
+                for _ in range(6):
+                    c.get("/health", headers={"connection": "close"})
+            recs = a.wait_records(mark, 6)
+            first = {r.pid for r in recs}
+            assert srv.pid not in first, "the supervisor does not serve"
+            assert first <= a.pipeline.targets
+            # SIGHUP: uvicorn replaces every worker with a newly spawned one
+            srv.proc.send_signal(signal.SIGHUP)
+            wait_for(lambda: not (first & set(procfs.descendants({srv.pid}))), 20, what="workers replaced")
+            wait_for(lambda: len(procfs.descendants({srv.pid})) >= 2, 20, what="new workers")
+            mark = a.mark()
+            with httpx.Client(base_url=srv.url) as c:
+                wait_for(lambda: c.get("/health").status_code == 200, 20)
+                for _ in range(6):
+                    c.get("/after-sighup", headers={"connection": "close"})
+            recs = a.wait_records(mark, 6, pred=lambda r: r.path == "/after-sighup")
+            second = {r.pid for r in recs}
+            assert not (second & first) and srv.pid not in second
+            assert second <= a.pipeline.targets
+    finally:
+        srv.stop()
+
+
+def test_cli_duration_exits_cleanly(tmp_path: Path) -> None:
+    srv = start_demo_server(tmp_path)
+    try:
+        t0 = time.monotonic()
+        r = subprocess.run([sys.executable, "-m", "agent.cli", "run", "--pid", str(srv.pid), "--duration", "3",
+                            "--prometheus-port", "0", "--jsonl", str(tmp_path / "out.jsonl")],
+                           cwd=REPO, capture_output=True, text=True, timeout=60,
+                           env=dict(os.environ, PYTHONPATH=str(REPO)))
+        assert r.returncode == 0, r.stderr
+        assert time.monotonic() - t0 < 30
+        assert "stopped:" in r.stderr
     finally:
         srv.stop()
