@@ -514,14 +514,25 @@ class Join:
         util_mean = sum(utils) / len(utils) if utils else None
         if util_mean is not None:
             out[A_UTIL_MEAN] = util_mean
-        proc_stats = [w for w in (nvml.process_window(p, t0, t1) for p in sorted(group.pids)) if w is not None]
+        placed = nvml.processes()
+        by_pid = {p: nvml.process_window(p, t0, t1) for p in sorted(group.pids)}
+        proc_stats = [w for w in by_pid.values() if w is not None]
         peaks = [w.max["process.memory.used"] for w in proc_stats if "process.memory.used" in w.max]
         if peaks:
             # per-process peaks added: an upper bound on the pod's peak, exact for one process
             out[A_POD_MEMORY_PEAK] = sum(peaks)
-        sms = [w.mean["process.sm"] for w in proc_stats if "process.sm" in w.mean]
-        pod_sm = sum(sms) if sms else None
-        shares = [self._share(u, group, pod_sm, util_mean) for u in uuids]
+        # the pod's SM use per GPU: a process's window mean is its per-GPU average, so it counts
+        # on each GPU NVML places it on (tensor parallelism: one process per GPU)
+        sm_by_gpu: dict[str, float] = {}
+        for pid, w in by_pid.items():
+            if w is not None and "process.sm" in w.mean:
+                for u in [u for u in placed.get(pid, ()) if u in uuids] or uuids:
+                    sm_by_gpu[u] = sm_by_gpu.get(u, 0.0) + w.mean["process.sm"]
+        shares = []
+        for u in uuids:
+            w = device_stats[u]
+            util_u = w.mean.get("utilization.gpu") if w is not None else None
+            shares.append(self._share(u, group, sm_by_gpu.get(u), util_u))
         if shares and all(s is not None for s in shares):
             share = sum(s for s in shares if s is not None) / len(shares)
             out[A_POD_SM_SHARE] = share

@@ -683,3 +683,39 @@ def test_a_gpu_the_kubelet_gave_another_pod_counts_as_shared(
     out = join(record(1001, T0, T0)).attributes
     assert out[A_UUIDS] == (GPU0,) and out[A_GPU_SOURCE] == "nvml"
     assert out[A_POD_SM_SHARE] == pytest.approx(0.5)  # 30 % SM of a GPU 60 % busy
+
+
+def test_tensor_parallel_pods_sharing_two_gpus_are_shared_per_gpu(
+        fake_lib: str, proc: Path, metrics: SelfMetrics, clock: ManualClock, scenario: Scenario) -> None:
+    """Two pods, each with one process per GPU on the same two time-sliced GPUs: each pod's share
+    is its SM use on each GPU over that GPU's, not its total SM over the mean utilisation."""
+    from collectors.k8s import PodInfo
+    from tests.join_support import GPU1
+
+    a_uid, a_cid, b_uid, b_cid = new_uid(), new_cid(), new_uid(), new_cid()
+    for pid in (1002, 1003):
+        write_proc(proc, pid, systemd_path(a_uid, a_cid))
+    for pid in (2002, 2003):
+        write_proc(proc, pid, systemd_path(b_uid, b_cid))
+    pods = StaticPodIndex([PodInfo("default", "tp-a", a_uid, NODE, {a_cid: "s"}),
+                           PodInfo("default", "tp-b", b_uid, NODE, {b_cid: "s"})])
+    ts = T0 // 1000
+    scenario.update({"gpu1.mig": 0, "gpu1.migs": 0, "gpu1.proc_util": None, "gpu0.util_gpu": 40, "gpu1.util_gpu": 40,
+                     "gpu0.procs": 2, "gpu0.proc0.pid": 1002, "gpu0.proc0.mem": 1, "gpu0.proc0.sm": 20,
+                     "gpu0.proc0.ts_us": ts, "gpu0.proc1.pid": 2002, "gpu0.proc1.mem": 1, "gpu0.proc1.sm": 20,
+                     "gpu0.proc1.ts_us": ts,
+                     "gpu1.procs": 2, "gpu1.proc0.pid": 1003, "gpu1.proc0.mem": 1, "gpu1.proc0.sm": 20,
+                     "gpu1.proc0.ts_us": ts, "gpu1.proc1.pid": 2003, "gpu1.proc1.mem": 1, "gpu1.proc1.sm": 20,
+                     "gpu1.proc1.ts_us": ts})
+    # a collector started on this node's layout (two whole GPUs, no MIG)
+    nvml = NvmlCollector(NvmlConfig(period_s=3600, event_timeout_ms=50), metrics=metrics, clock=clock.ns,
+                         library_path=fake_lib)
+    nvml.start()
+    try:
+        join = make_join(proc, metrics, clock, pods=pods, gpu_map=StaticGpuPodMap(available=False), nvml=nvml)
+        join.refresh()
+        out = join(record(1002, T0, T0)).attributes
+    finally:
+        nvml.stop()
+    assert out[A_UUIDS] == (GPU0, GPU1)
+    assert out[A_POD_SM_SHARE] == pytest.approx(0.5)
