@@ -667,13 +667,24 @@ class Assembler:
         ring_first_output: int | None = None
         ring_last_output: int | None = None
         ring_outputs = 0
-        for t in ring:
-            is_output = self._fragment(ex, t)
-            if is_output:
-                ring_outputs += 1
-                if ring_first_output is None:
-                    ring_first_output = t.ts_ns
-                ring_last_output = t.ts_ns
+        if ex.first_output_ns is not None or unseen_mid:
+            # Walk back from the end: the last writes carry finish reason and
+            # usage; once a write with output is found, the ones before it are
+            # mid-stream writes, taken as one output event each (as the unseen
+            # middle is). Parsing every tail costs more than the answer needs.
+            for i in range(len(ring) - 1, -1, -1):
+                if self._fragment(ex, ring[i]):
+                    ring_outputs = i + 1
+                    ring_last_output = ring[i].ts_ns
+                    ring_first_output = ring[0].ts_ns
+                    break
+        else:
+            for t in ring:
+                if self._fragment(ex, t):
+                    ring_outputs += 1
+                    if ring_first_output is None:
+                        ring_first_output = t.ts_ns
+                    ring_last_output = t.ts_ns
         # ---- completion and end time
         complete = ex.complete or bool(flags & CF_TERMINATED) or next_request
         if s is not None and not complete and s.reason in (SR_TERMINATED, SR_NEXT_REQUEST):

@@ -90,11 +90,15 @@ class Pipeline:
         stages: Sequence[Stage] = (),
         metrics: SelfMetrics = SELF_METRICS,
         layout_decoder: Decoder | None = None,
+        target_listeners: Sequence[Callable[[int, bool], None]] = (),
     ) -> None:
         self.config = config
         self._probe_factory = probe_factory
         self._sinks = list(sinks)
         self._stages = list(stages)
+        # called with (pid, True) when a process becomes a target, (pid, False) when it stops being one;
+        # other probes (CUDA) follow the same targets
+        self._target_listeners = list(target_listeners)
         self._metrics = metrics
         self._decoder = layout_decoder or Decoder()
         self._queue: queue.Queue[list[bytes] | Callable[[], None]] = queue.Queue(config.queue_batches)
@@ -260,8 +264,11 @@ class Pipeline:
                 probe.remove_target(ev.pid)
             elif tgid == ev.pid:
                 self._targets.add(ev.pid)
+                self._notify(ev.pid, True)
                 self._seed(ev.pid)  # inherited sockets
         elif ev.kind == PK_EXIT:
+            if ev.tgid in self._targets:
+                self._notify(ev.tgid, False)
             self._targets.discard(ev.tgid)
             self._drop_conns(ev.tgid)
         elif ev.kind in (PK_EXEC, PK_LISTEN):
@@ -280,9 +287,18 @@ class Pipeline:
             if not os.path.exists(f"{self.config.proc}/{pid}"):
                 self._detach(pid)
 
+    def _notify(self, pid: int, added: bool) -> None:
+        for fn in self._target_listeners:
+            try:
+                fn(pid, added)
+            except Exception:
+                self._metrics.inc("infersight.target.listener.errors")
+                log.exception("target listener failed for pid %d", pid)
+
     def _attach(self, pid: int) -> None:
         self._probe.add_target(pid)
         self._targets.add(pid)
+        self._notify(pid, True)
         self._metrics.inc("infersight.targets.attached")
         self._seed(pid)
         log.info("tracing pid %d (%s)", pid, procfs.comm(pid, self.config.proc))
@@ -290,6 +306,7 @@ class Pipeline:
     def _detach(self, pid: int) -> None:
         self._probe.remove_target(pid)
         self._targets.discard(pid)
+        self._notify(pid, False)
         self._drop_conns(pid)
 
     def _drop_conns(self, pid: int) -> None:
