@@ -20,6 +20,7 @@ import os
 import secrets
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,15 +217,22 @@ def stack(tmp_module: Path, server: PodServer, api: FakeApiServer, scenario: Sce
             s.stop()
 
 
-def one_request(st: Stack, i: int) -> Request:
-    """One streamed chat completion; returns its record once the join has decorated it."""
-    mark = st.agent.mark()
-    body = {"model": "demo-llm", "stream": True, "max_tokens": 4, "ttft_s": 0.25, "tpot_s": 0.01,
+def stream_chat(st: Stack, i: int, ttft_s: float) -> None:
+    body = {"model": "demo-llm", "stream": True, "max_tokens": 4, "ttft_s": ttft_s, "tpot_s": 0.01,
             "messages": [{"role": "user", "content": f"request {i}"}]}
     with httpx.stream("POST", f"{st.server.url}/v1/chat/completions", json=body, timeout=10) as r:
         assert r.status_code == 200
         for _ in r.iter_bytes():
             pass
+
+
+def one_request(st: Stack, i: int) -> Request:
+    """One streamed chat completion; returns its record once the join has decorated it.
+
+    The first token comes 0.4 s after the CUDA calls, so the probe has read their
+    (20 ms) buckets before the record reaches the join."""
+    mark = st.agent.mark()
+    stream_chat(st, i, ttft_s=0.4)
     # waiting for each record before the next request keeps every request's CUDA buckets its own
     return st.agent.wait_records(mark, 1, timeout=10)[0]
 
@@ -269,6 +277,21 @@ def test_records_carry_pod_deployment_gpu_window_and_cuda_launches(stack: Stack)
         assert "process.pid" not in p.attributes
     share = [p for p in points if p.name == "infersight.pod.gpu.utilization.share"]
     assert [(p.attributes["gpu.uuid"], p.value) for p in share] == [(GPU0, 1.0)]
+
+
+def test_in_flight_requests_carry_the_deployment(stack: Stack) -> None:
+    mark = stack.agent.mark()
+    client = threading.Thread(target=stream_chat, args=(stack, 300, 1.5), daemon=True)
+    client.start()
+    try:
+        active = wait_for(lambda: [a for a in stack.agent.pipeline.active() if a.pid == stack.server.pid], 10,
+                          "the request in flight")
+        decorated = stack.join.decorate_active(active)
+        assert decorated[0].attributes["k8s.deployment.name"] == "llm-demo"
+        assert decorated[0].attributes["k8s.pod.name"] == "llm-demo-6b8f9d-x2k4p"
+    finally:
+        client.join(10)
+    stack.agent.wait_records(mark, 1, timeout=10)
 
 
 def test_agent_keeps_joining_gpu_data_when_the_api_server_goes_away(stack: Stack) -> None:
