@@ -36,6 +36,12 @@ RUN_OPTIONS: dict[str, tuple[Any, str]] = {
     "max_conns": (16384, "connections tracked in the kernel (LRU)"),
     "trace_clients": (False, "also record requests the targets make (client spans)"),
     "proc": ("/proc", "the host's /proc (a DaemonSet mounts it at /host/proc)"),
+    "k8s": (True, "decorate records with Kubernetes pod metadata (needs the API server)"),
+    "kube_api_url": (None, "API server URL (default: in-cluster config, then kubeconfig)"),
+    "kubelet_socket": ("/var/lib/kubelet/pod-resources/kubelet.sock", "kubelet pod-resources socket"),
+    "gpu": (True, "collect NVML (and DCGM) GPU metrics and join requests with GPU work"),
+    "cuda": ("auto", "CUDA uprobes: on, off, or auto (on when NVML finds a GPU)"),
+    "cuda_bucket_ms": (200, "CUDA activity is aggregated in the kernel per process in buckets of this length"),
     "log_level": ("info", "debug, info, warning or error"),
 }
 
@@ -84,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
             typ = int if name in ("pid", "port") else str
             run.add_argument(flag, action="append", type=typ, default=None, help=help_)
         elif isinstance(default, bool):
-            run.add_argument(flag, action="store_true", default=None, help=help_)
+            run.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
         else:
             typ2: Any = type(default) if default is not None else (float if name == "duration" else str)
             run.add_argument(flag, type=typ2, default=None, help=f"{help_} (default: {default})")
@@ -155,13 +161,33 @@ def cmd_run(ns: argparse.Namespace) -> int:
         )
     )
     sinks.append(exporters)
+    sources = start_gpu_sources(opts)
+    for source in sources.values():
+        if hasattr(source, "points"):
+            exporters.add_point_source(source.points)
+    join = build_join(opts, sources)
+    stages = [join] if join is not None else []
+    if join is not None:
+        exporters.add_point_source(join.points)
+    cuda = sources.get("cuda")
+    listeners = []
+    if cuda is not None:
+        def follow(pid: int, added: bool) -> None:
+            (cuda.add_pid if added else cuda.remove_pid)(pid)
+
+        listeners.append(follow)
     pipeline = Pipeline(
         cfg,
         lambda on_records: SocketProbe(probe_cfg, on_records=on_records),
         sinks,
+        stages=stages,
         layout_decoder=Decoder(probe_cfg.layout),
+        target_listeners=listeners,
     )
-    exporters.set_active_source(pipeline.active)
+    if join is not None:
+        exporters.set_active_source(lambda: join.decorate_active(pipeline.active()))
+    else:
+        exporters.set_active_source(pipeline.active)
     stop = threading.Event()
 
     def _stop(signum: int, _frame: Any) -> None:
@@ -175,7 +201,10 @@ def cmd_run(ns: argparse.Namespace) -> int:
     except Exception as e:
         log.error("capture cannot start: %s (run `infersight doctor`)", str(e).splitlines()[0] if str(e) else e)
         exporters.shutdown()
+        stop_sources(join, sources)
         return 2
+    if join is not None:
+        join.start()
     deadline = None if opts["duration"] is None else time.monotonic() + float(opts["duration"])
     while not stop.is_set():
         timeout = 0.5 if deadline is None else max(0.0, min(0.5, deadline - time.monotonic()))
@@ -183,8 +212,66 @@ def cmd_run(ns: argparse.Namespace) -> int:
         if deadline is not None and time.monotonic() >= deadline:
             break
     pipeline.stop()
+    stop_sources(join, sources)
     log.info("stopped: %d records", pipeline.records)
     return 0
+
+
+def start_gpu_sources(opts: dict[str, Any]) -> dict[str, Any]:
+    """NVML, DCGM and the CUDA probe, started; each degrades on its own (a
+    missing GPU turns GPU collection off, visibly, and nothing else)."""
+    sources: dict[str, Any] = {}
+    if not opts["gpu"]:
+        return sources
+    from collectors.dcgm import DcgmCollector
+    from collectors.nvml import NvmlCollector
+
+    nvml = NvmlCollector()
+    nvml.start()
+    sources["nvml"] = nvml
+    dcgm = DcgmCollector(devices=nvml.devices)
+    dcgm.start()
+    sources["dcgm"] = dcgm
+    mode = str(opts["cuda"]).lower()
+    if mode not in ("on", "off", "auto"):
+        raise SystemExit(f"infersight: --cuda must be on, off or auto, not {opts['cuda']!r}")
+    if mode == "on" or (mode == "auto" and nvml.devices()):
+        from probes.cuda import CudaProbe, CudaProbeConfig
+
+        ms = int(opts["cuda_bucket_ms"])
+        cuda = CudaProbe(CudaProbeConfig(bucket_ns=ms * 1_000_000, poll_s=max(0.05, ms / 1000)))
+        cuda.start()
+        sources["cuda"] = cuda
+    else:
+        log.info("CUDA probe off (%s)", "no GPU found by NVML" if mode == "auto" else "--cuda off")
+    return sources
+
+
+def build_join(opts: dict[str, Any], sources: dict[str, Any]) -> Any:
+    if not opts["k8s"] and not opts["gpu"]:
+        return None
+    from agent.join import Join, JoinConfig
+
+    cfg = JoinConfig(
+        api_url=opts["kube_api_url"],
+        kubelet_socket=opts["kubelet_socket"],
+        k8s_enabled=bool(opts["k8s"]),
+        gpu_enabled=bool(opts["gpu"]),
+        cuda_enabled="cuda" in sources,
+        dcgm_enabled="dcgm" in sources,
+        proc=opts["proc"],
+    )
+    return Join(cfg, nvml=sources.get("nvml"), cuda=sources.get("cuda"), dcgm=sources.get("dcgm"))
+
+
+def stop_sources(join: Any, sources: dict[str, Any]) -> None:
+    if join is not None:
+        join.stop()
+    for name, source in sources.items():
+        try:
+            source.stop()
+        except Exception:
+            log.exception("stopping %s failed", name)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
