@@ -196,6 +196,8 @@ def cmd_run(ns: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
+    if join is not None:
+        join.start()  # the pod index lists while the probe compiles: first records get pod attributes
     try:
         pipeline.start()
     except Exception as e:
@@ -203,8 +205,6 @@ def cmd_run(ns: argparse.Namespace) -> int:
         exporters.shutdown()
         stop_sources(join, sources)
         return 2
-    if join is not None:
-        join.start()
     deadline = None if opts["duration"] is None else time.monotonic() + float(opts["duration"])
     while not stop.is_set():
         timeout = 0.5 if deadline is None else max(0.0, min(0.5, deadline - time.monotonic()))
