@@ -153,10 +153,13 @@ class SocketProbe:
             raise RuntimeError(f"kernel lacks tracepoints: {', '.join(hard)}")
         t0 = time.monotonic()
         self.bpf = BPF(src_file=str(SOURCE).encode(), cflags=config.cflags())
+        # the data syscalls' exits tail-call this one program (see finish() in the C file)
+        data_exit = self.bpf.load_func(b"data_exit", BPF.TRACEPOINT)
+        self.bpf[b"data_exit_prog"][ctypes.c_int(0)] = ctypes.c_int(data_exit.fd)
         self.load_seconds = time.monotonic() - t0
-        self._targets = self.bpf["targets"]
-        self._conns = self.bpf["conns"]
-        self._counters = self.bpf["counters"]
+        self._targets = self.bpf[b"targets"]
+        self._conns = self.bpf[b"conns"]
+        self._counters = self.bpf[b"counters"]
         self._string_at = ctypes.string_at
         batch_append = self._batch.append
         string_at = ctypes.string_at
@@ -166,7 +169,7 @@ class SocketProbe:
             return 0
 
         self._cb = _cb  # keep a reference: BCC holds only a ctypes pointer
-        self.bpf["events"].open_ring_buffer(_cb)
+        self.bpf[b"events"].open_ring_buffer(_cb)
         metrics.set("infersight.probe.load.seconds", self.load_seconds, (("probe", "sockets"),))
 
     # ---- targets and connections -------------------------------------------------
@@ -209,7 +212,7 @@ class SocketProbe:
 
     def delete_conn(self, pid: int, fd: int) -> None:
         key = self._conns.Key((pid << 32) | fd)
-        for table in (self._conns, self.bpf["tails"]):
+        for table in (self._conns, self.bpf[b"tails"]):
             try:
                 del table[key]
             except KeyError:
@@ -241,7 +244,7 @@ class SocketProbe:
         """(entries, max_entries) per map. Walks each map: call at most every few seconds."""
         out = {}
         for name in ("targets", "conns", "tails", "inflight"):
-            table = self.bpf[name]
+            table = self.bpf[name.encode()]
             n = sum(1 for _ in table.keys())
             out[name] = (n, int(table.max_entries))
         return out
