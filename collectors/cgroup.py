@@ -190,13 +190,16 @@ class PidResolverConfig:
     """Most processes remembered (LRU); an eviction is counted as ``infersight.cache.evictions{cache=pid_container}``."""
     negative_ttl_s: float = 30.0
     """How long a "not in a container" answer is trusted; a runtime moves a new process into its cgroup shortly after fork."""
+    start_recheck_s: float = 1.0
+    """How long a process's start time is trusted before it is read again. The join asks once per
+    request; a PID cannot be recycled within this time without the kernel wrapping its PID space."""
 
 
 class PidResolver:
     """``container_of`` with a bounded LRU cache keyed by (pid, process start time).
 
-    The start time is read on every call (one small file) so that a recycled PID
-    never returns the previous process's container.
+    The start time is read at most every ``start_recheck_s`` per PID (one small
+    file) so that a recycled PID never returns the previous process's container.
 
     Thread-safe: :meth:`resolve` may be called from any thread. Never raises.
     """
@@ -218,17 +221,30 @@ class PidResolver:
         self._lock = threading.Lock()
         # (pid, start time) -> (ContainerRef or None, monotonic time of the lookup)
         self._cache: OrderedDict[tuple[int, int], tuple[ContainerRef | None, float]] = OrderedDict()
+        # pid -> (start time, monotonic time it was read)
+        self._starts: OrderedDict[int, tuple[int, float]] = OrderedDict()
         metrics.describe(
             "infersight.cache.evictions", "counter", "Entries evicted from a bounded cache, by cache."
         )
 
     def resolve(self, pid: int) -> ContainerRef | None:
         """The container of ``pid`` now, or None (not a container, or the process is gone)."""
-        start = process_start_time(pid, self._proc)
-        if start is None:
-            return None
-        key = (pid, start)
         now = self._clock()
+        with self._lock:
+            seen = self._starts.get(pid)
+        if seen is not None and now - seen[1] < self._config.start_recheck_s:
+            start: int | None = seen[0]
+        else:
+            start = process_start_time(pid, self._proc)
+            if start is None:
+                return None
+            with self._lock:
+                self._starts[pid] = (start, now)
+                self._starts.move_to_end(pid)
+                while len(self._starts) > self._config.max_entries:
+                    self._starts.popitem(last=False)
+        assert start is not None
+        key = (pid, start)
         with self._lock:
             hit = self._cache.get(key)
             if hit is not None:

@@ -187,14 +187,19 @@ def test_start_time_survives_hostile_comm(tmp_path: Path) -> None:
 def test_resolver_does_not_return_a_stale_container_after_pid_reuse(tmp_path: Path) -> None:
     first = f"0::/kubepods/burstable/pod{UID}/{CID_C}\n"
     second = f"0::/kubepods.slice/kubepods-pod{UID_}.slice/cri-containerd-{CID_A}.scope\n"
-    resolver = PidResolver(proc=str(tmp_path), metrics=SelfMetrics())
+    now = [0.0]
+    resolver = PidResolver(PidResolverConfig(start_recheck_s=1.0), proc=str(tmp_path), metrics=SelfMetrics(),
+                           clock=lambda: now[0])
     _write_proc(tmp_path, 100, first, start=5000)
     ref = resolver.resolve(100)
     assert ref is not None and ref.container_id == CID_C
-    # Same PID, new process (a later start time), in another container.
+    # Same PID, new process (a later start time), in another container: seen once the
+    # start time is read again (a PID is not recycled within the recheck time)
     _write_proc(tmp_path, 100, second, start=9000)
+    now[0] = 1.5
     ref = resolver.resolve(100)
     assert ref is not None and ref.container_id == CID_A
+    now[0] = 3.0
     # The process exits: nothing, even though the cache still holds its entry.
     for name in ("cgroup", "stat"):
         (tmp_path / "100" / name).unlink()
