@@ -20,9 +20,10 @@ Framing and its loss, per direction:
 
 - The client direction may start with the h2c prior-knowledge preface
   (RFC 9113 §3.4); it is consumed. Any other start is treated as a join: the
-  reader *resyncs*, looking for two consecutive plausible frame headers
-  (known type, only defined flags, the stream-id rules and fixed lengths of
-  RFC 9113 §6, odd stream ids). A position that already is a frame boundary
+  reader *resyncs*, looking for three consecutive plausible frames, or fewer
+  that end exactly where the captured bytes end (known type, only defined
+  flags, the stream-id rules and fixed lengths of RFC 9113 §6, odd stream
+  ids, no empty DATA without END_STREAM, no empty header block). A position that already is a frame boundary
   is taken at once and costs nothing; skipped bytes are counted as
   ``infersight.parse.skipped.bytes{reason="h2_join"}`` and the resync as
   ``infersight.parse.resyncs{reason="h2_join"}``.
@@ -125,10 +126,9 @@ _END_STREAM, _END_HEADERS, _PADDED = 0x01, 0x04, 0x08
 _HEADER = struct.Struct(">HBBBL")  # 24-bit length as 16+8 bits, type, flags, stream id
 
 _SETTINGS_HEADER_TABLE_SIZE = 0x1
-_SETTINGS_MAX_FRAME_SIZE = 0x5
-_DEFAULT_MAX_FRAME = 16384  # SETTINGS_MAX_FRAME_SIZE initial value (RFC 9113 §6.5.2)
 _MAX_PENDING_SETTINGS = 8  # unacknowledged SETTINGS kept per direction
 _MAX_FIELD_CHARS = 1024  # longest header value kept in a record
+_SYNC_CHAIN = 3  # consecutive believable frames that end a resync
 
 # Reader states.
 _PREFACE_STATE, _HEAD, _BODY, _DATA_PAD, _DATA_BODY, _SKIP, _SYNC = range(7)
@@ -154,12 +154,24 @@ class H2Config:
     """Prefix of the first message kept per stream and direction (enough for a KServe model name)."""
     max_recent_closed: int = 256
     """Recently completed stream ids remembered, so late frames do not reopen them."""
+    max_stream_id_jump: int = 65536
+    """Streams that may open unseen (in a gap) between two seen; a larger jump in ids is garbage."""
+    resync_max_frame_bytes: int = 16384
+    """Longest frame trusted as a resync point (the RFC 9113 default frame size); longer ones are passed."""
 
     def validate(self) -> None:
         """Raise ``ValueError`` for a bound that cannot work."""
         if not 16384 <= self.max_frame_bytes <= (1 << 24) - 1:
             raise ValueError("max_frame_bytes must be between 16384 and 2**24-1")
-        for name in ("max_header_block_bytes", "max_header_list_bytes", "max_open_streams", "max_completed"):
+        if not 64 <= self.resync_max_frame_bytes <= self.max_frame_bytes:
+            raise ValueError("resync_max_frame_bytes must be between 64 and max_frame_bytes")
+        for name in (
+            "max_header_block_bytes",
+            "max_header_list_bytes",
+            "max_open_streams",
+            "max_completed",
+            "max_stream_id_jump",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
         for name in ("max_header_table_bytes", "max_message_capture_bytes", "max_recent_closed"):
@@ -326,6 +338,7 @@ class _Messages:
         if self.prefix or n > self.remaining:
             self.lose()
             return
+        self.capture_limit = len(self.capture)  # the captured prefix must stay contiguous
         self.remaining -= n
         if self.remaining == 0:
             self.complete += 1
@@ -442,10 +455,12 @@ class _Side:
         "skip_then",
         "state",
         "sync_max_len",
+        "sync_pending",
+        "sync_scanned",
         "sync_skipped",
     )
 
-    def __init__(self, name: Direction, key: Hashable) -> None:
+    def __init__(self, name: Direction, key: Hashable, sync_max_len: int) -> None:
         self.name = name
         self.key = key
         self.buf = b""
@@ -471,8 +486,11 @@ class _Side:
         self.decoded_any = False  # a block was decoded: an empty decoder now means lost state
         self.degraded = False
         self.pending_table_sizes: deque[int] = deque()  # announced by this side, awaiting ACK
-        self.sync_max_len = _DEFAULT_MAX_FRAME  # longest frame believed during resync
+        self.sync_max_len = sync_max_len  # longest frame believed during resync
         self.sync_skipped = 0  # bytes skipped by the current resync
+        # Undecided resync candidates (offsets into buf) and how far buf was scanned.
+        self.sync_pending: list[int] = []
+        self.sync_scanned = 0
 
 
 _conn_ids = itertools.count(1)
@@ -498,11 +516,12 @@ class H2Connection:
         self._decoders = decoders if decoders is not None else HPACK_DECODERS
         self._key = key if key is not None else ("h2", next(_conn_ids))
         self._sides = {
-            "client": _Side("client", (self._key, "client")),
-            "server": _Side("server", (self._key, "server")),
+            "client": _Side("client", (self._key, "client"), self._cfg.resync_max_frame_bytes),
+            "server": _Side("server", (self._key, "server"), self._cfg.resync_max_frame_bytes),
         }
         self._open: dict[int, _OpenStream] = {}
         self._recent_closed: OrderedDict[int, None] = OrderedDict()
+        self._max_sid = 0  # highest stream id a record was opened for
         self._completed: deque[H2Stream] = deque()
         self._closed = False
         self._handlers = {
@@ -576,9 +595,12 @@ class H2Connection:
                     self._after_skip(side)
                 continue
             if state == _SYNC:
+                # Candidates held at the end of the buffer cannot continue across the gap.
                 self._skip(len(side.buf), side.reason)
                 side.sync_skipped += len(side.buf)
                 side.buf = b""
+                side.sync_pending.clear()
+                side.sync_scanned = 0
                 return
             # A frame header (or the preface) was in the gap: framing is lost.
             if state == _BODY:
@@ -617,7 +639,8 @@ class H2Connection:
         return self._side(direction).degraded
 
     def buffered(self, direction: Direction) -> int:
-        """Bytes held for ``direction`` while waiting for more (bounded by the config)."""
+        """Bytes held for ``direction`` while waiting for more: at most
+        ``resync_max_frame_bytes + max_frame_bytes + 27``."""
         return len(self._side(direction).buf)
 
     # --- bookkeeping --------------------------------------------------------
@@ -640,6 +663,8 @@ class H2Connection:
         self._metrics.inc(_RESYNCS, 1, (("reason", reason),))
         side.state = _SYNC
         side.reason = reason
+        side.sync_pending = []
+        side.sync_scanned = 0
         side.frame = None
         if side.block is not None:
             self._block_lost(side)
@@ -669,10 +694,21 @@ class H2Connection:
 
     # --- stream records -----------------------------------------------------
 
+    def _sid_limit(self) -> int:
+        """The highest stream id believable now: ids grow as streams open (RFC 9113
+        §5.1.1), so a frame far beyond the highest seen is garbage, not a new stream."""
+        if not self._max_sid:
+            return 0x7FFFFFFF
+        return min(0x7FFFFFFF, self._max_sid + 2 * self._cfg.max_stream_id_jump)
+
     def _stream(self, sid: int, *, create: bool) -> _OpenStream | None:
         st = self._open.get(sid)
         if st is not None or not create or sid == 0 or sid % 2 == 0 or sid in self._recent_closed:
             return st
+        if sid > self._sid_limit():
+            self._fail("h2_stream_id")
+            return None
+        self._max_sid = max(self._max_sid, sid)
         if len(self._open) >= self._cfg.max_open_streams:
             self._fail("h2_streams_full")
             self._finish(next(iter(self._open)), "evicted", None)
@@ -817,10 +853,6 @@ class H2Connection:
             if len(side.pending_table_sizes) >= _MAX_PENDING_SETTINGS:
                 side.pending_table_sizes.popleft()
             side.pending_table_sizes.append(announced)
-        max_frame = frame.settings.get(_SETTINGS_MAX_FRAME_SIZE)
-        if max_frame is not None:
-            # Frames the other side sends may now be this long: trust such lengths when resyncing.
-            other.sync_max_len = max(_DEFAULT_MAX_FRAME, min(max_frame, self._cfg.max_frame_bytes))
 
     def _end_block(self, side: _Side) -> None:
         block = None if side.block_lost or side.block is None else bytes(side.block)
@@ -884,18 +916,25 @@ class H2Connection:
             self._fail("h2_frame_too_large")
             self._lose_sync(side, "h2_frame_too_large")
             return pos, True
-        frame, _ = Frame.parse_frame_header(memoryview(buf)[pos : pos + 9])
-        side.frame = frame
         side.frame_type, side.frame_flags, side.frame_stream, side.frame_len = typ, flags, sid, length
         side.frame_ts = ts
         pos += 9
+        try:
+            side.frame, _ = Frame.parse_frame_header(memoryview(buf)[pos - 9 : pos])
+        except HyperframeError:
+            # A stream id this type cannot have (RFC 9113 §6): the length still frames it.
+            self._fail("h2_bad_frame")
+            if typ in (_HEADERS, _PUSH, _CONT):
+                self._frame_payload_lost(side)
+            side.frame = None
+            side.remaining, side.skip_then, side.state = length, -1, _SKIP
+            if length == 0:
+                self._after_skip(side)
+            return pos, True
         if typ == _DATA:
             side.data_end_stream = bool(flags & _END_STREAM)
             side.data_pad = 0
-            if sid == 0:
-                self._fail("h2_bad_frame")
-                side.remaining, side.skip_then, side.state = length, -1, _SKIP
-            elif flags & _PADDED:
+            if flags & _PADDED:
                 side.state = _DATA_PAD
             else:
                 side.remaining = length
@@ -1009,23 +1048,46 @@ class H2Connection:
         side.skip_then = -1
 
     def _on_sync(self, side: _Side, buf: bytes, pos: int, ts: int) -> tuple[int, bool]:
+        """Find the first believable frame. A candidate that needs more bytes to be
+        judged is held, but a later one already judged believable wins over it: a
+        random length field often claims a long frame, and three believable frames
+        in a row rarely hide inside another frame's payload."""
         n = len(buf)
-        start = pos
-        while pos + 9 <= n:
-            verdict = self._plausible_at(side, buf, pos)
-            if verdict is None:
-                break  # maybe, once more bytes come
+        # Offsets in sync_pending / sync_scanned are relative to pos (the held tail).
+        pending = [p for p in side.sync_pending if pos + p + 9 <= n]
+        found = -1
+        still: list[int] = []
+        for p in pending:
+            verdict = self._plausible_at(side, buf, pos + p)
             if verdict:
-                self._skip(pos - start, side.reason)
-                side.sync_skipped += pos - start
-                self._synced(side)
-                return pos, True
-            pos += 1
-        # Keep the tail that could still begin a frame: a candidate waits for at most
-        # two headers and the longest frame believed, so the buffer stays bounded.
-        self._skip(pos - start, side.reason)
-        side.sync_skipped += pos - start
-        return pos, False
+                found = pos + p
+                break
+            if verdict is None:
+                still.append(p)
+        scan = pos + side.sync_scanned
+        while found < 0 and scan + 9 <= n:
+            verdict = self._plausible_at(side, buf, scan)
+            if verdict:
+                found = scan
+            elif verdict is None:
+                still.append(scan - pos)
+            scan += 1
+        side.sync_pending = []
+        side.sync_scanned = 0
+        if found >= 0:
+            self._skip(found - pos, side.reason)
+            side.sync_skipped += found - pos
+            self._synced(side)
+            return found, True
+        # Keep from the earliest undecided candidate, or the last 8 bytes (a header in
+        # the making). A candidate is decided once a frame of resync_max_frame_bytes, one
+        # of max_frame_bytes and a header follow it, so the buffer stays bounded.
+        keep = pos + still[0] if still else max(pos, scan)
+        side.sync_pending = [pos + p - keep for p in still]
+        side.sync_scanned = max(scan, keep) - keep
+        self._skip(keep - pos, side.reason)
+        side.sync_skipped += keep - pos
+        return keep, False
 
     def _synced(self, side: _Side) -> None:
         if side.sync_skipped and side.reason == "h2_join":
@@ -1036,16 +1098,32 @@ class H2Connection:
         side.reason = "h2_join"
 
     def _plausible_at(self, side: _Side, buf: bytes, pos: int) -> bool | None:
-        """Whether a frame header at ``pos`` is believable, checked with the next one;
-        None when too few bytes have arrived to tell."""
-        if not _plausible_header(buf, pos, side.sync_max_len, first=True):
-            return False
-        nxt = pos + 9 + _header(buf, pos)[0]
-        if nxt == len(buf):
-            return True  # a frame ending exactly where a write ended
-        if nxt + 9 > len(buf):
-            return None
-        return _plausible_header(buf, nxt, side.sync_max_len, first=False)
+        """Whether a frame at ``pos`` is believable: it and the frames after it, up to
+        ``_SYNC_CHAIN`` of them or the end of the bytes, look real. None when too few
+        bytes have arrived to tell (a frame of sync_max_len, one of max_frame_bytes
+        and a header)."""
+        n = len(buf)
+        for i in range(_SYNC_CHAIN):
+            if pos == n and i:
+                return True  # frames ending exactly where a write ended
+            if pos + 9 > n:
+                return None
+            last = i == _SYNC_CHAIN - 1
+            # Only the first frame is held to the resync bound: a believable frame
+            # followed by a long one (a large message's DATA) is still a sync point.
+            verdict = _plausible_frame(
+                buf,
+                pos,
+                self._cfg.max_frame_bytes if i else side.sync_max_len,
+                self._sid_limit(),
+                first=i == 0,
+            )
+            if verdict is None and last:
+                return True  # its payload is not needed to believe the chain
+            if not verdict:
+                return verdict
+            pos += 9 + _header(buf, pos)[0]
+        return True
 
 
 def _stream_id(buf: bytes, pos: int) -> int:
@@ -1057,12 +1135,16 @@ def _header(buf: bytes, pos: int) -> tuple[int, int, int, int]:
     return (hi << 8) | lo, typ, flags, sid & 0x7FFFFFFF
 
 
-def _plausible_header(buf: bytes, pos: int, max_len: int, *, first: bool) -> bool:
-    """RFC 9113 §6 rules a real frame header satisfies; strict enough that random
-    bytes rarely pass twice in a row."""
+def _plausible_frame(buf: bytes, pos: int, max_len: int, max_sid: int, *, first: bool) -> bool | None:
+    """RFC 9113 §6 rules a real frame satisfies, plus what real peers never send
+    (empty DATA without END_STREAM, empty header blocks). Strict enough that
+    payload bytes, zeros above all, rarely pass three times in a row. None when
+    the payload needed to tell has not arrived."""
     hi, lo, typ, flags, sid = _HEADER.unpack_from(buf, pos)
     length = (hi << 8) | lo
-    if typ > _CONT or sid & 0x80000000 or length > max_len or flags & ~_DEFINED_FLAGS[typ]:
+    if typ > _CONT or sid > max_sid or length > max_len or flags & ~_DEFINED_FLAGS[typ]:
+        return False  # (the reserved bit makes sid exceed any max_sid too)
+    if length == 0 and (typ in (_HEADERS, _CONT, _PUSH) or (typ == _DATA and not flags & _END_STREAM)):
         return False
     if typ in (_SETTINGS, _PING, _GOAWAY):
         if sid != 0:
@@ -1073,7 +1155,13 @@ def _plausible_header(buf: bytes, pos: int, max_len: int, *, first: bool) -> boo
         return length % 6 == 0 and (length == 0 or not flags & 1)
     if typ == _PING:
         return length == 8
-    if typ in (_WINDOW, _RST):
+    if typ == _WINDOW:
+        if length != 4:
+            return False
+        if pos + 13 > len(buf):
+            return None
+        return int.from_bytes(buf[pos + 9 : pos + 13], "big") & 0x7FFFFFFF != 0  # 0 is an error
+    if typ == _RST:
         return length == 4
     if typ == _PRIORITY:
         return length == 5
