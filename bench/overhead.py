@@ -8,6 +8,8 @@ so its CPU competes with both, as on a real node):
 
 - untraced: no agent running;
 - traced: ``infersight run --pid SERVER`` attached (a fresh agent per round);
+- probe_only: the kernel probe attached, its records drained and discarded
+  (the kernel-side share of the cost, without the agent's user-space work);
 - otel-asgi: OpenTelemetry's in-process ASGI middleware with the SDK.
 
 Printed: requests/s of each (median over rounds), the ratios, the agent's CPU
@@ -94,16 +96,16 @@ class Server:
 
 
 class Agent:
-    def __init__(self, pid: int, log: Path) -> None:
+    def __init__(self, pid: int, log: Path, probe_only: bool = False) -> None:
         self.prom = free_port()
         self.log = log
         self.t0 = time.monotonic()
         self._logf = open(log, "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent.cli", "run", "--pid", str(pid), "--prometheus-port", str(self.prom),
-             "--prometheus-host", "127.0.0.1"],
-            cwd=REPO, stdout=self._logf, stderr=subprocess.STDOUT,
-        )
+        argv = [sys.executable, "-m", "agent.cli", "run", "--pid", str(pid), "--prometheus-port", str(self.prom),
+                "--prometheus-host", "127.0.0.1"]
+        if probe_only:
+            argv = [sys.executable, "-m", "bench.probe_only", "--pid", str(pid)]
+        self.proc = subprocess.Popen(argv, cwd=REPO, stdout=self._logf, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while "attached to" not in log.read_text():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -141,7 +143,7 @@ def bench(profile: str, seconds: float, rounds: int, conns: int, chunks: int) ->
     if not shutil.which("wrk"):
         raise SystemExit("wrk is not installed (apt-get install wrk)")
     tmp = Path(tempfile.mkdtemp(prefix="infersight-bench-"))
-    rps: dict[str, list[float]] = {"untraced": [], "traced": [], "otel_asgi": []}
+    rps: dict[str, list[float]] = {"untraced": [], "traced": [], "probe_only": [], "otel_asgi": []}
     agent_cpu = 0.0
     traced_requests = 0
     startups: list[float] = []
@@ -178,6 +180,10 @@ def bench(profile: str, seconds: float, rounds: int, conns: int, chunks: int) ->
             accuracy["records"] += int(delta("infersight_records_emitted_total"))
             accuracy["lost"] += int(delta("infersight_requests_lost_total"))
             accuracy["events_lost"] += int(delta("infersight_events_lost_total"))
+            # the kernel probe alone, user space discarding: the kernel-side share of the cost
+            bare = Agent(plain.proc.pid, tmp / f"probe-{r}.log", probe_only=True)
+            rps["probe_only"].append(run_wrk(plain.port, profile, seconds, conns, tmp)[0])
+            bare.stop()
             rps["otel_asgi"].append(run_wrk(otel.port, profile, seconds, conns, tmp)[0])
     finally:
         plain.stop()
@@ -193,6 +199,7 @@ def bench(profile: str, seconds: float, rounds: int, conns: int, chunks: int) ->
         "requests_per_s": {k: round(v, 1) for k, v in med.items()},
         "requests_per_s_each_round": rps,
         "ratio_traced_to_untraced": round(med["traced"] / med["untraced"], 4),
+        "ratio_probe_only_to_untraced": round(med["probe_only"] / med["untraced"], 4),
         "ratio_otel_asgi_to_untraced": round(med["otel_asgi"] / med["untraced"], 4),
         "agent_cpu_us_per_request": round(per_req_us, 2),
         "agent_cpu_us_per_chunk": round(agent_cpu / (traced_requests * chunks_per_req) * 1e6, 3)

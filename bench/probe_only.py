@@ -1,0 +1,41 @@
+"""The socket probe alone: attached to ``--pid``, its ring buffer drained and
+discarded. The overhead benchmark runs it to separate the kernel-side cost of
+tracing from the agent's user-space work (parsing, assembly, export).
+
+Run (root): ``python -m bench.probe_only --pid P``; prints "attached to 1 target(s)" when ready.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+
+from probes.sockets import SocketProbe, SocketProbeConfig
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pid", type=int, required=True)
+    a = ap.parse_args(argv)
+    seen = [0]
+
+    def discard(batch: list[bytes]) -> None:
+        seen[0] += len(batch)
+
+    probe = SocketProbe(SocketProbeConfig(), on_records=discard)
+    probe.add_target(a.pid)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    print("attached to 1 target(s) in 0s", flush=True)
+    while not stop.is_set():
+        probe.drain(50)
+    probe.close()
+    print(f"records drained: {seen[0]}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
