@@ -162,10 +162,9 @@ def cmd_run(ns: argparse.Namespace) -> int:
     )
     sinks.append(exporters)
     sources = start_gpu_sources(opts)
-    for source in sources.values():
-        if hasattr(source, "points"):
-            exporters.add_point_source(source.points)
     join = build_join(opts, sources)
+    for source in sources.values():
+        exporters.add_point_source(decorated_points(join, source))
     stages = [join] if join is not None else []
     if join is not None:
         exporters.add_point_source(join.points)
@@ -245,6 +244,13 @@ def start_gpu_sources(opts: dict[str, Any]) -> dict[str, Any]:
     else:
         log.info("CUDA probe off (%s)", "no GPU found by NVML" if mode == "auto" else "--cuda off")
     return sources
+
+
+def decorated_points(join: Any, source: Any) -> Any:
+    """``source.points``, with device metrics carrying the pod that holds the device."""
+    if join is None:
+        return source.points
+    return lambda: join.decorate_points(source.points())
 
 
 def build_join(opts: dict[str, Any], sources: dict[str, Any]) -> Any:

@@ -46,6 +46,7 @@ ms, so never on the assembly thread) and accounts the per-pod metrics.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -453,6 +454,49 @@ class Join:
             self._metrics.inc(FAILURES, labels=(("stage", "active"),))
             self._log_once("active", "join: an in-flight request could not be decorated", exc_info=True)
             return active
+
+    def decorate_points(self, points: Iterable[Any]) -> list[Any]:
+        """Device-level GPU points (NVML, DCGM) with the ``k8s.*`` attributes of the one pod that
+        holds the device, as dcgm-exporter labels them. A GPU shared by several pods (time-slicing,
+        MPS) keeps device attributes only: per-pod shares are in :meth:`points`. Never raises."""
+        out = []
+        holders_cache: dict[str, dict[str, str] | None] = {}
+        for p in points:
+            uuid = p.attributes.get("gpu.uuid") if hasattr(p, "attributes") else None
+            if uuid is None:
+                out.append(p)
+                continue
+            if uuid not in holders_cache:
+                try:
+                    holders_cache[uuid] = self._sole_holder(uuid)
+                except Exception:
+                    self._metrics.inc(FAILURES, labels=(("stage", "points"),))
+                    holders_cache[uuid] = None
+            attrs = holders_cache[uuid]
+            if attrs:
+                p = dataclasses.replace(p, attributes={**p.attributes, **attrs})
+            out.append(p)
+        return out
+
+    def _sole_holder(self, uuid: str) -> dict[str, str] | None:
+        gm = self._gpu_map
+        if gm is not None and gm.available:
+            held = gm.pods_of_device(uuid)
+            if len(held) == 1:
+                ns, name, container = held[0]
+                attrs = {"k8s.namespace.name": ns, "k8s.pod.name": name}
+                if container:
+                    attrs["k8s.container.name"] = container
+                return attrs
+            if held:
+                return None
+        keys = self._snapshot.holders.get(uuid, frozenset())
+        if len(keys) != 1:
+            return None
+        group = self._snapshot.groups.get(next(iter(keys)))
+        if group is None or group.pod is None:
+            return None
+        return group.pod.attributes()
 
     def decorate_active(self, actives: Iterable[ActiveRequest]) -> list[ActiveRequest]:
         """:meth:`active_decorator` over a list (wrap ``Pipeline.active`` with it for the exporters)."""

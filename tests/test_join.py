@@ -327,6 +327,10 @@ def test_gpu_window_for_a_pod_holding_a_whole_gpu(
     # a window with no sample inside uses the state when it opened, within three periods
     late = join(record(1001, W0 + S + S // 2, W0 + S + S // 2 + 1000)).attributes
     assert late[A_UTIL_MEAN] == pytest.approx(0.8)
+    # device metrics carry the pod that holds the device, as dcgm-exporter's do
+    device = [p for p in join.decorate_points(nvml.points()) if p.attributes.get("gpu.uuid") == GPU0]
+    assert device and all(p.attributes["k8s.pod.name"] == "llm-1" for p in device)
+    assert all(p.attributes["k8s.namespace.name"] == "default" for p in device)
 
 
 def test_time_sliced_gpu_is_shared_by_sm_utilisation(
@@ -369,6 +373,9 @@ def test_time_sliced_gpu_is_shared_by_sm_utilisation(
         assert one_value(pts, "infersight.pod.gpu.utilization.share", "llm-a", GPU0) == pytest.approx(0.6)
         assert one_value(pts, "infersight.pod.gpu.utilization.share", "llm-b", GPU0) == pytest.approx(0.4)
         assert one_value(pts, "infersight.pod.gpu.memory.usage", "llm-b", GPU0) == 2_000_000_000
+        # a GPU two pods share keeps device attributes only: the shares above are per pod
+        device = [p for p in join.decorate_points(nvml.points()) if p.attributes.get("gpu.uuid") == GPU0]
+        assert device and not any("k8s.pod.name" in p.attributes for p in device)
     finally:
         gpu_map.stop()
         kubelet.stop()
