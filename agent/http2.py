@@ -20,7 +20,7 @@ Framing and its loss, per direction:
 
 - The client direction may start with the h2c prior-knowledge preface
   (RFC 9113 §3.4); it is consumed. Any other start is treated as a join: the
-  reader *resyncs*, looking for three consecutive plausible frames, or fewer
+  reader *resyncs*, looking for three consecutive plausible frames, or two
   that end exactly where the captured bytes end (known type, only defined
   flags, the stream-id rules and fixed lengths of RFC 9113 §6, odd stream
   ids, no empty DATA without END_STREAM, no empty header block). A position that already is a frame boundary
@@ -76,7 +76,9 @@ direction other than ``"client"`` or ``"server"``.
 
 from __future__ import annotations
 
+import functools
 import itertools
+import re
 import struct
 import threading
 from collections import OrderedDict, deque
@@ -150,7 +152,7 @@ class H2Config:
     """Open streams tracked per connection; beyond it the oldest is completed as evicted."""
     max_completed: int = 1024
     """Completed records waiting for take_completed(); beyond it the oldest is dropped."""
-    max_message_capture_bytes: int = 4096
+    max_message_capture_bytes: int = 1024
     """Prefix of the first message kept per stream and direction (enough for a KServe model name)."""
     max_recent_closed: int = 256
     """Recently completed stream ids remembered, so late frames do not reopen them."""
@@ -524,6 +526,7 @@ class H2Connection:
         self._max_sid = 0  # highest stream id a record was opened for
         self._completed: deque[H2Stream] = deque()
         self._closed = False
+        self._sync_re = _sync_expression(self._cfg.resync_max_frame_bytes)
         self._handlers = {
             _PREFACE_STATE: self._on_preface,
             _HEAD: self._on_head,
@@ -961,7 +964,7 @@ class H2Connection:
         assert frame is not None
         try:
             frame.parse_body(memoryview(buf)[pos:end])
-        except (HyperframeError, ValueError):
+        except Exception:  # hyperframe's errors, and anything else it raises on hostile bytes
             self._fail("h2_bad_frame")
             self._frame_payload_lost(side)
             return end, True
@@ -975,6 +978,13 @@ class H2Connection:
                 st.response_first_ns = ts
 
     def _on_data_pad(self, side: _Side, buf: bytes, pos: int, ts: int) -> tuple[int, bool]:
+        if side.frame_len == 0:
+            # PADDED without room for the pad length (RFC 9113 §6.1): nothing to read.
+            self._fail("h2_bad_frame")
+            self._data_lost(side)
+            side.remaining, side.skip_then, side.state = 0, _DATA, _SKIP
+            self._after_skip(side)
+            return pos, True
         if pos >= len(buf):
             return pos, False
         pad = buf[pos]
@@ -1065,13 +1075,23 @@ class H2Connection:
             if verdict is None:
                 still.append(p)
         scan = pos + side.sync_scanned
-        while found < 0 and scan + 9 <= n:
-            verdict = self._plausible_at(side, buf, scan)
+        search = self._sync_re.search
+        while found < 0:
+            # The expression finds candidate headers at C speed; most payload bytes
+            # (zeros included) never reach the Python checks.
+            m = search(buf, scan)
+            if m is None or m.start() + 9 > n:
+                # Positions with a whole header that did not match are settled; the
+                # last 8 bytes are not (a partial header can fail to match yet).
+                scan = max(scan, n - 8)
+                break
+            cand = m.start()
+            verdict = self._plausible_at(side, buf, cand)
             if verdict:
-                found = scan
+                found = cand
             elif verdict is None:
-                still.append(scan - pos)
-            scan += 1
+                still.append(cand - pos)
+            scan = cand + 1
         side.sync_pending = []
         side.sync_scanned = 0
         if found >= 0:
@@ -1104,8 +1124,11 @@ class H2Connection:
         and a header)."""
         n = len(buf)
         for i in range(_SYNC_CHAIN):
-            if pos == n and i:
-                return True  # frames ending exactly where a write ended
+            if pos == n and i >= 2:
+                # Two frames ending exactly where the bytes end: captures are cut at
+                # write boundaries, which frames usually are. One such frame is not
+                # enough: reads cut anywhere, and some length field fits any cut.
+                return True
             if pos + 9 > n:
                 return None
             last = i == _SYNC_CHAIN - 1
@@ -1124,6 +1147,35 @@ class H2Connection:
                 return verdict
             pos += 9 + _header(buf, pos)[0]
         return True
+
+
+@functools.lru_cache(maxsize=8)
+def _sync_expression(max_len: int) -> re.Pattern[bytes]:
+    """A prefilter for resync candidates: a frame header whose length is at most
+    ``max_len`` and whose type, flags and stream id could start a resync (the
+    rest of _plausible_frame is checked in Python). Never rejects a header that
+    _plausible_frame would accept."""
+
+    def flag_set(mask: int) -> bytes:
+        return b"[" + b"".join(re.escape(bytes([f])) for f in range(256) if not f & ~mask) + b"]"
+
+    nonzero_sid = rb"(?!\x00\x00\x00\x00)[\x00-\x7f]"
+    zero_sid = rb"\x00\x00\x00\x00"
+    kinds = [
+        rb"\x00" + flag_set(_DEFINED_FLAGS[_DATA]) + nonzero_sid,
+        rb"\x01" + flag_set(_DEFINED_FLAGS[_HEADERS]) + nonzero_sid,
+        rb"[\x02\x03]\x00" + nonzero_sid,  # PRIORITY, RST_STREAM
+        rb"\x04" + flag_set(_DEFINED_FLAGS[_SETTINGS]) + zero_sid,
+        rb"\x05" + flag_set(_DEFINED_FLAGS[_PUSH]) + nonzero_sid,
+        rb"\x06" + flag_set(_DEFINED_FLAGS[_PING]) + zero_sid,
+        rb"\x07\x00" + zero_sid,  # GOAWAY
+        rb"\x08\x00[\x00-\x7f]",  # WINDOW_UPDATE, on any stream
+    ]
+    if max_len <= 0xFFFF:
+        length = b"\x00" + b"[\x00-" + re.escape(bytes([max_len >> 8])) + b"]."
+    else:
+        length = b"[\x00-" + re.escape(bytes([min(max_len >> 16, 0xFF)])) + b"].."
+    return re.compile(length + b"(?:" + b"|".join(kinds) + b")", re.S)
 
 
 def _stream_id(buf: bytes, pos: int) -> int:

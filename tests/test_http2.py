@@ -38,7 +38,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent import kserve
-from agent.http2 import PREFACE, H2Config, H2Connection, H2Stream, HpackDecoders, split_grpc_path
+from agent.http2 import (
+    PREFACE,
+    H2Config,
+    H2Connection,
+    H2Stream,
+    HpackDecoders,
+    _plausible_frame,
+    _sync_expression,
+    split_grpc_path,
+)
 from agent.selfmetrics import SelfMetrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -216,7 +225,8 @@ def test_join_at_any_offset_of_the_recording(data: st.DataObject) -> None:
     truth, _ = parse(chunks)
     sizes = _sides(chunks)
     offsets = {d: data.draw(st.integers(0, n), label=d) for d, n in sizes.items()}
-    got, _ = parse(_drop_prefix(chunks, offsets))
+    split = data.draw(st.sampled_from([None, 5, 61]), label="split")
+    got, _ = parse(_drop_prefix(chunks, offsets), split=split)
     assert_never_wrong(got, truth)
     # Streams that began after the join point in both directions are still recorded,
     # whole as to framing: message counts and how they ended.
@@ -544,11 +554,19 @@ def test_preface_split_and_preface_absent() -> None:
     (rec,), m = parse(c2.chunks)
     assert rec.path == f"/{SERVICE}/ModelInfer" and m.total("infersight.parse.resyncs") == 0
     # Joined inside a frame: the bytes up to the next frame are skipped and counted.
-    head = c2.chunks[0]
-    (rec,), m = parse([(head[0], head[1], head[2][3:]), *c2.chunks[1:]])
+    c3 = Conv(preface=False, table_size=0)
+    c3.unary(1)
+    c3.unary(3)
+    head = c3.chunks[0]
+    recs, m = parse([(head[0], head[1], head[2][3:]), *c3.chunks[1:]])
     assert m.get("infersight.parse.resyncs", (("reason", "h2_join"),)) == 1
     assert m.get("infersight.parse.skipped.bytes", (("reason", "h2_join"),)) == len(head[2]) - 3
-    assert (rec.path, rec.request_messages, rec.grpc_status) == (None, 1, 0)
+    # Stream 1's request DATA was held until a second frame confirmed the sync point,
+    # which came after the server had ended stream 1: only its response counts.
+    assert [(r.path, r.request_messages, r.grpc_status) for r in recs] == [
+        (None, 0, 0),
+        (f"/{SERVICE}/ModelInfer", 1, 0),
+    ]
 
 
 def test_gap_inside_a_message_body_keeps_counting() -> None:
@@ -654,7 +672,11 @@ def test_evicted_decoder_comes_back_empty_and_is_counted() -> None:
     b = H2Connection(decoders=lru, metrics=m)  # a second connection takes the two slots
     b.feed("client", PREFACE, 0)
     b.feed("client", HeadersFrame(1, hpack.Encoder().encode(REQ), flags=["END_HEADERS"]).serialize(), 0)
-    b.feed("server", HeadersFrame(1, hpack.Encoder().encode(RESP), flags=["END_HEADERS"]).serialize(), 0)
+    server_start = (
+        SettingsFrame(0).serialize()
+        + HeadersFrame(1, hpack.Encoder().encode(RESP), flags=["END_HEADERS"]).serialize()
+    )
+    b.feed("server", server_start, 0)
     assert m.total("infersight.parse.h2.decoders.evicted") == 2
     for d, ts, data in c.chunks[n:]:
         a.feed(d, data, ts)  # type: ignore[arg-type]
@@ -730,3 +752,24 @@ def test_random_valid_frames_never_raise(frames: st.DataObject) -> None:
         conn.feed(frames.draw(st.sampled_from(["client", "server"])), head + payload, i)
     conn.close(0)
     conn.take_completed()
+
+
+@settings(max_examples=2000, deadline=None)
+@given(
+    typ=st.integers(0, 12),
+    flags=st.integers(0, 255),
+    sid=st.one_of(st.integers(0, 9), st.integers(0, 0xFFFFFFFF)),
+    length=st.one_of(st.integers(0, 20), st.integers(0, (1 << 24) - 1)),
+    payload=st.binary(min_size=0, max_size=8),
+    max_len=st.sampled_from([64, 16384, 65535, 65536, 1 << 20]),
+    cut=st.integers(9, 17),
+)
+def test_resync_prefilter_never_hides_a_candidate(
+    typ: int, flags: int, sid: int, length: int, payload: bytes, max_len: int, cut: int
+) -> None:
+    """The resync's regular expression only narrows where the Python checks run:
+    wherever a (possibly incomplete) frame could be believed, it matches."""
+    buf = (length.to_bytes(3, "big") + bytes([typ, flags]) + sid.to_bytes(4, "big") + payload)[:cut]
+    rx = _sync_expression(max_len)
+    if len(buf) >= 9 and _plausible_frame(buf, 0, max_len, 0x7FFFFFFF, first=True) is not False:
+        assert rx.match(buf) is not None
