@@ -846,7 +846,7 @@ class Join:
                 for uuid, (share, memory, at) in sorted(acc.gauges.items()):
                     if now - at > self.config.stale_s:
                         continue
-                    gattrs = {**attrs, "gpu.uuid": uuid}
+                    gattrs = {**attrs, "gpu.uuid": uuid, "hw.id": uuid}
                     if share is not None:
                         out.append(POD_SHARE.point(gattrs, share))
                     if memory is not None:

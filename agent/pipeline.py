@@ -58,6 +58,7 @@ class CaptureProbe(Protocol):
     def delete_conn(self, pid: int, fd: int) -> None: ...
     def drain(self, timeout_ms: int) -> int: ...
     def counters(self) -> dict[str, int]: ...
+    def map_entries(self) -> dict[str, tuple[int, int]]: ...
     def close(self) -> None: ...
 
 
@@ -73,6 +74,8 @@ class PipelineConfig:
     """Batches buffered between the drain and the assembly (blocks when full)."""
     stats_interval_s: float = 1.0
     """Period of kernel counter reads into the self-metrics."""
+    map_fill_interval_s: float = 10.0
+    """Period of BPF map fill measurements (each walks the maps' keys)."""
     proc: str = "/proc"
     """Where the host's /proc is (a DaemonSet mounts it at /host/proc)."""
 
@@ -215,6 +218,7 @@ class Pipeline:
     def _assembly_loop(self) -> None:
         assert self.assembler is not None
         next_stats = 0.0
+        next_fill = 0.0
         while True:
             try:
                 item = self._queue.get(timeout=0.2)
@@ -231,6 +235,9 @@ class Pipeline:
                 next_stats = now + self.config.stats_interval_s
                 self._read_kernel_counters()
                 self.assembler.sweep(time.monotonic_ns())
+            if now >= next_fill:
+                next_fill = now + self.config.map_fill_interval_s
+                self._read_map_fill()
             if self._stop.is_set() and self._queue.empty() and not any(
                 t.is_alive() for t in self._threads if t.name == "infersight-drain"
             ):
@@ -373,6 +380,21 @@ class Pipeline:
             except Exception:
                 self._metrics.inc("infersight.sink.errors", labels=(("sink", type(s).__name__),))
                 log.exception("sink failed")
+
+    def _read_map_fill(self) -> None:
+        """Entries / max_entries of each BPF map: at 1.0 an LRU map evicts (connection state
+        is then lost for the oldest connections) and a hash map refuses new entries."""
+        if self.probe is None:
+            return
+        try:
+            fill = self.probe.map_entries()
+        except Exception:
+            self._metrics.inc("infersight.bpf.map.read.errors")
+            return
+        self._metrics.describe("infersight.bpf.map.fill_ratio", "gauge", "BPF map entries over max_entries.")
+        for name, (n, cap) in fill.items():
+            self._metrics.set("infersight.bpf.map.entries", n, (("map", name),))
+            self._metrics.set("infersight.bpf.map.fill_ratio", n / cap if cap else 0.0, (("map", name),))
 
     def _read_kernel_counters(self) -> None:
         if self.probe is None:

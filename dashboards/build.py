@@ -80,9 +80,12 @@ class GpuMetrics:
     power: Series = Series("hw_power_watts", 'hw_type="gpu"')
     energy: Series = Series("hw_energy_joules_total", 'hw_type="gpu"')
     xid_errors: Series = Series("hw_errors_total", 'hw_type="gpu",error_type="xid"')
-    #: Share of one GPU's busy time attributed to a pod (0..1), labelled with hw_id and k8s_*.
-    #: Not exported yet (the per-process NVML values are joined to pods in the agent).
-    pod_share: Series = Series("infersight_gpu_pod_utilization_ratio")
+    #: Share of one GPU's busy time attributed to a pod (0..1), labelled with hw_id and k8s_*
+    #: (the join's per-pod metrics, agent/join.py).
+    pod_share: Series = Series("infersight_pod_gpu_utilization_share_ratio")
+    #: GPU-seconds and GPU energy per output token, per pod (the join, over its ratio window).
+    gpu_seconds_per_token: Series = Series("infersight_pod_gpu_time_per_output_token_seconds")
+    energy_per_token: Series = Series("infersight_pod_gpu_energy_per_output_token_joules")
     cuda_launches: Series = Series("gpu_cuda_kernel_launch_calls_total")
     cuda_memcpy_bytes: Series = Series("gpu_cuda_memcpy_bytes_total")
     #: DCGM profiling fields as the agent re-exports them (when a DCGM host engine or exporter is
@@ -98,7 +101,8 @@ class GpuMetrics:
     def all_series(self) -> list[Series]:
         return [
             self.utilization, self.memory_used, self.memory_limit, self.power, self.energy, self.xid_errors,
-            self.pod_share, self.cuda_launches, self.cuda_memcpy_bytes, *(s for _, s in self.dcgm_profiling),
+            self.pod_share, self.gpu_seconds_per_token, self.energy_per_token, self.cuda_launches,
+            self.cuda_memcpy_bytes, *(s for _, s in self.dcgm_profiling),
         ]  # fmt: skip
 
 
@@ -431,8 +435,6 @@ def gpu() -> Dashboard:
 
 def request_gpu() -> Dashboard:
     d = "request-gpu"
-    g = GPU.gpu_label
-    tokens_out = f'sum by (k8s_pod_name) (rate(gen_ai_server_token_usage_sum{{{POD},gen_ai_token_type="output"}}[{RATE}]))'
     return Dashboard(
         uid="infersight-request-gpu",
         title="infersight / Request and GPU",
@@ -514,10 +516,11 @@ def request_gpu() -> Dashboard:
                         "timeseries",
                         "s",
                         _q(
-                            f"sum by (k8s_pod_name) ({GPU.pod_share.select(POD)}) / {tokens_out}",
+                            f"max by (k8s_pod_name) ({GPU.gpu_seconds_per_token.select(POD)})",
                             "{{k8s_pod_name}}",
                         ),
-                        description="A pod's share of GPU busy time divided by its output tokens per second.",
+                        description="GPU time the pod used (its share of each GPU it runs on) over the output "
+                        "tokens it produced, in the agent's ratio window.",
                     ),
                     _panel(
                         d,
@@ -525,11 +528,11 @@ def request_gpu() -> Dashboard:
                         "timeseries",
                         "joule",
                         _q(
-                            f"sum by (k8s_pod_name) ({GPU.pod_share.select(POD)} * on ({g}) group_left "
-                            f"sum by ({g}) (rate({GPU.energy.select()}[{RATE}]))) / {tokens_out}",
+                            f"max by (k8s_pod_name) ({GPU.energy_per_token.select(POD)})",
                             "{{k8s_pod_name}}",
                         ),
-                        description="GPU energy rate (W) times the pod's share of that GPU, over its output tokens per second.",
+                        description="NVML energy over the pod's share of each GPU, over the output tokens it "
+                        "produced, in the agent's ratio window.",
                     ),
                 ),
             ),

@@ -146,6 +146,10 @@ def test_keepalive_reuse_and_exact_counts(agent: Agent, demo: Server) -> None:
         for i in range(25):
             r = c.get("/health") if i % 5 else c.get("/missing")
             assert r.status_code in (200, 404)
+        # the open keep-alive connection shows in the connection map's fill
+        agent.pipeline._read_map_fill()
+        assert agent.metrics.get("infersight.bpf.map.entries", (("map", "conns"),)) >= 1
+        assert 0 < agent.metrics.get("infersight.bpf.map.fill_ratio", (("map", "conns"),)) < 1
     recs = agent.wait_records(mark, 25)
     time.sleep(0.3)
     assert len(agent.since(mark)) == 25

@@ -19,6 +19,7 @@ import yaml
 from agent.export.instruments import INSTRUMENTS
 from agent.export.otlp import SPANS as OTLP_SPANS
 from agent.export.routes import label_name
+from agent.join import DERIVED_METRICS
 from collectors.nvml import load_metric_set
 from dashboards import build
 from probes.cuda import CUDA_METRICS
@@ -31,10 +32,9 @@ PROMTOOL = shutil.which("promtool")
 #: the per-pod GPU share. Each is a promise another part of the agent keeps; drop it from this set
 #: once a table defines it.
 FIXED_ELSEWHERE = {
-    "infersight_events_lost_total",
-    "infersight_parse_failures_total",
-    "infersight_bpf_map_fill_ratio",
-    build.GPU.pod_share.name,
+    "infersight_events_lost_total",  # agent/pipeline.py, from the kernel's counters
+    "infersight_parse_failures_total",  # the parsers
+    "infersight_bpf_map_fill_ratio",  # agent/pipeline.py
 }
 
 #: PromQL words that look like identifiers but are not metric names.
@@ -54,6 +54,7 @@ def known_metric_names() -> set[str]:
             names.add(inst.prom_name)
     names.update(spec.prom_name for spec in load_metric_set() if spec.scope == "device")
     names.update(m.prom_name for m in CUDA_METRICS)
+    names.update(d.prom_name for d in DERIVED_METRICS)  # the join's per-pod metrics
     names.add(label_name(OTLP_SPANS) + "_total")  # a self-metric counter, named as the exporter names it
     return names
 
@@ -182,6 +183,7 @@ def test_queries_name_only_metrics_the_agent_exports() -> None:
 def test_gpu_metric_names_come_from_the_collectors_metric_sets() -> None:
     exported = {spec.prom_name for spec in load_metric_set() if spec.scope == "device"}
     exported |= {m.prom_name for m in CUDA_METRICS}
+    exported |= {d.prom_name for d in DERIVED_METRICS}
     for series in build.GPU.all_series():
         if series.name in FIXED_ELSEWHERE:
             continue
