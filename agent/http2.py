@@ -248,6 +248,11 @@ class HpackDecoders:
             raise ValueError("max_entries must be at least 2 (one connection's two directions)")
         self._max = max_entries
         self._metrics = metrics
+        metrics.describe(
+            "infersight.parse.h2.decoders.evicted",
+            "counter",
+            "HPACK decoders evicted from the bounded LRU; their connections decode on with an empty table.",
+        )
         self._lock = threading.Lock()
         self._entries: OrderedDict[Hashable, hpack.Decoder] = OrderedDict()
 
