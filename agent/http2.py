@@ -20,13 +20,16 @@ Framing and its loss, per direction:
 
 - The client direction may start with the h2c prior-knowledge preface
   (RFC 9113 §3.4); it is consumed. Any other start is treated as a join: the
-  reader *resyncs*, looking for three consecutive plausible frames, or two
+  reader *resyncs*, looking for three consecutive believable frames, or two
   that end exactly where the captured bytes end (known type, only defined
   flags, the stream-id rules and fixed lengths of RFC 9113 §6, odd stream
-  ids, no empty DATA without END_STREAM, no empty header block). A position that already is a frame boundary
-  is taken at once and costs nothing; skipped bytes are counted as
+  ids not far above those seen, no empty DATA without END_STREAM, no empty
+  header block). A position that already is a frame boundary costs nothing;
+  skipped bytes are counted as
   ``infersight.parse.skipped.bytes{reason="h2_join"}`` and the resync as
-  ``infersight.parse.resyncs{reason="h2_join"}``.
+  ``infersight.parse.resyncs{reason="h2_join"}``. Until a sync point is
+  confirmed its bytes are held (bounded), so a lone frame at the end of a
+  capture waits for the next chunk.
 - A gap inside the payload of a known frame keeps framing: DATA payload gaps
   are handed to the stream (its gRPC message framing survives a gap inside a
   message body of known length); any other frame whose payload was cut is
@@ -44,7 +47,9 @@ holds no wrong entries, and every entry it gains afterwards is at the same
 index as in the encoder's table (new entries take the lowest dynamic index,
 RFC 7541 §2.3.3). So after a join or a loss, a block that references only
 the static table, literals and entries inserted since decodes correctly, and
-a block that references older entries fails to decode. Such a failure is
+a block that references older entries fails to decode (a table that evicted
+differently from the encoder's still agrees on its newest entries, which are
+the only ones it can resolve). Such a failure is
 counted (``infersight.parse.failures{reason="hpack"}``), the direction is
 marked degraded (:attr:`H2Connection.degraded`), and the stream record is
 still produced with the fields that block would have given left as None.
@@ -61,6 +66,13 @@ counted as ``infersight.parse.failures{reason="h2_streams_full"}``) and at
 :meth:`H2Connection.close`. Completed records wait in a bounded list
 (``max_completed``); an overflow drops the oldest, counted as
 ``infersight.requests.lost{reason="h2_backlog"}``.
+
+Other failure reasons (``infersight.parse.failures``): ``h2_headers_lost``
+(a header block not captured), ``h2_continuation`` (a header block
+interrupted, RFC 9113 §6.10), ``h2_bad_frame`` (a frame hyperframe rejects;
+its length still frames it), ``h2_stream_id`` (a stream id far beyond those
+seen: garbage after a false resync, no record is opened) and
+``h2_truncated`` (the connection closed inside a frame).
 
 Timestamps are the caller's (kernel monotonic ns): every event of a frame
 takes the ``ts_ns`` of the chunk that carried the frame's first byte, and a
@@ -514,9 +526,14 @@ class H2Connection:
         config: H2Config | None = None,
         *,
         key: Hashable | None = None,
+        from_start: bool = False,
         decoders: HpackDecoders | None = None,
         metrics: SelfMetrics = SELF_METRICS,
     ) -> None:
+        """``key`` names the connection in the decoder LRU (unique while it lives; a
+        fresh one by default). ``from_start``: the capture begins with the connection's
+        first byte both ways, so the server's first byte begins a frame (its SETTINGS,
+        RFC 9113 §3.4) and needs no resync; the client's must still be the preface."""
         self._cfg = config or H2Config()
         self._cfg.validate()
         self._metrics = metrics
@@ -526,6 +543,8 @@ class H2Connection:
             "client": _Side("client", (self._key, "client"), self._cfg.resync_max_frame_bytes),
             "server": _Side("server", (self._key, "server"), self._cfg.resync_max_frame_bytes),
         }
+        if from_start:
+            self._sides["server"].state = _HEAD
         self._open: dict[int, _OpenStream] = {}
         self._recent_closed: OrderedDict[int, None] = OrderedDict()
         self._max_sid = 0  # highest stream id a record was opened for

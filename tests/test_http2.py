@@ -582,6 +582,25 @@ def test_preface_split_and_preface_absent() -> None:
     ]
 
 
+def test_from_start_takes_the_first_server_frame_at_once() -> None:
+    c = Conv()
+    c.unary(1)
+    # The server's first write is its SETTINGS alone: without from_start it waits for a
+    # second frame to believe it; with from_start it needs none.
+    m = SelfMetrics()
+    conn = H2Connection(from_start=True, decoders=HpackDecoders(metrics=m), metrics=m)
+    conn.feed("server", SettingsFrame(0).serialize(), 1)
+    assert conn.buffered("server") == 0
+    for d, ts, data in c.chunks:
+        conn.feed(d, data, ts)  # type: ignore[arg-type]
+    conn.close(0)
+    (rec,) = conn.take_completed()
+    assert rec.grpc_status == 0 and failures(m) == {}
+    late = H2Connection(decoders=HpackDecoders(metrics=m), metrics=m)
+    late.feed("server", SettingsFrame(0).serialize(), 1)
+    assert late.buffered("server") == 9
+
+
 def test_gap_inside_a_message_body_keeps_counting() -> None:
     c = Conv()
     c.send("client", c.headers("client", 1, REQ) + DataFrame(1, msg(b"r"), flags=["END_STREAM"]).serialize())
