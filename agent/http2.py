@@ -214,6 +214,7 @@ class H2Stream:
     request_start_ns: int | None  # first HEADERS from the client
     response_first_ns: int | None  # first response HEADERS or DATA
     first_message_ns: int | None  # first byte of the first gRPC response message
+    last_message_ns: int | None  # first byte of the last one (streaming: time per message)
     end_ns: int | None  # END_STREAM from the server, RST_STREAM, GOAWAY or close
     end_reason: str  # "end_stream", "reset", "goaway", "evicted" or "close"
     reset_code: int | None  # RST_STREAM error code
@@ -308,6 +309,7 @@ class _Messages:
         "complete",
         "compressed",
         "first_ns",
+        "last_ns",
         "lost",
         "prefix",
         "remaining",
@@ -319,6 +321,7 @@ class _Messages:
         self.complete = 0
         self.lost = False
         self.first_ns: int | None = None  # first byte of the first message
+        self.last_ns: int | None = None  # first byte of the latest message
         self.compressed: bool | None = None
         self.capture = bytearray()  # prefix of the first message's body
         self.capture_limit = capture_limit
@@ -337,8 +340,10 @@ class _Messages:
                 if self.remaining == 0:
                     self.complete += 1
                 continue
-            if not self.prefix and self.first_ns is None:
-                self.first_ns = ts
+            if not self.prefix:
+                self.last_ns = ts
+                if self.first_ns is None:
+                    self.first_ns = ts
             need = 5 - len(self.prefix)
             self.prefix += data[pos : pos + need]
             pos += min(need, n - pos)
@@ -426,6 +431,7 @@ class _OpenStream:
             request_start_ns=self.request_start_ns,
             response_first_ns=self.response_first_ns,
             first_message_ns=self.response.first_ns,
+            last_message_ns=self.response.last_ns,
             end_ns=end_ns,
             end_reason=end_reason,
             reset_code=self.reset_code,
@@ -642,8 +648,9 @@ class H2Connection:
         if self._closed:
             return
         for side in self._sides.values():
-            if side.buf and side.state != _SYNC:
-                self._metrics.inc(_FAILURES, 1, (("reason", "h2_truncated"),))
+            inside = side.state in (_DATA_PAD, _DATA_BODY, _SKIP, _BODY) and (side.remaining or side.buf)
+            if inside or (side.buf and side.state in (_HEAD, _PREFACE_STATE)):
+                self._fail("h2_truncated")
             self._skip(len(side.buf), "h2_truncated" if side.state != _SYNC else side.reason)
             side.buf = b""
             self._decoders.discard(side.key)

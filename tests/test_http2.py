@@ -156,6 +156,9 @@ def check_recording(doc: dict[str, Any], chunks: list[Chunk]) -> None:
         else:
             assert (rec.end_reason, rec.grpc_status) == ("end_stream", 0)
             assert rec.response_messages == len(sends) == call["responses"] == 7
+            # The last response began after the server stamped it and before the trailers.
+            assert rec.last_message_ns is not None
+            assert sends[-1] <= rec.last_message_ns <= rec.end_ns
             # Trailers follow the generator's end and precede the client's return.
             assert s["t_end"] <= rec.end_ns <= call["t_done"]
 
@@ -396,7 +399,14 @@ def test_split_at_every_byte_of_both_directions() -> None:
 
 
 def _untimed(s: H2Stream) -> H2Stream:
-    return replace(s, request_start_ns=None, response_first_ns=None, first_message_ns=None, end_ns=None)
+    return replace(
+        s,
+        request_start_ns=None,
+        response_first_ns=None,
+        first_message_ns=None,
+        last_message_ns=None,
+        end_ns=None,
+    )
 
 
 def test_continuation_frames_carry_one_header_block() -> None:
@@ -442,11 +452,14 @@ def test_messages_spanning_frames_and_several_in_one_frame() -> None:
     c.send("server", c.headers("server", 1, RESP))
     stream = msg(b"x" * 30) + msg(b"y" * 3) + msg(b"") + msg(b"z" * 100)
     ts_first = c.send("server", DataFrame(1, stream[:2]).serialize())
+    ts_of = {}
     for i in range(2, len(stream), 7):
-        c.send("server", DataFrame(1, stream[i : i + 7]).serialize())
+        ts_of[i] = c.send("server", DataFrame(1, stream[i : i + 7]).serialize())
     c.send("server", c.headers("server", 1, OK_TRAILERS, end_stream=True))
     (rec,), _ = parse(c.chunks)
     assert (rec.response_messages, rec.first_message_ns) == (4, ts_first)
+    # The last message's prefix starts at offset 48, in the frame carrying bytes 44-50.
+    assert rec.last_message_ns == ts_of[44]
 
 
 def test_trailers_only_response_and_percent_encoded_message() -> None:
@@ -599,6 +612,14 @@ def test_from_start_takes_the_first_server_frame_at_once() -> None:
     late = H2Connection(decoders=HpackDecoders(metrics=m), metrics=m)
     late.feed("server", SettingsFrame(0).serialize(), 1)
     assert late.buffered("server") == 9
+
+
+def test_close_inside_a_frame_is_counted() -> None:
+    c = Conv()
+    c.send("client", c.headers("client", 1, REQ) + DataFrame(1, msg(b"abcdef")).serialize()[:12])
+    (rec,), m = parse(c.chunks)
+    assert failures(m)["h2_truncated"] == 1
+    assert (rec.end_reason, rec.path, rec.request_messages) == ("close", f"/{SERVICE}/ModelInfer", 0)
 
 
 def test_gap_inside_a_message_body_keeps_counting() -> None:

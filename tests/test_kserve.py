@@ -41,6 +41,7 @@ def stream(method: str, request: bytes, response: bytes = b"", compressed: bool 
         request_start_ns=1,
         response_first_ns=2,
         first_message_ns=2,
+        last_message_ns=2,
         end_ns=3,
         end_reason="end_stream",
         reset_code=None,
