@@ -702,6 +702,7 @@ class H2Connection:
         side.frame = None
         if side.block is not None:
             self._block_lost(side)
+            self._end_block(side)  # its stream keeps a record, without these headers
         # Any header block may have been in the lost bytes.
         self._reset_decoder(side)
         for st in self._open.values():
@@ -1022,7 +1023,8 @@ class H2Connection:
         content = side.frame_len - 1 - pad
         if content < 0:
             self._fail("h2_bad_frame")
-            side.remaining, side.skip_then, side.state = side.frame_len - 1, -1, _SKIP
+            # The flags still hold: an END_STREAM on it ends the stream.
+            side.remaining, side.skip_then, side.state = side.frame_len - 1, _DATA, _SKIP
             self._data_lost(side)
         else:
             side.remaining = content

@@ -722,6 +722,23 @@ def test_interrupted_header_block_is_counted() -> None:
     assert failures(m)["h2_continuation"] == 1 and rec.headers_lost and rec.grpc_status == 0
 
 
+def test_gap_inside_a_header_block_ends_it_without_blaming_the_peer() -> None:
+    c = Conv(table_size=0)
+    block = c.block("client", REQ)
+    cont = ContinuationFrame(1, block[10:], flags=["END_HEADERS"]).serialize()
+    c.send("client", HeadersFrame(1, block[:10]).serialize())
+    chunks: list[Any] = [*c.chunks, ("client", 9000, len(cont))]  # the CONTINUATION is lost
+    c.chunks = []
+    c.unary(3)
+    chunks += c.chunks
+    recs, m = parse(chunks)
+    assert "h2_continuation" not in failures(m)
+    assert [(r.stream_id, r.headers_lost, r.path) for r in recs] == [
+        (1, True, None),
+        (3, False, f"/{SERVICE}/ModelInfer"),
+    ]
+
+
 def test_open_and_completed_streams_are_bounded() -> None:
     c = Conv(table_size=0)
     for sid in range(1, 21, 2):
