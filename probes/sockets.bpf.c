@@ -256,6 +256,8 @@ static __always_inline void capture(struct data_scratch_t *s, u64 ptr, u64 cnt, 
     ev->flags |= DF_VECTORED;
     u64 off = 0;        /* bytes of the data before this iovec */
     u64 got = 0;        /* head bytes captured */
+    u64 bases[MAX_IOV] = {};
+    u64 lens[MAX_IOV] = {};
 #pragma unroll
     for (int i = 0; i < MAX_IOV; i++) {
         if (i >= cnt || off >= len)
@@ -264,6 +266,8 @@ static __always_inline void capture(struct data_scratch_t *s, u64 ptr, u64 cnt, 
         if (bpf_probe_read_user(&iov, sizeof(iov), (void *)(ptr + i * sizeof(iov))) < 0)
             break;
         u64 in_iov = iov.len < len - off ? iov.len : len - off;
+        bases[i] = iov.base;
+        lens[i] = in_iov;
         if (!tail_only && got < HEAD_CAP) {
             u64 n = in_iov < HEAD_CAP - got ? in_iov : HEAD_CAP - got;
             CLAMP(n, HEAD_CAP);
@@ -273,19 +277,34 @@ static __always_inline void capture(struct data_scratch_t *s, u64 ptr, u64 cnt, 
             got += n;
         }
         off += in_iov;
-        if (off >= len && want_tail) {
-            /* the data ends in this iovec: take the tail from here */
-            u64 t = want_tail < in_iov ? want_tail : in_iov;
-            CLAMP(t, TAIL_CAP);
-            void *src = (void *)(iov.base + in_iov - t);
-            if (tail_only)
-                bpf_probe_read_user(ev->payload, t, src);
-            else
-                bpf_probe_read_user(ev->payload + HEAD_CAP, t, src);
-            ev->tail_len = t;
-        }
     }
     ev->head_len = got;
+    if (!want_tail)
+        return;
+    /* the tail spans the last iovecs (a chunk written as header, data, CRLF):
+     * fill it from the back */
+    u8 *dst = tail_only ? ev->payload : ev->payload + HEAD_CAP;
+    u64 need = want_tail;
+    CLAMP(need, TAIL_CAP);
+#pragma unroll
+    for (int j = MAX_IOV - 1; j >= 0; j--) {
+        if (need == 0)
+            break;
+        if (lens[j] == 0)
+            continue;
+        u64 take = need < lens[j] ? need : lens[j];
+        CLAMP(take, TAIL_CAP);
+        u64 at = need - take;
+        CLAMP(at, TAIL_CAP);
+        bpf_probe_read_user(dst + at, take, (void *)(bases[j] + lens[j] - take));
+        need -= take;
+    }
+    if (need) {
+        /* fewer bytes than wanted in the iovecs seen: keep the filled end only */
+        ev->tail_len = 0;
+        return;
+    }
+    ev->tail_len = want_tail;
 }
 
 static __always_inline u64 data_size(struct data_event_t *ev) {
@@ -619,11 +638,17 @@ int data_exit(void *ctx) {
     return 0;
 }
 
-static __always_inline int finish_conn(s64 ret) {
+static __always_inline int finish_conn(s64 ret, int is_accept) {
     u64 pid_tgid = bpf_get_current_pid_tgid();
     struct args_t *a = inflight.lookup(&pid_tgid);
-    if (!a)
+    if (!a) {
+        /* An accept that was already blocking when the process became a target
+         * (a single-threaded server waiting for its next client): the new
+         * connection still counts, without the peer address. */
+        if (is_accept && ret >= 0 && is_target(pid_tgid >> 32))
+            new_conn(pid_tgid >> 32, (u32)ret, ROLE_SERVER, -1, 0, 0);
         return 0;
+    }
     struct args_t copy = *a;
     inflight.delete(&pid_tgid);
     if (copy.kind == K_ACCEPT) {
@@ -650,9 +675,9 @@ static __always_inline int save_accept(u32 fd, u64 addr, u64 addrlen_ptr) {
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_accept) { return save_accept(args->fd, (u64)args->upeer_sockaddr, (u64)args->upeer_addrlen); }
-TRACEPOINT_PROBE(syscalls, sys_exit_accept) { return finish_conn(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_accept) { return finish_conn(args->ret, 1); }
 TRACEPOINT_PROBE(syscalls, sys_enter_accept4) { return save_accept(args->fd, (u64)args->upeer_sockaddr, (u64)args->upeer_addrlen); }
-TRACEPOINT_PROBE(syscalls, sys_exit_accept4) { return finish_conn(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_accept4) { return finish_conn(args->ret, 1); }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_connect) {
     if (!TRACE_CLIENTS)
@@ -668,7 +693,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_connect) {
     inflight.update(&pid_tgid, &a);
     return 0;
 }
-TRACEPOINT_PROBE(syscalls, sys_exit_connect) { return TRACE_CLIENTS ? finish_conn(args->ret) : 0; }
+TRACEPOINT_PROBE(syscalls, sys_exit_connect) { return TRACE_CLIENTS ? finish_conn(args->ret, 0) : 0; }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_read) { return save_data(args->fd, (u64)args->buf, 0, K_READ); }
 TRACEPOINT_PROBE(syscalls, sys_exit_read) { return finish(args, args->ret); }

@@ -144,13 +144,13 @@ class Agent:
 @contextmanager
 def running_agent(targets: TargetConfig, probe: SocketProbeConfig | None = None,
                   drain_interval_s: float = 0.05, idle_check_s: float = 30.0,
-                  stages: Sequence[Stage] = ()) -> Iterator[Agent]:
+                  stages: Sequence[Stage] = (), client_spans: bool = False) -> Iterator[Agent]:
     probe_cfg = probe or SocketProbeConfig()
     metrics = SelfMetrics()
     sink = ListSink()
     cfg = PipelineConfig(
         assembly=AssemblyConfig(sample_writes=probe_cfg.sample_writes, tail_slots=probe_cfg.tail_slots,
-                                idle_check_s=idle_check_s),
+                                idle_check_s=idle_check_s, client_spans=client_spans),
         targets=targets,
         drain_interval_s=drain_interval_s,
     )

@@ -420,3 +420,66 @@ def test_cli_duration_exits_cleanly(tmp_path: Path) -> None:
         assert "stopped:" in r.stderr
     finally:
         srv.stop()
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_module: Path) -> Iterator[Server]:
+    port = free_port()
+    srv = start_server([sys.executable, "-m", "tests.servers.raw_http", str(port)], port, tmp_module, "raw")
+    yield srv
+    srv.stop()
+
+
+def test_vectored_syscalls_and_sendfile(raw: Server) -> None:
+    """recvmsg, sendmsg over several iovecs, and sendfile: the same records, the same timing."""
+    with running_agent(TargetConfig(pids=(raw.pid,))) as a:
+        mark = a.mark()
+        t_mark = len(raw.timings())
+        with httpx.Client(base_url=raw.url, timeout=30) as c:
+            chunks = [line for line in c.post("/v1/chat/completions", json={
+                "model": "vec", "max_tokens": 9, "tpot_s": 0.003}).text.splitlines() if line.startswith("data:")]
+            assert len(chunks) == 10
+            body = c.get("/file").content
+            assert len(body) == 300_000
+            # the response parser skipped the file's bytes it never saw, and stays in step
+            assert c.get("/after-file").text == "ok"
+        recs = a.wait_records(mark, 3)
+        time.sleep(0.3)
+        assert [r.path for r in a.since(mark)] == ["/v1/chat/completions", "/file", "/after-file"]
+        sse, file_rec, after = recs
+        server = raw.timings()[t_mark:]
+        ttft, _, duration = _stream_timings(server[0])
+        assert sse.streaming and sse.output_events == 9 and sse.response_model == "vec"
+        assert sse.time_to_first_token_s is not None and abs(sse.time_to_first_token_s - ttft) <= TOL
+        assert abs(sse.duration_s - duration) <= TOL
+        assert file_rec.status_code == 200 and not file_rec.streaming and file_rec.error_type is None
+        assert abs(file_rec.duration_s - (server[1]["t_end"] - server[1]["t_start"]) / 1e9) <= TOL
+        assert after.status_code == 200 and after.error_type is None
+
+
+def test_client_spans_for_requests_a_target_makes(demo: Server, tmp_path: Path) -> None:
+    """With client tracing on, a traced process's outgoing requests become client records."""
+    script = tmp_path / "client.py"
+    script.write_text(
+        "import sys, time, httpx\n"
+        "time.sleep(float(sys.argv[2]))\n"
+        "with httpx.Client(base_url=sys.argv[1]) as c:\n"
+        "    for _ in range(3):\n"
+        "        c.get('/health')\n"
+        "    c.post('/v1/chat/completions', json={'model': 'outbound', 'messages': [], 'stream': True,\n"
+        "           'max_tokens': 3}).read()\n"
+    )
+    client = subprocess.Popen([sys.executable, str(script), demo.url, "6"], cwd=REPO)
+    try:
+        probe = SocketProbeConfig(trace_clients=True)
+        with running_agent(TargetConfig(pids=(client.pid,)), probe=probe, client_spans=True) as a:
+            mark = a.mark()
+            assert client.wait(30) == 0
+            recs = a.wait_records(mark, 4, pred=lambda r: r.pid == client.pid)
+        assert all(r.span_kind == "client" for r in recs)
+        assert [r.path for r in recs] == ["/health"] * 3 + ["/v1/chat/completions"]
+        assert recs[-1].request_model == "outbound" and recs[-1].output_events == 3
+        assert recs[0].server_port == demo.port
+    finally:
+        if client.poll() is None:
+            client.kill()

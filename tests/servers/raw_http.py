@@ -1,0 +1,118 @@
+"""A third server for end-to-end tests, on bare sockets, exercising the
+syscalls the uvicorn and aiohttp servers do not: it reads requests with
+``recvmsg`` into two buffers, answers with ``sendmsg`` over several iovecs
+(head and body, or chunk header, data and CRLF), and serves a file with
+``sendfile``. One connection at a time, keep-alive.
+
+Routes:
+- ``POST /v1/chat/completions``: an OpenAI-style SSE stream of ``max_tokens``
+  chunks (chunked encoding), each chunk one ``sendmsg`` of three iovecs;
+- ``GET /file``: a file sent with ``sendfile`` after a ``sendmsg`` head.
+
+Writes timing lines like agent.demo_server to INFERSIGHT_DEMO_TIMINGS.
+Run: python -m tests.servers.raw_http PORT
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+
+TIMINGS = os.environ.get("INFERSIGHT_DEMO_TIMINGS")
+FILE_BYTES = 300_000
+
+
+def log(entry: dict) -> None:
+    if TIMINGS:
+        with open(TIMINGS, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+
+def read_request(conn: socket.socket, pending: bytearray) -> tuple[bytes, bytes, int] | None:
+    """(request line, body, monotonic ns when its first byte arrived) or None at EOF."""
+    t0 = 0
+    while b"\r\n\r\n" not in pending:
+        a, b = bytearray(16), bytearray(4096)
+        n, _, _, _ = conn.recvmsg_into([a, b])
+        if n == 0:
+            return None
+        t0 = t0 or time.monotonic_ns()
+        pending += (a + b)[:n]
+    head, _, rest = bytes(pending).partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        k, _, v = line.partition(b":")
+        if k.strip().lower() == b"content-length":
+            length = int(v)
+    while len(rest) < length:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return None
+        rest += chunk
+    pending[:] = rest[length:]
+    return head.split(b"\r\n")[0], rest[:length], t0 or time.monotonic_ns()
+
+
+def serve(conn: socket.socket, path_file: str) -> None:
+    pending = bytearray()
+    while True:
+        req = read_request(conn, pending)
+        if req is None:
+            return
+        line, body, t0 = req
+        method, target, _ = line.decode().split(" ", 2)
+        entry: dict = {"path": target, "t_start": t0, "chunks": []}
+        if target == "/v1/chat/completions":
+            opts = json.loads(body or b"{}")
+            n = int(opts.get("max_tokens", 5))
+            conn.sendmsg([b"HTTP/1.1 200 OK\r\n", b"content-type: text/event-stream\r\n",
+                          b"transfer-encoding: chunked\r\n\r\n"])
+            for i in range(n):
+                time.sleep(float(opts.get("tpot_s", 0.002)))
+                data = b"data: " + json.dumps({"model": opts.get("model", "raw"), "choices": [
+                    {"index": 0, "delta": {"content": f"w{i}"}, "finish_reason": None}]}).encode() + b"\n\n"
+                entry["chunks"].append(["token", time.monotonic_ns()])
+                conn.sendmsg([b"%x\r\n" % len(data), data, b"\r\n"])
+            done = b"data: [DONE]\n\n"
+            conn.sendmsg([b"%x\r\n" % len(done), done, b"\r\n"])
+            entry["t_end"] = time.monotonic_ns()
+            conn.sendmsg([b"0\r\n\r\n"])
+        elif target == "/file":
+            conn.sendmsg([b"HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\n",
+                          b"content-length: %d\r\n\r\n" % FILE_BYTES])
+            with open(path_file, "rb") as f:
+                sent = 0
+                while sent < FILE_BYTES:
+                    sent += os.sendfile(conn.fileno(), f.fileno(), sent, FILE_BYTES - sent)
+            entry["t_end"] = time.monotonic_ns()
+        else:
+            conn.sendmsg([b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n", b"ok"])
+            entry["t_end"] = time.monotonic_ns()
+        if target != "/health":
+            log(entry)
+
+
+def main() -> None:
+    port = int(sys.argv[1])
+    fd, path = tempfile.mkstemp(prefix="infersight-sendfile-")
+    os.write(fd, os.urandom(FILE_BYTES))
+    os.close(fd)
+    srv = socket.create_server(("127.0.0.1", port))
+    try:
+        while True:
+            conn, _ = srv.accept()
+            with conn:
+                try:
+                    serve(conn, path)
+                except (ConnectionError, OSError):
+                    pass
+    finally:
+        os.unlink(path)
+
+
+if __name__ == "__main__":
+    main()
