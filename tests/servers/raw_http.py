@@ -64,7 +64,7 @@ def serve(conn: socket.socket, path_file: str) -> None:
         if req is None:
             return
         line, body, t0 = req
-        method, target, _ = line.decode().split(" ", 2)
+        _method, target, _ = line.decode().split(" ", 2)
         entry: dict = {"path": target, "t_start": t0, "chunks": []}
         if target == "/v1/chat/completions":
             opts = json.loads(body or b"{}")
