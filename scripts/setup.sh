@@ -80,6 +80,11 @@ if [ ! -e "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     log "installing infersight and its dependencies into .venv"
     .venv/bin/python -m pip install -q --upgrade pip
     .venv/bin/python -m pip install -q -e '.[test]'
+    # tritonclient's [grpc] extra pins protobuf<7, which the agent's generated
+    # kubelet modules cannot use; its generated code runs on protobuf 7, so it is
+    # installed without its pins, with the two packages it needs.
+    .venv/bin/python -m pip install -q --no-deps 'tritonclient[grpc]==2.73.0'
+    .venv/bin/python -m pip install -q python-rapidjson 'ml_dtypes<=0.5.4'
     touch "$stamp"
 fi
 
