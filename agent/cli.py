@@ -9,6 +9,7 @@ exporter reads) and the command line.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -32,6 +33,7 @@ RUN_OPTIONS: dict[str, tuple[Any, str]] = {
     "otlp_endpoint": (None, "OTLP endpoint (default: OTEL_EXPORTER_OTLP_ENDPOINT; unset disables OTLP)"),
     "sample_ratio": (1.0, "fraction of ordinary requests exported as spans (errors, aborts, slow: always)"),
     "slow_threshold": (30.0, "requests slower than this many seconds are always exported as spans"),
+    "buckets": ("", "histogram bounds by instrument, as JSON: '{\"gen_ai.server.time_to_first_token\": [0.01, 0.1, 1]}'"),
     "ringbuf_pages": (256, "kernel ring buffer size in 4 KiB pages (power of 2)"),
     "max_conns": (16384, "connections tracked in the kernel (LRU)"),
     "trace_clients": (False, "also record requests the targets make (client spans)"),
@@ -158,6 +160,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
             prometheus_host=opts["prometheus_host"],
             sample_ratio=opts["sample_ratio"],
             slow_threshold_s=opts["slow_threshold"],
+            buckets=parse_buckets(opts["buckets"]),
         )
     )
     sinks.append(exporters)
@@ -244,6 +247,20 @@ def start_gpu_sources(opts: dict[str, Any]) -> dict[str, Any]:
     else:
         log.info("CUDA probe off (%s)", "no GPU found by NVML" if mode == "auto" else "--cuda off")
     return sources
+
+
+def parse_buckets(raw: Any) -> dict[str, tuple[float, ...]]:
+    """Bucket bounds from YAML (a mapping) or a JSON string; a clear error otherwise."""
+    if not raw:
+        return {}
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"infersight: --buckets is not JSON: {e}") from None
+    if not isinstance(raw, dict) or not all(isinstance(v, list) for v in raw.values()):
+        raise SystemExit("infersight: buckets must map instrument names to lists of bounds")
+    return {str(k): tuple(float(x) for x in v) for k, v in raw.items()}
 
 
 def decorated_points(join: Any, source: Any) -> Any:

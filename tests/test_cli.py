@@ -78,3 +78,14 @@ def test_help_lists_commands() -> None:
     assert r.returncode == 0
     for word in ("run", "doctor", "demo", "top"):
         assert word in r.stdout
+
+
+def test_buckets_from_yaml_or_json(tmp_path: Path) -> None:
+    assert cli.parse_buckets('{"gen_ai.server.time_to_first_token": [0.01, 0.1, 1]}') == {
+        "gen_ai.server.time_to_first_token": (0.01, 0.1, 1.0)}
+    assert cli.parse_buckets({"http.server.request.duration": [1, 10]}) == {
+        "http.server.request.duration": (1.0, 10.0)}
+    with pytest.raises(SystemExit, match="not JSON"):
+        cli.parse_buckets("[0.1,")
+    with pytest.raises(SystemExit, match="lists of bounds"):
+        cli.parse_buckets('{"x": 1}')
