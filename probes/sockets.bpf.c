@@ -749,19 +749,6 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close) {
 
 /* Servers ask for their connections' addresses (uvicorn, asyncio, Go's
  * net/http): the answer names the client and the server port exactly. */
-static __always_inline int save_name(u32 fd, u64 addr, u64 addrlen_ptr, u32 kind) {
-    u64 pid_tgid = bpf_get_current_pid_tgid();
-    u32 tgid = pid_tgid >> 32;
-    if (!is_target(tgid))
-        return 0;
-    u64 key = ((u64)tgid << 32) | fd;
-    if (!conns.lookup(&key))
-        return 0;
-    struct args_t a = {.ptr = addr, .extra = addrlen_ptr, .fd = fd, .kind = kind};
-    inflight.update(&pid_tgid, &a);
-    return 0;
-}
-
 static __always_inline int finish_name(s64 ret) {
     u64 pid_tgid = bpf_get_current_pid_tgid();
     struct args_t *a = inflight.lookup(&pid_tgid);
@@ -783,9 +770,9 @@ static __always_inline int finish_name(s64 ret) {
     return 0;
 }
 
-TRACEPOINT_PROBE(syscalls, sys_enter_getpeername) { return save_name(args->fd, (u64)args->usockaddr, (u64)args->usockaddr_len, K_PEERNAME); }
+TRACEPOINT_PROBE(syscalls, sys_enter_getpeername) { return save_data(args->fd, (u64)args->usockaddr, (u64)args->usockaddr_len, K_PEERNAME); }
 TRACEPOINT_PROBE(syscalls, sys_exit_getpeername) { return finish_name(args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_enter_getsockname) { return save_name(args->fd, (u64)args->usockaddr, (u64)args->usockaddr_len, K_SOCKNAME); }
+TRACEPOINT_PROBE(syscalls, sys_enter_getsockname) { return save_data(args->fd, (u64)args->usockaddr, (u64)args->usockaddr_len, K_SOCKNAME); }
 TRACEPOINT_PROBE(syscalls, sys_exit_getsockname) { return finish_name(args->ret); }
 
 TRACEPOINT_PROBE(syscalls, sys_exit_listen) {
