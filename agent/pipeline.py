@@ -59,6 +59,7 @@ class CaptureProbe(Protocol):
     def drain(self, timeout_ms: int) -> int: ...
     def counters(self) -> dict[str, int]: ...
     def map_entries(self) -> dict[str, tuple[int, int]]: ...
+    def conn_evictions(self, entries: int) -> int: ...
     def close(self) -> None: ...
 
 
@@ -395,6 +396,14 @@ class Pipeline:
         for name, (n, cap) in fill.items():
             self._metrics.set("infersight.bpf.map.entries", n, (("map", name),))
             self._metrics.set("infersight.bpf.map.fill_ratio", n / cap if cap else 0.0, (("map", name),))
+        if "conns" in fill:
+            evicted = self.probe.conn_evictions(fill["conns"][0])
+            self._metrics.describe("infersight.bpf.map.evictions", "counter",
+                                   "Entries an LRU map evicted to make room (connection state lost).")
+            labels = (("map", "conns"),)
+            # a counter: never let a race between the count and the walk take it back
+            self._metrics.set("infersight.bpf.map.evictions",
+                              max(evicted, self._metrics.get("infersight.bpf.map.evictions", labels)), labels)
 
     def _read_kernel_counters(self) -> None:
         if self.probe is None:

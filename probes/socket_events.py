@@ -61,6 +61,7 @@ COUNTER_NAMES = (
     "conn_full",
     "truncated",
     "unreported",
+    "closed",
 )
 GAP_BUCKETS = 32
 

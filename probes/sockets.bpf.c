@@ -742,7 +742,8 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close) {
     if (c->seq || c->phase != PH_IDLE)
         send_summary(c, key, tgid, fd, SR_CLOSE, bpf_ktime_get_ns());
     phase_ends(c);
-    conns.delete(&key);
+    if (conns.delete(&key) == 0)
+        count(C_CLOSED);
     tails.delete(&key);
     return 0;
 }

@@ -70,7 +70,8 @@
 #define C_CONN_FULL 7       /* conn map updates that failed */
 #define C_TRUNCATED 8       /* syscalls larger than what was captured */
 #define C_UNREPORTED 9      /* request phases that ended with none of their records delivered */
-#define C_COUNTERS 10
+#define C_CLOSED 10         /* tracked connections deleted at close */
+#define C_COUNTERS 11
 
 struct data_event_t {
     u8 type;

@@ -146,6 +146,9 @@ class SocketProbe:
         self._metrics = metrics
         self._on_records = on_records
         self._batch: list[bytes] = []
+        # connections user space put into / took out of the map (for the eviction count)
+        self.seeded = 0
+        self.deleted = 0
         missing = missing_tracepoints()
         # sendfile64/splice are optional (they only keep timing right); the rest are not.
         hard = [m for m in missing if "sendfile64" not in m and "splice" not in m]
@@ -196,6 +199,8 @@ class SocketProbe:
         from bcc import lib
 
         rc = lib.bpf_update_elem(self._conns.map_fd, ctypes.byref(key), ctypes.byref(leaf), 1)
+        if rc == 0:
+            self.seeded += 1
         return rc == 0
 
     def conn_alive(self, pid: int, fd: int, conn_id: int) -> bool:
@@ -212,11 +217,15 @@ class SocketProbe:
 
     def delete_conn(self, pid: int, fd: int) -> None:
         key = self._conns.Key((pid << 32) | fd)
-        for table in (self._conns, self.bpf[b"tails"]):
-            try:
-                del table[key]
-            except KeyError:
-                pass
+        try:
+            del self._conns[key]
+            self.deleted += 1
+        except KeyError:
+            pass
+        try:
+            del self.bpf[b"tails"][key]
+        except KeyError:
+            pass
 
     # ---- draining ---------------------------------------------------------------
     def drain(self, timeout_ms: int) -> int:
@@ -239,6 +248,13 @@ class SocketProbe:
             vals = self._counters[ctypes.c_int(i)]
             out[name] = int(sum(vals))
         return out
+
+    def conn_evictions(self, entries: int) -> int:
+        """Connections the LRU map evicted (BPF LRU maps evict silently): every
+        connection put in (by accept/connect, or seeded) and not taken out (at
+        close, or by user space) nor still present. ``entries``: a fresh count."""
+        k = self.counters()
+        return max(0, k["conns"] + self.seeded - k["closed"] - self.deleted - entries)
 
     def map_entries(self) -> dict[str, tuple[int, int]]:
         """(entries, max_entries) per map. Walks each map: call at most every few seconds."""

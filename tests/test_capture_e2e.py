@@ -150,6 +150,7 @@ def test_keepalive_reuse_and_exact_counts(agent: Agent, demo: Server) -> None:
         agent.pipeline._read_map_fill()
         assert agent.metrics.get("infersight.bpf.map.entries", (("map", "conns"),)) >= 1
         assert 0 < agent.metrics.get("infersight.bpf.map.fill_ratio", (("map", "conns"),)) < 1
+        assert agent.metrics.get("infersight.bpf.map.evictions", (("map", "conns"),)) == 0
     recs = agent.wait_records(mark, 25)
     time.sleep(0.3)
     assert len(agent.since(mark)) == 25
@@ -483,3 +484,28 @@ def test_client_spans_for_requests_a_target_makes(demo: Server, tmp_path: Path) 
     finally:
         if client.poll() is None:
             client.kill()
+
+
+def test_connection_map_evictions_are_counted(tmp_path: Path) -> None:
+    """More open connections than the LRU map holds: the evictions show in a metric."""
+    import socket as so
+
+    srv = start_demo_server(tmp_path)
+    socks: list[so.socket] = []
+    try:
+        with running_agent(TargetConfig(pids=(srv.pid,)), probe=SocketProbeConfig(max_conns=16)) as a:
+            for _ in range(48):
+                s = so.create_connection(("127.0.0.1", srv.port), timeout=5)
+                s.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+                assert b"200 OK" in s.recv(4096)
+                socks.append(s)
+            a.pipeline._read_map_fill()
+            entries = a.metrics.get("infersight.bpf.map.entries", (("map", "conns"),))
+            evicted = a.metrics.get("infersight.bpf.map.evictions", (("map", "conns"),))
+        assert entries <= 16
+        assert evicted >= 48 - 16
+        assert evicted == 48 - entries
+    finally:
+        for s in socks:
+            s.close()
+        srv.stop()
