@@ -188,6 +188,51 @@ def make_app(ttft_s: float = 0.05, tpot_s: float = 0.01, model: str = "demo-llm"
                                  "prompt_eval_count": 7, "eval_count": n})
         return StreamingResponse(gen(), media_type="application/x-ndjson")
 
+    @app.post("/generate_stream")
+    async def tgi_generate_stream(request: Request) -> Any:
+        """TGI's native streaming API: a `token` per event, `details` at the end."""
+        body = await request.json()
+        params = body.get("parameters") or {}
+        n, first, per = plan({"max_tokens": params.get("max_new_tokens"), **body})
+        entry = entry_of(request)
+
+        async def gen() -> AsyncIterator[bytes]:
+            await asyncio.sleep(first)
+            for i in range(n):
+                if i:
+                    await asyncio.sleep(per)
+                last = i == n - 1
+                ev: dict[str, Any] = {"index": i + 1, "token": {"id": 100 + i, "text": WORDS[i % len(WORDS)] + " ",
+                                                                "logprob": -0.5, "special": False},
+                                      "generated_text": None, "details": None}
+                if last:
+                    ev["generated_text"] = "..."
+                    ev["details"] = {"finish_reason": "length", "generated_tokens": n, "seed": None}
+                entry["chunks"].append("token")
+                yield b"data:" + json.dumps(ev, separators=(",", ":")).encode() + b"\n\n"
+            entry["chunks"].append("done")
+
+        return StreamingResponse(gen(), media_type="text/event-stream")
+
+    @app.post("/v2/models/{model_name}/generate_stream")
+    async def triton_generate_stream(model_name: str, request: Request) -> Any:
+        """Triton's generate extension: one `text_output` per event, the model in the URL."""
+        body = await request.json()
+        n, first, per = plan(body)
+        entry = entry_of(request)
+
+        async def gen() -> AsyncIterator[bytes]:
+            await asyncio.sleep(first)
+            for i in range(n):
+                if i:
+                    await asyncio.sleep(per)
+                ev = {"model_name": model_name, "model_version": "1", "text_output": WORDS[i % len(WORDS)]}
+                entry["chunks"].append("token")
+                yield b"data: " + json.dumps(ev, separators=(",", ":")).encode() + b"\n\n"
+            entry["chunks"].append("done")
+
+        return StreamingResponse(gen(), media_type="text/event-stream")
+
     return TimingMiddleware(app, timings)
 
 

@@ -195,6 +195,29 @@ def test_ollama_ndjson(agent: Agent, demo: Server) -> None:
     assert rec.finish_reasons == ("length",)
 
 
+@pytest.mark.parametrize("n", [3, 20])
+def test_tgi_and_triton_streams(agent: Agent, demo: Server, n: int) -> None:
+    mark = agent.mark()
+    t_mark = len(demo.timings())
+    with httpx.Client(base_url=demo.url, timeout=30) as c:
+        c.post("/generate_stream", json={"inputs": "why", "parameters": {"max_new_tokens": n},
+                                         "ttft_s": 0.02, "tpot_s": 0.002}).read()
+        c.post("/v2/models/ensemble-llm/generate_stream", json={"text_input": "why", "max_tokens": n,
+                                                                 "ttft_s": 0.02, "tpot_s": 0.002}).read()
+    tgi, triton = agent.wait_records(mark, 2)
+    server = demo.timings()[t_mark:]
+    assert tgi.path == "/generate_stream" and tgi.operation == "generate_content"
+    assert tgi.streaming and tgi.output_events == n and tgi.output_tokens == n
+    assert tgi.finish_reasons == ("length",)
+    assert triton.operation == "generate_content" and triton.request_model == "ensemble-llm"
+    assert triton.response_model == "ensemble-llm" and triton.output_events == n
+    for rec, entry in zip((tgi, triton), server, strict=True):
+        ttft, _, duration = _stream_timings(entry)
+        assert rec.time_to_first_token_s is not None
+        assert abs(rec.time_to_first_token_s - ttft) <= TOL
+        assert abs(rec.duration_s - duration) <= TOL
+
+
 def test_traceparent_joins_client_trace(agent: Agent, demo: Server) -> None:
     mark = agent.mark()
     tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
