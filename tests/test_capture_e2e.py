@@ -532,3 +532,34 @@ def test_connection_map_evictions_are_counted(tmp_path: Path) -> None:
         for s in socks:
             s.close()
         srv.stop()
+
+
+def test_dying_target_ends_its_requests_and_nothing_else(tmp_path: Path) -> None:
+    """A server killed mid-stream: its open request is recorded as cut short by the
+    process's exit, and the agent goes on tracing the other server."""
+    victim = start_demo_server(tmp_path)
+    other = start_demo_server(tmp_path)
+    try:
+        with running_agent(TargetConfig(pids=(victim.pid, other.pid))) as a:
+            mark = a.mark()
+            body = {"model": "doomed", "messages": [], "stream": True, "max_tokens": 500, "ttft_s": 0.01,
+                    "tpot_s": 0.02}
+            with httpx.Client(base_url=victim.url, timeout=30) as c:
+                try:
+                    with c.stream("POST", "/v1/chat/completions", json=body) as r:
+                        for i, _ in enumerate(r.iter_lines()):
+                            if i == 10:
+                                victim.proc.send_signal(signal.SIGKILL)
+                except httpx.HTTPError:
+                    pass
+            (rec,) = a.wait_records(mark, 1, pred=lambda r: r.request_model == "doomed")
+            assert rec.status_code == 200 and rec.error_type == "process_exit"
+            assert not rec.aborted
+            wait_for(lambda: victim.pid not in a.pipeline.targets, 10, what="dead target dropped")
+            mark = a.mark()
+            httpx.get(other.url + "/still-here")
+            (after,) = a.wait_records(mark, 1, pred=lambda r: r.path == "/still-here")
+            assert after.pid == other.pid
+    finally:
+        victim.stop()
+        other.stop()
