@@ -24,7 +24,7 @@ Accounting: every request phase the kernel counted ends as exactly one of: a
 record, or a counted loss (``infersight.requests.lost`` by reason).
 
 Threading: one owner thread calls every method except :meth:`active`, which
-may be called from any thread (it reads a snapshot under a lock).
+may be called from any thread (it copies the in-flight table, never mutates it).
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from __future__ import annotations
 import logging
 import random
 import re
-import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -248,8 +247,7 @@ class Assembler:
         self._by_fd: dict[tuple[int, int], int] = {}
         self._listen_ports: dict[tuple[int, int], int | None] = {}
         self._names: dict[int, str] = {}
-        self._lock = threading.Lock()
-        self._active: dict[tuple[int, int], ActiveRequest] = {}
+        self._active: dict[int, tuple[Conn, Exchange]] = {}
         self.records = 0
         self._seed_ids = iter(range(1 << 62, 1 << 63))
 
@@ -792,28 +790,40 @@ class Assembler:
 
     # ---- in-flight requests and idle checks ---------------------------------------
     def _set_active(self, c: Conn, ex: Exchange) -> None:
+        # A plain dict store per request (the GIL makes it atomic); the
+        # ActiveRequest objects are built only when an exporter asks.
         if c.role == ROLE_CLIENT and not self.config.client_spans:
             return
-        a = ActiveRequest(
-            start_time_unix_nano=self._clock.to_unix_ns(ex.start_ns),
-            pid=c.tgid,
-            command=self._name(c.tgid),
-            server_port=c.server_port,
-            method=ex.method,
-            path=ex.path,
-            request_model=None,
-        )
-        with self._lock:
-            self._active[(c.tgid, c.conn_id)] = a
+        self._active[c.conn_id] = (c, ex)
 
     def _clear_active(self, c: Conn) -> None:
-        with self._lock:
-            self._active.pop((c.tgid, c.conn_id), None)
+        self._active.pop(c.conn_id, None)
 
     def active(self) -> list[ActiveRequest]:
-        """Requests whose head was seen and whose response has not ended."""
-        with self._lock:
-            return list(self._active.values())
+        """Requests whose head was seen and whose response has not ended. Called
+        from exporter threads: it reads a copy of the table, never mutates it."""
+        for _ in range(3):
+            try:
+                snapshot = list(self._active.values())
+                break
+            except RuntimeError:  # resized while copied: try again
+                continue
+        else:
+            return []
+        to_unix = self._clock.to_unix_ns
+        return [
+            ActiveRequest(
+                start_time_unix_nano=to_unix(ex.start_ns),
+                pid=c.tgid,
+                command=self._names.get(c.tgid, ""),
+                server_port=c.server_port,
+                method=ex.method,
+                path=ex.path,
+                request_model=None,
+            )
+            for c, ex in snapshot
+            if not ex.done
+        ]
 
     def sweep(self, now_mono_ns: int) -> None:
         """Close out requests whose connection the kernel no longer tracks

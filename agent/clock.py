@@ -38,9 +38,13 @@ class Clock:
             self._measured_at = best[2]
 
     def to_unix_ns(self, mono_ns: int) -> int:
+        return mono_ns + self._offset
+
+    def maybe_resync(self) -> None:
+        """Re-measure the offset when it is older than ``resync_s`` (the
+        pipeline calls this once a second, off the per-record path)."""
         if time.monotonic_ns() - self._measured_at > self._resync_ns:
             self.resync()
-        return mono_ns + self._offset
 
     @staticmethod
     def now_mono_ns() -> int:

@@ -670,11 +670,27 @@ class H1Parser:
         return keep, False
 
 
+# A block of well-formed header lines, checked in one C-speed match: the common case.
+_PLAIN_FIELDS = re.compile(rb"(?:" + _TCHAR + rb"+:[^\r\n]*\r?\n)*")
+
+
 def _parse_fields(block: bytes) -> Headers | None:
     """Header lines (each ending in LF) to lowercased (name, value) pairs; None if malformed."""
-    out: list[tuple[str, str]] = []
     if not block:
         return ()
+    if _PLAIN_FIELDS.fullmatch(block) is not None:
+        # every line is `token: value`: split without checking each name again
+        fields = []
+        for line in block.decode("latin-1").split("\n")[:-1]:
+            name, _, value = line.partition(":")
+            fields.append((name.lower(), value.strip(" \t\r")))
+        return tuple(fields)
+    return _parse_fields_slowly(block)
+
+
+def _parse_fields_slowly(block: bytes) -> Headers | None:
+    """Line by line: obsolete folding, and the exact place of a malformed line."""
+    out: list[tuple[str, str]] = []
     for raw in block.split(b"\n")[:-1]:
         if raw.endswith(b"\r"):
             raw = raw[:-1]

@@ -236,6 +236,7 @@ class Pipeline:
                 next_stats = now + self.config.stats_interval_s
                 self._read_kernel_counters()
                 self.assembler.sweep(time.monotonic_ns())
+                self.clock.maybe_resync()
             if now >= next_fill:
                 next_fill = now + self.config.map_fill_interval_s
                 self._read_map_fill()
