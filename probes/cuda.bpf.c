@@ -50,6 +50,7 @@
  */
 #include <uapi/linux/ptrace.h>
 
+#include "bpf_common.h"
 #include "cuda.h"
 
 #ifndef BUCKET_NS
@@ -185,18 +186,6 @@ static __always_inline void add_free(u32 tgid, u64 dptr)
 		__sync_fetch_and_add(&b->free_bytes, bytes);
 }
 
-/* Integer log2 without loops (the verifier of older kernels rejects them). */
-static __always_inline u32 log2_u64(u64 v)
-{
-	u32 r = 0;
-	if (v >> 32) { v >>= 32; r += 32; }
-	if (v >> 16) { v >>= 16; r += 16; }
-	if (v >> 8) { v >>= 8; r += 8; }
-	if (v >> 4) { v >>= 4; r += 4; }
-	if (v >> 2) { v >>= 2; r += 2; }
-	if (v >> 1) { r += 1; }
-	return r;
-}
 
 /* The calling thread's state, created zeroed on first use; NULL (and counted)
  * when the map cannot take it. */

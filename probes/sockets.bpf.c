@@ -28,6 +28,7 @@
  *   ~400 ns per targeted socket syscall, no wakeup per record (BPF_RB_NO_WAKEUP
  *   with a timed drain, plus a forced wakeup every WAKEUP_EVERY records).
  */
+#include "bpf_common.h"
 #include "sockets.h"
 
 #ifndef MAX_TARGETS
@@ -182,17 +183,6 @@ static __always_inline int emit(void *data, u64 size, u32 lost_idx, struct conn_
 static __always_inline void phase_ends(struct conn_t *c) {
     if (c->seq && c->reported_seq != c->seq && !(c->flags & CF_FOREIGN))
         count(C_UNREPORTED);
-}
-
-static __always_inline u32 log2_u64(u64 v) {
-    u32 r = 0;
-    if (v >> 32) { v >>= 32; r += 32; }
-    if (v >> 16) { v >>= 16; r += 16; }
-    if (v >> 8) { v >>= 8; r += 8; }
-    if (v >> 4) { v >>= 4; r += 4; }
-    if (v >> 2) { v >>= 2; r += 2; }
-    if (v >> 1) { r += 1; }
-    return r;
 }
 
 /* "GET ", "POST", "PUT ", "HEAD", "DELE", "PATC", "OPTI", "CONN", "TRAC", "PRI " */
@@ -776,17 +766,22 @@ TRACEPOINT_PROBE(syscalls, sys_exit_getpeername) { return finish_name(args->ret)
 TRACEPOINT_PROBE(syscalls, sys_enter_getsockname) { return save_data(args->fd, (u64)args->usockaddr, (u64)args->usockaddr_len, K_SOCKNAME); }
 TRACEPOINT_PROBE(syscalls, sys_exit_getsockname) { return finish_name(args->ret); }
 
-TRACEPOINT_PROBE(syscalls, sys_exit_listen) {
-    if (args->ret != 0)
-        return 0;
-    u64 pid_tgid = bpf_get_current_pid_tgid();
+static __always_inline void send_proc(u8 kind, u32 tgid, u32 pid, u32 ppid) {
     struct proc_event_t ev = {};
     ev.type = EV_PROC;
-    ev.kind = PK_LISTEN;
-    ev.tgid = pid_tgid >> 32;
+    ev.kind = kind;
+    ev.tgid = tgid;
+    ev.pid = pid;
+    ev.ppid = ppid;
     ev.ts_ns = bpf_ktime_get_ns();
     bpf_get_current_comm(ev.comm, sizeof(ev.comm));
     emit(&ev, sizeof(ev), C_LOST_PROC, 0);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_listen) {
+    if (args->ret != 0)
+        return 0;
+    send_proc(PK_LISTEN, bpf_get_current_pid_tgid() >> 32, 0, 0);
     return 0;
 }
 
@@ -794,14 +789,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_listen) {
 
 TRACEPOINT_PROBE(sched, sched_process_exec) {
     u64 pid_tgid = bpf_get_current_pid_tgid();
-    struct proc_event_t ev = {};
-    ev.type = EV_PROC;
-    ev.kind = PK_EXEC;
-    ev.tgid = pid_tgid >> 32;
-    ev.pid = (u32)pid_tgid;
-    ev.ts_ns = bpf_ktime_get_ns();
-    bpf_get_current_comm(ev.comm, sizeof(ev.comm));
-    emit(&ev, sizeof(ev), C_LOST_PROC, 0);
+    send_proc(PK_EXEC, pid_tgid >> 32, (u32)pid_tgid, 0);
     return 0;
 }
 
@@ -815,15 +803,7 @@ TRACEPOINT_PROBE(sched, sched_process_fork) {
     u32 child = args->child_pid;
     u8 one = 1;
     targets.update(&child, &one);
-    struct proc_event_t ev = {};
-    ev.type = EV_PROC;
-    ev.kind = PK_FORK;
-    ev.tgid = child;
-    ev.pid = child;
-    ev.ppid = parent;
-    ev.ts_ns = bpf_ktime_get_ns();
-    bpf_get_current_comm(ev.comm, sizeof(ev.comm));
-    emit(&ev, sizeof(ev), C_LOST_PROC, 0);
+    send_proc(PK_FORK, child, child, parent);
     return 0;
 }
 
@@ -838,13 +818,6 @@ TRACEPOINT_PROBE(sched, sched_process_exit) {
     if (!is_target(tgid))
         return 0;
     targets.delete(&tgid);
-    struct proc_event_t ev = {};
-    ev.type = EV_PROC;
-    ev.kind = PK_EXIT;
-    ev.tgid = tgid;
-    ev.pid = pid;
-    ev.ts_ns = bpf_ktime_get_ns();
-    bpf_get_current_comm(ev.comm, sizeof(ev.comm));
-    emit(&ev, sizeof(ev), C_LOST_PROC, 0);
+    send_proc(PK_EXIT, tgid, pid, 0);
     return 0;
 }

@@ -40,6 +40,8 @@ from concurrent import futures
 from pathlib import Path
 from typing import Any
 
+from agent.demo_server import Timings  # one JSON line per RPC
+
 MODELS = ("simple", "simple_stream")
 
 # The recorder's script, in call order; the tests assert against it.
@@ -66,21 +68,6 @@ SCRIPT: tuple[dict[str, Any], ...] = (
         "cancel": True,
     },
 )
-
-
-class Timings:
-    """Appends one JSON line per RPC to a file (thread-safe)."""
-
-    def __init__(self, path: str | None) -> None:
-        self._path = path
-        self._lock = threading.Lock()
-
-    def write(self, entry: dict[str, Any]) -> None:
-        if not self._path:
-            return
-        line = json.dumps(entry) + "\n"
-        with self._lock, open(self._path, "a") as f:
-            f.write(line)
 
 
 # --- server -------------------------------------------------------------------
