@@ -23,6 +23,7 @@ from collectors.dcgm import (
     parse_exposition,
 )
 from collectors.nvml import COLLECTOR_UP, RETRIES, GpuDevice
+from tests.harness import wait_for
 
 DATA = Path(__file__).parent / "data" / "dcgm"
 H100_0 = "GPU-8f6c5b1e-3a0d-4c1b-9e2f-7a1d2c3b4e50"
@@ -111,14 +112,6 @@ def make() -> Iterator[Callable[..., tuple[DcgmCollector, SelfMetrics]]]:
     yield _make
     for c in made:
         c.stop()
-
-
-def wait_for(pred: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.01)
 
 
 def test_profiling_fields_are_read_per_gpu(make, exporter: Exporter) -> None:

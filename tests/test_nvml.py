@@ -32,13 +32,9 @@ from collectors.nvml import (
     prometheus_name,
 )
 from tests.fake_nvml import SCENARIO_ENV, FakeNvmlUnavailable, Scenario, build
+from tests.join_support import GPU0, GPU1, MIG_A, MIG_B, S
 
-S = 1_000_000_000
 NVML_UP = (("source", "nvml"),)
-GPU0 = "GPU-11111111-2222-3333-4444-555555555555"
-GPU1 = "GPU-66666666-7777-8888-9999-000000000000"
-MIG_A = "MIG-aaaaaaaa-0000-0000-0000-000000000001"
-MIG_B = "MIG-aaaaaaaa-0000-0000-0000-000000000002"
 
 BASE: dict[str, object] = {
     "driver": 1,
