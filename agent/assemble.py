@@ -97,8 +97,6 @@ class Exchange:
 
     __slots__ = (
         "api",
-        "body_prefix",
-        "body_suffix",
         "complete",
         "damaged",
         "done",
@@ -106,7 +104,6 @@ class Exchange:
         "events_output",
         "finish_reasons",
         "first_output_ns",
-        "headers",
         "input_tokens",
         "last_news_ns",
         "last_output_ns",
@@ -130,7 +127,6 @@ class Exchange:
         "status",
         "stream",
         "streaming",
-        "target",
         "traceparent",
         "writes",
     )
@@ -140,9 +136,7 @@ class Exchange:
         self.start_ns = start_ns
         self.last_news_ns = start_ns
         self.method: str | None = None
-        self.target: str | None = None
         self.path: str | None = None
-        self.headers: tuple[tuple[str, str], ...] = ()
         self.traceparent: str | None = None
         self.api: llm.Api | None = None
         self.req_prefix = bytearray()
@@ -157,8 +151,6 @@ class Exchange:
         self.resp_prefix = bytearray()
         self.resp_suffix = b""
         self.resp_gap = False
-        self.body_prefix = b""
-        self.body_suffix = b""
         self.writes: dict[int, int] = {}  # sampled write index -> ts
         self.sampled_bytes = 0
         self.max_sample_index = -1
@@ -248,7 +240,6 @@ class Assembler:
         self._listen_ports: dict[tuple[int, int], int | None] = {}
         self._names: dict[int, str] = {}
         self._active: dict[int, tuple[Conn, Exchange]] = {}
-        self.records = 0
         self._seed_ids = iter(range(1 << 62, 1 << 63))
 
     # ---- input -------------------------------------------------------------------
@@ -460,9 +451,7 @@ class Assembler:
                     self._metrics.inc("infersight.assembly.pipelined")
                     continue
                 ex.method = e.method
-                ex.target = e.target
                 ex.path = e.target.split("?", 1)[0]
-                ex.headers = e.headers
                 ex.traceparent = http1.header(e.headers, "traceparent")
                 ex.api = llm.classify(e.method, ex.path)
                 self._set_active(c, ex)
@@ -769,7 +758,6 @@ class Assembler:
             first_token_time_unix_nano=None if first_out is None else clock(first_out),
             gap_histogram_log2_us=_trim(s.gaps) if s is not None and ex.streaming else (),
         )
-        self.records += 1
         self._emit(rec)
 
     def _fragment(self, ex: Exchange, t: TailSlot) -> bool:
