@@ -339,8 +339,9 @@ def test_restarted_server_is_picked_up(tmp_path: Path) -> None:
             assert r1.pid == srv.pid and r1.status_code == 404
             srv.stop()
             srv = start_demo_server(tmp_path, port)
-            # picked up from its listen() event, long before the 30 s rescan
-            wait_for(lambda: srv.pid in a.pipeline.targets, 5, what="new server traced")
+            # picked up from its listen() event, long before the 30 s rescan: by the time it
+            # answers its first health check, or within a second of it
+            wait_for(lambda: srv.pid in a.pipeline.targets, 1.0, what="new server traced within 1 s")
             mark = a.mark()
             httpx.get(srv.url + "/after-restart")
             (r2,) = a.wait_records(mark, 1, timeout=5, pred=lambda r: r.path == "/after-restart")
@@ -349,7 +350,8 @@ def test_restarted_server_is_picked_up(tmp_path: Path) -> None:
         srv.stop()
 
 
-def test_cli_run_jsonl_and_sigterm(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_cli_run_jsonl_and_signals(tmp_path: Path, sig: signal.Signals) -> None:
     srv = start_demo_server(tmp_path)
     out = tmp_path / "records.jsonl"
     log = tmp_path / "agent.log"
@@ -366,7 +368,7 @@ def test_cli_run_jsonl_and_sigterm(tmp_path: Path) -> None:
                 c.get("/health")
             c.post("/v1/chat/completions", json={"model": "cli", "messages": [], "stream": True, "max_tokens": 2})
         wait_for(lambda: out.exists() and len(out.read_text().splitlines()) >= 4, 10)
-        agent.send_signal(signal.SIGTERM)
+        agent.send_signal(sig)
         assert agent.wait(20) == 0
         rows = [json.loads(x) for x in out.read_text().splitlines()]
         assert len(rows) == 4

@@ -89,3 +89,25 @@ def test_buckets_from_yaml_or_json(tmp_path: Path) -> None:
         cli.parse_buckets("[0.1,")
     with pytest.raises(SystemExit, match="lists of bounds"):
         cli.parse_buckets('{"x": 1}')
+
+
+def test_a_skipped_ebpf_test_fails_under_ci(tmp_path: Path) -> None:
+    """The rule in tests/conftest.py, run on a throwaway suite: skips are failures under CI=true only."""
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    (suite / "conftest.py").write_text((REPO / "tests" / "conftest.py").read_text())
+    (suite / "test_x.py").write_text(
+        "import pytest\n\n@pytest.mark.ebpf\ndef test_probe():\n    pytest.skip('no tracefs here')\n"
+    )
+    (suite / "pytest.ini").write_text("[pytest]\nmarkers =\n    ebpf: needs eBPF\n")
+
+    def run(ci: str) -> subprocess.CompletedProcess[str]:
+        env = dict(os.environ, CI=ci, PYTHONPATH=str(REPO))
+        return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(suite)],
+                              cwd=suite, capture_output=True, text=True, env=env, timeout=120)
+
+    ci = run("true")
+    assert ci.returncode == 1 and "1 failed" in ci.stdout, ci.stdout
+    assert "skipped under CI=true, which is a failure" in ci.stdout
+    local = run("")
+    assert local.returncode == 0 and "1 skipped" in local.stdout, local.stdout
