@@ -37,6 +37,7 @@ RUN_OPTIONS: dict[str, tuple[Any, str]] = {
     "ringbuf_pages": (256, "kernel ring buffer size in 4 KiB pages (power of 2)"),
     "max_conns": (16384, "connections tracked in the kernel (LRU)"),
     "trace_clients": (False, "also record requests the targets make (client spans)"),
+    "tls": (False, "capture HTTPS plaintext with uprobes on the OpenSSL the targets map"),
     "proc": ("/proc", "the host's /proc (a DaemonSet mounts it at /host/proc)"),
     "k8s": (True, "decorate records with Kubernetes pod metadata (needs the API server)"),
     "kube_api_url": (None, "API server URL (default: in-cluster config, then kubeconfig)"),
@@ -139,7 +140,8 @@ def cmd_run(ns: argparse.Namespace) -> int:
     from probes.sockets import SocketProbe, SocketProbeConfig
 
     probe_cfg = SocketProbeConfig(
-        ringbuf_pages=opts["ringbuf_pages"], max_conns=opts["max_conns"], trace_clients=opts["trace_clients"]
+        ringbuf_pages=opts["ringbuf_pages"], max_conns=opts["max_conns"], trace_clients=opts["trace_clients"],
+        tls=opts["tls"],
     )
     cfg = PipelineConfig(
         assembly=AssemblyConfig(

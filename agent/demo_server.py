@@ -246,9 +246,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tpot", type=float, default=0.01)
     ap.add_argument("--model", default="demo-llm")
     ap.add_argument("--loop", default="auto", help="uvicorn event loop: auto, asyncio or uvloop")
+    ap.add_argument("--ssl-keyfile", help="serve HTTPS with this key (and --ssl-certfile)")
+    ap.add_argument("--ssl-certfile")
     a = ap.parse_args(argv)
     uvicorn.run(make_app(a.ttft, a.tpot, a.model), host=a.host, port=a.port, log_level="warning",
-                loop=a.loop, access_log=False)
+                loop=a.loop, access_log=False, ssl_keyfile=a.ssl_keyfile, ssl_certfile=a.ssl_certfile)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,7 @@ class CaptureProbe(Protocol):
     def counters(self) -> dict[str, int]: ...
     def map_entries(self) -> dict[str, tuple[int, int]]: ...
     def conn_evictions(self, entries: int) -> int: ...
+    def attach_tls(self, pid: int, proc: str = "/proc") -> str: ...
     def close(self) -> None: ...
 
 
@@ -111,6 +112,7 @@ class Pipeline:
         self._threads: list[threading.Thread] = []
         self._selector = TargetSelector(config.targets, proc=config.proc)
         self._targets: set[int] = set()
+        self._tls_state: dict[int, str] = {}  # target -> hooked | unhooked | none
         self.clock = Clock()
         self.probe: CaptureProbe | None = None
         self.assembler: Assembler | None = None
@@ -142,6 +144,11 @@ class Pipeline:
             "infersight.targets",
             lambda: {(): float(len(self._targets))},
             help="Processes traced now.",
+        )
+        self._metrics.gauge_callback(
+            "infersight.tls.targets",
+            self._tls_counts,
+            help="Targets by TLS capture state: hooked, unhooked (a TLS library that cannot be hooked), none.",
         )
         self._metrics.gauge_callback(
             "infersight.queue.size",
@@ -273,12 +280,14 @@ class Pipeline:
                 probe.remove_target(ev.pid)
             elif tgid == ev.pid:
                 self._targets.add(ev.pid)
+                self._check_tls(ev.pid)
                 self._notify(ev.pid, True)
                 self._seed(ev.pid)  # inherited sockets
         elif ev.kind == PK_EXIT:
             if ev.tgid in self._targets:
                 self._notify(ev.tgid, False)
             self._targets.discard(ev.tgid)
+            self._tls_state.pop(ev.tgid, None)
             self._drop_conns(ev.tgid)
         elif ev.kind in (PK_EXEC, PK_LISTEN):
             if ev.tgid not in self._targets and self._selector.matches(ev.tgid):
@@ -293,8 +302,26 @@ class Pipeline:
         for pid in now - self._targets:
             self._attach(pid)
         for pid in list(self._targets):
+            self._check_tls(pid)
+        for pid in list(self._targets):
             if not os.path.exists(f"{self.config.proc}/{pid}"):
                 self._detach(pid)
+
+    def _tls_counts(self) -> dict[tuple[tuple[str, str], ...], float]:
+        counts = {"hooked": 0.0, "unhooked": 0.0, "none": 0.0}
+        for pid in list(self._targets):
+            counts[self._tls_state.get(pid, "none")] += 1
+        return {(("state", k),): v for k, v in counts.items()}
+
+    def _check_tls(self, pid: int) -> None:
+        """Hook the TLS library the target maps (again at rescans: Python loads it lazily)."""
+        if self._tls_state.get(pid) == "hooked":
+            return
+        try:
+            self._tls_state[pid] = self._probe.attach_tls(pid, self.config.proc)
+        except Exception:
+            self._metrics.inc("infersight.tls.attach.errors")
+            log.exception("TLS hooks for pid %d failed", pid)
 
     def _notify(self, pid: int, added: bool) -> None:
         for fn in self._target_listeners:
@@ -307,6 +334,7 @@ class Pipeline:
     def _attach(self, pid: int) -> None:
         self._probe.add_target(pid)
         self._targets.add(pid)
+        self._check_tls(pid)
         self._notify(pid, True)
         self._metrics.inc("infersight.targets.attached")
         self._seed(pid)
@@ -315,6 +343,7 @@ class Pipeline:
     def _detach(self, pid: int) -> None:
         self._probe.remove_target(pid)
         self._targets.discard(pid)
+        self._tls_state.pop(pid, None)
         self._notify(pid, False)
         self._drop_conns(pid)
 

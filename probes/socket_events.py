@@ -62,6 +62,7 @@ COUNTER_NAMES = (
     "truncated",
     "unreported",
     "closed",
+    "tls_unmapped",
 )
 GAP_BUCKETS = 32
 

@@ -28,6 +28,12 @@
  *   ~400 ns per targeted socket syscall, no wakeup per record (BPF_RB_NO_WAKEUP
  *   with a timed drain, plus a forced wakeup every WAKEUP_EVERY records).
  */
+#ifndef TLS
+#define TLS 0
+#endif
+#if TLS
+#include <uapi/linux/ptrace.h>  /* struct pt_regs: the uprobe calling convention */
+#endif
 #include "bpf_common.h"
 #include "sockets.h"
 
@@ -84,6 +90,8 @@
 #define K_CONNECT 10
 #define K_PEERNAME 11
 #define K_SOCKNAME 12
+#define K_TLS_IN 13         /* plaintext SSL_read returned */
+#define K_TLS_OUT 14        /* plaintext SSL_write took */
 
 struct conn_t {
     u64 conn_id;
@@ -103,8 +111,11 @@ struct conn_t {
     u8 flags;
     u8 summarized;      /* the current phase's summary was sent */
     u32 reported_seq;   /* the last phase with at least one record delivered */
+    u32 mode;           /* MODE_TLS: plaintext comes from the TLS library's uprobes */
     u32 gaps[GAP_BUCKETS];
 };
+
+#define MODE_TLS 1
 
 struct tails_t {
     struct tail_slot_t slot[TAIL_SLOTS];
@@ -140,6 +151,27 @@ BPF_ARRAY(next_conn_id, u64, 1);
 BPF_ARRAY(zero_conn, struct conn_t, 1);
 BPF_ARRAY(zero_tails, struct tails_t, 1);
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+
+#if TLS
+struct ssl_args_t {
+    u64 ssl;
+    u64 buf;
+    u64 readbytes;      /* _ex: where the byte count is written */
+    u32 out;
+    u32 ex;
+};
+
+struct ssl_key_t {
+    u64 ssl;
+    u32 tgid;
+    u32 pad;
+};
+
+BPF_HASH(last_fd, u64, u32, MAX_INFLIGHT);
+BPF_HASH(ssl_inflight, u64, struct ssl_args_t, MAX_INFLIGHT);
+BPF_TABLE("lru_hash", struct ssl_key_t, u32, ssl_fds, MAX_CONNS);
+BPF_PROG_ARRAY(data_exit_uprobe_prog, 1);
+#endif
 
 static __always_inline void count(u32 idx) {
     u64 *v = counters.lookup(&idx);
@@ -403,7 +435,9 @@ static __always_inline void on_data(u64 pid_tgid, struct args_t *a, s64 ret) {
     if (!c)
         return;
     u64 now = bpf_ktime_get_ns();
-    int dir_in = a->kind == K_READ || a->kind == K_READV || a->kind == K_RECVMSG || a->kind == K_NOPAYLOAD_IN;
+    int dir_in = a->kind == K_READ || a->kind == K_READV || a->kind == K_RECVMSG || a->kind == K_NOPAYLOAD_IN
+                 || a->kind == K_TLS_IN;
+    int tls = a->kind == K_TLS_IN || a->kind == K_TLS_OUT;
     if (ret <= 0) {
         if (dir_in && (ret == 0 || ret == -ECONNRESET)) {
             c->flags |= ret == 0 ? CF_PEER_EOF : CF_READ_ERR;
@@ -416,6 +450,8 @@ static __always_inline void on_data(u64 pid_tgid, struct args_t *a, s64 ret) {
         }
         return;
     }
+    if (TLS && (c->mode & MODE_TLS) && !tls)
+        return;     /* ciphertext of a connection whose plaintext the TLS uprobes see */
     u64 len = ret;
     int is_req = dir_in ^ (c->role == ROLE_CLIENT);
     int nopayload = a->kind == K_NOPAYLOAD_IN || a->kind == K_NOPAYLOAD_OUT;
@@ -577,6 +613,11 @@ static __always_inline int save_data(u32 fd, u64 ptr, u64 extra, u32 kind) {
         return 0;
     struct args_t a = {.ptr = ptr, .extra = extra, .fd = fd, .kind = kind};
     inflight.update(&pid_tgid, &a);
+#if TLS
+    /* a TLS library with a memory BIO (asyncio, uvloop) reads ciphertext with a
+     * syscall, then decrypts on the same thread: its SSL object is this fd's */
+    last_fd.update(&pid_tgid, &fd);
+#endif
     return 0;
 }
 
@@ -613,7 +654,7 @@ static __always_inline int finish(void *ctx, s64 ret) {
     return 0;
 }
 
-int data_exit(void *ctx) {
+static __always_inline int data_exit_common(void) {
     u64 pid_tgid = bpf_get_current_pid_tgid();
     struct args_t *a = inflight.lookup(&pid_tgid);
     if (!a)
@@ -627,6 +668,101 @@ int data_exit(void *ctx) {
     on_data(pid_tgid, &copy, *slot);
     return 0;
 }
+
+int data_exit(void *ctx) {
+    return data_exit_common();
+}
+
+#if TLS
+/* ---- TLS: plaintext from OpenSSL's SSL_read/SSL_write (+ _ex) ------------------
+ * Uprobes on the libssl each target maps. Arguments come from registers by the
+ * uprobe calling convention (PT_REGS_PARMn), the only pt_regs use here. The SSL
+ * object is tied to its socket through the thread's last socket syscall (an
+ * application with a memory BIO reads ciphertext, then decrypts), and then kept.
+ * From the first plaintext on, the connection's ciphertext syscalls are skipped
+ * and the plaintext drives the same phases, captures and summaries. */
+/* the data path, as a program of the uprobes' type (tail calls keep program types) */
+int data_exit_uprobe(struct pt_regs *ctx) {
+    return data_exit_common();
+}
+
+static __always_inline int ssl_enter(struct pt_regs *ctx, u32 out, u32 ex) {
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    if (!is_target(pid_tgid >> 32))
+        return 0;
+    struct ssl_args_t a = {};
+    a.ssl = PT_REGS_PARM1(ctx);
+    a.buf = PT_REGS_PARM2(ctx);
+    a.readbytes = ex ? PT_REGS_PARM4(ctx) : 0;
+    a.out = out;
+    a.ex = ex;
+    ssl_inflight.update(&pid_tgid, &a);
+    return 0;
+}
+
+static __always_inline int ssl_exit(struct pt_regs *ctx) {
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    struct ssl_args_t *ap = ssl_inflight.lookup(&pid_tgid);
+    if (!ap)
+        return 0;
+    struct ssl_args_t a = *ap;
+    ssl_inflight.delete(&pid_tgid);
+    s64 rc = PT_REGS_RC(ctx);
+    u64 len = 0;
+    if (a.ex) {
+        if ((int)rc != 1)
+            return 0;
+        bpf_probe_read_user(&len, sizeof(len), (void *)a.readbytes);
+    } else {
+        if ((int)rc <= 0)
+            return 0;
+        len = (u32)rc;
+    }
+    if (len == 0)
+        return 0;
+    u32 tgid = pid_tgid >> 32;
+    struct ssl_key_t k = {.ssl = a.ssl, .tgid = tgid};
+    u32 fd;
+    u32 *known = ssl_fds.lookup(&k);
+    if (known) {
+        fd = *known;
+    } else {
+        u32 *last = last_fd.lookup(&pid_tgid);
+        if (!last) {
+            count(C_TLS_UNMAPPED);
+            return 0;
+        }
+        fd = *last;
+        ssl_fds.update(&k, &fd);
+    }
+    u64 key = ((u64)tgid << 32) | fd;
+    struct conn_t *c = conns.lookup(&key);
+    if (!c)
+        return 0;
+    if (!(c->mode & MODE_TLS)) {
+        /* the handshake was counted as a non-HTTP phase; plaintext starts afresh */
+        c->mode |= MODE_TLS;
+        c->phase = PH_IDLE;
+        c->flags = 0;
+    }
+    struct args_t args = {.ptr = a.buf, .extra = 0, .fd = fd, .kind = a.out ? K_TLS_OUT : K_TLS_IN};
+    inflight.update(&pid_tgid, &args);
+    u32 z = 0;
+    s64 *slot = exit_ret.lookup(&z);
+    if (!slot)
+        return 0;
+    *slot = len;
+    data_exit_uprobe_prog.call(ctx, 0);
+    inflight.delete(&pid_tgid);
+    return 0;
+}
+
+int ssl_read_enter(struct pt_regs *ctx) { return ssl_enter(ctx, 0, 0); }
+int ssl_write_enter(struct pt_regs *ctx) { return ssl_enter(ctx, 1, 0); }
+int ssl_read_ex_enter(struct pt_regs *ctx) { return ssl_enter(ctx, 0, 1); }
+int ssl_write_ex_enter(struct pt_regs *ctx) { return ssl_enter(ctx, 1, 1); }
+int ssl_return(struct pt_regs *ctx) { return ssl_exit(ctx); }
+#endif
 
 static __always_inline int finish_conn(s64 ret, int is_accept) {
     u64 pid_tgid = bpf_get_current_pid_tgid();

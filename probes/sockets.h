@@ -71,7 +71,8 @@
 #define C_TRUNCATED 8       /* syscalls larger than what was captured */
 #define C_UNREPORTED 9      /* request phases that ended with none of their records delivered */
 #define C_CLOSED 10         /* tracked connections deleted at close */
-#define C_COUNTERS 11
+#define C_TLS_UNMAPPED 11   /* TLS reads/writes whose socket could not be found */
+#define C_COUNTERS 12
 
 struct data_event_t {
     u8 type;

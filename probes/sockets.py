@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -78,6 +79,8 @@ class SocketProbeConfig:
     """Records between forced wakeups; the rest are drained on a timer."""
     trace_clients: bool = False
     """Also trace connections the targets open (client spans)."""
+    tls: bool = False
+    """Capture TLS plaintext with uprobes on the OpenSSL (libssl) each target maps."""
 
     ring_head: int = 192
     """Of a long write in the tail ring, bytes kept from its start (the rest from its end)."""
@@ -106,6 +109,7 @@ class SocketProbeConfig:
             f"-DRINGBUF_PAGES={self.ringbuf_pages}",
             f"-DWAKEUP_EVERY={self.wakeup_every}",
             f"-DTRACE_CLIENTS={int(self.trace_clients)}",
+            f"-DTLS={int(self.tls)}",
             "-Wno-unused-function",
         ]
 
@@ -159,6 +163,11 @@ class SocketProbe:
         # the data syscalls' exits tail-call this one program (see finish() in the C file)
         data_exit = self.bpf.load_func(b"data_exit", BPF.TRACEPOINT)
         self.bpf[b"data_exit_prog"][ctypes.c_int(0)] = ctypes.c_int(data_exit.fd)
+        self._tls_libs: dict[tuple[int, int], bool] = {}  # (dev, inode) of a libssl -> hooked
+        if config.tls:
+            # the same data path, as a program of the uprobes' type
+            uprobe_exit = self.bpf.load_func(b"data_exit_uprobe", BPF.KPROBE)
+            self.bpf[b"data_exit_uprobe_prog"][ctypes.c_int(0)] = ctypes.c_int(uprobe_exit.fd)
         self.load_seconds = time.monotonic() - t0
         self._targets = self.bpf[b"targets"]
         self._conns = self.bpf[b"conns"]
@@ -210,6 +219,54 @@ class SocketProbe:
         except KeyError:
             return False
         return bool(leaf.conn_id == conn_id)
+
+    def attach_tls(self, pid: int, proc: str = "/proc") -> str:
+        """Hook the OpenSSL library ``pid`` maps, once per library file. Returns the
+        process's TLS capture state: ``hooked`` (its libssl is hooked), ``unhooked``
+        (it maps a TLS library that cannot be hooked: GnuTLS, NSS, wolfSSL, or a
+        libssl without the symbols) or ``none`` (no TLS library mapped)."""
+        if not self.config.tls:
+            return "none"
+        try:
+            with open(f"{proc}/{pid}/maps") as f:
+                paths = {line.split()[-1] for line in f if "/" in line}
+        except OSError:
+            return "none"
+        state = "none"
+        for path in sorted(paths):
+            base = os.path.basename(path)
+            if base.startswith(("libgnutls", "libnss3", "libwolfssl")):
+                state = "unhooked" if state == "none" else state
+                continue
+            if not base.startswith("libssl.so"):
+                continue
+            real = f"{proc}/{pid}/root{path}"
+            try:
+                st = os.stat(real)
+            except OSError:
+                continue
+            key = (st.st_dev, st.st_ino)
+            if key not in self._tls_libs:
+                self._tls_libs[key] = self._hook_libssl(real)
+            state = "hooked" if self._tls_libs[key] else ("unhooked" if state == "none" else state)
+        return state
+
+    def _hook_libssl(self, path: str) -> bool:
+        hooked = 0
+        for sym, enter in ((b"SSL_read", b"ssl_read_enter"), (b"SSL_write", b"ssl_write_enter"),
+                           (b"SSL_read_ex", b"ssl_read_ex_enter"), (b"SSL_write_ex", b"ssl_write_ex_enter")):
+            try:
+                self.bpf.attach_uprobe(name=path.encode(), sym=sym, fn_name=enter)
+                self.bpf.attach_uretprobe(name=path.encode(), sym=sym, fn_name=b"ssl_return")
+                hooked += 1
+            except Exception:
+                self._metrics.inc("infersight.tls.symbols.missing", labels=(("symbol", sym.decode()),))
+        if hooked:
+            log.info("TLS plaintext capture on %s (%d functions)", path, hooked)
+            self._metrics.inc("infersight.tls.libraries.hooked")
+        else:
+            self._metrics.inc("infersight.tls.libraries.unhooked")
+        return hooked > 0
 
     def conn_keys(self) -> list[tuple[int, int]]:
         """(pid, fd) of every tracked connection (walks the map)."""

@@ -565,3 +565,60 @@ def test_dying_target_ends_its_requests_and_nothing_else(tmp_path: Path) -> None
     finally:
         victim.stop()
         other.stop()
+
+
+def test_https_plaintext_through_openssl_uprobes(tmp_path: Path) -> None:
+    """uvicorn serving HTTPS (self-signed): with TLS capture on, the same records as plain HTTP."""
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-subj", "/CN=localhost", "-days", "1"], check=True, capture_output=True)
+    port = free_port()
+    timings = tmp_path / "tls-timings.jsonl"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent.demo_server", "--port", str(port), "--loop", "uvloop",
+         "--ssl-keyfile", str(key), "--ssl-certfile", str(cert)],
+        cwd=REPO, env=dict(os.environ, INFERSIGHT_DEMO_TIMINGS=str(timings), PYTHONPATH=str(REPO)),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    srv = Server(proc, port, timings)
+    url = f"https://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        try:
+            return httpx.get(url + "/health", verify=False, timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(healthy, 20, what="HTTPS demo server")
+        with running_agent(TargetConfig(pids=(proc.pid,)), probe=SocketProbeConfig(tls=True)) as a:
+            assert a.pipeline._tls_state.get(proc.pid) == "hooked"
+            states = {dict(x.labels)["state"]: x.value for x in a.metrics.snapshot() if x.name == "infersight.tls.targets"}
+            assert states == {"hooked": 1, "unhooked": 0, "none": 0}
+            mark = a.mark()
+            t_mark = len(srv.timings())
+            with httpx.Client(verify=False) as http:
+                client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, http_client=http)
+                chunks = list(client.chat.completions.create(
+                    model="tls-model", messages=[{"role": "user", "content": "hi"}], stream=True, max_tokens=7,
+                    stream_options={"include_usage": True}, extra_body={"ttft_s": 0.03, "tpot_s": 0.003}))
+                assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) == 7
+                resp = client.chat.completions.create(model="tls-json", messages=[{"role": "user", "content": "x"}],
+                                                      max_tokens=3)
+                assert resp.usage is not None
+                for _ in range(3):
+                    assert http.get(url + "/health").status_code == 200
+            recs = a.wait_records(mark, 5)
+            time.sleep(0.3)
+            assert len(a.since(mark)) == 5
+        stream, plain = recs[0], recs[1]
+        assert stream.streaming and stream.output_events == 7 and stream.output_tokens == 7
+        assert stream.request_model == stream.response_model == "tls-model"
+        assert stream.finish_reasons == ("length",)
+        ttft, _, duration = _stream_timings(srv.timings()[t_mark])
+        assert stream.time_to_first_token_s is not None
+        assert abs(stream.time_to_first_token_s - ttft) <= TOL, (stream.time_to_first_token_s, ttft)
+        assert abs(stream.duration_s - duration) <= TOL
+        assert plain.request_model == "tls-json" and plain.output_tokens == 3 and not plain.streaming
+        assert [r.path for r in recs[2:]] == ["/health"] * 3 and all(r.status_code == 200 for r in recs)
+    finally:
+        srv.stop()
