@@ -289,7 +289,11 @@ class SocketProbe:
         """Wait up to ``timeout_ms`` for a forced wakeup, then take every record
         in the ring buffer and pass them, as one batch, to ``on_records``.
         Returns the number of records."""
-        self.bpf.ring_buffer_poll(timeout_ms)
+        # A plain sleep, not ring_buffer_poll: the kernel reports a ring buffer
+        # readable for as long as it holds data (level-triggered), so under a
+        # steady load the poll returns at once, every time, and the timed drain
+        # turns into a busy loop that takes the GIL from the assembly.
+        time.sleep(timeout_ms / 1000)
         self.bpf.ring_buffer_consume()
         batch = self._batch
         n = len(batch)
