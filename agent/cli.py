@@ -102,8 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seconds", type=float, default=20.0, help="how long to run (default 20)")
     demo.add_argument("--concurrency", type=int, default=4, help="concurrent clients (default 4)")
     demo.add_argument("--prometheus-port", type=int, default=0, help="also serve metrics here (0: off)")
-    top = sub.add_parser("top", help="live per-model view of a running agent's metrics")
-    top.add_argument("args", nargs=argparse.REMAINDER)
+    sub.add_parser("top", help="live per-model view of a running agent's metrics (infersight top --help)",
+                   add_help=False)
     return p
 
 
@@ -300,7 +300,13 @@ def stop_sources(join: Any, sources: dict[str, Any]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["top"]:
+        # `top` has options of its own (agent/top.py); hand them over untouched
+        from agent.top import main as top_main
+
+        return top_main(args[1:])
+    ns = build_parser().parse_args(args)
     if ns.command == "run":
         return cmd_run(ns)
     if ns.command == "doctor":
@@ -311,10 +317,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         from agent.demo import main as demo_main
 
         return demo_main(ns)
-    if ns.command == "top":
-        from agent.top import main as top_main
-
-        return top_main(list(ns.args))
     return 2
 
 

@@ -111,3 +111,11 @@ def test_a_skipped_ebpf_test_fails_under_ci(tmp_path: Path) -> None:
     assert "skipped under CI=true, which is a failure" in ci.stdout
     local = run("")
     assert local.returncode == 0 and "1 skipped" in local.stdout, local.stdout
+
+
+def test_top_options_reach_top() -> None:
+    r = subprocess.run([sys.executable, "-m", "agent.cli", "top", "--url", "http://127.0.0.1:9/metrics", "--once"],
+                       cwd=REPO, capture_output=True, text=True, timeout=60)
+    # an unreachable endpoint is reported by top itself, not refused by the command line
+    assert "unrecognized arguments" not in r.stderr
+    assert "127.0.0.1:9" in r.stdout + r.stderr
