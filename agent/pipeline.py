@@ -363,8 +363,7 @@ class Pipeline:
         if not fds:
             return
         table = procfs.read_tcp_table(pid, self.config.proc)
-        listening = {s.local_port for ino, s in table.items() if ino in set(fds.values())
-                     and s.state == procfs.TCP_LISTEN}
+        listening = procfs.listening_in(table, fds)
         assembler = self.assembler
         assert assembler is not None
         seeded = []

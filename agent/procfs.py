@@ -173,7 +173,11 @@ def listening_ports(pid: int, proc: str = "/proc") -> set[int]:
     fds = socket_fds(pid, proc)
     if not fds:
         return set()
-    table = read_tcp_table(pid, proc)
+    return listening_in(read_tcp_table(pid, proc), fds)
+
+
+def listening_in(table: dict[int, SockInfo], fds: dict[int, int]) -> set[int]:
+    """Ports the sockets ``fds`` (fd -> inode) listen on, given their namespace's TCP table."""
     inodes = set(fds.values())
     return {s.local_port for ino, s in table.items() if ino in inodes and s.state == TCP_LISTEN}
 
