@@ -79,6 +79,8 @@ class ExportConfig:
     k8s_cap: int = 512
     #: label sets per collector (GPU/CUDA) metric.
     point_series_cap: int = 2048
+    #: distinct rpc.system, rpc.service, rpc.method and server.port values each on RPC metrics.
+    rpc_cap: int = 128
     #: label sets per request instrument; later ones fold into one "other" series.
     max_series: int = 4096
     #: service.name; None reads OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES, else "infersight".
@@ -97,6 +99,7 @@ class ExportConfig:
             ("route_cap", self.route_cap),
             ("k8s_cap", self.k8s_cap),
             ("point_series_cap", self.point_series_cap),
+            ("rpc_cap", self.rpc_cap),
             ("max_series", self.max_series),
         ):
             if value < 1:
@@ -126,7 +129,10 @@ class Exporters:
         self._metrics = metrics
         self._rng = rng or random.Random()
         self.bounds = AttributeBounds(
-            BoundsConfig(config.model_cap, config.route_cap, config.k8s_cap, config.point_series_cap), metrics
+            BoundsConfig(
+                config.model_cap, config.route_cap, config.k8s_cap, config.point_series_cap, config.rpc_cap
+            ),
+            metrics,
         )
         self.state = MetricState(self.bounds, config.buckets, config.max_series, metrics)
         self.sampler = Sampler(config.sample_ratio, config.slow_threshold_s, metrics, self._rng)

@@ -33,6 +33,14 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from agent.export.routes import K8S_LABEL_KEYS, OTHER, AttributeBounds, label_name, point_labels
+from agent.export.rpc import (
+    RPC_METHOD,
+    RPC_SERVICE,
+    RPC_SYSTEM,
+    error_type,
+    grpc_status_code,
+    rpc_system,
+)
 from agent.record import ActiveRequest, Request
 from agent.selfmetrics import SELF_METRICS, SelfMetrics
 
@@ -53,6 +61,13 @@ TTFT_BUCKETS: tuple[float, ...] = (
 TPOT_BUCKETS: tuple[float, ...] = (
     0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
     0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0,
+)  # fmt: skip
+# rpc.server.duration is in milliseconds (semconv RPC metrics up to v1.37; see RPC_DURATION). Its
+# bounds are the request-duration bounds in ms, so HTTP and gRPC latencies line up bucket for bucket,
+# plus 1 and 2.5 ms below them: classic (non-LLM) models served over Triton's gRPC answer in a few ms.
+RPC_DURATION_BUCKETS_MS: tuple[float, ...] = (
+    1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 20000.0, 40000.0,
+    80000.0, 160000.0, 320000.0, 640000.0, 1280000.0,
 )  # fmt: skip
 TOKEN_BUCKETS: tuple[float, ...] = (
     1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304,
@@ -82,6 +97,16 @@ HTTP_DURATION = Instrument(
     "http.server.request.duration", "histogram", "s", "Duration of HTTP server requests, from the wire.",
     "http_server_request_duration_seconds",
     ("http.request.method", "http.route", "http.response.status_code", "error.type", *_K8S), DURATION_BUCKETS,
+)  # fmt: skip
+# The RPC server duration as OTel semconv defined it up to v1.37 (unit ms, attributes rpc.system,
+# rpc.service, rpc.method, rpc.grpc.status_code, server.port), the form OBI/Beyla and most RPC
+# instrumentations emit. error.type is added (as on the HTTP duration, and as the later
+# rpc.server.call.duration has it): a reset or GOAWAY ends a call with no gRPC status at all.
+RPC_DURATION = Instrument(
+    "rpc.server.duration", "histogram", "ms", "Duration of RPC server calls (gRPC), from the wire.",
+    "rpc_server_duration_milliseconds",
+    ("rpc.system", "rpc.service", "rpc.method", "rpc.grpc.status_code", "server.port", "error.type", *_K8S),
+    RPC_DURATION_BUCKETS_MS,
 )  # fmt: skip
 HTTP_ACTIVE = Instrument(
     "http.server.active_requests", "updowncounter", "{request}",
@@ -130,7 +155,7 @@ PROCESS_RSS = Instrument(
 
 #: The fixed instruments, in exposition order. Self metrics and collector points are added at collection.
 INSTRUMENTS: tuple[Instrument, ...] = (
-    HTTP_DURATION, HTTP_ACTIVE, GENAI_DURATION, GENAI_TTFT, GENAI_TPOT, GENAI_TOKENS, ABORTED, UP,
+    HTTP_DURATION, RPC_DURATION, HTTP_ACTIVE, GENAI_DURATION, GENAI_TTFT, GENAI_TPOT, GENAI_TOKENS, ABORTED, UP,
     PROCESS_CPU, PROCESS_RSS,
 )  # fmt: skip
 
@@ -287,7 +312,10 @@ class MetricState:
         """Count ``r`` in every instrument it has a value for.
 
         Server records only: a client record (``span_kind == "client"``) is a
-        span, not a served request. ``exemplar`` is the sampled span, or None.
+        span, not a served request. An RPC record (``rpc.system`` set) counts in
+        ``rpc.server.duration`` instead of ``http.server.request.duration``; the
+        GenAI instruments take any record with an operation or a model, RPC or
+        HTTP. ``exemplar`` is the sampled span, or None.
         """
         if r.span_kind != "server":
             return
@@ -296,8 +324,22 @@ class MetricState:
         kv = tuple(k8s[k] for k in _K8S)
         method = b.method(r.method)
         route = b.route(r.path)
-        status = str(r.status_code) if r.status_code is not None else ""
-        error = r.error_type or (status if r.status_code is not None and r.status_code >= 500 else "")
+        error = error_type(r) or ""
+        system = rpc_system(r)
+        if system is not None:
+            a = r.attributes
+            labels = (
+                b.rpc(RPC_SYSTEM, system),
+                b.rpc(RPC_SERVICE, a.get(RPC_SERVICE)),
+                b.rpc(RPC_METHOD, a.get(RPC_METHOD)),
+                b.grpc_status(grpc_status_code(r)),
+                b.rpc("server.port", r.server_port),
+                error,
+                *kv,
+            )
+        else:
+            status = str(r.status_code) if r.status_code is not None else ""
+            labels = (method, route, status, error, *kv)
         is_genai = r.operation is not None or r.request_model is not None
         model = b.model(r.request_model) if is_genai else ""
         op = (r.operation or "")[:64]
@@ -305,7 +347,10 @@ class MetricState:
         dur = r.duration_s
         with self._lock:
             self.generation += 1
-            self._observe(HTTP_DURATION, (method, route, status, error, *kv), dur, exemplar, t)
+            if system is not None:
+                self._observe(RPC_DURATION, labels, dur * 1000.0, exemplar, t)
+            else:
+                self._observe(HTTP_DURATION, labels, dur, exemplar, t)
             if r.aborted:
                 self._add(ABORTED, (method, route, op, model, *kv), 1.0)
             if not is_genai:
@@ -398,6 +443,8 @@ class MetricState:
         b = self.bounds
         counts: dict[tuple[str, ...], float] = {}
         for a in active:
+            if a.attributes.get(RPC_SYSTEM):
+                continue  # an RPC in flight is no HTTP server request (no RPC gauge in semconv)
             k8s = b.k8s(a.attributes)
             key = (b.method(a.method), b.route(a.path), b.model(a.request_model), *(k8s[k] for k in _K8S))
             counts[key] = counts.get(key, 0.0) + 1.0

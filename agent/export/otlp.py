@@ -1,5 +1,9 @@
 """OTLP export: one SERVER span per request, and the shared metric state, over gRPC or HTTP/protobuf.
 
+An HTTP request's span is named ``"{METHOD} {route}"``; an RPC's (``rpc.system``
+set, see ``rpc.py``) ``"{rpc.service}/{rpc.method}"``, with its ``rpc.*``
+attributes and ERROR status for the gRPC codes semconv calls server errors.
+
 Spans are built after the fact with the OpenTelemetry SDK:
 ``tracer.start_span(name, start_time=ns)`` then ``span.end(end_time=ns)``, with
 the record's trace and span ids (a client ``traceparent`` makes the span a child
@@ -59,6 +63,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status,
 
 from agent.export.instruments import HistogramPoint, MetricSnapshot, MetricState, ScalarPoint
 from agent.export.routes import REFUSED, bound_method, is_body_attribute, strip_query, template_route
+from agent.export.rpc import error_type, span_name
 from agent.record import Request
 from agent.selfmetrics import SELF_METRICS, SelfMetrics
 
@@ -348,7 +353,11 @@ def parse_hex_id(value: str | None, nbytes: int) -> int:
 
 
 def span_attributes(r: Request, metrics: SelfMetrics = SELF_METRICS) -> dict[str, Any]:
-    """The span attributes of a record, per OTel HTTP and GenAI semconv.
+    """The span attributes of a record, per OTel HTTP, RPC and GenAI semconv.
+
+    An RPC record's ``rpc.*`` attributes come from ``r.attributes`` as the parser
+    set them; its ``:method``, ``:path`` and ``:status`` stay as the HTTP
+    transport attributes.
 
     Bodies are never read; a content-carrying attribute added by a later stage
     (``gen_ai.prompt``, ``http.request.body.*``, ...) is refused and counted in
@@ -385,10 +394,7 @@ def span_attributes(r: Request, metrics: SelfMetrics = SELF_METRICS) -> dict[str
     a["infersight.streaming"] = r.streaming
     if r.aborted:
         a["infersight.aborted"] = True
-    error = r.error_type or (
-        str(r.status_code) if r.status_code is not None and r.status_code >= 500 else None
-    )
-    _put(a, "error.type", error)
+    _put(a, "error.type", error_type(r))
     for k, v in r.attributes.items():
         if is_body_attribute(k):
             metrics.inc(REFUSED, labels=(("attribute", k[:64]),))
@@ -428,10 +434,12 @@ class SpanBuilder:
         self._lock = threading.Lock()
 
     def emit(self, r: Request, trace_id: int, span_id: int) -> None:
-        method, other = bound_method(r.method)
-        route = template_route(r.path)
-        name_method = "HTTP" if other or not method else method
-        name = f"{name_method} {route}" if route else name_method
+        name = span_name(r)
+        if name is None:
+            method, other = bound_method(r.method)
+            route = template_route(r.path)
+            name_method = "HTTP" if other or not method else method
+            name = f"{name_method} {route}" if route else name_method
         kind = SpanKind.CLIENT if r.span_kind == "client" else SpanKind.SERVER
         parent_id = parse_hex_id(r.parent_span_id, 8)
         ctx = None
@@ -454,7 +462,7 @@ class SpanBuilder:
                 self._ids.trace_id = self._ids.span_id = 0
         if r.first_token_time_unix_nano is not None:
             span.add_event("gen_ai.first_token", timestamp=r.first_token_time_unix_nano)
-        if (r.status_code is not None and r.status_code >= 500) or r.error_type:
+        if error_type(r) is not None:
             span.set_status(Status(StatusCode.ERROR, r.error_type or None))
         span.end(end_time=max(r.end_time_unix_nano, r.start_time_unix_nano))
 
@@ -531,12 +539,16 @@ def metrics_data(
     return MetricsData([ResourceMetrics(resource=resource, scope_metrics=[scope], schema_url="")])
 
 
+# Attributes semconv types as int; metric labels hold them as strings ("other" when folded stays one).
+_INT_ATTRIBUTES = frozenset({"http.response.status_code", "rpc.grpc.status_code", "server.port"})
+
+
 def _otel_attrs(keys: tuple[str, ...], values: tuple[str, ...]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in zip(keys, values, strict=True):
         if v == "":
             continue
-        if k == "http.response.status_code" and v.isdigit():
+        if k in _INT_ATTRIBUTES and v.isdigit():
             out[k] = int(v)
         else:
             out[k] = v

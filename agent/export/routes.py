@@ -10,8 +10,9 @@ raw request fields into bounded ones:
   mixed tokens) become ``{id}``;
 - :func:`bound_method` keeps the methods RFC 9110 (plus PATCH) defines and folds
   the rest to ``_OTHER`` (OpenTelemetry HTTP semconv, ``http.request.method``);
-- :class:`AttributeBounds` caps the distinct values of routes, model names and
-  ``k8s.*`` names; a value past the cap becomes ``other``.
+- :class:`AttributeBounds` caps the distinct values of routes, model names,
+  RPC services, methods and ports, and ``k8s.*`` names; a value past the cap
+  becomes ``other``.
 
 Every fold is counted in ``infersight.attributes.folded`` by attribute and reason
 (``cap``, ``unknown``, ``too_long``), so a dashboard can tell "few routes" from
@@ -47,6 +48,9 @@ K8S_LABEL_KEYS: tuple[str, ...] = (
     "k8s.statefulset.name",
     "k8s.node.name",
 )
+
+# The highest gRPC status code defined (UNAUTHENTICATED); grpc/doc/statuscodes.md.
+MAX_GRPC_STATUS = 16
 
 # Raw values longer than this are folded before any other work: a label value
 # is an index key in every backend, and a 10 kB "model name" is an attack.
@@ -161,6 +165,9 @@ class BoundsConfig:
     k8s_cap: int = 512
     #: distinct label sets per metric from an ``add_point_source`` source.
     point_series_cap: int = 2048
+    #: distinct values of each of ``rpc.system``, ``rpc.service``, ``rpc.method`` and
+    #: ``server.port`` on RPC metrics (a method name comes from the client's ``:path``).
+    rpc_cap: int = 128
 
 
 class AttributeBounds:
@@ -210,6 +217,21 @@ class AttributeBounds:
 
     def model(self, model: str | None) -> str:
         return self._capped("gen_ai.request.model", model or "", self.config.model_cap)
+
+    def rpc(self, key: str, value: Any) -> str:
+        """A bounded RPC label value (``rpc.system``, ``rpc.service``, ``rpc.method``, ``server.port``)."""
+        if value is None or isinstance(value, bool):
+            return ""
+        return self._capped(key, str(value), self.config.rpc_cap)
+
+    def grpc_status(self, code: int | None) -> str:
+        """``rpc.grpc.status_code`` as a label, "0".."16"; another number folds to ``other``."""
+        if code is None:
+            return ""
+        if 0 <= code <= MAX_GRPC_STATUS:
+            return str(code)
+        self._fold("rpc.grpc.status_code", "unknown")
+        return OTHER
 
     def k8s(self, attributes: Mapping[str, Any]) -> dict[str, str]:
         """The bounded ``k8s.*`` label subset of a record's attributes ("" where absent)."""

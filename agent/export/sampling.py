@@ -1,9 +1,10 @@
 """Trace sampling, decided in the agent before a span exists.
 
 Metrics count every request; only spans are sampled. A request is always kept
-when it is interesting on its own: an error (5xx or a recorded ``error_type``),
-an abort, or slower than ``slow_threshold_s``. Ordinary requests are kept with
-probability ``ratio``.
+when it is interesting on its own: an error (a recorded ``error_type``, a gRPC
+server-error code or a 5xx: :func:`agent.export.rpc.error_type`), an abort, or
+slower than ``slow_threshold_s``. Ordinary requests are kept with probability
+``ratio``.
 
 When the record carries a client trace id (from ``traceparent``) the ratio
 decision is a function of the trace id, as in OpenTelemetry's
@@ -19,6 +20,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from agent.export.rpc import error_type
 from agent.record import Request
 from agent.selfmetrics import SELF_METRICS, SelfMetrics
 
@@ -62,7 +64,7 @@ class Sampler:
         return d
 
     def _decide(self, record: Request, trace_id: int) -> Decision:
-        if (record.status_code is not None and record.status_code >= 500) or record.error_type:
+        if error_type(record) is not None:
             return Decision(True, "error")
         if record.aborted:
             return Decision(True, "aborted")
