@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import ctypes
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # Constants mirrored from sockets.h (checked by tests/test_socket_events.py).
 EV_DATA = 1
 EV_SUMMARY = 2
 EV_CONN = 3
 EV_PROC = 4
+EV_H2 = 5
 
 DIR_IN = 0
 DIR_OUT = 1
@@ -50,6 +51,15 @@ PK_FORK = 2
 PK_EXIT = 3
 PK_LISTEN = 4
 
+H2K_FRAME = 1
+H2K_MORE = 2
+H2K_RAW = 3
+H2_PREFACE_TYPE = 0xFF  # an H2K_FRAME record holding the client preface's 24 bytes
+
+H2F_JOINED = 1
+H2F_AGG = 2
+H2F_AGG_MISSING = 4
+
 COUNTER_NAMES = (
     "requests",
     "foreign",
@@ -63,6 +73,12 @@ COUNTER_NAMES = (
     "unreported",
     "closed",
     "tls_unmapped",
+    "h2_conns",
+    "h2_frames",
+    "h2_elided",
+    "h2_desync",
+    "lost_h2",
+    "h2_stream_full",
 )
 GAP_BUCKETS = 32
 
@@ -75,6 +91,7 @@ class Layout:
     tail_cap: int = 512
     tail_slots: int = 8
     ring_head: int = 192
+    h2_cap: int = 1024
 
 
 def ctypes_structs(layout: Layout) -> dict[str, type[ctypes.Structure]]:
@@ -163,7 +180,42 @@ def ctypes_structs(layout: Layout) -> dict[str, type[ctypes.Structure]]:
             ("comm", ctypes.c_char * 16),
         ]
 
+    class H2Agg(ctypes.Structure):
+        _fields_ = [
+            ("first_ns", ctypes.c_uint64),
+            ("last_ns", ctypes.c_uint64),
+            ("bytes", ctypes.c_uint64),
+            ("frames", ctypes.c_uint32),
+            ("msgs", ctypes.c_uint32),
+            ("lost", ctypes.c_uint32),
+            ("pad", ctypes.c_uint32),
+        ]
+
+    class H2Event(ctypes.Structure):
+        _fields_ = [
+            ("type", ctypes.c_uint8),
+            ("dir", ctypes.c_uint8),
+            ("kind", ctypes.c_uint8),
+            ("role", ctypes.c_uint8),
+            ("tgid", ctypes.c_uint32),
+            ("conn_id", ctypes.c_uint64),
+            ("ts_ns", ctypes.c_uint64),
+            ("fd", ctypes.c_uint32),
+            ("sid", ctypes.c_uint32),
+            ("flen", ctypes.c_uint32),
+            ("cap", ctypes.c_uint32),
+            ("ftype", ctypes.c_uint8),
+            ("fflags", ctypes.c_uint8),
+            ("hflags", ctypes.c_uint8),
+            ("pad0", ctypes.c_uint8),
+            ("lost", ctypes.c_uint32),
+            ("agg", H2Agg * 2),
+            ("payload", ctypes.c_uint8 * layout.h2_cap),
+        ]
+
     return {
+        "h2_agg_t": H2Agg,
+        "h2_event_t": H2Event,
         "data_event_t": DataEvent,
         "tail_slot_t": TailSlot,
         "summary_event_t": SummaryEvent,
@@ -178,6 +230,8 @@ SUMMARY_HEADER = struct.Struct("<BBBBIQQIIQQQQQQQIIII32I")
 TAIL_SLOT_HEADER = struct.Struct("<QIIII")
 CONN_EVENT = struct.Struct("<BBBBIQQIi28sI")
 PROC_EVENT = struct.Struct("<BBHIIIQ16s")
+H2_HEADER = struct.Struct("<BBBBIQQIIIIBBBBI")
+H2_AGG = struct.Struct("<QQQIIII")
 
 
 class DataEvent:
@@ -302,7 +356,48 @@ class ProcEvent:
     comm: str
 
 
-Event = DataEvent | SummaryEvent | ConnEvent | ProcEvent
+@dataclass(frozen=True, slots=True)
+class H2Agg:
+    """A stream's DATA totals in one direction, aggregated in the kernel."""
+
+    first_ns: int  # first DATA byte (0: none)
+    last_ns: int  # start of the latest gRPC message (0: none)
+    bytes: int  # DATA payload bytes, padding included
+    frames: int  # DATA frames
+    msgs: int  # gRPC messages started
+    lost: bool  # gRPC message framing lost in the kernel
+
+
+@dataclass(frozen=True, slots=True)
+class H2Event:
+    """One record of an h2-mode connection (see ``probes/sockets.h``).
+
+    ``kind`` H2K_FRAME: a frame header (``ftype``, ``fflags``, ``sid``,
+    ``flen``) and the first ``len(payload)`` bytes of its payload; the rest of
+    the captured part may follow in H2K_MORE records (in total at most
+    ``min(flen, h2_cap)`` bytes are ever captured). H2K_RAW: a direction whose
+    frame walk lost sync; ``payload`` is the syscall's first bytes and ``flen``
+    its length. ``agg`` (indexed by DIR_IN / DIR_OUT) is set with H2F_AGG.
+    """
+
+    dir: int
+    kind: int
+    role: int
+    tgid: int
+    conn_id: int
+    ts_ns: int
+    fd: int
+    sid: int
+    flen: int
+    ftype: int
+    fflags: int
+    hflags: int
+    lost: int
+    agg: tuple[H2Agg, H2Agg] | None
+    payload: bytes = field(repr=False)
+
+
+Event = DataEvent | SummaryEvent | ConnEvent | ProcEvent | H2Event
 
 
 class DecodeError(ValueError):
@@ -329,6 +424,8 @@ class Decoder:
             if kind == EV_CONN:
                 (_, role, addr_len, source, tgid, conn_id, ts, fd, listen_fd, addr, _) = CONN_EVENT.unpack_from(raw)
                 return ConnEvent(source, role, tgid, conn_id, ts, fd, listen_fd, addr[:addr_len])
+            if kind == EV_H2:
+                return self._h2(raw)
             if kind == EV_PROC:
                 (_, pk, _, tgid, pid, ppid, ts, comm) = PROC_EVENT.unpack_from(raw)
                 return ProcEvent(pk, tgid, pid, ppid, ts, comm.split(b"\0", 1)[0].decode("utf-8", "replace"))
@@ -350,6 +447,24 @@ class Decoder:
         if len(head) != head_len and not flags & DF_TAIL_ONLY:
             raise DecodeError("data record shorter than its head_len")
         return DataEvent(d, flags, role, tgid, conn_id, ts, fd, seq, ln, index, head, tail, lost)
+
+    def _h2(self, raw: bytes) -> H2Event:
+        (_, d, kind, role, tgid, conn_id, ts, fd, sid, flen, cap, ftype, fflags, hflags, _, lost) = (
+            H2_HEADER.unpack_from(raw)
+        )
+        agg = None
+        if hflags & H2F_AGG:
+            a_in = H2_AGG.unpack_from(raw, H2_HEADER.size)
+            a_out = H2_AGG.unpack_from(raw, H2_HEADER.size + H2_AGG.size)
+            agg = (
+                H2Agg(a_in[0], a_in[1], a_in[2], a_in[3], a_in[4], bool(a_in[5])),
+                H2Agg(a_out[0], a_out[1], a_out[2], a_out[3], a_out[4], bool(a_out[5])),
+            )
+        base = H2_HEADER.size + 2 * H2_AGG.size
+        if cap > self.layout.h2_cap or len(raw) < base + cap:
+            raise DecodeError("h2 record shorter than its cap")
+        payload = raw[base : base + cap]
+        return H2Event(d, kind, role, tgid, conn_id, ts, fd, sid, flen, ftype, fflags, hflags, lost, agg, payload)
 
     def _summary(self, raw: bytes) -> SummaryEvent:
         f = SUMMARY_HEADER.unpack_from(raw)

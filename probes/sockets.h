@@ -27,6 +27,7 @@
 #define EV_SUMMARY 2
 #define EV_CONN 3
 #define EV_PROC 4
+#define EV_H2 5             /* one HTTP/2 frame (or its continuation) of an h2 connection */
 
 /* directions, as seen by the traced process */
 #define DIR_IN 0            /* read, readv, recvfrom, recvmsg, splice from the socket */
@@ -72,7 +73,13 @@
 #define C_UNREPORTED 9      /* request phases that ended with none of their records delivered */
 #define C_CLOSED 10         /* tracked connections deleted at close */
 #define C_TLS_UNMAPPED 11   /* TLS reads/writes whose socket could not be found */
-#define C_COUNTERS 12
+#define C_H2_CONNS 12       /* connections switched to HTTP/2 framing (preface or mid-stream join) */
+#define C_H2_FRAMES 13      /* HTTP/2 frames walked in the kernel */
+#define C_H2_ELIDED 14      /* frames aggregated in the kernel, never sent to user space */
+#define C_H2_DESYNC 15      /* directions whose frame walk lost sync (then sent raw) */
+#define C_LOST_H2 16        /* EV_H2 records the ring buffer refused */
+#define C_H2_STREAM_FULL 17 /* stream aggregate map updates that failed */
+#define C_COUNTERS 18
 
 struct data_event_t {
     u8 type;
@@ -163,6 +170,62 @@ struct proc_event_t {
     u32 ppid;           /* fork: parent tgid */
     u64 ts_ns;
     char comm[16];
+};
+
+/* ---- HTTP/2 ------------------------------------------------------------------
+ * A connection whose first request bytes are the h2 preface, or whose first
+ * bytes parse as an HTTP/2 frame header (a connection joined mid-stream), is in
+ * h2 mode: each syscall's bytes are cut into frames in the kernel. Frames user
+ * space needs (HEADERS, CONTINUATION, SETTINGS, RST_STREAM, GOAWAY,
+ * PUSH_PROMISE, the first DATA of each stream and direction, and any DATA
+ * carrying END_STREAM) go out as EV_H2 records; other DATA frames, PING,
+ * WINDOW_UPDATE and PRIORITY are aggregated per stream and direction (frames,
+ * bytes, gRPC messages, first and last message times) and never sent. The
+ * aggregates ride on the record that ends the stream (the server's END_STREAM,
+ * or RST_STREAM). */
+#ifndef H2_CAP
+#define H2_CAP 1024         /* payload bytes captured per forwarded frame (power of 2) */
+#endif
+
+#define H2K_FRAME 1         /* a frame: header fields, then payload[0:cap] of its flen bytes;
+                             * ftype H2_PREFACE_TYPE: the client preface's 24 bytes */
+#define H2K_MORE 2          /* payload of the previous forwarded frame, continued in a later syscall */
+#define H2K_RAW 3           /* this direction lost its frame walk: the syscall's first bytes, flen = its length */
+
+#define H2_PREFACE_TYPE 0xff
+#define H2F_JOINED 1        /* h2 mode entered mid-connection (no preface seen) */
+#define H2F_AGG 2           /* agg[] holds the stream's totals; the stream's aggregate entry is gone */
+#define H2F_AGG_MISSING 4   /* the stream ended but its aggregate entry was not found (evicted) */
+
+struct h2_agg_t {
+    u64 first_ns;       /* first DATA byte in this direction */
+    u64 last_ns;        /* start of the latest gRPC message */
+    u64 bytes;          /* DATA payload bytes, padding included */
+    u32 frames;         /* DATA frames */
+    u32 msgs;           /* gRPC messages started */
+    u32 lost;           /* gRPC message framing lost (a prefix could not be read) */
+    u32 pad;
+};
+
+struct h2_event_t {
+    u8 type;
+    u8 dir;
+    u8 kind;            /* H2K_* */
+    u8 role;
+    u32 tgid;
+    u64 conn_id;
+    u64 ts_ns;
+    u32 fd;
+    u32 sid;            /* stream id (FRAME) */
+    u32 flen;           /* FRAME: declared payload length; RAW: bytes the syscall moved */
+    u32 cap;            /* payload[0:cap] valid */
+    u8 ftype;
+    u8 fflags;
+    u8 hflags;          /* H2F_* */
+    u8 pad0;
+    u32 lost;           /* records lost on this connection since the last delivered one */
+    struct h2_agg_t agg[2]; /* indexed by DIR_IN / DIR_OUT; valid with H2F_AGG */
+    u8 payload[H2_CAP];
 };
 
 #endif

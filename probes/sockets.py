@@ -84,13 +84,19 @@ class SocketProbeConfig:
 
     ring_head: int = 192
     """Of a long write in the tail ring, bytes kept from its start (the rest from its end)."""
+    h2_cap: int = 1024
+    """HTTP/2: payload bytes captured per forwarded frame (power of 2)."""
+    max_h2_streams: int = 4096
+    """HTTP/2: entries of the LRU map of per-stream DATA totals (all connections)."""
+    h2_gather: int = 65536
+    """HTTP/2: bytes of a vectored syscall gathered per CPU for the frame walk (power of 2)."""
 
     @property
     def layout(self) -> Layout:
-        return Layout(self.head_cap, self.tail_cap, self.tail_slots, self.ring_head)
+        return Layout(self.head_cap, self.tail_cap, self.tail_slots, self.ring_head, self.h2_cap)
 
     def cflags(self) -> list[str]:
-        for name in ("head_cap", "tail_cap", "tail_slots", "ringbuf_pages"):
+        for name in ("head_cap", "tail_cap", "tail_slots", "ringbuf_pages", "h2_cap", "h2_gather"):
             v = getattr(self, name)
             if v <= 0 or v & (v - 1):
                 raise ValueError(f"{name} must be a power of two, got {v}")
@@ -110,8 +116,21 @@ class SocketProbeConfig:
             f"-DWAKEUP_EVERY={self.wakeup_every}",
             f"-DTRACE_CLIENTS={int(self.trace_clients)}",
             f"-DTLS={int(self.tls)}",
+            f"-DH2_CAP={self.h2_cap}",
+            f"-DMAX_H2_STREAMS={self.max_h2_streams}",
+            f"-DH2_GATHER={self.h2_gather}",
+            f"-DNCPU={possible_cpus()}",
             "-Wno-unused-function",
         ]
+
+
+def possible_cpus() -> int:
+    """Entries of per-CPU buffers kept in plain arrays: the highest possible CPU id + 1."""
+    try:
+        text = Path("/sys/devices/system/cpu/possible").read_text().strip()
+        return max(int(part.split("-")[-1]) for part in text.split(",")) + 1
+    except (OSError, ValueError):
+        return os.cpu_count() or 1
 
 
 def missing_tracepoints() -> list[str]:
@@ -163,6 +182,12 @@ class SocketProbe:
         # the data syscalls' exits tail-call this one program (see finish() in the C file)
         data_exit = self.bpf.load_func(b"data_exit", BPF.TRACEPOINT)
         self.bpf[b"data_exit_prog"][ctypes.c_int(0)] = ctypes.c_int(data_exit.fd)
+        h2_exit = self.bpf.load_func(b"h2_exit", BPF.TRACEPOINT)
+        self.bpf[b"data_exit_prog"][ctypes.c_int(1)] = ctypes.c_int(h2_exit.fd)
+        h2_step = self.bpf.load_func(b"h2_step", BPF.TRACEPOINT)
+        self.bpf[b"h2_step_prog"][ctypes.c_int(0)] = ctypes.c_int(h2_step.fd)
+        h2_gather = self.bpf.load_func(b"h2_gather_step", BPF.TRACEPOINT)
+        self.bpf[b"h2_gather_prog"][ctypes.c_int(0)] = ctypes.c_int(h2_gather.fd)
         self._tls_libs: dict[tuple[int, int], bool] = {}  # (dev, inode) of a libssl -> hooked
         if config.tls:
             # the same data path, as a program of the uprobes' type
@@ -320,7 +345,7 @@ class SocketProbe:
     def map_entries(self) -> dict[str, tuple[int, int]]:
         """(entries, max_entries) per map. Walks each map: call at most every few seconds."""
         out = {}
-        for name in ("targets", "conns", "tails", "inflight"):
+        for name in ("targets", "conns", "tails", "inflight", "h2streams"):
             table = self.bpf[name.encode()]
             n = sum(1 for _ in table.keys())
             out[name] = (n, int(table.max_entries))
