@@ -447,12 +447,24 @@ class Pipeline:
         m.describe("infersight.kernel.foreign", "counter", "Request phases that did not look like HTTP.")
         m.set("infersight.kernel.foreign", k["foreign"])
         m.describe("infersight.events.lost", "counter", "Ring buffer records the kernel could not send.")
-        for kind in ("data", "summary", "conn", "proc"):
+        for kind in ("data", "summary", "conn", "proc", "h2"):
             m.set("infersight.events.lost", k[f"lost_{kind}"], (("type", kind),))
         m.describe("infersight.kernel.connections", "counter", "Connections tracked from accept/connect.")
         m.set("infersight.kernel.connections", k["conns"])
         m.set("infersight.kernel.conn_map.full", k["conn_full"])
         m.set("infersight.kernel.truncated", k["truncated"])
+        m.describe("infersight.kernel.h2.connections", "counter",
+                   "Connections switched to HTTP/2 framing (by the preface, or joined mid-stream).")
+        m.set("infersight.kernel.h2.connections", k["h2_conns"])
+        m.describe("infersight.kernel.h2.frames", "counter", "HTTP/2 frames cut in the kernel, by fate.")
+        m.set("infersight.kernel.h2.frames", k["h2_frames"] - k["h2_elided"], (("fate", "sent"),))
+        m.set("infersight.kernel.h2.frames", k["h2_elided"], (("fate", "aggregated"),))
+        m.describe("infersight.kernel.h2.desync", "counter",
+                   "Directions of HTTP/2 connections whose kernel frame walk lost sync (then sent raw).")
+        m.set("infersight.kernel.h2.desync", k["h2_desync"])
+        m.describe("infersight.kernel.h2.stream_map.full", "counter",
+                   "HTTP/2 streams whose totals found no room in the kernel map (then counted in user space).")
+        m.set("infersight.kernel.h2.stream_map.full", k["h2_stream_full"])
         # request phases none of whose records arrived: lost, counted by the kernel
         m.describe("infersight.requests.lost", "counter", "Requests seen but not recorded, by reason.")
         m.set("infersight.requests.lost", k["unreported"], (("reason", "unreported"),))

@@ -529,13 +529,17 @@ BPF_ARRAY(zero_h2stream, struct h2_stream_t, 1);
 BPF_PERCPU_ARRAY(scratch_h2, struct h2_scratch_t, 1);
 BPF_ARRAY(h2_gather, struct gather_t, NCPU);    /* indexed by CPU: too large for a per-CPU map */
 
-/* the client preface, RFC 9113 §3.4: "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" */
+/* The client preface, RFC 9113 §3.4 ("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), or
+ * the start of it that n bytes show (at least "PRI "): a client may write it
+ * in one piece and a server read it in several. */
+#define PREFACE_AT(i, ch) (n <= (i) || p[(i)] == (ch))
 static __always_inline int is_preface(const u8 *p, u64 n) {
-    if (n < H2_PREFACE_LEN)
+    if (n < 4)
         return 0;
-    return p[0] == 'P' && p[1] == 'R' && p[2] == 'I' && p[3] == ' ' && p[4] == '*' && p[10] == '/'
-           && p[11] == '2' && p[12] == '.' && p[13] == '0' && p[14] == '\r' && p[18] == 'S' && p[19] == 'M'
-           && p[23] == '\n';
+    return p[0] == 'P' && p[1] == 'R' && p[2] == 'I' && p[3] == ' ' && PREFACE_AT(4, '*') && PREFACE_AT(5, ' ')
+           && PREFACE_AT(6, 'H') && PREFACE_AT(9, 'P') && PREFACE_AT(10, '/') && PREFACE_AT(11, '2')
+           && PREFACE_AT(12, '.') && PREFACE_AT(13, '0') && PREFACE_AT(14, '\r') && PREFACE_AT(15, '\n')
+           && PREFACE_AT(18, 'S') && PREFACE_AT(19, 'M') && PREFACE_AT(22, '\r') && PREFACE_AT(23, '\n');
 }
 
 /* A whole, well-formed HTTP/2 frame at p (RFC 9113 §6: fixed lengths, stream
@@ -767,6 +771,7 @@ static __always_inline int h2_steps(struct h2w_t *w, struct conn_t *c, struct h2
         int fwd = type == FT_HEADERS || type == FT_CONT || type == FT_SETTINGS || type == FT_RST
                   || type == FT_GOAWAY || type == FT_PUSH;
         u64 cap = avail;
+        int hdr_only = 0;
         struct h2_stream_t *st = 0;
         k = 0;
         if (sid && (type == FT_DATA || type == FT_HEADERS || type == FT_RST)) {
@@ -783,6 +788,7 @@ static __always_inline int h2_steps(struct h2w_t *w, struct conn_t *c, struct h2
                     k->a.first_ns = now;
                 } else if (fl & FL_END_STREAM) {
                     fwd = 1;
+                    hdr_only = 1;
                     cap = 0;
                 }
                 k->a.frames += 1;
@@ -808,7 +814,7 @@ static __always_inline int h2_steps(struct h2w_t *w, struct conn_t *c, struct h2
         if (fwd) {
             h2_send(s, c, w->tgid, w->fd, dir, H2K_FRAME, sid, flen, type, fl, hflags, pos, cap, ptr, g, glen, now);
             u64 want = flen < H2_CAP ? flen : H2_CAP;
-            h->fwd_left = cap == 0 || want <= avail ? 0 : want - avail;
+            h->fwd_left = hdr_only || want <= avail ? 0 : want - avail;
         } else {
             count(C_H2_ELIDED);
             h->fwd_left = 0;
@@ -909,19 +915,21 @@ static __always_inline void h2_begin(void *ctx, struct h2w_t *w, struct conn_t *
         h->started = 1;
         u32 req_dir = c->role == ROLE_SERVER ? DIR_IN : DIR_OUT;
         u8 pre[H2_PREFACE_LEN] = {};
-        if (dir == req_dir && len >= H2_PREFACE_LEN && h2_read(pre, 16, 0, ptr, g, glen) == 0
-            && h2_read(pre + 16, 8, 16, ptr, g, glen) == 0 && is_preface(pre, H2_PREFACE_LEN)) {
+        u64 n = len < H2_PREFACE_LEN ? len : H2_PREFACE_LEN;
+        if (dir == req_dir && h2_read(pre, n < 16 ? n : 16, 0, ptr, g, glen) == 0
+            && (n <= 16 || h2_read(pre + 16, n - 16, 16, ptr, g, glen) == 0) && is_preface(pre, n)) {
             c->mode &= ~MODE_H2_JOINED;
-            h->left = H2_PREFACE_LEN;
+            /* it goes out as it is, in a frame record of its own (continued if cut) */
+            h2_send(s, c, w->tgid, w->fd, dir, H2K_FRAME, 0, H2_PREFACE_LEN, H2_PSEUDO, 0, 0, 0, n, ptr, g, glen, now);
+            h->left = H2_PREFACE_LEN - n;
+            h->fwd_left = h->left;
             h->type = H2_PSEUDO;
             h->msgs = 0;
+            w->pos = n;
         }
     }
-    if (h->left && h->type == H2_PSEUDO && len >= h->left) {
-        /* the preface goes out as it is, in a frame record of its own */
-        h2_send(s, c, w->tgid, w->fd, dir, H2K_FRAME, 0, H2_PREFACE_LEN, H2_PSEUDO, 0, 0, 0, H2_PREFACE_LEN, ptr, g, glen, now);
-        w->pos = h->left;
-        h->left = 0;
+    if (w->pos) {
+        /* the preface's start was this syscall's */
     } else if (h->left) {
         u64 take = h->left < len ? h->left : len;
         if (h->fwd_left) {
