@@ -32,12 +32,15 @@ from __future__ import annotations
 import logging
 import random
 import re
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from agent import http1, llm
 from agent.clock import Clock
+from agent.h2wire import H2Tracker, stream_request
+from agent.http2 import H2Stream
 from agent.ndjson import NDJSONParser
 from agent.procfs import SocketTable, parse_sockaddr, socket_inode
 from agent.record import ActiveRequest, Request
@@ -63,6 +66,7 @@ from probes.socket_events import (
     DataEvent,
     DecodeError,
     Decoder,
+    H2Event,
     ProcEvent,
     SummaryEvent,
     TailSlot,
@@ -90,6 +94,8 @@ class AssemblyConfig:
     """An open request without news for this long is checked against the kernel's map."""
     client_spans: bool = False
     """Emit records for connections the targets opened (span_kind client)."""
+    max_h2_connections: int = 4096
+    """HTTP/2 connections with stream state; the least recently active is evicted (counted)."""
 
 
 class Exchange:
@@ -174,6 +180,7 @@ class Conn:
         "conn_id",
         "cur",
         "fd",
+        "h2",
         "inode",
         "last_seq",
         "listen_fd",
@@ -195,6 +202,7 @@ class Conn:
         self.client_addr: str | None = None
         self.client_port: int | None = None
         self.cur: Exchange | None = None
+        self.h2 = False  # the kernel sends this connection as HTTP/2 frames
         self.last_seq = 0
         self.req_parser: http1.H1Parser | None = None
         self.resp_parser: http1.H1Parser | None = None
@@ -241,6 +249,12 @@ class Assembler:
         self._names: dict[int, str] = {}
         self._active: dict[int, tuple[Conn, Exchange]] = {}
         self._seed_ids = iter(range(1 << 62, 1 << 63))
+        self._h2 = H2Tracker(
+            max_conns=config.max_h2_connections,
+            h2_cap=decoder.layout.h2_cap,
+            on_evict=self._h2_evicted,
+            metrics=metrics,
+        )
 
     # ---- input -------------------------------------------------------------------
     def feed(self, raws: list[bytes]) -> None:
@@ -257,6 +271,8 @@ class Assembler:
                 self._on_data(ev)
             elif isinstance(ev, SummaryEvent):
                 self._on_summary(ev)
+            elif isinstance(ev, H2Event):
+                self._on_h2(ev)
             elif isinstance(ev, ConnEvent):
                 self._on_conn(ev)
             else:
@@ -361,11 +377,11 @@ class Assembler:
 
     def _on_proc(self, ev: ProcEvent) -> None:
         if ev.kind == PK_EXIT:
-            self._names.pop(ev.tgid, None)
             for c in [c for c in self._conns.values() if c.tgid == ev.tgid]:
-                self._forget(c)
+                self._forget(c, ev.ts_ns)
                 if c.cur is not None and not c.cur.done:
                     self._finish(c, c.cur, None, process_exited=True)
+            self._names.pop(ev.tgid, None)
         elif ev.tgid in self._names:
             self._names.pop(ev.tgid, None)  # exec: a new program name
         if self._on_proc_event is not None:
@@ -561,8 +577,50 @@ class Assembler:
         if info.output_tokens is not None:
             ex.output_tokens = info.output_tokens
 
+    # ---- HTTP/2 -----------------------------------------------------------------
+    def _on_h2(self, ev: H2Event) -> None:
+        c = self._conn_for(ev.conn_id, ev.tgid, ev.fd, ev.role)
+        c.h2 = True
+        for s in self._h2.feed(ev):
+            self._h2_record(c, s)
+
+    def _h2_evicted(self, conn_id: int, streams: list[H2Stream]) -> None:
+        c = self._conns.get(conn_id)
+        if c is not None:
+            for s in streams:
+                self._h2_record(c, s)
+
+    def _h2_record(self, c: Conn, s: H2Stream) -> None:
+        if c.role == ROLE_CLIENT and not self.config.client_spans:
+            self._metrics.inc("infersight.assembly.client.requests.ignored")
+            return
+        if c.inode is not None:
+            self._resolve_addresses(c, final=True)
+        rec = stream_request(
+            s,
+            pid=c.tgid,
+            command=self._name(c.tgid),
+            span_kind="server" if c.role == ROLE_SERVER else "client",
+            server_port=c.server_port,
+            client_address=c.client_addr,
+            client_port=c.client_port,
+            to_unix_ns=self._clock.to_unix_ns,
+            metrics=self._metrics,
+        )
+        if rec is not None:
+            self._emit(rec)
+
     # ---- summaries and completion -----------------------------------------------
     def _on_summary(self, ev: SummaryEvent) -> None:
+        c0 = self._conns.get(ev.conn_id)
+        if (c0 is not None and c0.h2) or self._h2.has(ev.conn_id):
+            if ev.reason == SR_CLOSE:
+                for s in self._h2.close(ev.conn_id, ev.ts_ns, lost=ev.lost):
+                    if c0 is not None:
+                        self._h2_record(c0, s)
+                if c0 is not None:
+                    self._forget(c0)
+            return
         if ev.flags & CF_FOREIGN:
             self._metrics.inc("infersight.assembly.foreign.summaries")
             return
@@ -587,7 +645,11 @@ class Assembler:
         if ev.reason == SR_CLOSE:
             self._forget(c)
 
-    def _forget(self, c: Conn) -> None:
+    def _forget(self, c: Conn, ts_ns: int | None = None) -> None:
+        if c.h2 and self._h2.has(c.conn_id):
+            # closed unseen, evicted or its process exited: its open streams end here
+            for s in self._h2.close(c.conn_id, time.monotonic_ns() if ts_ns is None else ts_ns):
+                self._h2_record(c, s)
         self._conns.pop(c.conn_id, None)
         if self._by_fd.get((c.tgid, c.fd)) == c.conn_id:
             self._by_fd.pop((c.tgid, c.fd), None)
