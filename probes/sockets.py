@@ -189,6 +189,7 @@ class SocketProbe:
         h2_gather = self.bpf.load_func(b"h2_gather_step", BPF.TRACEPOINT)
         self.bpf[b"h2_gather_prog"][ctypes.c_int(0)] = ctypes.c_int(h2_gather.fd)
         self._tls_libs: dict[tuple[int, int], bool] = {}  # (dev, inode) of a libssl -> hooked
+        self._tls_exes: dict[tuple[int, int], str] = {}  # (dev, inode) of an executable -> TLS state
         if config.tls:
             # the same data path, as a program of the uprobes' type
             uprobe_exit = self.bpf.load_func(b"data_exit_uprobe", BPF.KPROBE)
@@ -246,12 +247,15 @@ class SocketProbe:
         return bool(leaf.conn_id == conn_id)
 
     def attach_tls(self, pid: int, proc: str = "/proc") -> str:
-        """Hook the OpenSSL library ``pid`` maps, once per library file. Returns the
-        process's TLS capture state: ``hooked`` (its libssl is hooked), ``unhooked``
-        (it maps a TLS library that cannot be hooked: GnuTLS, NSS, wolfSSL, or a
-        libssl without the symbols) or ``none`` (no TLS library mapped)."""
+        """Hook the OpenSSL library ``pid`` maps, once per library file, or the
+        OpenSSL/BoringSSL its executable links statically. Returns the process's
+        TLS capture state: ``hooked`` (its libssl is hooked), ``unhooked`` (it has
+        TLS that cannot be hooked: GnuTLS, NSS, wolfSSL, a libssl without the
+        symbols, or Go's crypto/tls linked into the executable) or ``none`` (no
+        TLS library found)."""
         if not self.config.tls:
             return "none"
+        exe_state = self._exe_tls(pid, proc)
         try:
             with open(f"{proc}/{pid}/maps") as f:
                 paths = {line.split()[-1] for line in f if "/" in line}
@@ -274,6 +278,38 @@ class SocketProbe:
             if key not in self._tls_libs:
                 self._tls_libs[key] = self._hook_libssl(real)
             state = "hooked" if self._tls_libs[key] else ("unhooked" if state == "none" else state)
+        if exe_state == "hooked" or (exe_state == "unhooked" and state == "none"):
+            state = exe_state
+        return state
+
+    # Symbols of TLS linked into an executable: OpenSSL/BoringSSL's entry points
+    # (hookable like a libssl), or Go's crypto/tls (its own ABI: not hooked).
+    _STATIC_TLS = rb"^(SSL_read|SSL_write|SSL_read_ex|SSL_write_ex|crypto/tls\.\(\*Conn\)\.(Read|Write))$"
+
+    def _exe_tls(self, pid: int, proc: str) -> str:
+        from bcc import BPF
+
+        real = f"{proc}/{pid}/exe"
+        try:
+            st = os.stat(real)
+        except OSError:
+            return "none"
+        key = (st.st_dev, st.st_ino)
+        if key in self._tls_exes:
+            return self._tls_exes[key]
+        try:
+            syms = {name for name, _ in BPF.get_user_functions_and_addresses(real.encode(), self._STATIC_TLS)}
+        except Exception:
+            syms = set()
+        if b"SSL_read" in syms or b"SSL_write" in syms:
+            state = "hooked" if self._hook_libssl(real) else "unhooked"
+        elif syms:
+            state = "unhooked"
+            self._metrics.inc("infersight.tls.static", labels=(("library", "go"),))
+            log.info("pid %d: Go crypto/tls in its executable; its TLS traffic is not captured", pid)
+        else:
+            state = "none"
+        self._tls_exes[key] = state
         return state
 
     def _hook_libssl(self, path: str) -> bool:
