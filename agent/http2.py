@@ -39,6 +39,11 @@ Framing and its loss, per direction:
   framing (``infersight.parse.failures{reason="h2_frame_too_large"}``, then a
   resync); a header block above ``max_header_block_bytes`` is skipped with
   framing kept (``reason="h2_headers_too_large"``).
+- A capture layer that cuts frames itself (``agent/h2wire.py``, fed by the
+  socket probe's h2 mode) reports a loss it cannot size with
+  :meth:`H2Connection.lose`: the state that depended on the lost bytes goes
+  as after a gap over a frame header, and the reader either resyncs or, when
+  the caller knows where the next frame begins, takes it from there.
 
 HPACK: a decoder's dynamic table is cumulative, so a header block lost to a
 gap, a resync or a decoding error leaves the table behind the encoder's. The
@@ -60,9 +65,10 @@ decoder comes back empty, with the same rules.
 Streams: a client HEADERS on a new stream opens a record; one is also opened
 for a stream first seen mid-way (after a join), unless it was recently
 completed. A record completes on END_STREAM from the server (trailers, or the
-last DATA), on RST_STREAM from either side, on a GOAWAY that excludes it, on
-eviction (at most ``max_open_streams`` open streams, the oldest evicted and
-counted as ``infersight.parse.failures{reason="h2_streams_full"}``) and at
+last DATA), on RST_STREAM from either side (``reset_by`` names it), on a
+GOAWAY that excludes it, on eviction (at most ``max_open_streams`` open
+streams, the oldest evicted and counted as
+``infersight.parse.failures{reason="h2_streams_full"}``) and at
 :meth:`H2Connection.close`. Completed records wait in a bounded list
 (``max_completed``); an overflow drops the oldest, counted as
 ``infersight.requests.lost{reason="h2_backlog"}``.
@@ -231,6 +237,7 @@ class H2Stream:
     rpc_method: str | None
     request_message: bytes = field(default=b"", repr=False)
     response_message: bytes = field(default=b"", repr=False)
+    reset_by: Direction | None = None  # the side whose RST_STREAM ended the stream
 
     @property
     def complete(self) -> bool:
@@ -386,6 +393,7 @@ class _OpenStream:
         "request",
         "request_bytes",
         "request_start_ns",
+        "reset_by",
         "reset_code",
         "response",
         "response_bytes",
@@ -407,6 +415,7 @@ class _OpenStream:
         self.response_first_ns: int | None = None
         self.end_ns: int | None = None
         self.reset_code: int | None = None
+        self.reset_by: Direction | None = None
         self.request_bytes = 0
         self.response_bytes = 0
         self.headers_lost = False
@@ -448,6 +457,7 @@ class _OpenStream:
             rpc_method=method,
             request_message=bytes(self.request.capture),
             response_message=bytes(self.response.capture),
+            reset_by=self.reset_by,
         )
 
 
@@ -643,6 +653,45 @@ class H2Connection:
             self._lose_sync(side, "h2_gap")
             return
 
+    def lose(self, direction: Direction, reason: str, *, resync: bool = True) -> None:
+        """Bytes sent by ``direction`` were lost here, how many unknown.
+
+        For a capture layer that knows more than :meth:`feed_gap` can say: it
+        lost records, or its own framing. What depended on the lost bytes is
+        dropped as after a gap over a frame header: a frame or header block in
+        progress (counted as ``h2_headers_lost``), the HPACK table (an empty one
+        takes over, see the module docstring) and the gRPC message framing of
+        every open stream in that direction. Bytes held for a frame in progress
+        are counted as ``infersight.parse.skipped.bytes{reason}``.
+
+        ``resync=True``: where the next frame begins is unknown; the reader
+        searches for it (counted as ``infersight.parse.resyncs{reason}``).
+        ``resync=False``: the caller cuts frames itself and knows the next byte
+        fed begins one (also after a resync in progress, which then ends).
+        """
+        side = self._side(direction)
+        if self._closed:
+            return
+        if side.state == _SYNC:
+            # A search in progress: its held bytes cannot continue across the loss, and
+            # what depended on earlier bytes was dropped when the search began.
+            self._skip(len(side.buf), side.reason)
+            side.buf = b""
+            side.sync_pending = []
+            side.sync_scanned = 0
+        else:
+            if side.state == _BODY:
+                self._frame_payload_lost(side)
+            self._skip(len(side.buf), reason)
+            side.buf = b""
+            self._lose_sync(side, reason, count=resync)
+        side.remaining = 0
+        side.skip_then = -1
+        if not resync:
+            side.state = _HEAD
+            side.reason = "h2_join"
+            side.sync_skipped = 0
+
     def close(self, ts_ns: int | None = None) -> None:
         """The connection ended: complete every open stream (``end_reason="close"``)."""
         if self._closed:
@@ -692,9 +741,10 @@ class H2Connection:
     def _fail(self, reason: str) -> None:
         self._metrics.inc(_FAILURES, 1, (("reason", reason),))
 
-    def _lose_sync(self, side: _Side, reason: str) -> None:
+    def _lose_sync(self, side: _Side, reason: str, *, count: bool = True) -> None:
         """Framing of ``side`` is lost: resync, and forget what depended on the lost bytes."""
-        self._metrics.inc(_RESYNCS, 1, (("reason", reason),))
+        if count:
+            self._metrics.inc(_RESYNCS, 1, (("reason", reason),))
         side.state = _SYNC
         side.reason = reason
         side.sync_pending = []
@@ -861,6 +911,7 @@ class H2Connection:
             st = self._stream(frame.stream_id, create=False)
             if st is not None:
                 st.reset_code = frame.error_code
+                st.reset_by = side.name
                 self._finish(frame.stream_id, "reset", ts)
         elif typ == _SETTINGS:
             assert isinstance(frame, SettingsFrame)
@@ -923,7 +974,10 @@ class H2Connection:
                 if side.frame_flags & _END_HEADERS:
                     self._end_block(side)
         elif typ == _RST:
-            # The error code is lost but the reset is not.
+            # The error code is lost but the reset, and who sent it, are not.
+            st = self._open.get(side.frame_stream)
+            if st is not None:
+                st.reset_by = side.name
             self._finish(side.frame_stream, "reset", side.frame_ts)
 
     # --- reader states: each returns (position, whether to go on) -------------
