@@ -774,11 +774,13 @@ static __always_inline int h2_steps(struct h2w_t *w, struct conn_t *c, struct h2
         int hdr_only = 0;
         struct h2_stream_t *st = 0;
         k = 0;
+        int ends = sid && (type == FT_RST || ((type == FT_HEADERS || type == FT_DATA) && (fl & FL_END_STREAM)
+                                             && dir == resp_dir));
         if (sid && (type == FT_DATA || type == FT_HEADERS || type == FT_RST)) {
             key.sid = sid;
             /* a stream's entry is made by its first HEADERS or DATA; one that
              * ends without it was evicted (or began before the join) */
-            st = h2_stream(&key, type != FT_RST);
+            st = h2_stream(&key, !ends);
         }
         if (type == FT_DATA) {
             if (st) {
@@ -802,7 +804,7 @@ static __always_inline int h2_steps(struct h2w_t *w, struct conn_t *c, struct h2
             }
         }
         u8 hflags = 0;
-        if (sid && (type == FT_RST || ((type == FT_HEADERS || type == FT_DATA) && (fl & FL_END_STREAM) && dir == resp_dir))) {
+        if (ends) {
             if (st) {
                 __builtin_memcpy(&s->ev.agg[0], &st->d[0].a, sizeof(struct h2_agg_t));
                 __builtin_memcpy(&s->ev.agg[1], &st->d[1].a, sizeof(struct h2_agg_t));
@@ -846,8 +848,8 @@ static __always_inline void h2_lost(struct h2w_t *w, struct conn_t *c, struct h2
     c->h2[dir].state = H2S_LOST;
     count(C_H2_DESYNC);
     u64 rest = w->pos < w->len ? w->len - w->pos : 0;
-    h2_send(s, c, w->tgid, w->fd, dir, H2K_RAW, 0, rest > 0xffffffff ? 0xffffffff : rest, 0, 0, 0, w->pos, H2_CAP,
-            w->ptr, g, w->glen, w->now);
+    h2_send(s, c, w->tgid, w->fd, dir, H2K_RAW, 0, rest > 0xffffffff ? 0xffffffff : rest, 0, 0, 0, w->pos,
+            rest < H2_CAP ? rest : H2_CAP, w->ptr, g, w->glen, w->now);
 }
 
 BPF_PROG_ARRAY(h2_step_prog, 1);
@@ -901,7 +903,8 @@ static __always_inline void h2_begin(void *ctx, struct h2w_t *w, struct conn_t *
     u64 len = w->len, ptr = w->ptr, glen = w->glen, now = w->now;
     struct h2dir_t *h = &c->h2[dir];
     if (h->state == H2S_LOST) {
-        h2_send(s, c, w->tgid, w->fd, dir, H2K_RAW, 0, len > 0xffffffff ? 0xffffffff : len, 0, 0, 0, 0, H2_CAP, ptr, g, glen, now);
+        h2_send(s, c, w->tgid, w->fd, dir, H2K_RAW, 0, len > 0xffffffff ? 0xffffffff : len, 0, 0, 0, 0,
+                len < H2_CAP ? len : H2_CAP, ptr, g, glen, now);
         return;
     }
     w->pos = 0;
@@ -1337,13 +1340,17 @@ int h2_exit(void *ctx) {
     w->iov_cnt = a.extra;
     if (w->vec) {
         if (c->h2[dir & 1].state == H2S_LOST) {
-            /* raw: the first iovec is enough for user space to resynchronise on */
+            /* raw: the syscall's length, and bytes from its first iovec only
+             * (enough for user space to resynchronise on) */
+            struct h2_scratch_t *s = scratch_h2.lookup(&z2);
+            if (!s)
+                return 0;
             struct iovec_t iov = {};
             bpf_probe_read_user(&iov, sizeof(iov), (void *)a.ptr);
-            w->ptr = iov.base;
-            w->len = iov.len < (u64)ret ? iov.len : (u64)ret;
-            w->vec = 0;
-            h2_begin(ctx, w, c, 0);
+            u64 n = iov.len < (u64)ret ? iov.len : (u64)ret;
+            u64 flen = (u64)ret;
+            h2_send(s, c, tgid, a.fd, dir, H2K_RAW, 0, flen > 0xffffffff ? 0xffffffff : flen, 0, 0, 0, 0,
+                    n < H2_CAP ? n : H2_CAP, iov.base, 0, 0, w->now);
             return 0;
         }
         h2_gather_prog.call(ctx, 0);
