@@ -3,7 +3,8 @@
 Four dashboards (Grafana 11 schema, ``grafana-foundation-sdk==1769699379!11.6.0``):
 
 * ``llm-serving.json``   request rate, duration and TTFT heatmaps and quantiles, time per output
-  token, tokens/s, in-flight and aborted requests, with exemplars linking to traces;
+  token, tokens/s, in-flight and aborted requests, gRPC calls (rate, duration, errors) beside HTTP
+  ones, with exemplars linking to traces;
 * ``gpu.json``           utilisation, memory, power and XID errors per GPU, per-pod share, DCGM
   profiling fields when a dcgm-exporter is scraped too;
 * ``request-gpu.json``   request latency beside GPU utilisation and CUDA activity per pod, energy
@@ -114,11 +115,27 @@ MODEL = POD + ',gen_ai_request_model=~"$model"'
 RATE = "$__rate_interval"
 # process_* series come from many targets; the agent's are those whose target also exports infersight_up.
 AGENT_ONLY = "and on (instance) infersight_up"
+#: Request counters: HTTP requests and gRPC calls are counted in separate histograms (a gRPC call
+#: is in rpc.server.duration, never in http.server.request.duration; docs/metrics.md), so a panel
+#: or variable that means "all requests" reads both.
+HTTP = "http_server_request_duration_seconds"
+RPC = "rpc_server_duration_milliseconds"
+REQUEST_COUNTERS = f'__name__=~"{HTTP}_count|{RPC}_count"'
 # The in-flight gauge has series only while a request is in flight; show 0 for pods that served
 # requests before, rather than a gap.
 ACTIVE_BY_POD = (
     f"sum by (k8s_pod_name) (http_server_active_requests{{{POD}}})"
-    f" or (0 * sum by (k8s_pod_name) (http_server_request_duration_seconds_count{{{POD}}}))"
+    f" or (0 * sum by (k8s_pod_name) ({HTTP}_count{{{POD}}}))"
+)
+# gRPC has no in-flight gauge (the RPC conventions define none). Little's law gives the mean number
+# of calls in progress over the window: the duration sum (ms) grows by the time every completed call
+# took, so its rate / 1000 is calls x seconds per second. Only completed calls count: a long
+# ModelStreamInfer stream adds its whole life when it ends.
+RPC_CONCURRENCY_BY_POD = f"sum by (k8s_pod_name) (rate({RPC}_sum{{{POD}}}[{RATE}])) / 1000"
+IN_FLIGHT_DESCRIPTION = (
+    "HTTP: requests received and not yet answered, per pod (queued and running). gRPC has no in-flight "
+    "gauge: its series is the mean number of calls in progress over the window, from the calls that "
+    "completed (rate of the duration sum); a long ModelStreamInfer stream counts when it ends."
 )
 
 
@@ -186,20 +203,42 @@ def _panel(
     return Panel(title=title, kind=kind, unit=unit, queries=qs, **kw)
 
 
-def _quantiles(dashboard: str, title: str, metric: str, by: str, description: str) -> Panel:
+def _quantiles(
+    dashboard: str, title: str, metric: str, by: str, description: str, unit: str = "s", match: str = MODEL
+) -> Panel:
     return _panel(
         dashboard,
         title,
         "timeseries",
-        "s",
+        unit,
         *(
             _q(
-                f"histogram_quantile({q}, sum by (le, {by}) (rate({metric}_bucket{{{MODEL}}}[{RATE}])))",
+                f"histogram_quantile({q}, sum by (le, {by}) (rate({metric}_bucket{{{match}}}[{RATE}])))",
                 f"p{round(q * 100)} {{{{{by}}}}}",
                 exemplar=True,
             )
             for q in (0.5, 0.9, 0.99)
         ),
+        description=description,
+    )
+
+
+def _error_ratio(metric: str, by: str = "") -> str:
+    """Share of ``metric``'s requests that have an ``error_type``; 0 (not empty) while none failed."""
+    agg = f"sum by ({by}) " if by else "sum"
+    failed = f'{agg}(rate({metric}_count{{{POD},error_type!=""}}[{RATE}]))'
+    every = f"{agg}(rate({metric}_count{{{POD}}}[{RATE}]))"
+    return f"({failed} or 0 * {every}) / {every}"
+
+
+def _in_flight(dashboard: str, title: str, description: str = "") -> Panel:
+    return _panel(
+        dashboard,
+        title,
+        "timeseries",
+        "short",
+        _q(ACTIVE_BY_POD, "{{k8s_pod_name}}"),
+        _q(RPC_CONCURRENCY_BY_POD, "{{k8s_pod_name}} gRPC (mean)"),
         description=description,
     )
 
@@ -259,15 +298,30 @@ def llm_serving() -> Dashboard:
                     ),
                     _panel(
                         d,
-                        "In-flight requests",
+                        "gRPC calls by method and status",
                         "timeseries",
-                        "short",
+                        "reqps",
                         _q(
-                            ACTIVE_BY_POD,
-                            "{{k8s_pod_name}}",
+                            f"sum by (rpc_method, rpc_grpc_status_code) (rate({RPC}_count{{{POD}}}[{RATE}]))",
+                            "{{rpc_method}} {{rpc_grpc_status_code}}",
                         ),
-                        description="Requests received and not yet answered, per pod (queued and running).",
+                        description="gRPC calls (Triton / KServe v2 ModelInfer, ModelStreamInfer, ...) by "
+                        "method and gRPC status code; they are not in the HTTP panel. No status code: the "
+                        "call ended without trailers (reset).",
+                        stacked=True,
                     ),
+                    _panel(
+                        d,
+                        "Error ratio",
+                        "timeseries",
+                        "percentunit",
+                        _q(_error_ratio(HTTP), "HTTP"),
+                        _q(_error_ratio(RPC, "rpc_method"), "gRPC {{rpc_method}}"),
+                        description="Share of requests with an error_type: HTTP 5xx, gRPC server-error codes "
+                        "(UNKNOWN, DEADLINE_EXCEEDED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS), and "
+                        "calls that ended without a status (reset, goaway, close).",
+                    ),
+                    _in_flight(d, "In-flight requests", IN_FLIGHT_DESCRIPTION),
                     _panel(
                         d,
                         "Aborted requests",
@@ -312,6 +366,16 @@ def llm_serving() -> Dashboard:
                             "{{http_route}}",
                             exemplar=True,
                         ),
+                    ),
+                    _quantiles(
+                        d,
+                        "gRPC call duration quantiles",
+                        RPC,
+                        "rpc_method",
+                        "p50/p90/p99 of rpc.server.duration (ms) by method. A ModelStreamInfer call lasts "
+                        "as long as its stream; its first response is in Time to first token.",
+                        unit="ms",
+                        match=POD,
                     ),
                 ),
             ),
@@ -495,16 +559,7 @@ def request_gpu() -> Dashboard:
                             "{{k8s_pod_name}}",
                         ),
                     ),
-                    _panel(
-                        d,
-                        "In-flight requests per pod",
-                        "timeseries",
-                        "short",
-                        _q(
-                            ACTIVE_BY_POD,
-                            "{{k8s_pod_name}}",
-                        ),
-                    ),
+                    _in_flight(d, "In-flight requests per pod", IN_FLIGHT_DESCRIPTION),
                 ),
             ),
             Row(
@@ -661,15 +716,16 @@ def _variables() -> list[Any]:
 
     return [
         dash_b.DatasourceVariable("datasource").label("Data source").type("prometheus"),
+        # Both request counters, so that a pod serving only gRPC can be picked too.
         label_variable(
             "namespace",
             "Namespace",
-            "label_values(http_server_request_duration_seconds_count, k8s_namespace_name)",
+            f"label_values({{{REQUEST_COUNTERS}}}, k8s_namespace_name)",
         ),
         label_variable(
             "pod",
             "Pod",
-            'label_values(http_server_request_duration_seconds_count{k8s_namespace_name=~"$namespace"}, k8s_pod_name)',
+            f'label_values({{{REQUEST_COUNTERS},k8s_namespace_name=~"$namespace"}}, k8s_pod_name)',
         ),
         label_variable(
             "model",

@@ -11,7 +11,11 @@ import signal
 import subprocess
 import sys
 import threading
+import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -252,6 +256,179 @@ def test_template_variable_queries_are_valid_promql(tmp_path: Path) -> None:
         exprs[v["name"]] = substitute_variables(m.group(1))
     result = promtool_check(exprs, tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --------------------------------------------------------------------------- gRPC beside HTTP
+
+
+def test_grpc_calls_have_panels_beside_the_http_ones() -> None:
+    """gRPC calls are counted in rpc.server.duration, never in http.server.*: every panel kind that
+    shows HTTP requests (rate, errors, latency, in-flight) has a gRPC counterpart, and the template
+    variables list pods that serve only gRPC."""
+    serving = build.llm_serving()
+    panels = {p.title: p for row in serving.rows for p in row.panels}
+    (traffic,) = [row for row in serving.rows if row.title == "Traffic"]
+    rates = " ".join(q.expr for p in traffic.panels for q in p.queries)
+    for counter in ("http_server_request_duration_seconds_count", "rpc_server_duration_milliseconds_count"):
+        assert f"(rate({counter}{{" in rates, counter
+    calls = panels["gRPC calls by method and status"]
+    (q,) = calls.queries
+    assert calls.unit == "reqps" and calls.stacked
+    assert q.expr.startswith(
+        "sum by (rpc_method, rpc_grpc_status_code) (rate(rpc_server_duration_milliseconds_count{"
+    )
+    quantiles = panels["gRPC call duration quantiles"]
+    assert quantiles.unit == "ms"  # rpc.server.duration is in milliseconds
+    assert [q.legend for q in quantiles.queries] == [f"p{n} {{{{rpc_method}}}}" for n in (50, 90, 99)]
+    assert all("rpc_server_duration_milliseconds_bucket" in q.expr and q.exemplar for q in quantiles.queries)
+    # gRPC series carry no model label: choosing a model must not empty the gRPC panels.
+    assert all("gen_ai_request_model" not in q.expr for p in (calls, quantiles) for q in p.queries)
+    errors = panels["Error ratio"]
+    assert errors.unit == "percentunit"
+    assert [(q.legend, q.expr.count('error_type!=""')) for q in errors.queries] == [
+        ("HTTP", 1),
+        ("gRPC {{rpc_method}}", 1),
+    ]
+    assert "http_server_request_duration_seconds_count" in errors.queries[0].expr
+    assert "rpc_server_duration_milliseconds_count" in errors.queries[1].expr
+    for d, title in ((serving, "In-flight requests"), (build.request_gpu(), "In-flight requests per pod")):
+        (p,) = [p for row in d.rows for p in row.panels if p.title == title]
+        assert [q.expr for q in p.queries] == [build.ACTIVE_BY_POD, build.RPC_CONCURRENCY_BY_POD]
+        assert "gRPC" in p.description
+    variables = {v["name"]: v["query"] for v in build.to_grafana(serving)["templating"]["list"]}
+    for name in ("namespace", "pod"):
+        assert (
+            '{__name__=~"http_server_request_duration_seconds_count|rpc_server_duration_milliseconds_count"'
+            in (variables[name])
+        )
+
+
+POD_LABELS = {"k8s.namespace.name": "serving"}
+
+
+def _prometheus_api(prom: Any, path: str, **params: str) -> Any:
+    url = f"http://127.0.0.1:{prom.port}/api/v1/{path}?" + urllib.parse.urlencode(params)
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        body = json.load(resp)
+    assert body["status"] == "success", body
+    return body["data"]
+
+
+def test_request_panels_count_grpc_and_http_correctly(tmp_path: Path) -> None:
+    """The exporter fed known gRPC and HTTP records, the Debian Prometheus scraping it: the panels'
+    values are what those records say. Every series grows by the same round of records, so rate()
+    extrapolates them alike and ratios and quantiles are exact."""
+    from agent.export.exporters import ExportConfig, Exporters
+    from agent.selfmetrics import SelfMetrics
+    from tests.otlp_receiver import free_port
+    from tests.test_export_canary import make_request
+    from tests.test_export_prometheus import PrometheusServer, prometheus_binary
+    from tests.test_export_rpc import grpc_request
+
+    if prometheus_binary() is None:
+        if IN_CI:
+            pytest.fail("prometheus (Debian package) is missing under CI")
+        pytest.skip("prometheus binary missing (apt-get install -y prometheus)")
+    triton = {**POD_LABELS, "k8s.pod.name": "triton-0"}
+    vllm = {**POD_LABELS, "k8s.pod.name": "vllm-0"}
+    # One round: ModelInfer 12, 12 ms OK, 3 ms NOT_FOUND (a client error), 40 ms UNAVAILABLE (a
+    # server error); two 500 ms ModelStreamInfer streams; three HTTP 200 and one HTTP 500.
+    rnd = [
+        *(grpc_request("ModelInfer", 0, duration_s=0.012, request_model="densenet") for _ in range(2)),
+        grpc_request("ModelInfer", 5, duration_s=0.003, request_model="missing"),
+        grpc_request("ModelInfer", 14, duration_s=0.040, request_model="densenet"),
+        *(grpc_request("ModelStreamInfer", 0, duration_s=0.5, streaming=True) for _ in range(2)),
+    ]
+    rnd = [r.with_attributes(triton) for r in rnd]
+    http = [
+        make_request(path="/v1/completions", status_code=s).with_attributes(vllm)
+        for s in (200, 200, 200, 500)
+    ]
+    port = free_port()
+    ex = Exporters(
+        ExportConfig(otlp_endpoint="", prometheus_port=port, prometheus_host="127.0.0.1"),
+        metrics=SelfMetrics(),
+    )
+    prom = None
+    try:
+
+        def emit_round() -> None:
+            for r in (*rnd, *http):
+                ex.emit(r)
+
+        emit_round()  # before the first scrape: every series starts from one whole round
+        prom = PrometheusServer(tmp_path, [f"127.0.0.1:{port}"])
+        prom.wait_for("sum(rpc_server_duration_milliseconds_count)", lambda r: bool(r), timeout=60)
+        for _ in range(3):
+            time.sleep(1.5)  # more than a scrape interval apart
+            emit_round()
+        prom.wait_for(
+            "sum(rpc_server_duration_milliseconds_count) + sum(http_server_request_duration_seconds_count)",
+            lambda r: bool(r) and float(r[0]["value"][1]) == 4 * (6 + 4),
+        )
+        # One evaluation time for every query: rate() extrapolates to the end of its window.
+        at = f"{time.time():.3f}"
+        results = {}
+        for q in build.all_queries():
+            if q.dashboard in ("llm-serving", "request-gpu"):
+                answer = _prometheus_api(prom, "query", query=substitute_variables(q.expr), time=at)
+                results[(q.panel, q.ref_id)] = {
+                    tuple(sorted(r["metric"].items())): float(r["value"][1]) for r in answer["result"]
+                }
+        calls = results[("gRPC calls by method and status", "A")]
+        by_call = {(dict(k)["rpc_method"], dict(k)["rpc_grpc_status_code"]): v for k, v in calls.items()}
+        assert set(by_call) == {
+            ("ModelInfer", "0"),
+            ("ModelInfer", "5"),
+            ("ModelInfer", "14"),
+            ("ModelStreamInfer", "0"),
+        }
+        one = by_call[("ModelInfer", "14")]
+        assert one > 0
+        assert by_call[("ModelInfer", "0")] == pytest.approx(2 * one)
+        assert by_call[("ModelInfer", "5")] == pytest.approx(one)
+        assert by_call[("ModelStreamInfer", "0")] == pytest.approx(2 * one)
+        # The HTTP panel holds the HTTP requests only: one route, no gRPC path.
+        http_rows = results[("HTTP requests by route and status", "A")]
+        assert {dict(k)["http_route"] for k in http_rows} == {"/v1/completions"}
+        assert sum(http_rows.values()) == pytest.approx(4 * one)
+        # Error ratio: 1 of 4 HTTP requests (the 500); 1 of 4 ModelInfer calls (UNAVAILABLE; NOT_FOUND
+        # is the client's error); no ModelStreamInfer call: 0, not an empty series.
+        assert list(results[("Error ratio", "A")].values()) == [pytest.approx(0.25)]
+        rpc_errors = {dict(k)["rpc_method"]: v for k, v in results[("Error ratio", "B")].items()}
+        assert rpc_errors == {"ModelInfer": pytest.approx(0.25), "ModelStreamInfer": 0.0}
+        # Quantiles in ms. ModelInfer {3, 12, 12, 40}: the median interpolates in (10, 25] at rank 2
+        # of 4 (one below 10, three up to 25): 10 + 15 * 1/2. Streams {500, 500}: (250, 500] at 1 of 2.
+        p50 = {dict(k)["rpc_method"]: v for k, v in results[("gRPC call duration quantiles", "A")].items()}
+        assert p50 == {"ModelInfer": pytest.approx(17.5), "ModelStreamInfer": pytest.approx(375.0)}
+        # In flight: the HTTP pod from its gauge (0 now, not a gap); the gRPC pod from Little's law,
+        # the rate of call time: calls/s x mean duration (1067 ms over 6 calls per round).
+        for panel in (("In-flight requests", "A"), ("In-flight requests per pod", "A")):
+            assert {dict(k)["k8s_pod_name"]: v for k, v in results[panel].items()} == {"vllm-0": 0.0}
+        for panel in (("In-flight requests", "B"), ("In-flight requests per pod", "B")):
+            grpc_in_flight = {dict(k)["k8s_pod_name"]: v for k, v in results[panel].items()}
+            assert grpc_in_flight == {"triton-0": pytest.approx(6 * one * 1.067 / 6)}
+        # The LLM request panel counts the gRPC calls that name a model, beside the HTTP ones.
+        llm = {dict(k).get("gen_ai_request_model"): v for k, v in results[("LLM requests by model and error", "A")].items()
+               if "error_type" not in dict(k)}  # fmt: skip
+        assert llm["densenet"] == pytest.approx(2 * one) and llm["missing"] == pytest.approx(one)
+        # The pod variable (what Grafana asks: label values of the series its selector matches)
+        # offers the gRPC-only pod as well as the HTTP one.
+        variables = {
+            v["name"]: v["query"] for v in build.to_grafana(build.llm_serving())["templating"]["list"]
+        }
+        for name, label, want in (("namespace", "k8s_namespace_name", ["serving"]),
+                                  ("pod", "k8s_pod_name", ["triton-0", "vllm-0"])):  # fmt: skip
+            m = re.fullmatch(r"label_values\((.*), (\w+)\)", variables[name])
+            assert m and m.group(2) == label
+            got = _prometheus_api(
+                prom, f"label/{label}/values", **{"match[]": substitute_variables(m.group(1))}
+            )
+            assert got == want, name
+    finally:
+        if prom is not None:
+            prom.stop()
+        ex.shutdown()
 
 
 # --------------------------------------------------------------------------- live: real agent, real Prometheus
