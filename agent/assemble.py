@@ -56,6 +56,7 @@ from probes.socket_events import (
     CS_SOCKNAME,
     DF_NO_PAYLOAD,
     DIR_IN,
+    PK_EXEC,
     PK_EXIT,
     ROLE_CLIENT,
     ROLE_SERVER,
@@ -382,8 +383,8 @@ class Assembler:
                 if c.cur is not None and not c.cur.done:
                     self._finish(c, c.cur, None, process_exited=True)
             self._names.pop(ev.tgid, None)
-        elif ev.tgid in self._names:
-            self._names.pop(ev.tgid, None)  # exec: a new program name
+        elif ev.kind == PK_EXEC:
+            self._names.pop(ev.tgid, None)  # a new program name
         if self._on_proc_event is not None:
             self._on_proc_event(ev)
 

@@ -36,6 +36,7 @@ from probes.socket_events import (
     PK_EXIT,
     PK_FORK,
     PK_LISTEN,
+    PK_TLS,
     ROLE_CLIENT,
     ROLE_SERVER,
     Decoder,
@@ -113,6 +114,7 @@ class Pipeline:
         self._selector = TargetSelector(config.targets, proc=config.proc)
         self._targets: set[int] = set()
         self._tls_state: dict[int, str] = {}  # target -> hooked | unhooked | none
+        self._tls_seen: set[int] = set()  # targets seen doing TLS handshakes the hooks do not decrypt
         self.clock = Clock()
         self.probe: CaptureProbe | None = None
         self.assembler: Assembler | None = None
@@ -288,7 +290,14 @@ class Pipeline:
                 self._notify(ev.tgid, False)
             self._targets.discard(ev.tgid)
             self._tls_state.pop(ev.tgid, None)
+            self._tls_seen.discard(ev.tgid)
             self._drop_conns(ev.tgid)
+        elif ev.kind == PK_TLS:
+            if ev.tgid in self._targets and ev.tgid not in self._tls_seen:
+                self._tls_seen.add(ev.tgid)
+                if self._tls_state.get(ev.tgid) != "hooked":
+                    log.warning("pid %d serves TLS that is not decrypted (TLS capture off, see --tls, or a TLS "
+                                "library that cannot be hooked): its HTTPS requests are not captured", ev.tgid)
         elif ev.kind in (PK_EXEC, PK_LISTEN):
             if ev.tgid not in self._targets and self._selector.matches(ev.tgid):
                 self._attach(ev.tgid)
@@ -310,7 +319,10 @@ class Pipeline:
     def _tls_counts(self) -> dict[tuple[tuple[str, str], ...], float]:
         counts = {"hooked": 0.0, "unhooked": 0.0, "none": 0.0}
         for pid in list(self._targets):
-            counts[self._tls_state.get(pid, "none")] += 1
+            state = self._tls_state.get(pid, "none")
+            if state == "none" and pid in self._tls_seen:
+                state = "unhooked"  # TLS on the wire, no hook: static TLS, or capture off
+            counts[state] += 1
         return {(("state", k),): v for k, v in counts.items()}
 
     def _check_tls(self, pid: int) -> None:

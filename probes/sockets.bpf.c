@@ -227,6 +227,18 @@ static __always_inline int emit(void *data, u64 size, u32 lost_idx, struct conn_
     return 0;
 }
 
+static __always_inline void send_proc(u8 kind, u32 tgid, u32 pid, u32 ppid) {
+    struct proc_event_t ev = {};
+    ev.type = EV_PROC;
+    ev.kind = kind;
+    ev.tgid = tgid;
+    ev.pid = pid;
+    ev.ppid = ppid;
+    ev.ts_ns = bpf_ktime_get_ns();
+    bpf_get_current_comm(ev.comm, sizeof(ev.comm));
+    emit(&ev, sizeof(ev), C_LOST_PROC, 0);
+}
+
 /* A request phase ends. If none of its records reached user space, user space
  * cannot know it existed: count it here, so that every request is either a
  * record or a counted loss. */
@@ -1148,8 +1160,14 @@ static __always_inline void on_data(void *ctx, u64 pid_tgid, struct args_t *a, s
     if (h2try)
         return;
     if (new_req) {
-        if (mode == CAP_FULL && !looks_like_http_request(ev->payload, ev->head_len))
+        if (mode == CAP_FULL && !looks_like_http_request(ev->payload, ev->head_len)) {
             c->flags |= CF_FOREIGN;
+            /* a TLS handshake (record type 22, version 3.x) whose plaintext no
+             * hook sees: the target serves TLS the agent does not capture */
+            if (!(c->mode & MODE_TLS) && ev->head_len >= 3 && ev->payload[0] == 0x16 && ev->payload[1] == 0x03
+                && ev->payload[2] <= 0x04)
+                send_proc(PK_TLS, tgid, a->fd, 0);
+        }
         count(c->flags & CF_FOREIGN ? C_FOREIGN : C_REQUESTS);
     }
     if (c->flags & CF_FOREIGN)
@@ -1588,18 +1606,6 @@ TRACEPOINT_PROBE(syscalls, sys_enter_getpeername) { return save_data(args->fd, (
 TRACEPOINT_PROBE(syscalls, sys_exit_getpeername) { return finish_name(args->ret); }
 TRACEPOINT_PROBE(syscalls, sys_enter_getsockname) { return save_data(args->fd, (u64)args->usockaddr, (u64)args->usockaddr_len, K_SOCKNAME); }
 TRACEPOINT_PROBE(syscalls, sys_exit_getsockname) { return finish_name(args->ret); }
-
-static __always_inline void send_proc(u8 kind, u32 tgid, u32 pid, u32 ppid) {
-    struct proc_event_t ev = {};
-    ev.type = EV_PROC;
-    ev.kind = kind;
-    ev.tgid = tgid;
-    ev.pid = pid;
-    ev.ppid = ppid;
-    ev.ts_ns = bpf_ktime_get_ns();
-    bpf_get_current_comm(ev.comm, sizeof(ev.comm));
-    emit(&ev, sizeof(ev), C_LOST_PROC, 0);
-}
 
 TRACEPOINT_PROBE(syscalls, sys_exit_listen) {
     if (args->ret != 0)

@@ -59,6 +59,7 @@
 #define PK_FORK 2
 #define PK_EXIT 3
 #define PK_LISTEN 4
+#define PK_TLS 5            /* a TLS handshake on a connection whose plaintext is not captured (pid: fd) */
 
 /* per-CPU counters (index into the `counters` array) */
 #define C_REQUESTS 0        /* request phases started (non-foreign) */

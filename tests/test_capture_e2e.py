@@ -620,5 +620,20 @@ def test_https_plaintext_through_openssl_uprobes(tmp_path: Path) -> None:
         assert abs(stream.duration_s - duration) <= TOL
         assert plain.request_model == "tls-json" and plain.output_tokens == 3 and not plain.streaming
         assert [r.path for r in recs[2:]] == ["/health"] * 3 and all(r.status_code == 200 for r in recs)
+
+        # TLS capture off: the handshakes on the wire still tell that this target
+        # serves TLS the agent does not decrypt
+        with running_agent(TargetConfig(pids=(proc.pid,)), probe=SocketProbeConfig(tls=False)) as a:
+            mark = a.mark()
+
+            def tls_states() -> dict[str, float]:
+                return {dict(x.labels)["state"]: x.value for x in a.metrics.snapshot()
+                        if x.name == "infersight.tls.targets"}
+
+            assert tls_states() == {"hooked": 0, "unhooked": 0, "none": 1}
+            with httpx.Client(verify=False) as http:
+                assert http.get(url + "/health").status_code == 200
+            wait_for(lambda: tls_states() == {"hooked": 0, "unhooked": 1, "none": 0}, 5, what="TLS seen on the wire")
+            assert a.since(mark) == []
     finally:
         srv.stop()
