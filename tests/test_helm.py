@@ -13,6 +13,9 @@ import json
 import os
 import shutil
 import subprocess
+import time
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -42,10 +45,18 @@ TARGETS: list[dict[str, Any]] = [
         "minReplicas": 2,
         "maxReplicas": 10,
         "activeRequestsPerReplica": 12,
+        "requestsPerSecondPerReplica": 40,
         "ttftP90Seconds": 0.75,
         "fallbackReplicas": 3,
     },
     {"namespace": "llm", "deployment": "embedder", "ttftP90Seconds": 0, "minReplicas": 0},
+    # Triton serving gRPC only: no in-flight gauge, so it scales on calls per second.
+    {
+        "namespace": "vision",
+        "deployment": "triton-resnet",
+        "requestsPerSecondPerReplica": 200,
+        "ttftP90Seconds": 0,
+    },
 ]
 
 #: One rendering per feature toggle (and the defaults). Each is linted, validated and scanned.
@@ -228,6 +239,7 @@ def test_schema_describes_every_value() -> None:
         {"agent": {"prometheusPort": "metrics"}},
         {"agent": {"sampleRatio": 2}},
         {"keda": {"targets": [{"deployment": "no-namespace"}]}},
+        {"keda": {"targets": [{"namespace": "a", "deployment": "b", "requestsPerSecondPerReplica": -1}]}},
         {"otlp": {"protocol": "thrift"}},
     ],
 )
@@ -557,7 +569,7 @@ def scaled_objects() -> dict[str, dict[str, Any]]:
 
 def test_one_scaled_object_per_target_beside_its_workload() -> None:
     objs = scaled_objects()
-    assert sorted(objs) == ["embedder", "sglang", "vllm-llama"]
+    assert sorted(objs) == ["embedder", "sglang", "triton-resnet", "vllm-llama"]
     for target in TARGETS:
         so = objs[target["deployment"]]
         assert so["metadata"]["namespace"] == target["namespace"]
@@ -576,33 +588,57 @@ def test_one_scaled_object_per_target_beside_its_workload() -> None:
     assert objs["sglang"]["spec"]["fallback"] == {"failureThreshold": 3, "replicas": 3}
 
 
+#: Both request counters of one deployment: HTTP requests and gRPC calls are separate histograms.
+REQUESTS = (
+    '{{__name__=~"http_server_request_duration_seconds_count|rpc_server_duration_milliseconds_count",{sel}}}'
+)
+
+
 def test_scaled_object_triggers_and_queries() -> None:
     objs = scaled_objects()
     sel = 'k8s_namespace_name="llm-b",k8s_deployment_name="sglang"'
+    requests = REQUESTS.format(sel=sel)
     triggers = {t["name"]: t for t in objs["sglang"]["spec"]["triggers"]}
-    assert set(triggers) == {"active-requests", "ttft-p90"}
+    assert list(triggers) == ["active-requests", "request-rate", "ttft-p90"]
     active = triggers["active-requests"]
     assert active["type"] == "prometheus"
     assert active["metricType"] == "AverageValue"
-    assert active["metadata"]["query"] == (
-        f"sum(http_server_active_requests{{{sel}}}) or (0 * sum(http_server_request_duration_seconds_count{{{sel}}}))"
+    # 0 rather than nothing when the deployment serves only gRPC (which has no in-flight gauge).
+    assert (
+        active["metadata"]["query"] == f"sum(http_server_active_requests{{{sel}}}) or (0 * sum({requests}))"
     )
     assert active["metadata"]["threshold"] == "12"
     assert active["authenticationRef"] == {"name": "prom-auth"}
+    rate = triggers["request-rate"]
+    assert rate["type"] == "prometheus"
+    assert rate["metricType"] == "AverageValue"
+    assert rate["metadata"]["query"] == f"sum(rate({requests}[2m]))"
+    assert rate["metadata"]["threshold"] == "40"
+    assert rate["authenticationRef"] == {"name": "prom-auth"}
     ttft = triggers["ttft-p90"]
     assert ttft["metricType"] == "Value"
     assert ttft["metadata"]["threshold"] == "0.75"
-    assert ttft["metadata"]["query"].startswith(
+    assert ttft["metadata"]["query"] == (
         "(histogram_quantile(0.9, sum by (le) "
-        f"(rate(gen_ai_server_time_to_first_token_seconds_bucket{{{sel}}}[2m]))) >= 0)"
+        f"(rate(gen_ai_server_time_to_first_token_seconds_bucket{{{sel}}}[2m]))) >= 0) or (0 * sum({requests}))"
     )
+    # The gRPC-only target: in-flight (reads 0) and request rate, no TTFT.
+    triton = {t["name"]: t for t in objs["triton-resnet"]["spec"]["triggers"]}
+    assert list(triton) == ["active-requests", "request-rate"]
+    assert triton["request-rate"]["metadata"]["query"] == (
+        "sum(rate("
+        + REQUESTS.format(sel='k8s_namespace_name="vision",k8s_deployment_name="triton-resnet"')
+        + "[2m]))"
+    )
+    assert triton["request-rate"]["metadata"]["threshold"] == "200"
     for so in objs.values():
         for t in so["spec"]["triggers"]:
             # A lost agent must not read as zero load.
             assert t["metadata"]["ignoreNullValues"] == "false"
             assert t["metadata"]["serverAddress"] == "http://prometheus-operated.monitoring.svc:9090"
-    # ttftP90Seconds: 0 turns the TTFT trigger off.
+    # ttftP90Seconds: 0 turns the TTFT trigger off; requestsPerSecondPerReplica is 0 (off) by default.
     assert [t["name"] for t in objs["embedder"]["spec"]["triggers"]] == ["active-requests"]
+    assert [t["name"] for t in objs["vllm-llama"]["spec"]["triggers"]] == ["active-requests", "ttft-p90"]
     assert objs["vllm-llama"]["spec"]["triggers"][0]["metadata"]["threshold"] == "8"
 
 
@@ -612,9 +648,119 @@ def test_scaled_object_queries_are_valid_promql(tmp_path: Path) -> None:
         for name, so in scaled_objects().items()
         for t in so["spec"]["triggers"]
     }
-    assert len(exprs) == 5
+    assert len(exprs) == 8
     result = promtool_check(exprs, tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _query_at(port: int, promql: str, at: str) -> list[dict[str, Any]]:
+    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": promql, "time": at})
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        body = json.load(resp)
+    assert body["status"] == "success", body
+    return list(body["data"]["result"])
+
+
+def test_scaled_object_queries_read_grpc_and_http_load(tmp_path: Path) -> None:
+    """The rendered queries against the Debian Prometheus scraping the agent's exporter, fed known
+    records: a gRPC-only Triton deployment, a deployment serving HTTP and gRPC, and one the agent
+    never exported (a lost agent). Every series grows by the same round of records, so rate()
+    extrapolates them alike and the values compare exactly."""
+    from agent.export.exporters import ExportConfig, Exporters
+    from agent.record import ActiveRequest
+    from agent.selfmetrics import SelfMetrics
+    from tests.otlp_receiver import free_port
+    from tests.test_export_canary import make_request
+    from tests.test_export_prometheus import PrometheusServer, prometheus_binary
+    from tests.test_export_rpc import grpc_request
+
+    if prometheus_binary() is None:
+        if IN_CI:
+            pytest.fail("prometheus (Debian package) is missing under CI")
+        pytest.skip("prometheus binary missing (apt-get install -y prometheus)")
+    triton = {"k8s.namespace.name": "vision", "k8s.deployment.name": "triton-resnet", "k8s.pod.name": "t-0"}
+    sglang = {"k8s.namespace.name": "llm-b", "k8s.deployment.name": "sglang", "k8s.pod.name": "s-0"}
+    # A round: 4 ModelInfer calls on Triton (unary: no first token); on sglang, 3 streamed HTTP
+    # requests (TTFT 250 ms) and 1 gRPC call.
+    rnd = [
+        *(grpc_request("ModelInfer", 0, request_model="resnet").with_attributes(triton) for _ in range(4)),
+        *(make_request().with_attributes(sglang) for _ in range(3)),
+        grpc_request("ModelInfer", 0, request_model="resnet").with_attributes(sglang),
+    ]
+    port = free_port()
+    ex = Exporters(
+        ExportConfig(otlp_endpoint="", prometheus_port=port, prometheus_host="127.0.0.1"),
+        metrics=SelfMetrics(),
+    )
+    in_flight = [ActiveRequest(0, 1, "sglang", 8000, "POST", "/v1/completions", "m", sglang)] * 2
+    ex.set_active_source(lambda: in_flight)
+    prom = None
+    try:
+        for r in rnd:  # before the first scrape: every series starts from one whole round
+            ex.emit(r)
+        prom = PrometheusServer(tmp_path, [f"127.0.0.1:{port}"])
+        prom.wait_for("sum(rpc_server_duration_milliseconds_count)", bool, timeout=60)
+        for _ in range(3):
+            time.sleep(1.5)  # more than a scrape interval apart
+            for r in rnd:
+                ex.emit(r)
+        prom.wait_for(
+            "sum(rpc_server_duration_milliseconds_count) + sum(http_server_request_duration_seconds_count)",
+            lambda r: bool(r) and float(r[0]["value"][1]) == 4 * len(rnd),
+        )
+        values = {
+            "keda": {
+                "enabled": True,
+                "prometheusServerAddress": f"http://127.0.0.1:{prom.port}",
+                "defaults": {"requestsPerSecondPerReplica": 10},
+                "targets": [
+                    {"namespace": "vision", "deployment": "triton-resnet"},
+                    {"namespace": "llm-b", "deployment": "sglang"},
+                    {"namespace": "llm", "deployment": "vllm-llama"},
+                ],
+            }
+        }
+        queries = {
+            (so["spec"]["scaleTargetRef"]["name"], t["name"]): t["metadata"]["query"]
+            for so in documents(values)
+            if so["kind"] == "ScaledObject"
+            for t in so["spec"]["triggers"]
+        }
+        at = f"{time.time():.3f}"  # one evaluation time: rate() extrapolates to its window's end
+
+        def value(promql: str) -> float | None:
+            result = _query_at(prom.port, promql, at)
+            assert len(result) <= 1, result
+            return float(result[0]["value"][1]) if result else None
+
+        got = {key: value(q) for key, q in queries.items()}
+        rpc_rate = value(
+            'sum(rate(rpc_server_duration_milliseconds_count{k8s_deployment_name="triton-resnet"}[2m]))'
+        )
+        assert rpc_rate is not None and rpc_rate > 0
+        # gRPC only: no query is empty; the load is in request-rate.
+        assert got[("triton-resnet", "active-requests")] == 0.0  # no in-flight gauge for gRPC
+        assert got[("triton-resnet", "request-rate")] == pytest.approx(rpc_rate)
+        assert got[("triton-resnet", "ttft-p90")] == 0.0  # unary calls: no first token, no NaN
+        # HTTP and gRPC: the in-flight gauge, both counters in the rate (3 + 1 per round against 4).
+        assert got[("sglang", "active-requests")] == 2.0
+        assert got[("sglang", "request-rate")] == pytest.approx(rpc_rate)
+        http_rate = value(
+            'sum(rate(http_server_request_duration_seconds_count{k8s_deployment_name="sglang"}[2m]))'
+        )
+        assert http_rate == pytest.approx(3 / 4 * rpc_rate)
+        ttft = got[("sglang", "ttft-p90")]
+        assert ttft is not None and 0.1 < ttft <= 0.25  # in the (0.1, 0.25] bucket holding 250 ms
+        # Never exported: every query stays empty, so KEDA reports an error instead of zero load.
+        assert {t: v for (d, t), v in got.items() if d == "vllm-llama"} == {
+            "active-requests": None,
+            "request-rate": None,
+            "ttft-p90": None,
+        }
+    finally:
+        if prom is not None:
+            prom.stop()
+        ex.shutdown()
 
 
 def test_keda_off_by_default() -> None:
@@ -630,7 +776,7 @@ def test_notes_say_what_to_check_next() -> None:
     assert "9464/metrics" in notes
     assert "dashboards.enabled=true" in notes
     assert "BPF,PERFMON,SYS_PTRACE,DAC_READ_SEARCH,SYS_RESOURCE" in notes
-    assert "3 KEDA ScaledObject(s)" in notes
+    assert "4 KEDA ScaledObject(s)" in notes
 
 
 def checkov_binary() -> str | None:
