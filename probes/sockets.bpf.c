@@ -188,7 +188,7 @@ struct ssl_key_t {
 BPF_HASH(last_fd, u64, u32, MAX_INFLIGHT);
 BPF_HASH(ssl_inflight, u64, struct ssl_args_t, MAX_INFLIGHT);
 BPF_TABLE("lru_hash", struct ssl_key_t, u32, ssl_fds, MAX_CONNS);
-BPF_PROG_ARRAY(data_exit_uprobe_prog, 1);
+BPF_PROG_ARRAY(data_exit_uprobe_prog, 2);   /* 0: data_exit_uprobe, 1: h2_exit_uprobe */
 #endif
 
 static __always_inline void count(u32 idx) {
@@ -865,10 +865,13 @@ static __always_inline void h2_lost(struct h2w_t *w, struct conn_t *c, struct h2
 }
 
 BPF_PROG_ARRAY(h2_step_prog, 1);
+#if TLS
+BPF_PROG_ARRAY(h2_step_uprobe_prog, 1);    /* the same walk for TLS plaintext (uprobe program type) */
+#endif
 
 /* One run of the walk; chains to itself until the syscall is walked. When the
  * chain runs out (MAX_TAIL_CALL_CNT), the rest is lost to the walk. */
-int h2_step(void *ctx) {
+static __always_inline int h2_step_body(void *ctx, int up) {
     u32 z = 0;
     struct h2w_t *w = h2walk.lookup(&z);
     struct h2_scratch_t *s = scratch_h2.lookup(&z);
@@ -888,7 +891,12 @@ int h2_step(void *ctx) {
     int st = h2_steps(w, c, s, g);
     if (st == H2_MORE) {
         w->calls += 1;
-        h2_step_prog.call(ctx, 0);
+#if TLS
+        if (up)
+            h2_step_uprobe_prog.call(ctx, 0);
+        else
+#endif
+            h2_step_prog.call(ctx, 0);
         /* the tail-call budget is spent: more frames in one syscall than it walks */
         if (w->kvalid && w->pos >= w->len) {
             struct h2_key_t key = {.conn_id = c->conn_id, .sid = w->ksid};
@@ -904,9 +912,13 @@ int h2_step(void *ctx) {
     return 0;
 }
 
+int h2_step(void *ctx) {
+    return h2_step_body(ctx, 0);
+}
+
 /* Start the walk of one syscall (w is filled in): finish the frame the last
  * one left open, then hand over to h2_step. */
-static __always_inline void h2_begin(void *ctx, struct h2w_t *w, struct conn_t *c, u8 *g) {
+static __always_inline void h2_begin(void *ctx, struct h2w_t *w, struct conn_t *c, u8 *g, int up) {
     u32 z = 0;
     struct h2_scratch_t *s = scratch_h2.lookup(&z);
     if (!s)
@@ -962,7 +974,12 @@ static __always_inline void h2_begin(void *ctx, struct h2w_t *w, struct conn_t *
     }
     if (w->pos >= len && !w->kvalid)
         return;
-    h2_step_prog.call(ctx, 0);
+#if TLS
+    if (up)
+        h2_step_uprobe_prog.call(ctx, 0);
+    else
+#endif
+        h2_step_prog.call(ctx, 0);
 }
 
 #ifndef H2_IOV_BATCH
@@ -1014,7 +1031,7 @@ int h2_gather_step(void *ctx) {
     if (!done)
         h2_gather_prog.call(ctx, 0);
     /* gathered all (or the chain ran out): walk what is there */
-    h2_begin(ctx, w, c, gb->b);
+    h2_begin(ctx, w, c, gb->b, 0);
     return 0;
 }
 
@@ -1036,7 +1053,7 @@ static __always_inline void h2_switch(struct conn_t *c, int preface, u32 dir) {
 /* A request-direction or response-direction syscall on a tracked connection.
  * Written with one capture() call site: each inlined copy multiplies the
  * verifier's work. */
-static __always_inline void on_data(void *ctx, u64 pid_tgid, struct args_t *a, s64 ret, int h2ok) {
+static __always_inline void on_data(void *ctx, u64 pid_tgid, struct args_t *a, s64 ret, int up) {
     u32 tgid = pid_tgid >> 32;
     u64 key = ((u64)tgid << 32) | a->fd;
     struct conn_t *c = conns.lookup(&key);
@@ -1122,7 +1139,7 @@ static __always_inline void on_data(void *ctx, u64 pid_tgid, struct args_t *a, s
         c->resp_last_ns = now;
         if (c->flags & CF_FOREIGN) {
             /* a connection joined mid-stream may be HTTP/2 whose server writes first */
-            if (!h2ok || c->seq > 2 || (c->mode & MODE_TLS) || idx > 0)
+            if (c->seq > 2 || idx > 0)
                 return;
             h2try = 1;
         }
@@ -1147,12 +1164,17 @@ static __always_inline void on_data(void *ctx, u64 pid_tgid, struct args_t *a, s
     if (nopayload)
         ev->flags |= DF_NO_PAYLOAD;
 
-    if (h2ok && mode == CAP_FULL && !(c->mode & MODE_TLS) && (new_req || h2try || (!is_req && c->seq == 0))) {
+    if (mode == CAP_FULL && (new_req || h2try || (!is_req && c->seq == 0))) {
         int pre = is_req && is_preface(ev->payload, ev->head_len);
         if (pre || (!looks_like_http_request(ev->payload, ev->head_len) && h2_plausible(ev->payload, ev->head_len, len))) {
             h2_switch(c, pre, dir_in ? DIR_IN : DIR_OUT);
             inflight.update(&pid_tgid, a);
-            data_exit_prog.call(ctx, 1);
+#if TLS
+            if (up)
+                data_exit_uprobe_prog.call(ctx, 1);
+            else
+#endif
+                data_exit_prog.call(ctx, 1);
             inflight.delete(&pid_tgid);
             return;
         }
@@ -1284,36 +1306,42 @@ static __always_inline int finish(void *ctx, s64 ret) {
     return 0;
 }
 
-static __always_inline int data_exit_common(void *ctx, int h2ok) {
+static __always_inline int data_exit_common(void *ctx, int up) {
     u64 pid_tgid = bpf_get_current_pid_tgid();
     struct args_t *a = inflight.lookup(&pid_tgid);
     if (!a)
         return 0;
     struct args_t copy = *a;
-    if (h2ok) {
-        u64 key = ((pid_tgid >> 32) << 32) | copy.fd;
-        struct conn_t *c = conns.lookup(&key);
-        if (c && (c->mode & MODE_H2)) {
-            data_exit_prog.call(ctx, 1);    /* h2_exit takes the saved arguments */
-            inflight.delete(&pid_tgid);
-            return 0;
-        }
+    u64 key = ((pid_tgid >> 32) << 32) | copy.fd;
+    struct conn_t *c = conns.lookup(&key);
+    if (c && (c->mode & MODE_H2)) {
+        /* h2_exit(_uprobe) takes the saved arguments; the ciphertext of a TLS
+         * connection is skipped (its plaintext comes through the uprobes) */
+#if TLS
+        if (up)
+            data_exit_uprobe_prog.call(ctx, 1);
+        else
+#endif
+        if (!(c->mode & MODE_TLS))
+            data_exit_prog.call(ctx, 1);
+        inflight.delete(&pid_tgid);
+        return 0;
     }
     inflight.delete(&pid_tgid);
     u32 z = 0;
     s64 *slot = exit_ret.lookup(&z);
     if (!slot)
         return 0;
-    on_data(ctx, pid_tgid, &copy, *slot, h2ok);
+    on_data(ctx, pid_tgid, &copy, *slot, up);
     return 0;
 }
 
 int data_exit(void *ctx) {
-    return data_exit_common(ctx, 1);
+    return data_exit_common(ctx, 0);
 }
 
 /* The data path of an h2-mode connection (tail-called, index 1). */
-int h2_exit(void *ctx) {
+static __always_inline int h2_exit_body(void *ctx, int up) {
     u64 pid_tgid = bpf_get_current_pid_tgid();
     struct args_t *ap = inflight.lookup(&pid_tgid);
     if (!ap)
@@ -1330,7 +1358,8 @@ int h2_exit(void *ctx) {
     struct conn_t *c = conns.lookup(&key);
     if (!c || ret <= 0)
         return 0;
-    int dir_in = a.kind == K_READ || a.kind == K_READV || a.kind == K_RECVMSG || a.kind == K_NOPAYLOAD_IN;
+    int dir_in = a.kind == K_READ || a.kind == K_READV || a.kind == K_RECVMSG || a.kind == K_NOPAYLOAD_IN
+                 || a.kind == K_TLS_IN;
     u32 dir = dir_in ? DIR_IN : DIR_OUT;
     if (a.kind == K_NOPAYLOAD_IN || a.kind == K_NOPAYLOAD_OUT) {
         /* bytes moved without a buffer: framing cannot be followed */
@@ -1352,11 +1381,12 @@ int h2_exit(void *ctx) {
     w->tgid = tgid;
     w->fd = a.fd;
     w->dir = dir;
-    w->vec = a.kind == K_READV || a.kind == K_RECVMSG || a.kind == K_WRITEV || a.kind == K_SENDMSG;
+    int vec = !up && (a.kind == K_READV || a.kind == K_RECVMSG || a.kind == K_WRITEV || a.kind == K_SENDMSG);
+    w->vec = vec;
     w->iov_i = 0;
     w->iov_ptr = a.ptr;
     w->iov_cnt = a.extra;
-    if (w->vec) {
+    if (vec) {
         if (c->h2[dir & 1].state == H2S_LOST) {
             /* raw: the syscall's length, and bytes from its first iovec only
              * (enough for user space to resynchronise on) */
@@ -1374,8 +1404,12 @@ int h2_exit(void *ctx) {
         h2_gather_prog.call(ctx, 0);
         return 0;
     }
-    h2_begin(ctx, w, c, 0);
+    h2_begin(ctx, w, c, 0, up);
     return 0;
+}
+
+int h2_exit(void *ctx) {
+    return h2_exit_body(ctx, 0);
 }
 
 #if TLS
@@ -1388,7 +1422,16 @@ int h2_exit(void *ctx) {
  * and the plaintext drives the same phases, captures and summaries. */
 /* the data path, as a program of the uprobes' type (tail calls keep program types) */
 int data_exit_uprobe(struct pt_regs *ctx) {
-    return data_exit_common(ctx, 0);
+    return data_exit_common(ctx, 1);
+}
+
+/* The HTTP/2 walk of TLS plaintext: programs of the uprobes' type. */
+int h2_exit_uprobe(struct pt_regs *ctx) {
+    return h2_exit_body(ctx, 1);
+}
+
+int h2_step_uprobe(struct pt_regs *ctx) {
+    return h2_step_body(ctx, 1);
 }
 
 static __always_inline int ssl_enter(struct pt_regs *ctx, u32 out, u32 ex) {

@@ -194,6 +194,10 @@ class SocketProbe:
             # the same data path, as a program of the uprobes' type
             uprobe_exit = self.bpf.load_func(b"data_exit_uprobe", BPF.KPROBE)
             self.bpf[b"data_exit_uprobe_prog"][ctypes.c_int(0)] = ctypes.c_int(uprobe_exit.fd)
+            h2_up = self.bpf.load_func(b"h2_exit_uprobe", BPF.KPROBE)
+            self.bpf[b"data_exit_uprobe_prog"][ctypes.c_int(1)] = ctypes.c_int(h2_up.fd)
+            h2_step_up = self.bpf.load_func(b"h2_step_uprobe", BPF.KPROBE)
+            self.bpf[b"h2_step_uprobe_prog"][ctypes.c_int(0)] = ctypes.c_int(h2_step_up.fd)
         self.load_seconds = time.monotonic() - t0
         self._targets = self.bpf[b"targets"]
         self._conns = self.bpf[b"conns"]

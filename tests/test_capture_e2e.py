@@ -637,3 +637,45 @@ def test_https_plaintext_through_openssl_uprobes(tmp_path: Path) -> None:
             assert a.since(mark) == []
     finally:
         srv.stop()
+
+
+def test_http2_inside_tls(tmp_path: Path) -> None:
+    """hypercorn serving HTTP/2 over TLS (ALPN h2): the TLS uprobes hand the
+    plaintext to the kernel's HTTP/2 walk, one record per stream."""
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-subj", "/CN=localhost", "-days", "1"], check=True, capture_output=True)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "tests.servers.h2_tls", str(port), str(cert), str(key)],
+                            cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"https://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        try:
+            return httpx.get(url + "/health", verify=False, timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(healthy, 20, what="HTTP/2 TLS server")
+        with running_agent(TargetConfig(pids=(proc.pid,)), probe=SocketProbeConfig(tls=True)) as a:
+            assert a.pipeline._tls_state.get(proc.pid) == "hooked"
+            mark = a.mark()
+            with httpx.Client(http2=True, verify=False) as http:
+                for i in range(3):
+                    r = http.get(url + f"/health?i={i}")
+                    assert r.status_code == 200 and r.http_version == "HTTP/2"
+                r = http.post(url + "/v1/chat/completions",
+                              json={"model": "h2-model", "messages": [], "max_tokens": 3})
+                assert r.status_code == 200 and r.http_version == "HTTP/2"
+            recs = a.wait_records(mark, 4)
+            time.sleep(0.3)
+            assert len(a.since(mark)) == 4
+            wait_for(lambda: a.metrics.get("infersight.kernel.h2.connections") >= 1, 5, what="kernel counters")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert [(r.method, r.path, r.status_code) for r in recs] == (
+        [("GET", f"/health?i={i}", 200) for i in range(3)] + [("POST", "/v1/chat/completions", 200)])
+    assert all(r.pid == proc.pid and r.duration_s > 0 and "rpc.system" not in r.attributes for r in recs)
