@@ -535,3 +535,115 @@ def test_dashboard_queries_against_a_real_agent(tmp_path: Path) -> None:
                 agent.kill()
                 agent.wait(10)
         srv.stop()
+
+
+#: gRPC panels (and series) that must show data when a real agent watches a real KServe v2 gRPC
+#: server; the HTTP request panels must not (gRPC calls are not HTTP requests in the metrics).
+LIVE_GRPC_WITH_DATA = {
+    ("llm-serving", "gRPC calls by method and status", "A"),
+    ("llm-serving", "gRPC call duration quantiles", "A"),
+    ("llm-serving", "gRPC call duration quantiles", "C"),
+    ("llm-serving", "Error ratio", "B"),
+    ("llm-serving", "In-flight requests", "B"),
+    ("llm-serving", "LLM requests by model and error", "A"),
+    ("llm-serving", "Time to first token", "A"),
+    ("llm-serving", "TTFT quantiles", "A"),
+    ("request-gpu", "In-flight requests per pod", "B"),
+}
+LIVE_GRPC_WITHOUT_DATA = {
+    ("llm-serving", "HTTP requests by route and status", "A"),
+    ("llm-serving", "HTTP request duration p90 by route", "A"),
+    ("llm-serving", "Error ratio", "A"),
+}
+
+
+@pytest.mark.ebpf
+@pytest.mark.slow
+def test_grpc_panels_against_a_real_agent(tmp_path: Path) -> None:
+    """The KServe v2 gRPC test server driven by ``tritonclient`` (unary ModelInfer and streaming
+    ModelStreamInfer), `infersight run` attached to it, Prometheus scraping the agent: the gRPC
+    panels show the calls, the HTTP ones stay empty."""
+    from tests.harness import free_port, wait_for
+    from tests.test_export_prometheus import PrometheusServer, prometheus_binary
+    from tests.test_grpc_e2e import KServe
+
+    if prometheus_binary() is None:
+        if IN_CI:
+            pytest.fail("prometheus (Debian package) is missing under CI")
+        pytest.skip("prometheus binary missing (apt-get install -y prometheus)")
+    kserve = KServe(tmp_path)
+    metrics_port = free_port()
+    log = tmp_path / "agent.log"
+    stop = threading.Event()
+    agent = prom = None
+    loader = None
+    try:
+        with open(log, "w") as logf:
+            agent = subprocess.Popen(
+                [sys.executable, "-m", "agent.cli", "run", "--pid", str(kserve.pid)],
+                cwd=REPO,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONPATH": str(REPO), "INFERSIGHT_PROMETHEUS_PORT": str(metrics_port)},
+            )
+        wait_for(lambda: "attached to 1 target" in log.read_text(), 60, 0.2, "agent attached")
+        kserve.connect()  # after the attach: the connection's HPACK tables are seen from the start
+
+        def load() -> None:
+            i = 0
+            while not stop.is_set():
+                kserve.call(op="infer", model="simple", id=f"u{i}", delay_ms=5)
+                if i % 3 == 0:
+                    kserve.call(
+                        op="stream",
+                        model="simple_stream",
+                        interval_ms=5,
+                        requests=[{"id": f"s{i}", "responses": 3}],
+                    )
+                i += 1
+                stop.wait(0.2)
+
+        loader = threading.Thread(target=load, daemon=True)
+        loader.start()
+        prom = PrometheusServer(tmp_path, [f"127.0.0.1:{metrics_port}"])
+        prom.wait_for(
+            'sum(rate(rpc_server_duration_milliseconds_count{rpc_method="ModelStreamInfer"}[30s]))',
+            lambda r: bool(r) and float(r[0]["value"][1]) > 0,
+            timeout=60,
+        )
+        with_data = set()
+        for q in build.all_queries():
+            expr = substitute_variables(q.expr).replace("[2m]", "[30s]")
+            if prom.query(expr):
+                with_data.add((q.dashboard, q.panel, q.ref_id))
+        missing = LIVE_GRPC_WITH_DATA - with_data
+        assert not missing, f"without data: {sorted(missing)}\nagent log:\n{log.read_text()[-3000:]}"
+        assert not LIVE_GRPC_WITHOUT_DATA & with_data
+        methods = prom.query("sum by (rpc_method, rpc_service) (rpc_server_duration_milliseconds_count)")
+        assert {(r["metric"]["rpc_service"], r["metric"]["rpc_method"]) for r in methods} == {
+            ("inference.GRPCInferenceService", "ModelInfer"),
+            ("inference.GRPCInferenceService", "ModelStreamInfer"),
+        }
+        # The quantile panel is in ms: a ModelInfer whose handler sleeps 5 ms takes more than 5 and
+        # far less than 1000.
+        (p50_query, *_) = [q for q in build.all_queries() if q.panel == "gRPC call duration quantiles"]
+        p50 = {
+            r["metric"]["rpc_method"]: float(r["value"][1])
+            for r in prom.query(substitute_variables(p50_query.expr).replace("[2m]", "[30s]"))
+        }
+        assert 5 < p50["ModelInfer"] < 1000, p50
+    finally:
+        stop.set()
+        if loader is not None:
+            loader.join(30)
+        if prom is not None:
+            prom.stop()
+        if agent is not None:
+            agent.send_signal(signal.SIGTERM)
+            try:
+                agent.wait(30)
+            except subprocess.TimeoutExpired:
+                agent.kill()
+                agent.wait(10)
+        kserve.stop()
+    assert "Traceback" not in log.read_text()
