@@ -3,9 +3,15 @@
 Reads ``--url`` (default ``http://127.0.0.1:9464/metrics``) every
 ``--interval`` seconds and shows, per model and per pod: requests (total and
 per second), p50/p99 request duration, p50/p99 time to first token, output
-tokens per second, in-flight requests and aborts; GPU utilisation and memory
-beside them when a GPU collector exports them; and the agent's own drops and
-failures. ``--once`` prints one frame and exits.
+tokens per second, in-flight requests and aborts; gRPC calls per pod and
+method (total, per second, p50/p99 duration, errors and status codes); GPU
+utilisation and memory beside them when a GPU collector exports them; and the
+agent's own drops and failures. ``--once`` prints one frame and exits.
+
+gRPC calls (Triton / KServe v2 ``ModelInfer``, ``ModelStreamInfer``) are counted
+in ``rpc_server_duration_milliseconds``, never in the HTTP histogram, so the
+per-pod rows (HTTP requests) leave them out and the gRPC table shows them; the
+per-model rows include those that name a model (the ``gen_ai`` histograms do).
 
 Rates and windowed quantiles come from the difference between two scrapes; the
 first frame (and ``--once``) shows totals and quantiles since the agent started.
@@ -33,6 +39,8 @@ from rich.text import Text
 DEFAULT_URL = "http://127.0.0.1:9464/metrics"
 REQ = "gen_ai_server_request_duration_seconds"
 HTTP = "http_server_request_duration_seconds"
+# rpc.server.duration: in milliseconds (semconv RPC metrics up to v1.37); parse() converts to seconds.
+RPC = "rpc_server_duration_milliseconds"
 TTFT = "gen_ai_server_time_to_first_token_seconds"
 TOKENS = "gen_ai_server_token_usage"
 ACTIVE = "http_server_active_requests"
@@ -90,6 +98,10 @@ class Snapshot:
     output_tokens: dict[tuple[str, str], float] = field(default_factory=dict)
     active: dict[tuple[str, str], float] = field(default_factory=dict)
     aborted: dict[tuple[str, str], float] = field(default_factory=dict)
+    # gRPC calls keyed by (pod or "", "Service/Method"); durations in seconds.
+    rpc: dict[tuple[str, str], Hist] = field(default_factory=dict)
+    rpc_errors: dict[tuple[str, str], float] = field(default_factory=dict)
+    rpc_codes: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)
     gpu: dict[str, dict[str, float]] = field(default_factory=dict)  # gpu id -> {"util": .., "mem": ..}
     trouble: dict[str, float] = field(default_factory=dict)
 
@@ -104,17 +116,28 @@ def _rows(labels: Mapping[str, str], model: bool = True, pod: bool = True) -> It
         yield ("pod", f"{ns}/{pod_name}" if ns else pod_name)
 
 
+def _rpc_key(labels: Mapping[str, str]) -> tuple[str, str]:
+    """(pod or "", "Service/Method"), the service without its package (``GRPCInferenceService``)."""
+    pod = labels.get("k8s_pod_name", "")
+    ns = labels.get("k8s_namespace_name")
+    service = labels.get("rpc_service", "").rsplit(".", 1)[-1]
+    method = labels.get("rpc_method") or "?"
+    return (f"{ns}/{pod}" if ns and pod else pod, f"{service}/{method}" if service else method)
+
+
 def _hist_add(
     table: dict[tuple[str, str], Hist],
     key: tuple[str, str],
     name: str,
     labels: Mapping[str, str],
     value: float,
+    scale: float = 1.0,
 ) -> None:
+    """Add one histogram sample; ``scale`` converts the observed unit (bounds and sum) to seconds."""
     h = table.setdefault(key, Hist())
     if name.endswith("_bucket"):
         try:
-            le = float(labels.get("le", "nan"))
+            le = float(labels.get("le", "nan")) * scale
         except ValueError:
             return
         if not math.isnan(le):
@@ -122,7 +145,7 @@ def _hist_add(
     elif name.endswith("_count"):
         h.count += value
     elif name.endswith("_sum"):
-        h.sum += value
+        h.sum += value * scale
 
 
 def parse(text: str, at: float | None = None) -> Snapshot:
@@ -142,6 +165,15 @@ def parse(text: str, at: float | None = None) -> Snapshot:
             elif fam.name == HTTP:
                 for key in _rows(labels, model=False):
                     _hist_add(snap.requests, key, name, labels, value)
+            elif fam.name == RPC:
+                key = _rpc_key(labels)
+                _hist_add(snap.rpc, key, name, labels, value, scale=1e-3)
+                if name.endswith("_count"):
+                    if labels.get("error_type"):
+                        snap.rpc_errors[key] = snap.rpc_errors.get(key, 0.0) + value
+                    codes = snap.rpc_codes.setdefault(key, {})
+                    code = labels.get("rpc_grpc_status_code", "-")  # absent: no trailers (a reset)
+                    codes[code] = codes.get(code, 0.0) + value
             elif fam.name == TTFT:
                 for key in _rows(labels):
                     _hist_add(snap.ttft, key, name, labels, value)
@@ -184,11 +216,50 @@ def _label_suffix(labels: Mapping[str, str]) -> str:
 def _fmt_s(v: float | None) -> str:
     if v is None:
         return "-"
+    if v < 0.01:  # gRPC calls to classic models take a few ms
+        return f"{v * 1000:.1f} ms"
     return f"{v * 1000:.0f} ms" if v < 1 else f"{v:.2f} s"
 
 
 def _fmt_rate(v: float | None) -> str:
     return "-" if v is None else f"{v:.1f}"
+
+
+def _fmt_codes(codes: Mapping[str, float]) -> str:
+    """``0:120 5:3``: calls per gRPC status code, numerically, ``-`` (no status) last."""
+    order = sorted(codes, key=lambda c: (not c.isdigit(), int(c) if c.isdigit() else 0, c))
+    return " ".join(f"{c}:{codes[c]:.0f}" for c in order if codes[c]) or "-"
+
+
+def _windowed(
+    now: Mapping[tuple[str, str], Hist], before: Mapping[tuple[str, str], Hist] | None, key: tuple[str, str]
+) -> tuple[Hist, Hist]:
+    """(total since start, the part since ``before``; the total again without an earlier scrape)."""
+    total = now.get(key, Hist())
+    old = before.get(key) if before is not None else None
+    return total, (total.minus(old) if old is not None else total)
+
+
+def _rpc_table(now: Snapshot, before: Snapshot | None, dt: float) -> Table | None:
+    if not now.rpc:
+        return None
+    t = Table(title="gRPC calls", title_justify="left", expand=False)
+    for col in ("pod", "rpc", "calls", "calls/s", "p50", "p99", "errors", "status codes"):
+        t.add_column(col, justify="left" if col in ("pod", "rpc", "status codes") else "right")
+    for key in sorted(now.rpc):
+        total, window = _windowed(now.rpc, before.rpc if before is not None and dt > 0 else None, key)
+        rate = window.count / dt if before is not None and dt > 0 else None
+        t.add_row(
+            key[0] or "-",
+            key[1],
+            f"{total.count:.0f}",
+            _fmt_rate(rate),
+            _fmt_s(window.quantile(0.5)),
+            _fmt_s(window.quantile(0.99)),
+            f"{now.rpc_errors.get(key, 0.0):.0f}",
+            _fmt_codes(now.rpc_codes.get(key, {})),
+        )
+    return t
 
 
 def render(now: Snapshot, before: Snapshot | None = None, source: str = DEFAULT_URL) -> Group:
@@ -227,6 +298,9 @@ def render(now: Snapshot, before: Snapshot | None = None, source: str = DEFAULT_
                 f"{now.aborted.get(key, 0.0):.0f}",
             )
         parts.append(t)
+    rpc = _rpc_table(now, before, dt)
+    if rpc is not None:
+        parts.append(rpc)
     if now.gpu:
         g = Table(title="GPUs", title_justify="left")
         g.add_column("gpu")

@@ -16,6 +16,7 @@ from agent.record import ActiveRequest
 from agent.selfmetrics import SelfMetrics
 from tests.otlp_receiver import free_port
 from tests.test_export_canary import make_request
+from tests.test_export_rpc import grpc_request
 
 
 class _Gpu:
@@ -145,3 +146,90 @@ def test_unreachable_or_garbage_endpoints_are_messages(capsys: pytest.CaptureFix
     finally:
         server.shutdown()
         server.server_close()
+
+
+TRITON = {"k8s.pod.name": "triton-0", "k8s.namespace.name": "vision"}
+INFER = ("llm/triton-0", "GRPCInferenceService/ModelInfer")
+
+
+def test_grpc_calls_have_their_own_table(
+    live: tuple[Exporters, str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Triton pod that serves only gRPC is not idle: its calls are counted per method, with
+    their latency (the exporter's milliseconds shown as such), errors and status codes."""
+    monkeypatch.setenv("COLUMNS", "220")
+    ex, url = live
+    pod = {"k8s.pod.name": "triton-0", "k8s.namespace.name": "llm"}
+    calls = [
+        *(grpc_request("ModelInfer", 0, duration_s=0.012, request_model="densenet") for _ in range(5)),
+        grpc_request("ModelInfer", 5, duration_s=0.003, request_model="missing"),  # NOT_FOUND: no error
+        *(grpc_request("ModelInfer", 14, duration_s=0.040, request_model="densenet") for _ in range(2)),
+        grpc_request("ModelStreamInfer", 0, duration_s=0.5, streaming=True),
+        grpc_request("ModelStreamInfer", None, duration_s=0.2, streaming=True, error_type="reset"),
+    ]
+    for r in calls:
+        ex.emit(r.with_attributes(pod))
+    assert top.main(["--url", url, "--once"]) == 0
+    out = capsys.readouterr().out
+    assert "gRPC calls" in out and "no requests seen yet" not in out
+    # pod, rpc, calls, calls/s, p50, p99, errors, status codes
+    by_rpc = {r[1]: r for r in rows(out, "llm/triton-0")}
+    assert set(by_rpc) == {"GRPCInferenceService/ModelInfer", "GRPCInferenceService/ModelStreamInfer"}
+    infer = by_rpc["GRPCInferenceService/ModelInfer"]
+    assert infer[2] == "8" and infer[3] == "-"  # a single scrape has no rate
+    # {3, 12 x5, 40 x2} ms: the median is rank 4 of 8, in (10, 25] ms, which holds 5 after 1 below.
+    assert infer[4] == "19 ms"
+    assert infer[5].endswith(" ms") and 25 < float(infer[5].split()[0]) <= 50
+    assert infer[6] == "2"  # UNAVAILABLE x2; NOT_FOUND is the client's error
+    assert infer[7] == "0:5 5:1 14:2"
+    stream = by_rpc["GRPCInferenceService/ModelStreamInfer"]
+    # a reset stream has no status code, and is an error
+    assert (stream[2], stream[6], stream[7]) == ("2", "1", "0:1 -:1")
+    assert stream[4] == "250 ms"  # {200, 500} ms: rank 1 of 2 ends the (100, 250] bucket
+    # The model rows count the calls that name a model (as the gen_ai histograms do).
+    (densenet,) = rows(out, "densenet")
+    assert densenet[1] == "7"
+
+
+def test_grpc_rates_and_window_quantiles_between_two_scrapes(live: tuple[Exporters, str]) -> None:
+    ex, url = live
+    for _ in range(4):
+        ex.emit(grpc_request("ModelInfer", 0, duration_s=0.002).with_attributes(TRITON))
+    first = top.parse(top.fetch(url), at=100.0)
+    for _ in range(10):
+        ex.emit(grpc_request("ModelInfer", 0, duration_s=0.8).with_attributes(TRITON))
+    second = top.parse(top.fetch(url), at=102.0)
+    assert second.rpc[("vision/triton-0", INFER[1])].count == 14
+    console = Console(width=200, record=True)
+    console.print(top.render(second, first, url))
+    text = console.export_text()
+    # Calls that name no model, on a pod with no HTTP traffic: only the gRPC table shows them.
+    assert "no requests seen yet" not in text and "Per pod" not in text and "Per model" not in text
+    (row,) = rows(text, "vision/triton-0")
+    assert row[2] == "14"  # total since start
+    assert row[3] == "5.0"  # 10 calls in 2 s
+    # the window holds only the 800 ms calls: (500, 1000] ms
+    assert row[4].endswith(" ms") and 500 < float(row[4].split()[0]) <= 1000
+    # and the first frame, over everything since start, saw the 2 ms ones in ms too
+    console = Console(width=200, record=True)
+    console.print(top.render(first, None, url))
+    (row,) = rows(console.export_text(), "vision/triton-0")
+    assert row[4] == "1.8 ms"  # 4 calls of 2 ms, in (1, 2.5] ms: 1 + 1.5 x 2/4
+
+
+def test_rpc_histogram_in_ms_becomes_seconds() -> None:
+    text = (
+        "# TYPE rpc_server_duration_milliseconds histogram\n"
+        'rpc_server_duration_milliseconds_bucket{rpc_service="a.B",rpc_method="M",le="10.0"} 1\n'
+        'rpc_server_duration_milliseconds_bucket{rpc_service="a.B",rpc_method="M",le="100.0"} 3\n'
+        'rpc_server_duration_milliseconds_bucket{rpc_service="a.B",rpc_method="M",le="+Inf"} 4\n'
+        'rpc_server_duration_milliseconds_count{rpc_service="a.B",rpc_method="M"} 4\n'
+        'rpc_server_duration_milliseconds_sum{rpc_service="a.B",rpc_method="M"} 250\n'
+    )
+    snap = top.parse(text, at=0.0)
+    h = snap.rpc[("", "B/M")]
+    assert h.buckets == {0.01: 1.0, 0.1: 3.0, float("inf"): 4.0}
+    assert h.count == 4 and h.sum == pytest.approx(0.25)
+    assert h.quantile(0.5) == pytest.approx(0.01 + 0.09 * 1 / 2)
+    assert snap.rpc_codes[("", "B/M")] == {"-": 4.0}
+    assert snap.requests == {}  # not an HTTP request
