@@ -587,7 +587,9 @@ def test_grpc_panels_against_a_real_agent(tmp_path: Path) -> None:
                 env={**os.environ, "PYTHONPATH": str(REPO), "INFERSIGHT_PROMETHEUS_PORT": str(metrics_port)},
             )
         wait_for(lambda: "attached to 1 target" in log.read_text(), 60, 0.2, "agent attached")
-        kserve.connect()  # after the attach: the connection's HPACK tables are seen from the start
+        # The HTTP/2 capture loads after the attach; a connection made before it is not walked.
+        wait_for(lambda: "HTTP/2 capture ready" in log.read_text(), 60, 0.2, "HTTP/2 capture")
+        kserve.connect()
 
         def load() -> None:
             i = 0

@@ -259,11 +259,22 @@ def test_keda_queries_for_a_grpc_only_deployment(tmp_path: Path) -> None:
                 {"namespace": GRPC_NS, "deployment": GRPC_DEPLOYMENT, "requestsPerSecondPerReplica": 50},
             )
             assert set(queries) == {"active-requests", "request-rate", "ttft-p90"}
-            # The client connects after the agent attached: its HPACK tables are seen from the start.
+            # The client connects once the agent's HTTP/2 capture is loaded (it loads after the attach):
+            # the connection is then walked from its preface, HPACK tables included.
+            wait_for(lambda: "HTTP/2 capture ready" in log.read_text(), 60, what="HTTP/2 capture")
             kserve.connect()
             assert kserve.call(op="infer", model="simple", id="first") == {"shape": [1, 16]}
             count = f"sum(rpc_server_duration_milliseconds_count{{{sel}}})"
-            prom.wait_for(count, lambda r: bool(r) and float(r[0]["value"][1]) == 1, timeout=60)
+            try:
+                prom.wait_for(count, lambda r: bool(r) and float(r[0]["value"][1]) == 1, timeout=60)
+            except AssertionError:
+                text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+                raise AssertionError(
+                    "agent exposition:\n"
+                    + "\n".join(line for line in text.splitlines() if "_count" in line or "k8s" in line)
+                    + "\nagent log:\n"
+                    + log.read_text()[-3000:]
+                ) from None
             # rate() needs two samples of the counter.
             prom.wait_for(queries["request-rate"], bool, timeout=10)
             # Before the load: the deployment is known and idle, so every trigger reads 0, not nothing.
