@@ -344,6 +344,16 @@ def accuracy_of(m: dict[str, dict[str, float]], completed: int) -> dict[str, int
     }
 
 
+def wait_h2_ready(agent: Agent, log: Path, timeout: float = 60.0) -> None:
+    """The HTTP/2 walk loads in the background after attach: the clients start
+    once it is in place, so that their connections are seen from the preface."""
+    deadline = time.monotonic() + timeout
+    while "HTTP/2 capture ready" not in log.read_text():
+        if agent.proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("HTTP/2 capture did not load:\n" + log.read_text())
+        time.sleep(0.05)
+
+
 def run_traced(
     server: GrpcServer, profile: str, clients: int, seconds: float, responses: int, elements: int, log: Path
 ) -> Traced:
@@ -351,6 +361,7 @@ def run_traced(
     the preface), then the agent's counts once it has caught up."""
     agent = Agent(server.pid, log)
     try:
+        wait_h2_ready(agent, log)
         i0 = cpu_seconds(agent.proc.pid)
         time.sleep(1.0)
         idle = cpu_seconds(agent.proc.pid) - i0
@@ -390,6 +401,7 @@ def run_probe_only(
     """The probe alone (bench/probe_only.py): the load, the server's CPU, and the
     records the probe handed to user space over its life (warm-up included)."""
     bare = Agent(server.pid, log, probe_only=True)
+    wait_h2_ready(bare, log)
     try:
         load, server_cpu = run_plain(server, profile, clients, seconds, responses, elements, log.parent)
     finally:

@@ -30,8 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     print("attached to 1 target(s) in 0s", flush=True)
+    h2_told = False
     while not stop.is_set():
         probe.drain(50)
+        if not h2_told and probe.h2_ready.is_set():
+            print("HTTP/2 capture ready", flush=True)
+            h2_told = True
     probe.close()
     print(f"records drained: {seen[0]}", file=sys.stderr)
     return 0

@@ -12,8 +12,10 @@ called from any thread; BCC map operations are single syscalls.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +29,17 @@ log = logging.getLogger(__name__)
 
 PROBE_DIR = Path(__file__).resolve().parent
 SOURCE = PROBE_DIR / "sockets.bpf.c"
+H2_SOURCE = PROBE_DIR / "h2.bpf.c"
+COMMON = PROBE_DIR / "sockets_common.bpf.h"
+# Tables the capture module exports to the HTTP/2 module are named "<name>__S"
+# in the C sources; each probe instance gives them its own suffix.
+_INSTANCES = itertools.count()
+
+
+def module_text(source: Path, instance: int) -> str:
+    """A module's C text as compiled: the shared part, then its own."""
+    text = COMMON.read_text() + f'\n#line 1 "{source.name}"\n' + source.read_text()
+    return text.replace("__S", f"_{instance}")
 
 # syscall tracepoints the probe needs, in pairs (sched ones are checked too)
 SYSCALLS = (
@@ -178,30 +191,21 @@ class SocketProbe:
         if hard:
             raise RuntimeError(f"kernel lacks tracepoints: {', '.join(hard)}")
         t0 = time.monotonic()
-        self.bpf = BPF(src_file=str(SOURCE).encode(), cflags=config.cflags())
+        self._instance = next(_INSTANCES)
+        self.bpf = BPF(text=module_text(SOURCE, self._instance).encode(), cflags=config.cflags())
         # the data syscalls' exits tail-call this one program (see finish() in the C file)
         data_exit = self.bpf.load_func(b"data_exit", BPF.TRACEPOINT)
-        self.bpf[b"data_exit_prog"][ctypes.c_int(0)] = ctypes.c_int(data_exit.fd)
-        h2_exit = self.bpf.load_func(b"h2_exit", BPF.TRACEPOINT)
-        self.bpf[b"data_exit_prog"][ctypes.c_int(1)] = ctypes.c_int(h2_exit.fd)
-        h2_step = self.bpf.load_func(b"h2_step", BPF.TRACEPOINT)
-        self.bpf[b"h2_step_prog"][ctypes.c_int(0)] = ctypes.c_int(h2_step.fd)
-        h2_gather = self.bpf.load_func(b"h2_gather_step", BPF.TRACEPOINT)
-        self.bpf[b"h2_gather_prog"][ctypes.c_int(0)] = ctypes.c_int(h2_gather.fd)
+        self.bpf[self._t("data_exit_prog")][ctypes.c_int(0)] = ctypes.c_int(data_exit.fd)
         self._tls_libs: dict[tuple[int, int], bool] = {}  # (dev, inode) of a libssl -> hooked
         self._tls_exes: dict[tuple[int, int], str] = {}  # (dev, inode) of an executable -> TLS state
         if config.tls:
             # the same data path, as a program of the uprobes' type
             uprobe_exit = self.bpf.load_func(b"data_exit_uprobe", BPF.KPROBE)
-            self.bpf[b"data_exit_uprobe_prog"][ctypes.c_int(0)] = ctypes.c_int(uprobe_exit.fd)
-            h2_up = self.bpf.load_func(b"h2_exit_uprobe", BPF.KPROBE)
-            self.bpf[b"data_exit_uprobe_prog"][ctypes.c_int(1)] = ctypes.c_int(h2_up.fd)
-            h2_step_up = self.bpf.load_func(b"h2_step_uprobe", BPF.KPROBE)
-            self.bpf[b"h2_step_uprobe_prog"][ctypes.c_int(0)] = ctypes.c_int(h2_step_up.fd)
+            self.bpf[self._t("data_exit_uprobe_prog")][ctypes.c_int(0)] = ctypes.c_int(uprobe_exit.fd)
         self.load_seconds = time.monotonic() - t0
         self._targets = self.bpf[b"targets"]
-        self._conns = self.bpf[b"conns"]
-        self._counters = self.bpf[b"counters"]
+        self._conns = self.bpf[self._t("conns")]
+        self._counters = self.bpf[self._t("counters")]
         self._string_at = ctypes.string_at
         batch_append = self._batch.append
         string_at = ctypes.string_at
@@ -211,8 +215,51 @@ class SocketProbe:
             return 0
 
         self._cb = _cb  # keep a reference: BCC holds only a ctypes pointer
-        self.bpf[b"events"].open_ring_buffer(_cb)
+        self.bpf[self._t("events")].open_ring_buffer(_cb)
         metrics.set("infersight.probe.load.seconds", self.load_seconds, (("probe", "sockets"),))
+        # The HTTP/2 walk compiles and loads in the background: start-up does not
+        # wait for it, and no connection enters h2 mode until it is in place.
+        self.h2bpf: Any = None
+        self.h2_ready = threading.Event()
+        self._h2_thread = threading.Thread(target=self._load_h2, name="h2-probe", daemon=True)
+        self._h2_thread.start()
+
+    def _t(self, name: str) -> bytes:
+        """The name of a table shared with the HTTP/2 module, in this instance."""
+        return f"{name}_{self._instance}".encode()
+
+    def _load_h2(self) -> None:
+        from bcc import BPF
+
+        t0 = time.monotonic()
+        try:
+            h2 = BPF(text=module_text(H2_SOURCE, self._instance).encode(),
+                     cflags=[*self.config.cflags(), "-DH2_MODULE"])
+            h2[b"h2_step_prog"][ctypes.c_int(0)] = ctypes.c_int(h2.load_func(b"h2_step", BPF.TRACEPOINT).fd)
+            h2[b"h2_gather_prog"][ctypes.c_int(0)] = ctypes.c_int(
+                h2.load_func(b"h2_gather_step", BPF.TRACEPOINT).fd)
+            if self.config.tls:
+                h2[b"h2_step_uprobe_prog"][ctypes.c_int(0)] = ctypes.c_int(
+                    h2.load_func(b"h2_step_uprobe", BPF.KPROBE).fd)
+                self.bpf[self._t("data_exit_uprobe_prog")][ctypes.c_int(1)] = ctypes.c_int(
+                    h2.load_func(b"h2_exit_uprobe", BPF.KPROBE).fd)
+            self.bpf[self._t("data_exit_prog")][ctypes.c_int(1)] = ctypes.c_int(
+                h2.load_func(b"h2_exit", BPF.TRACEPOINT).fd)
+            self.h2bpf = h2
+            self.bpf[b"h2_ready"][ctypes.c_int(0)] = ctypes.c_uint32(1)
+        except Exception:
+            log.exception("HTTP/2 capture could not be loaded; HTTP/2 connections are counted as non-HTTP")
+            self._metrics.inc("infersight.probe.errors", labels=(("probe", "h2"),))
+            return
+        finally:
+            self.h2_ready.set()
+        self._metrics.set("infersight.probe.load.seconds", time.monotonic() - t0, (("probe", "h2"),))
+        log.info("HTTP/2 capture ready (%.2f s after the probe)", time.monotonic() - t0)
+
+    def wait_h2(self, timeout: float = 60.0) -> bool:
+        """Wait for the HTTP/2 walk to be loaded; True when it is in place."""
+        self.h2_ready.wait(timeout)
+        return self.h2bpf is not None
 
     # ---- targets and connections -------------------------------------------------
     def add_target(self, pid: int) -> None:
@@ -386,10 +433,18 @@ class SocketProbe:
         """(entries, max_entries) per map. Walks each map: call at most every few seconds."""
         out = {}
         for name in ("targets", "conns", "tails", "inflight", "h2streams"):
-            table = self.bpf[name.encode()]
+            if name == "h2streams":
+                if self.h2bpf is None:
+                    continue
+                table = self.h2bpf[b"h2streams"]
+            else:
+                table = self.bpf[self._t(name) if name in ("conns", "inflight") else name.encode()]
             n = sum(1 for _ in table.keys())
             out[name] = (n, int(table.max_entries))
         return out
 
     def close(self) -> None:
+        self._h2_thread.join()
+        if self.h2bpf is not None:
+            self.h2bpf.cleanup()
         self.bpf.cleanup()

@@ -157,6 +157,10 @@ def running_agent(targets: TargetConfig, probe: SocketProbeConfig | None = None,
     p = Pipeline(cfg, lambda cb: SocketProbe(probe_cfg, on_records=cb, metrics=metrics), [sink],
                  stages=stages, metrics=metrics, layout_decoder=Decoder(probe_cfg.layout))
     p.start()
+    # HTTP/2 capture loads in the background after attach: tests start with it in place
+    wait_h2 = getattr(p.probe, "wait_h2", None)
+    if wait_h2 is not None:
+        assert wait_h2(60), "HTTP/2 capture did not load"
     try:
         yield Agent(p, sink, metrics)
     finally:

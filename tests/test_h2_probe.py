@@ -10,6 +10,7 @@ continue in a later syscall), and the per-stream totals.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import socket
 import subprocess
@@ -96,6 +97,7 @@ class Peer:
 def probe() -> Iterator[tuple[SocketProbe, list[bytes]]]:
     records: list[bytes] = []
     p = SocketProbe(SocketProbeConfig(), on_records=records.extend)
+    assert p.wait_h2(), "HTTP/2 capture did not load"
     yield p, records
     p.close()
 
@@ -199,3 +201,26 @@ def test_more_frames_than_the_walk_takes_go_raw(probe: tuple[SocketProbe, list[b
     # the raw record starts at a frame boundary the walk reached
     assert 0 < raws[0].flen < len(resp) and raws[0].flen % len(more) == 0
     assert raws[0].payload == resp[len(resp) - raws[0].flen :][: len(raws[0].payload)]
+
+
+def test_no_h2_mode_before_the_walk_is_loaded(tmp_path: Path) -> None:
+    """Until the HTTP/2 module is in place a preface does not switch a
+    connection (its records would have nowhere to go): it stays non-HTTP/1."""
+    records: list[bytes] = []
+    p = SocketProbe(SocketProbeConfig(), on_records=records.extend)
+    try:
+        p._h2_thread.join()
+        p.bpf[b"h2_ready"][ctypes.c_int(0)] = ctypes.c_uint32(0)  # as before the load finished
+        peer = Peer(tmp_path, iov_size=64)
+        try:
+            p.add_target(peer.proc.pid)
+            enc = Encoder()
+            req = PREFACE + frame(SettingsFrame(0)) + headers(enc, 1, [(":method", "GET"), (":path", "/")], end=True)
+            peer.exchange(socket.create_connection(("127.0.0.1", peer.port)), req, frame(SettingsFrame(0)))
+            events = h2_records(p, records, peer.proc.pid)
+            k = p.counters()
+        finally:
+            peer.stop()
+        assert events == [] and k["h2_conns"] == 0
+    finally:
+        p.close()
