@@ -153,6 +153,11 @@ class Pipeline:
             help="Targets by TLS capture state: hooked, unhooked (a TLS library that cannot be hooked), none.",
         )
         self._metrics.gauge_callback(
+            "infersight.target.tls",
+            self._tls_per_target,
+            help="1 per traced process, labelled with its TLS capture state (hooked, unhooked, none).",
+        )
+        self._metrics.gauge_callback(
             "infersight.queue.size",
             lambda: {(("queue", "raw_to_assembly"),): float(self._queue.qsize())},
             help="Batches waiting between the ring buffer drain and assembly.",
@@ -319,11 +324,22 @@ class Pipeline:
     def _tls_counts(self) -> dict[tuple[tuple[str, str], ...], float]:
         counts = {"hooked": 0.0, "unhooked": 0.0, "none": 0.0}
         for pid in list(self._targets):
-            state = self._tls_state.get(pid, "none")
-            if state == "none" and pid in self._tls_seen:
-                state = "unhooked"  # TLS on the wire, no hook: static TLS, or capture off
-            counts[state] += 1
+            counts[self._tls_state_of(pid)] += 1
         return {(("state", k),): v for k, v in counts.items()}
+
+    def _tls_state_of(self, pid: int) -> str:
+        state = self._tls_state.get(pid, "none")
+        if state == "none" and pid in self._tls_seen:
+            return "unhooked"  # TLS on the wire, no hook: static TLS, or capture off
+        return state
+
+    def _tls_per_target(self) -> dict[tuple[tuple[str, str], ...], float]:
+        out: dict[tuple[tuple[str, str], ...], float] = {}
+        for pid in list(self._targets):
+            labels = (("pid", str(pid)), ("command", procfs.comm(pid, self.config.proc) or ""),
+                      ("state", self._tls_state_of(pid)))
+            out[labels] = 1.0
+        return out
 
     def _check_tls(self, pid: int) -> None:
         """Hook the TLS library the target maps (again at rescans: Python loads it lazily)."""

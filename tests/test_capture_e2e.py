@@ -634,6 +634,8 @@ def test_https_plaintext_through_openssl_uprobes(tmp_path: Path) -> None:
             with httpx.Client(verify=False) as http:
                 assert http.get(url + "/health").status_code == 200
             wait_for(lambda: tls_states() == {"hooked": 0, "unhooked": 1, "none": 0}, 5, what="TLS seen on the wire")
+            per_target = [dict(x.labels) for x in a.metrics.snapshot() if x.name == "infersight.target.tls"]
+            assert per_target == [{"pid": str(proc.pid), "command": "python", "state": "unhooked"}]
             assert a.since(mark) == []
     finally:
         srv.stop()
