@@ -164,6 +164,10 @@ class Pipeline:
         )
         log.info("attached to %d target(s) in %.2fs: %s", len(self._targets), self.attach_seconds,
                  sorted(self._targets))
+        # HTTP/2 capture compiles and loads now, in the background (see probes/sockets.py)
+        start_h2 = getattr(self.probe, "start_h2", None)
+        if start_h2 is not None:
+            start_h2()
         for name, fn in (("drain", self._drain_loop), ("assembly", self._assembly_loop),
                          ("discovery", self._discovery_loop)):
             t = threading.Thread(target=fn, name=f"infersight-{name}", daemon=True)

@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     print("attached to 1 target(s) in 0s", flush=True)
+    probe.start_h2()
     h2_told = False
     while not stop.is_set():
         probe.drain(50)

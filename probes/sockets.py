@@ -217,12 +217,13 @@ class SocketProbe:
         self._cb = _cb  # keep a reference: BCC holds only a ctypes pointer
         self.bpf[self._t("events")].open_ring_buffer(_cb)
         metrics.set("infersight.probe.load.seconds", self.load_seconds, (("probe", "sockets"),))
-        # The HTTP/2 walk compiles and loads in the background: start-up does not
-        # wait for it, and no connection enters h2 mode until it is in place.
+        # The HTTP/2 walk compiles and loads in the background once the caller
+        # has attached (start_h2): start-up does not wait for it, and no
+        # connection enters h2 mode until it is in place.
         self.h2bpf: Any = None
         self.h2_ready = threading.Event()
         self._h2_thread = threading.Thread(target=self._load_h2, name="h2-probe", daemon=True)
-        self._h2_thread.start()
+        self._h2_lock = threading.Lock()
 
     def _t(self, name: str) -> bytes:
         """The name of a table shared with the HTTP/2 module, in this instance."""
@@ -256,8 +257,15 @@ class SocketProbe:
         self._metrics.set("infersight.probe.load.seconds", time.monotonic() - t0, (("probe", "h2"),))
         log.info("HTTP/2 capture ready (%.2f s after the probe)", time.monotonic() - t0)
 
+    def start_h2(self) -> None:
+        """Compile and load the HTTP/2 walk in a background thread (once)."""
+        with self._h2_lock:
+            if not self._h2_thread.is_alive() and not self.h2_ready.is_set():
+                self._h2_thread.start()
+
     def wait_h2(self, timeout: float = 60.0) -> bool:
-        """Wait for the HTTP/2 walk to be loaded; True when it is in place."""
+        """Wait for the HTTP/2 walk to be loaded (starting it if need be); True when it is in place."""
+        self.start_h2()
         self.h2_ready.wait(timeout)
         return self.h2bpf is not None
 
@@ -444,7 +452,10 @@ class SocketProbe:
         return out
 
     def close(self) -> None:
-        self._h2_thread.join()
+        with self._h2_lock:
+            started = self._h2_thread.ident is not None
+        if started:
+            self._h2_thread.join()
         if self.h2bpf is not None:
             self.h2bpf.cleanup()
         self.bpf.cleanup()

@@ -209,7 +209,7 @@ def test_no_h2_mode_before_the_walk_is_loaded(tmp_path: Path) -> None:
     records: list[bytes] = []
     p = SocketProbe(SocketProbeConfig(), on_records=records.extend)
     try:
-        p._h2_thread.join()
+        assert p.wait_h2()
         p.bpf[b"h2_ready"][ctypes.c_int(0)] = ctypes.c_uint32(0)  # as before the load finished
         peer = Peer(tmp_path, iov_size=64)
         try:
