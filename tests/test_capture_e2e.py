@@ -567,11 +567,24 @@ def test_dying_target_ends_its_requests_and_nothing_else(tmp_path: Path) -> None
         other.stop()
 
 
-def test_https_plaintext_through_openssl_uprobes(tmp_path: Path) -> None:
-    """uvicorn serving HTTPS (self-signed): with TLS capture on, the same records as plain HTTP."""
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+def self_signed(tmp: Path) -> tuple[Path, Path]:
+    """A throw-away key and self-signed certificate for localhost."""
+    key, cert = tmp / "key.pem", tmp / "cert.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
                     str(cert), "-subj", "/CN=localhost", "-days", "1"], check=True, capture_output=True)
+    return key, cert
+
+
+def https_up(url: str) -> bool:
+    try:
+        return httpx.get(url + "/health", verify=False, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_https_plaintext_through_openssl_uprobes(tmp_path: Path) -> None:
+    """uvicorn serving HTTPS (self-signed): with TLS capture on, the same records as plain HTTP."""
+    key, cert = self_signed(tmp_path)
     port = free_port()
     timings = tmp_path / "tls-timings.jsonl"
     proc = subprocess.Popen(
@@ -582,14 +595,8 @@ def test_https_plaintext_through_openssl_uprobes(tmp_path: Path) -> None:
     srv = Server(proc, port, timings)
     url = f"https://127.0.0.1:{port}"
 
-    def healthy() -> bool:
-        try:
-            return httpx.get(url + "/health", verify=False, timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
     try:
-        wait_for(healthy, 20, what="HTTPS demo server")
+        wait_for(lambda: https_up(url), 20, what="HTTPS demo server")
         with running_agent(TargetConfig(pids=(proc.pid,)), probe=SocketProbeConfig(tls=True)) as a:
             assert a.pipeline._tls_state.get(proc.pid) == "hooked"
             states = {dict(x.labels)["state"]: x.value for x in a.metrics.snapshot() if x.name == "infersight.tls.targets"}
@@ -644,23 +651,15 @@ def test_https_plaintext_through_openssl_uprobes(tmp_path: Path) -> None:
 def test_http2_inside_tls(tmp_path: Path) -> None:
     """hypercorn serving HTTP/2 over TLS (ALPN h2): the TLS uprobes hand the
     plaintext to the kernel's HTTP/2 walk, one record per stream."""
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
-                    str(cert), "-subj", "/CN=localhost", "-days", "1"], check=True, capture_output=True)
+    key, cert = self_signed(tmp_path)
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "tests.servers.h2_tls", str(port), str(cert), str(key)],
                             cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"https://127.0.0.1:{port}"
 
-    def healthy() -> bool:
-        try:
-            return httpx.get(url + "/health", verify=False, timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
     try:
-        wait_for(healthy, 20, what="HTTP/2 TLS server")
+        wait_for(lambda: https_up(url), 20, what="HTTP/2 TLS server")
         with running_agent(TargetConfig(pids=(proc.pid,)), probe=SocketProbeConfig(tls=True)) as a:
             assert a.pipeline._tls_state.get(proc.pid) == "hooked"
             mark = a.mark()
