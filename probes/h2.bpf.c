@@ -156,7 +156,7 @@ struct h2w_t {
     u32 vec;
     u32 ksid;           /* stream of that content */
     u32 kvalid;
-    u32 calls;
+    u32 pad;
     u32 iov_i;          /* gathering: next iovec */
     u64 iov_ptr;        /* gathering: the iovec array */
     u64 iov_cnt;
@@ -387,7 +387,6 @@ static __always_inline int h2_step_body(void *ctx, int up) {
     }
     int st = h2_steps(w, c, s, g);
     if (st == H2_MORE) {
-        w->calls += 1;
 #if TLS
         if (up)
             h2_step_uprobe_prog.call(ctx, 0);
@@ -432,7 +431,6 @@ static __always_inline void h2_begin(void *ctx, struct h2w_t *w, struct conn_t *
     w->seg_pos = 0;
     w->seg_end = 0;
     w->kvalid = 0;
-    w->calls = 0;
     if (!h->started) {
         /* the client's first bytes: the preface, unless joined mid-connection
          * (a server writes its SETTINGS before it reads the client's preface) */
