@@ -232,6 +232,12 @@ class SocketProbe:
     def _load_h2(self) -> None:
         from bcc import BPF
 
+        # The compile is a one-off burst of CPU: at the lowest priority it takes
+        # what the traced servers leave (Linux: a thread's own nice value).
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except OSError:
+            pass
         t0 = time.monotonic()
         try:
             h2 = BPF(text=module_text(H2_SOURCE, self._instance).encode(),

@@ -59,6 +59,9 @@ def test_real_traffic_reaches_prometheus_and_otlp_without_prompt_text(tmp_path: 
     prom = None
     try:
         wait_for(lambda: "attached to 1 target" in log.read_text(), 60, what="agent attached")
+        # and HTTP/2 capture compiled (in the background, after the attach): the
+        # TTFT schedule below is timed against an otherwise quiet agent
+        wait_for(lambda: "HTTP/2 capture ready" in log.read_text(), 60, what="HTTP/2 capture loaded")
         prom = PrometheusServer(tmp_path, [f"127.0.0.1:{prom_port}"])
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
 
