@@ -614,13 +614,9 @@ class Assembler:
     # ---- summaries and completion -----------------------------------------------
     def _on_summary(self, ev: SummaryEvent) -> None:
         c0 = self._conns.get(ev.conn_id)
-        if (c0 is not None and c0.h2) or self._h2.has(ev.conn_id):
+        if c0 is not None and c0.h2:
             if ev.reason == SR_CLOSE:
-                for s in self._h2.close(ev.conn_id, ev.ts_ns, lost=ev.lost):
-                    if c0 is not None:
-                        self._h2_record(c0, s)
-                if c0 is not None:
-                    self._forget(c0)
+                self._forget(c0, ev.ts_ns, lost=ev.lost)
             return
         if ev.flags & CF_FOREIGN:
             self._metrics.inc("infersight.assembly.foreign.summaries")
@@ -646,10 +642,10 @@ class Assembler:
         if ev.reason == SR_CLOSE:
             self._forget(c)
 
-    def _forget(self, c: Conn, ts_ns: int | None = None) -> None:
+    def _forget(self, c: Conn, ts_ns: int | None = None, lost: int = 0) -> None:
         if c.h2 and self._h2.has(c.conn_id):
-            # closed unseen, evicted or its process exited: its open streams end here
-            for s in self._h2.close(c.conn_id, time.monotonic_ns() if ts_ns is None else ts_ns):
+            # closed (seen or not), evicted or its process exited: its open streams end here
+            for s in self._h2.close(c.conn_id, time.monotonic_ns() if ts_ns is None else ts_ns, lost=lost):
                 self._h2_record(c, s)
         self._conns.pop(c.conn_id, None)
         if self._by_fd.get((c.tgid, c.fd)) == c.conn_id:

@@ -366,6 +366,17 @@ BPF_PROG_ARRAY(h2_step_prog, 1);
 BPF_PROG_ARRAY(h2_step_uprobe_prog, 1);    /* the same walk for TLS plaintext (uprobe program type) */
 #endif
 
+/* Tail-call the next run of the walk, of the caller's program type; returns
+ * only when the call fails (the chain's budget is spent). */
+static __always_inline void h2_next_step(void *ctx, int up) {
+#if TLS
+    if (up)
+        h2_step_uprobe_prog.call(ctx, 0);
+    else
+#endif
+        h2_step_prog.call(ctx, 0);
+}
+
 /* One run of the walk; chains to itself until the syscall is walked. When the
  * chain runs out (MAX_TAIL_CALL_CNT), the rest is lost to the walk. */
 static __always_inline int h2_step_body(void *ctx, int up) {
@@ -387,12 +398,7 @@ static __always_inline int h2_step_body(void *ctx, int up) {
     }
     int st = h2_steps(w, c, s, g);
     if (st == H2_MORE) {
-#if TLS
-        if (up)
-            h2_step_uprobe_prog.call(ctx, 0);
-        else
-#endif
-            h2_step_prog.call(ctx, 0);
+        h2_next_step(ctx, up);
         /* the tail-call budget is spent: more frames in one syscall than it walks */
         if (w->kvalid && w->pos >= w->len) {
             struct h2_key_t key = {.conn_id = c->conn_id, .sid = w->ksid};
@@ -469,12 +475,7 @@ static __always_inline void h2_begin(void *ctx, struct h2w_t *w, struct conn_t *
     }
     if (w->pos >= len && !w->kvalid)
         return;
-#if TLS
-    if (up)
-        h2_step_uprobe_prog.call(ctx, 0);
-    else
-#endif
-        h2_step_prog.call(ctx, 0);
+    h2_next_step(ctx, up);
 }
 
 #ifndef H2_IOV_BATCH
