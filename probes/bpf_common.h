@@ -2,6 +2,16 @@
 #ifndef INFERSIGHT_BPF_COMMON_H
 #define INFERSIGHT_BPF_COMMON_H
 
+/* bpf_probe_read_user/_kernel under names BCC's front end does not know. For
+ * calls so spelled, BCC (0.26) loads all of /proc/kallsyms to ask whether the
+ * kernel has the helper: about 0.6 s of start-up, for an answer that is always
+ * yes where this agent runs (both helpers are in 5.5, the ring buffer these
+ * probes need in 5.8). The compiled program is the same either way. */
+static long (*read_user)(void *dst, u32 size, const void *src) = (void *)BPF_FUNC_probe_read_user;
+static long (*read_kernel)(void *dst, u32 size, const void *src) = (void *)BPF_FUNC_probe_read_kernel;
+#define bpf_probe_read_user read_user
+#define bpf_probe_read_kernel read_kernel
+
 /* Integer log2 without loops (the verifier of older kernels rejects them). */
 static __always_inline u32 log2_u64(u64 v) {
     u32 r = 0;
