@@ -461,6 +461,27 @@ class _OpenStream:
         )
 
 
+# Header blocks remembered per direction (Reader._decode); each holds at most
+# one decoded header list (bounded by max_header_list_bytes).
+_HPACK_MEMO_BLOCKS = 16
+
+# An HPACK dynamic table's state: its size limit, its entry count and its
+# newest entry (held, so compared by identity). Every insertion puts a new
+# entry first; an eviction without insertion, or a resize, changes the count
+# or the limit.
+_TableState = tuple[int, int, object]
+
+
+def _table_state(dec: hpack.Decoder) -> _TableState:
+    table = dec.header_table
+    entries = table.dynamic_entries
+    return (table.maxsize, len(entries), entries[0] if entries else None)
+
+
+def _same_table(a: _TableState, b: _TableState) -> bool:
+    return a[0] == b[0] and a[1] == b[1] and a[2] is b[2]
+
+
 class _Side:
     """Reader state of one direction."""
 
@@ -482,6 +503,8 @@ class _Side:
         "frame_stream",
         "frame_ts",
         "frame_type",
+        "hpack_memo",
+        "hpack_memo_of",
         "key",
         "name",
         "pending_table_sizes",
@@ -520,6 +543,9 @@ class _Side:
         self.block_ts = 0
         self.decoded_any = False  # a block was decoded: an empty decoder now means lost state
         self.degraded = False
+        # header blocks that left the HPACK table as it was, by their bytes (see Reader._decode)
+        self.hpack_memo: dict[bytes, tuple[_TableState, list[tuple[bytes, bytes]]]] = {}
+        self.hpack_memo_of: hpack.Decoder | None = None
         self.pending_table_sizes: deque[int] = deque()  # announced by this side, awaiting ACK
         self.sync_max_len = sync_max_len  # longest frame believed during resync
         self.sync_skipped = 0  # bytes skipped by the current resync
@@ -837,9 +863,26 @@ class H2Connection:
             self._finish(sid, "end_stream", ts)
 
     def _decode(self, side: _Side, block: bytes) -> list[tuple[bytes, bytes]] | None:
-        """Decode a whole header block; None (counted, decoder replaced) when it cannot be."""
+        """Decode a whole header block; None (counted, decoder replaced) when it cannot be.
+
+        A block that changed nothing in the decoder's dynamic table (indexed
+        fields and literals without indexing: gRPC's steady state) decodes the
+        same again as long as the table is as it was: such blocks are kept by
+        their bytes, with the table state they were decoded in, and not decoded
+        twice. A block that inserts or resizes is always decoded.
+        """
+        dec = self._decoder(side)
+        memo = side.hpack_memo
+        if side.hpack_memo_of is not dec:
+            memo.clear()
+            side.hpack_memo_of = dec
+        before = _table_state(dec)
+        hit = memo.get(block)
+        if hit is not None and _same_table(hit[0], before):
+            side.decoded_any = True
+            return hit[1]
         try:
-            decoded = self._decoder(side).decode(block, raw=True)
+            decoded = dec.decode(block, raw=True)
             headers = [(bytes(k), bytes(v)) for k, v in decoded]
         except Exception:  # hpack's errors, and anything it raises on garbage
             self._fail("hpack")
@@ -847,6 +890,10 @@ class H2Connection:
             side.degraded = True
             return None
         side.decoded_any = True
+        if _same_table(before, _table_state(dec)):
+            if len(memo) >= _HPACK_MEMO_BLOCKS:
+                del memo[next(iter(memo))]
+            memo[block] = (before, headers)
         return headers
 
     @staticmethod

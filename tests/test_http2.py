@@ -872,3 +872,52 @@ def test_resync_prefilter_never_hides_a_candidate(
     rx = _sync_expression(max_len)
     if len(buf) >= 9 and _plausible_frame(buf, 0, max_len, 0x7FFFFFFF, first=True) is not False:
         assert rx.match(buf) is not None
+
+
+def test_a_repeated_header_block_decodes_by_the_table_it_meets() -> None:
+    """The same bytes, an indexed field, name whatever the dynamic table holds
+    at that moment: a block remembered from before an insertion must not be
+    reused after it."""
+    c = Conv()
+    static = bytes([0x83, 0x86])  # :method POST, :scheme http
+    indexed_62 = static + bytes([0xBE])  # :path = dynamic entry 62, the newest
+
+    def request(sid: int, block: bytes) -> None:
+        c.send("client", HeadersFrame(sid, block, flags=["END_HEADERS"]).serialize())
+        c.send("client", DataFrame(sid, msg(infer_request("llama")), flags=["END_STREAM"]).serialize())
+        c.send("server", c.headers("server", sid, RESP))
+        c.send("server", c.headers("server", sid, OK_TRAILERS, end_stream=True))
+
+    def insert(path: str) -> bytes:  # literal with incremental indexing, name :path (static 4)
+        return static + bytes([0x44, len(path)]) + path.encode()
+
+    request(1, insert("/a/One"))
+    request(3, indexed_62)  # /a/One, decoded and remembered
+    request(5, indexed_62)  # /a/One again, from the memo
+    request(7, insert("/b/Two"))  # entry 62 is now /b/Two
+    request(9, indexed_62)  # the same bytes as streams 3 and 5
+    request(11, indexed_62)
+    calls = []
+    real = hpack.Decoder.decode
+
+    def counting(self: hpack.Decoder, data: bytes, raw: bool = False) -> Any:
+        if data[:2] == static:
+            calls.append(data)
+        return real(self, data, raw=raw)
+
+    hpack.Decoder.decode = counting  # type: ignore[method-assign]
+    try:
+        recs, m = parse(c.chunks)
+    finally:
+        hpack.Decoder.decode = real  # type: ignore[method-assign]
+    assert failures(m) == {}
+    assert [(r.stream_id, r.path) for r in recs] == [
+        (1, "/a/One"),
+        (3, "/a/One"),
+        (5, "/a/One"),
+        (7, "/b/Two"),
+        (9, "/b/Two"),
+        (11, "/b/Two"),
+    ]
+    # the request blocks hpack decoded: both insertions always; the indexed block once per table state
+    assert calls == [insert("/a/One"), indexed_62, insert("/b/Two"), indexed_62]
