@@ -117,11 +117,12 @@ import random
 import struct
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Final
 
 from agent import kserve
+from agent.frozen import copier
 from agent.http2 import PREFACE, Direction, H2Config, H2Connection, H2Stream, HpackDecoders
 from agent.record import Request
 from agent.selfmetrics import SELF_METRICS, SelfMetrics
@@ -150,6 +151,7 @@ _FAILURES = "infersight.parse.failures"
 _SKIPPED = "infersight.parse.skipped.bytes"
 _EVICTED = "infersight.parse.h2.connections.evicted"
 _LOST = "infersight.requests.lost"
+_copy_stream = copier(H2Stream)  # the kernel's totals applied, once per stream (agent/frozen.py)
 
 _DATA, _CONTINUATION = 0x0, 0x9
 _END_STREAM = 0x1
@@ -445,20 +447,20 @@ class H2Tracker:
                 # The parser saw the first DATA frame of a direction, not the later ones
                 # the kernel kept. (Without a forwarded DATA frame nothing was kept: the
                 # first is always sent, and raw records carry every frame.)
-                s = replace(s, messages_lost=True)
+                s = _copy_stream(s, messages_lost=True)
             out.append(s)
 
     def _apply(self, s: H2Stream, totals: _Totals, restarted: bool) -> H2Stream:
         if totals is None:
             self._fail("h2_totals_missing")
-            return replace(s, messages_lost=True)
+            return _copy_stream(s, messages_lost=True)
         client, server = totals
         # The parser saw a subset of the DATA frames (padding not counted): totals below
         # that cover part of the stream, kept by an entry the kernel made afresh.
         if restarted or client.bytes < s.request_bytes or server.bytes < s.response_bytes:
             self._fail("h2_totals_partial")
-            return replace(s, messages_lost=True)
-        return replace(
+            return _copy_stream(s, messages_lost=True)
+        return _copy_stream(
             s,
             request_messages=client.msgs,
             response_messages=server.msgs,

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
+
+from agent.frozen import copier
 
 # The JSON keys of the record, in output order. This list is the contract of
 # `infersight run --jsonl`; tests check that every record carries every key.
@@ -102,15 +104,7 @@ class Request:
         """A copy with ``extra`` merged over the existing attributes."""
         merged = dict(self.attributes)
         merged.update(extra)
-        # Slot by slot through the fields' own descriptors: the record stays
-        # frozen, and the copy costs a third of dataclasses.replace (which
-        # re-runs the frozen __init__), once per request when the join adds
-        # attributes.
-        new = _new_request(Request)
-        for get, put in _SLOTS:
-            put(new, get(self))
-        _put_attributes(new, MappingProxyType(merged))
-        return new
+        return _copy_request(self, attributes=MappingProxyType(merged))
 
     def to_dict(self) -> dict[str, Any]:
         """The record as the JSONL contract spells it (see ``RECORD_KEYS``)."""
@@ -175,8 +169,4 @@ class ActiveRequest:
     attributes: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
 
 
-# (getter, setter) of each field's slot, for Request.with_attributes
-_DESCRIPTORS: dict[str, Any] = {f.name: Request.__dict__[f.name] for f in fields(Request)}
-_SLOTS: tuple[tuple[Any, Any], ...] = tuple((d.__get__, d.__set__) for d in _DESCRIPTORS.values())
-_put_attributes = _DESCRIPTORS["attributes"].__set__
-_new_request = object.__new__
+_copy_request = copier(Request)  # once per request when the join adds attributes (agent/frozen.py)
