@@ -461,14 +461,16 @@ class _OpenStream:
         )
 
 
-# Header blocks remembered per direction (Reader._decode); each holds at most
+# Header blocks remembered per direction (H2Connection._decode); each holds at most
 # one decoded header list (bounded by max_header_list_bytes).
 _HPACK_MEMO_BLOCKS = 16
 
 # An HPACK dynamic table's state: its size limit, its entry count and its
 # newest entry (held, so compared by identity). Every insertion puts a new
-# entry first; an eviction without insertion, or a resize, changes the count
-# or the limit.
+# entry object first; an eviction without insertion, or a resize, changes the
+# count or the limit. A state therefore names one table at one moment: the
+# table of a decoder that replaced an evicted or reset one never matches it,
+# except when both are empty, where a block decodes the same anyway.
 _TableState = tuple[int, int, object]
 
 
@@ -504,7 +506,6 @@ class _Side:
         "frame_ts",
         "frame_type",
         "hpack_memo",
-        "hpack_memo_of",
         "key",
         "name",
         "pending_table_sizes",
@@ -543,9 +544,8 @@ class _Side:
         self.block_ts = 0
         self.decoded_any = False  # a block was decoded: an empty decoder now means lost state
         self.degraded = False
-        # header blocks that left the HPACK table as it was, by their bytes (see Reader._decode)
+        # header blocks that left the HPACK table as it was, by their bytes (see H2Connection._decode)
         self.hpack_memo: dict[bytes, tuple[_TableState, list[tuple[bytes, bytes]]]] = {}
-        self.hpack_memo_of: hpack.Decoder | None = None
         self.pending_table_sizes: deque[int] = deque()  # announced by this side, awaiting ACK
         self.sync_max_len = sync_max_len  # longest frame believed during resync
         self.sync_skipped = 0  # bytes skipped by the current resync
@@ -873,9 +873,6 @@ class H2Connection:
         """
         dec = self._decoder(side)
         memo = side.hpack_memo
-        if side.hpack_memo_of is not dec:
-            memo.clear()
-            side.hpack_memo_of = dec
         before = _table_state(dec)
         hit = memo.get(block)
         if hit is not None and _same_table(hit[0], before):

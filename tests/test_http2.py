@@ -874,13 +874,16 @@ def test_resync_prefilter_never_hides_a_candidate(
         assert rx.match(buf) is not None
 
 
-def test_a_repeated_header_block_decodes_by_the_table_it_meets() -> None:
+@pytest.mark.parametrize("one_entry_table", [False, True], ids=["table_grows", "table_of_one_entry"])
+def test_a_repeated_header_block_decodes_by_the_table_it_meets(one_entry_table: bool) -> None:
     """The same bytes, an indexed field, name whatever the dynamic table holds
     at that moment: a block remembered from before an insertion must not be
-    reused after it."""
+    reused after it. In a table with room for one entry, the insertion evicts
+    the old one: the table's size and entry count stay as they were."""
     c = Conv()
     static = bytes([0x83, 0x86])  # :method POST, :scheme http
     indexed_62 = static + bytes([0xBE])  # :path = dynamic entry 62, the newest
+    resize = bytes([0x3F, 0x21]) if one_entry_table else b""  # table size update to 64 bytes
 
     def request(sid: int, block: bytes) -> None:
         c.send("client", HeadersFrame(sid, block, flags=["END_HEADERS"]).serialize())
@@ -891,7 +894,7 @@ def test_a_repeated_header_block_decodes_by_the_table_it_meets() -> None:
     def insert(path: str) -> bytes:  # literal with incremental indexing, name :path (static 4)
         return static + bytes([0x44, len(path)]) + path.encode()
 
-    request(1, insert("/a/One"))
+    request(1, resize + insert("/a/One"))
     request(3, indexed_62)  # /a/One, decoded and remembered
     request(5, indexed_62)  # /a/One again, from the memo
     request(7, insert("/b/Two"))  # entry 62 is now /b/Two
@@ -901,7 +904,7 @@ def test_a_repeated_header_block_decodes_by_the_table_it_meets() -> None:
     real = hpack.Decoder.decode
 
     def counting(self: hpack.Decoder, data: bytes, raw: bool = False) -> Any:
-        if data[:2] == static:
+        if data.startswith(static) or data.startswith(resize + static):  # the requests' blocks
             calls.append(data)
         return real(self, data, raw=raw)
 
@@ -920,4 +923,36 @@ def test_a_repeated_header_block_decodes_by_the_table_it_meets() -> None:
         (11, "/b/Two"),
     ]
     # the request blocks hpack decoded: both insertions always; the indexed block once per table state
-    assert calls == [insert("/a/One"), indexed_62, insert("/b/Two"), indexed_62]
+    assert calls == [resize + insert("/a/One"), indexed_62, insert("/b/Two"), indexed_62]
+
+
+def test_a_remembered_block_is_not_used_once_its_decoder_is_evicted() -> None:
+    """The memo belongs to one decoder: when the bounded pool evicts it, the
+    connection decodes on with an empty table, as without the memo (the
+    indexed block then names nothing, and that is counted)."""
+    m = SelfMetrics()
+    pool = HpackDecoders(max_entries=2, metrics=m)
+    static = bytes([0x83, 0x86])
+    indexed_62 = static + bytes([0xBE])
+
+    def request(conn: H2Connection, sid: int, block: bytes, ts: int) -> None:
+        conn.feed("client", HeadersFrame(sid, block, flags=["END_HEADERS", "END_STREAM"]).serialize(), ts)
+
+    a = H2Connection(decoders=pool, metrics=m)
+    a.feed("client", PREFACE + SettingsFrame(0).serialize(), 1)
+    request(a, 1, static + bytes([0x44, 6]) + b"/a/One", 2)
+    request(a, 3, indexed_62, 3)  # remembered
+    for _ in range(2):  # two other connections' decoders push a's out of the pool
+        other = H2Connection(decoders=pool, metrics=m)
+        other.feed("client", PREFACE + SettingsFrame(0).serialize(), 4)
+        request(other, 1, static + bytes([0x44, 2]) + b"/x", 5)
+    request(a, 5, indexed_62, 6)
+    a.close(7)
+    recs = sorted(a.take_completed(), key=lambda s: s.stream_id)
+    assert [(r.stream_id, r.path, r.headers_lost) for r in recs] == [
+        (1, "/a/One", False),
+        (3, "/a/One", False),
+        (5, None, True),
+    ]
+    assert failures(m).get("hpack") == 1
+    assert m.get("infersight.parse.h2.decoders.evicted") >= 1
