@@ -1,0 +1,180 @@
+"""Where the agent's user-space CPU goes, stage by stage, on recorded traffic.
+
+    python -m bench.stages --profile {json,sse,unary,stream} --seconds N [--json]
+
+One run records what the socket probe delivers while the benchmark server
+is under load (wrk for the HTTP/1 profiles, tritonclient for gRPC), then
+replays the same records, in the same batches, through what ``infersight
+run`` does with them, one stage more each time:
+
+- ``decode``: the ring buffer records turned into events;
+- ``assembly``: decoding, parsing and assembly into records (emitted nowhere);
+- ``join``: plus the join stage as ``infersight run`` builds it by default;
+- ``export``: plus the exporters (metric instruments, sampling; OTLP off);
+- ``all``: join and exporters, as the agent runs.
+
+Each figure is CPU time (``time.process_time``) per request, the best of
+``--repeat`` replays, printed with records per request. Unlike the overhead
+benchmark, this involves no other process competing for the cores, so it
+is steady from run to run: use it to see what a change to the per-record
+path buys. The agent's live CPU per request is higher (it shares the cores
+with the server and the load; see README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from agent import procfs
+from agent.assemble import Assembler, AssemblyConfig
+from agent.cli import build_join, build_parser, resolve_run_options, start_gpu_sources, stop_sources
+from agent.clock import Clock
+from agent.export.exporters import ExportConfig, Exporters
+from agent.pipeline import Pipeline, PipelineConfig
+from agent.record import Request
+from probes.socket_events import Decoder
+from probes.sockets import SocketProbe, SocketProbeConfig
+
+HTTP1 = ("json", "sse")
+GRPC = ("unary", "stream")
+
+
+def record(profile: str, seconds: float, tmp: Path, work: Callable[[list[list[bytes]], int], Any]) -> Any:
+    """Run the profile's server and load with the probe attached; call ``work(batches, server pid)``
+    while the server still runs (the join reads its /proc entry)."""
+    from bench.grpc import Clients, GrpcServer
+    from bench.overhead import Server, run_wrk
+
+    batches: list[list[bytes]] = []
+    probe = SocketProbe(SocketProbeConfig(), on_records=lambda b: batches.append(list(b)))
+    server: Any = Server(profile, 50, otel=False) if profile in HTTP1 else GrpcServer()
+    try:
+        pid = server.proc.pid
+        probe.add_target(pid)
+        probe.start_h2()
+        if not probe.wait_h2():
+            raise RuntimeError("the HTTP/2 capture did not load")
+        stop = threading.Event()
+
+        def drain() -> None:
+            while not stop.is_set():
+                probe.drain(50)
+            probe.drain(0)
+
+        t = threading.Thread(target=drain, name="drain")
+        t.start()
+        try:
+            if profile in HTTP1:
+                run_wrk(server.port, profile, seconds, 8, tmp)
+            else:
+                Clients(server.port, profile, 4, seconds, 32 if profile == "stream" else 1, 16, tmp).go()
+            time.sleep(0.5)  # the last records reach the ring buffer
+        finally:
+            stop.set()
+            t.join()
+        return work(batches, pid)
+    finally:
+        probe.close()
+        server.stop()
+
+
+def replay(batches: list[list[bytes]], emit: Callable[[Request], None]) -> tuple[float, int]:
+    """CPU seconds to feed every batch to a fresh assembler, and the requests it emitted."""
+    n = 0
+
+    def counted(r: Request) -> None:
+        nonlocal n
+        n += 1
+        emit(r)
+
+    pc = SocketProbeConfig()
+    asm = Assembler(
+        AssemblyConfig(sample_writes=pc.sample_writes, tail_slots=pc.tail_slots),
+        counted,
+        clock=Clock(),
+        decoder=Decoder(pc.layout),
+        process_name=procfs.comm,
+        conn_alive=lambda *_: True,
+        sockets=procfs.SocketTable(),
+    )
+    t = time.process_time()
+    for b in batches:
+        asm.feed(b)
+    return time.process_time() - t, n
+
+
+def measure(batches: list[list[bytes]], repeat: int) -> dict[str, Any]:
+    opts = resolve_run_options(build_parser().parse_args(["run", "--prometheus-port", "0"]))
+    sources = start_gpu_sources(opts)
+    join = build_join(opts, sources)
+    exporters = Exporters(ExportConfig(otlp_endpoint="", prometheus_port=0))
+    try:
+        if join is not None:
+            join.start()
+        stages: dict[str, Callable[[Request], None]] = {
+            "assembly": lambda r: None,
+            "join": Pipeline(PipelineConfig(), _no_probe, [], stages=[join] if join else [])._emit,
+            "export": Pipeline(PipelineConfig(), _no_probe, [exporters])._emit,
+            "all": Pipeline(PipelineConfig(), _no_probe, [exporters], stages=[join] if join else [])._emit,
+        }
+        records = sum(len(b) for b in batches)
+        decoder = Decoder(SocketProbeConfig().layout)
+        best: dict[str, float] = {}
+        requests = 0
+        for _ in range(repeat):
+            t = time.process_time()
+            for b in batches:
+                for raw in b:
+                    decoder.decode(raw)
+            best["decode"] = min(best.get("decode", float("inf")), time.process_time() - t)
+            for name, emit in stages.items():
+                cpu, requests = replay(batches, emit)
+                best[name] = min(best.get(name, float("inf")), cpu)
+    finally:
+        exporters.shutdown()
+        stop_sources(join, sources)
+    return {
+        "records": records,
+        "requests": requests,
+        "records_per_request": round(records / requests, 3) if requests else None,
+        "cpu_us_per_request": {k: round(v / requests * 1e6, 1) for k, v in best.items()} if requests else None,
+    }
+
+
+def _no_probe(_on_records: Callable[[list[bytes]], None]) -> Any:
+    raise RuntimeError("replay only: the pipeline here never starts a probe")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", choices=HTTP1 + GRPC, default="json")
+    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--repeat", type=int, default=3, help="replays per stage; the best is printed")
+    ap.add_argument("--json", action="store_true", help="print JSON only")
+    a = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        raise SystemExit("the benchmark attaches eBPF probes: run it as root")
+    logging.basicConfig(level=logging.ERROR)
+    tmp = Path(tempfile.mkdtemp(prefix="infersight-stages-"))
+    result = {"profile": a.profile, "seconds": a.seconds,
+              **record(a.profile, a.seconds, tmp, lambda batches, _pid: measure(batches, a.repeat))}
+    if a.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for k, v in result.items():
+            print(f"{k:24} {v}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
