@@ -3,11 +3,11 @@
 #define INFERSIGHT_BPF_COMMON_H
 
 /* bpf_probe_read_user/_kernel under names BCC's front end does not know. For
- * each call so spelled, BCC (0.26) asks whether the kernel has the helper by
- * looking it up in a table of every kernel symbol, rebuilt for each call: 55 ms
- * per call site (0.7 s of the capture module's compile), for an answer that is
- * always yes where this agent runs (both helpers are in 5.5, the ring buffer
- * these probes need in 5.8). The compiled program is the same either way. */
+ * each call so spelled, BCC asks whether the kernel has the helper by looking
+ * it up among all kernel symbols: with BCC 0.26, 55 ms per call site (0.7 s of
+ * the capture module's compile), for an answer that is always yes where this
+ * agent runs (both helpers are in 5.5, the ring buffer these probes need in
+ * 5.8). The compiled program is the same either way. */
 static long (*read_user)(void *dst, u32 size, const void *src) = (void *)BPF_FUNC_probe_read_user;
 static long (*read_kernel)(void *dst, u32 size, const void *src) = (void *)BPF_FUNC_probe_read_kernel;
 #define bpf_probe_read_user read_user

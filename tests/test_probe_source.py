@@ -1,8 +1,8 @@
 """The probes' C text keeps BCC's front end off its slow path.
 
-BCC 0.26 looks every call spelled ``bpf_probe_read_user`` or
-``bpf_probe_read_kernel`` up in a table of all kernel symbols, rebuilt per call
-(55 ms each; the capture module has 17 such calls). ``bpf_common.h`` renames
+BCC checks every call spelled ``bpf_probe_read_user`` or
+``bpf_probe_read_kernel`` against all kernel symbols (with BCC 0.26, 55 ms per
+call site; the capture module has 17 such calls). ``bpf_common.h`` renames
 them; these checks fail when a module calls a helper before that header is
 included, or includes a header that spells them out again.
 """
