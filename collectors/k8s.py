@@ -404,8 +404,10 @@ class PodIndex:
                 break
         if self._synced.is_set():
             self._metrics.inc("infersight.k8s.relists")
-        self._replace_all(items)
+        # The server answered: say so before its pods become visible, so that
+        # whoever sees them also sees the source up.
         self._mark_up()
+        self._replace_all(items)
         self._synced.set()
         return rv
 
