@@ -35,6 +35,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def run_json_module(module: str, *args: str, timeout: float = 240) -> dict[str, Any]:
+    """``python -m module *args`` from the repository root; its stdout parsed as one JSON object."""
+    r = subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return dict(json.loads(r.stdout))
+
+
 def wait_for(cond: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05, what: str = "") -> Any:
     deadline = time.monotonic() + timeout
     while True:

@@ -3,28 +3,16 @@ real eBPF, and the label matching its accuracy figures depend on."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from typing import Any
 
 import pytest
 
 from bench.grpc import parse_sweep, sample
-from tests.harness import REPO
+from tests.harness import run_json_module
 
 
 def run_bench(*args: str) -> dict[str, Any]:
-    short = ("--seconds", "1", "--rounds", "1", "--clients", "2", "--json")
-    r = subprocess.run(
-        [sys.executable, "-m", "bench.grpc", *short, *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return dict(json.loads(r.stdout))
+    return run_json_module("bench.grpc", "--seconds", "1", "--rounds", "1", "--clients", "2", "--json", *args)
 
 
 def assert_exact(out: dict[str, Any]) -> None:

@@ -2,33 +2,16 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from typing import Any
-
 import pytest
 
-from tests.harness import REPO
-
-
-def run_stages(profile: str) -> dict[str, Any]:
-    r = subprocess.run(
-        [sys.executable, "-m", "bench.stages", "--profile", profile, "--seconds", "1", "--repeat", "1", "--json"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return dict(json.loads(r.stdout))
+from tests.harness import run_json_module
 
 
 @pytest.mark.ebpf
 @pytest.mark.slow
 @pytest.mark.parametrize(("profile", "records_per_request"), [("json", 3), ("unary", 5)])
 def test_replay_of_a_recording_gives_every_stage(profile: str, records_per_request: int) -> None:
-    out = run_stages(profile)
+    out = run_json_module("bench.stages", "--profile", profile, "--seconds", "1", "--repeat", "1", "--json")
     assert out["requests"] > 100, out
     # the recording is the probe's: a few records per request, as the overhead benchmarks count
     assert records_per_request <= out["records_per_request"] < records_per_request + 0.5, out
