@@ -17,6 +17,5 @@ def test_replay_of_a_recording_gives_every_stage(profile: str, records_per_reque
     assert records_per_request <= out["records_per_request"] < records_per_request + 0.5, out
     cpu = out["cpu_us_per_request"]
     assert set(cpu) == {"decode", "assembly", "join", "export", "all"}
+    # figures only: how they compare is a measurement (README), never a test's condition
     assert all(v > 0 for v in cpu.values()), cpu
-    # assembly includes decoding; the full path includes assembly
-    assert cpu["decode"] < cpu["assembly"] < cpu["all"], cpu
