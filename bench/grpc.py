@@ -61,6 +61,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from bench import print_result, require_root
 from bench.overhead import REPO, Agent, cpu_seconds
 
 MODES = ("untraced", "traced", "probe_only")
@@ -556,14 +557,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--json", action="store_true", help="print JSON only")
     a = ap.parse_args(argv)
-    if os.geteuid() != 0:
-        raise SystemExit("the benchmark attaches eBPF probes: run it as root")
+    require_root()
     result = bench(a.profile, a.seconds, a.rounds, a.clients, a.responses, a.elements, a.sweep)
-    if a.json:
-        print(json.dumps(result, indent=2))
-    else:
-        for k, v in result.items():
-            print(f"{k:40} {v}")
+    print_result(result, a.json, 40)
     return 0
 
 

@@ -21,7 +21,6 @@ records the agent emitted and losses it counted.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -35,6 +34,8 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+from bench import print_result, require_root
 
 REPO = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -227,14 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunks", type=int, default=50)
     ap.add_argument("--json", action="store_true", help="print JSON only")
     a = ap.parse_args(argv)
-    if os.geteuid() != 0:
-        raise SystemExit("the benchmark attaches eBPF probes: run it as root")
+    require_root()
     result = bench(a.profile, a.seconds, a.rounds, a.connections, a.chunks)
-    if a.json:
-        print(json.dumps(result, indent=2))
-    else:
-        for k, v in result.items():
-            print(f"{k:32} {v}")
+    print_result(result, a.json, 32)
     return 0
 
 

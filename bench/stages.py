@@ -24,9 +24,7 @@ with the server and the load; see README).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import sys
 import tempfile
 import threading
@@ -42,6 +40,7 @@ from agent.clock import Clock
 from agent.export.exporters import ExportConfig, Exporters
 from agent.pipeline import Pipeline, PipelineConfig
 from agent.record import Request
+from bench import print_result, require_root
 from probes.socket_events import Decoder
 from probes.sockets import SocketProbe, SocketProbeConfig
 
@@ -49,9 +48,9 @@ HTTP1 = ("json", "sse")
 GRPC = ("unary", "stream")
 
 
-def record(profile: str, seconds: float, tmp: Path, work: Callable[[list[list[bytes]], int], Any]) -> Any:
-    """Run the profile's server and load with the probe attached; call ``work(batches, server pid)``
-    while the server still runs (the join reads its /proc entry)."""
+def record(profile: str, seconds: float, tmp: Path, work: Callable[[list[list[bytes]]], Any]) -> Any:
+    """Run the profile's server and load with the probe attached; call ``work(batches)`` while the
+    server still runs (the join reads its /proc entry)."""
     from bench.grpc import Clients, GrpcServer
     from bench.overhead import Server, run_wrk
 
@@ -59,8 +58,7 @@ def record(profile: str, seconds: float, tmp: Path, work: Callable[[list[list[by
     probe = SocketProbe(SocketProbeConfig(), on_records=lambda b: batches.append(list(b)))
     server: Any = Server(profile, 50, otel=False) if profile in HTTP1 else GrpcServer()
     try:
-        pid = server.proc.pid
-        probe.add_target(pid)
+        probe.add_target(server.proc.pid)
         probe.start_h2()
         if not probe.wait_h2():
             raise RuntimeError("the HTTP/2 capture did not load")
@@ -82,7 +80,7 @@ def record(profile: str, seconds: float, tmp: Path, work: Callable[[list[list[by
         finally:
             stop.set()
             t.join()
-        return work(batches, pid)
+        return work(batches)
     finally:
         probe.close()
         server.stop()
@@ -162,17 +160,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3, help="replays per stage; the best is printed")
     ap.add_argument("--json", action="store_true", help="print JSON only")
     a = ap.parse_args(argv)
-    if os.geteuid() != 0:
-        raise SystemExit("the benchmark attaches eBPF probes: run it as root")
+    require_root()
     logging.basicConfig(level=logging.ERROR)
     tmp = Path(tempfile.mkdtemp(prefix="infersight-stages-"))
     result = {"profile": a.profile, "seconds": a.seconds,
-              **record(a.profile, a.seconds, tmp, lambda batches, _pid: measure(batches, a.repeat))}
-    if a.json:
-        print(json.dumps(result, indent=2))
-    else:
-        for k, v in result.items():
-            print(f"{k:24} {v}")
+              **record(a.profile, a.seconds, tmp, lambda batches: measure(batches, a.repeat))}
+    print_result(result, a.json, 24)
     return 0
 
 
