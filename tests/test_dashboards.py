@@ -85,6 +85,16 @@ def substitute_variables(expr: str) -> str:
     return re.sub(r"\$\{?(\w+)\}?", ".*", expr)
 
 
+def queries_with_data(prom: Any) -> set[tuple[str, str, str]]:
+    """(dashboard, panel, ref_id) of every dashboard query that returns data from ``prom``
+    (a PrometheusServer), windows shortened to the test's 30 s. Raises on a query Prometheus refuses."""
+    found = set()
+    for q in build.all_queries():
+        if prom.query(substitute_variables(q.expr).replace("[2m]", "[30s]")):
+            found.add((q.dashboard, q.panel, q.ref_id))
+    return found
+
+
 def promtool_check(exprs: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
     """Run ``promtool check rules`` on one recording rule per expression."""
     if PROMTOOL is None:
@@ -511,11 +521,7 @@ def test_dashboard_queries_against_a_real_agent(tmp_path: Path) -> None:
             lambda r: bool(r) and float(r[0]["value"][1]) > 0,
             timeout=60,
         )
-        with_data = set()
-        for q in build.all_queries():
-            expr = substitute_variables(q.expr).replace("[2m]", "[30s]")
-            if prom.query(expr):  # raises on a query Prometheus refuses
-                with_data.add((q.dashboard, q.panel))
+        with_data = {(d, panel) for d, panel, _ in queries_with_data(prom)}
         missing = LIVE_PANELS_WITH_DATA - with_data
         assert not missing, f"panels without data: {sorted(missing)}\nagent log:\n{log.read_text()[-3000:]}"
         # Every variable query finds our model.
@@ -613,11 +619,7 @@ def test_grpc_panels_against_a_real_agent(tmp_path: Path) -> None:
             lambda r: bool(r) and float(r[0]["value"][1]) > 0,
             timeout=60,
         )
-        with_data = set()
-        for q in build.all_queries():
-            expr = substitute_variables(q.expr).replace("[2m]", "[30s]")
-            if prom.query(expr):
-                with_data.add((q.dashboard, q.panel, q.ref_id))
+        with_data = queries_with_data(prom)
         missing = LIVE_GRPC_WITH_DATA - with_data
         assert not missing, f"without data: {sorted(missing)}\nagent log:\n{log.read_text()[-3000:]}"
         assert not LIVE_GRPC_WITHOUT_DATA & with_data
