@@ -10,16 +10,17 @@
 # host's, mounted read-only at /lib/modules and /usr/src (the Helm chart does
 # this). `infersight doctor` names whatever is missing.
 #
-# Two stages: the build stage needs python3-venv (ensurepip) and pip's build
-# backend; the runtime stage gets only the finished venv and Debian's runtime
-# packages.
+# Two stages: the build stage needs python3-venv (ensurepip), pip's build
+# backend, and a C toolchain with mypy for the compiled per-record modules
+# (agent/native.py); the runtime stage gets only the finished venv and
+# Debian's runtime packages.
 
 ARG DEBIAN_IMAGE=debian:bookworm-slim
 
 FROM ${DEBIAN_IMAGE} AS build
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+ && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc libc6-dev ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 RUN /usr/bin/python3 -m venv --system-site-packages /opt/infersight
 WORKDIR /src
@@ -39,7 +40,13 @@ COPY bench ./bench
 RUN --mount=type=secret,id=ca-bundle \
     if [ -s /run/secrets/ca-bundle ]; then export PIP_CERT=/run/secrets/ca-bundle; fi \
  && /opt/infersight/bin/pip install . \
- && /opt/infersight/bin/pip uninstall -y pip
+ && /opt/infersight/bin/pip uninstall -y pip \
+ && /usr/bin/python3 -m venv /opt/mypyc \
+ && /opt/mypyc/bin/pip install 'mypy>=1.11' setuptools
+# mypyc runs from its own venv, reading the agent's packages for the modules'
+# imports, and compiles them in place in the agent's venv.
+RUN native="$(/opt/infersight/bin/python -c 'import agent.native as n; print(n.__file__)')" \
+ && /opt/mypyc/bin/python "$native" build --python /opt/infersight/bin/python
 
 FROM ${DEBIAN_IMAGE}
 ENV DEBIAN_FRONTEND=noninteractive

@@ -131,6 +131,16 @@ def check_nvml() -> Check:
     return Check("NVML", True, "libnvidia-ml.so.1 initialises", required=False)
 
 
+def check_native() -> Check:
+    from agent import native
+
+    st = native.status()
+    ok = all(v == "compiled" for v in st.values())
+    return Check("compiled modules", ok, native.summary(),
+                 "python -m agent.native build (needs gcc, python3-dev and mypy); "
+                 "without it the same modules run as plain Python, at more CPU per request", required=False)
+
+
 CHECKS: tuple[Callable[[], Check], ...] = (
     check_privileges,
     check_tracefs,
@@ -141,6 +151,7 @@ CHECKS: tuple[Callable[[], Check], ...] = (
     check_tracepoints,
     check_uprobes,
     check_nvml,
+    check_native,
 )
 
 

@@ -382,7 +382,7 @@ class Join:
         self._cuda_tried: OrderedDict[tuple[int, int | None], None] = OrderedDict()
         self._logged: set[str] = set()
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._worker: threading.Thread | None = None
         self.__name__ = "join"  # the pipeline labels stage errors with it
         m = metrics
         m.describe(FAILURES, "counter", "Records the join could not decorate (passed on unchanged).")
@@ -397,7 +397,7 @@ class Join:
 
     def start(self) -> None:
         """Start the sources the join built, then the refresh thread. Returns at once; never raises."""
-        if self._thread is not None:
+        if self._worker is not None:
             return
         for source in self._owned:
             try:
@@ -405,15 +405,15 @@ class Join:
             except Exception:  # a source that cannot start degrades its feature only
                 log.exception("join: %s failed to start", type(source).__name__)
         self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="infersight-join", daemon=True)
-        self._thread.start()
+        self._worker = threading.Thread(target=self._run, name="infersight-join", daemon=True)
+        self._worker.start()
 
     def stop(self) -> None:
         """Stop the refresh thread and the sources the join built."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
+        if self._worker is not None:
+            self._worker.join(timeout=10)
+            self._worker = None
         for source in reversed(self._owned):
             try:
                 source.stop()

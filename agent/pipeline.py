@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from agent import procfs
+from agent import native, procfs
 from agent.assemble import Assembler, AssemblyConfig
 from agent.clock import Clock
 from agent.export import Sink
@@ -164,6 +164,8 @@ class Pipeline:
         )
         log.info("attached to %d target(s) in %.2fs: %s", len(self._targets), self.attach_seconds,
                  sorted(self._targets))
+        native_state = native.status()
+        (log.warning if "stale" in native_state.values() else log.info)("%s", native.summary())
         # HTTP/2 capture compiles and loads now, in the background (see probes/sockets.py)
         start_h2 = getattr(self.probe, "start_h2", None)
         if start_h2 is not None:

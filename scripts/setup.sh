@@ -97,5 +97,11 @@ if [ ! -x .venv-tools/bin/checkov ]; then
     .venv-tools/bin/python -m pip install -q checkov
 fi
 
+# The per-record modules compiled with mypyc (agent/native.py; a no-op when
+# current). Should it fail, the same modules run as plain Python, at more CPU
+# per request, and doctor says so.
+.venv/bin/python -m agent.native build \
+    || log "WARNING: compiling the per-record modules failed; the agent runs them as plain Python"
+
 .venv/bin/python -c 'import bcc, agent' || { echo "setup: the environment cannot import bcc" >&2; exit 1; }
 log "ready: .venv/bin/infersight doctor | run | demo"

@@ -9,5 +9,7 @@ echo "== ruff"
 "$py" -m ruff check agent probes collectors tests bench
 echo "== mypy"
 "$py" -m mypy
+echo "== compiled modules (mypyc; a no-op when current)"
+"$py" -m agent.native build
 echo "== pytest"
 exec "$py" -m pytest -ra "$@"

@@ -40,6 +40,24 @@ def ebpf() -> None:
         pytest.skip(f"eBPF unavailable: {reason}")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # A compiled module built from an older source would be what the tests
+    # import (Python prefers the extension): refuse to test it.
+    from agent import native
+
+    stale = [m for m, v in native.status().items() if v == "stale"]
+    if stale:
+        raise pytest.UsageError(
+            "compiled modules are older than their sources: " + ", ".join(stale)
+            + "; run .venv/bin/python -m agent.native build (scripts/test.sh does)"
+        )
+    # Under CI the suite runs what setup built: the figures in README are for compiled modules.
+    if IN_CI and os.environ.get("INFERSIGHT_EXPECT_COMPILED", "1") == "1":
+        missing = [m for m, v in native.status().items() if v != "compiled"]
+        if missing:
+            raise pytest.UsageError("CI=true but these modules are not compiled: " + ", ".join(missing))
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         # Every eBPF test requests the `ebpf` fixture first, so that it skips

@@ -1,0 +1,169 @@
+"""Compiled builds of the per-record path, with mypyc.
+
+    python -m agent.native build     # compile in place (a no-op when current)
+    python -m agent.native status    # which modules run compiled
+
+Every request the agent sees goes through the same Python: ring buffer
+records decoded, HTTP/1 framing, SSE and LLM body reading, assembly, the
+join and the metric instruments. mypyc compiles those modules, unchanged,
+to C extensions: the same source, type-checked by mypy, runs with native
+attribute access and calls. ``bench.stages`` shows what it buys.
+
+The extensions are built next to their sources (``agent/http1.py`` gets
+``agent/http1.cpython-311-x86_64-linux-gnu.so``), where Python's import
+system prefers them. A stamp, ``agent/.native-stamp.json``, holds the
+SHA-256 of each source that was compiled, so a source edited after the
+build shows as ``stale`` here, in ``infersight doctor`` and in the agent's
+start-up log, and the test suite refuses to run against it. Nothing else
+changes: without a build (no compiler, or ``--pure`` images) the same
+modules run as plain Python.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+STAMP = ROOT / "agent" / ".native-stamp.json"
+
+#: The modules on the per-record path, relative to the directory holding ``agent/``.
+MODULES = (
+    "agent/http1.py",
+    "agent/sse.py",
+    "agent/ndjson.py",
+    "agent/llm.py",
+    "agent/assemble.py",
+    "agent/selfmetrics.py",
+    "agent/join.py",
+    "agent/export/instruments.py",
+    "agent/export/exporters.py",
+    "agent/export/sampling.py",
+    "agent/export/routes.py",
+    "agent/export/rpc.py",
+    "collectors/cgroup.py",
+)
+
+#: mypyc's runtime shared by the modules, kept inside the package so that it imports
+#: wherever ``agent`` does (an editable install maps packages, not the checkout's root).
+SHARED = "agent/_compiled__mypyc"
+_SUFFIX = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _extension(module: str, root: Path = ROOT) -> Path:
+    return root / (module[: -len(".py")] + _SUFFIX)
+
+
+def _stamp(root: Path = ROOT) -> dict[str, str]:
+    try:
+        data = json.loads((root / STAMP.relative_to(ROOT)).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def status(root: Path = ROOT) -> dict[str, str]:
+    """Each module: ``compiled`` (its extension matches the source), ``stale`` (an extension
+    built from another version of the source; Python still loads it), or ``source``."""
+    stamp = _stamp(root)
+    out = {}
+    for m in MODULES:
+        if not _extension(m, root).exists():
+            out[m] = "source"
+        elif stamp.get(m) == _digest(root / m):
+            out[m] = "compiled"
+        else:
+            out[m] = "stale"
+    return out
+
+
+def summary(root: Path = ROOT) -> str:
+    """One line for logs and doctor: how many modules run compiled, and which are stale."""
+    st = status(root)
+    compiled = sum(1 for v in st.values() if v == "compiled")
+    stale = sorted(m for m, v in st.items() if v == "stale")
+    text = f"{compiled} of {len(st)} per-record modules compiled (mypyc)"
+    if stale:
+        text += "; stale (rebuild with python -m agent.native build): " + ", ".join(stale)
+    return text
+
+
+def clean() -> None:
+    """Remove every extension and the stamp: the modules run as plain Python."""
+    for m in MODULES:
+        _extension(m).unlink(missing_ok=True)
+    _extension(SHARED + ".py").unlink(missing_ok=True)
+    STAMP.unlink(missing_ok=True)
+
+
+def build(force: bool = False, python: str | None = None) -> bool:
+    """Compile every module in place unless all are current. True when it compiled.
+
+    ``python``: the interpreter whose installed packages mypy reads for the modules'
+    imports (default: this one). The image build runs mypyc from an environment of its
+    own and points it at the agent's, so that mypy never lands in the image.
+    """
+    if not force and all(v == "compiled" for v in status().values()):
+        return False
+    clean()
+    digests = {m: _digest(ROOT / m) for m in MODULES}
+    with tempfile.TemporaryDirectory(prefix="infersight-native-") as tmp:
+        # the options of [tool.mypy] in pyproject.toml, which an installed package lacks
+        options = ["--python-executable", python or sys.executable, "--ignore-missing-imports",
+                   "--check-untyped-defs", *MODULES]
+        script = Path(tmp) / "setup_native.py"
+        script.write_text(
+            "import sys\n"
+            "from setuptools import setup\n"
+            "from mypyc.build import mypycify\n"
+            f"setup(name='infersight-native', ext_modules=mypycify({options!r}, opt_level='3',"
+            f" group_name='agent._compiled', target_dir={str(Path(tmp) / 'c')!r}), script_args=['-q', 'build_ext', '--inplace',"
+            f" '--build-temp', {str(Path(tmp) / 'o')!r}])\n"
+        )
+        env = dict(os.environ, MYPY_CACHE_DIR=str(Path(tmp) / "cache"))
+        proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            clean()
+            raise RuntimeError("mypyc build failed:\n" + (proc.stdout + proc.stderr)[-4000:])
+    # a source edited while it compiled stays stale rather than stamped
+    STAMP.write_text(json.dumps(digests, indent=1, sort_keys=True) + "\n")
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m agent.native", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("command", choices=("build", "status", "clean"))
+    ap.add_argument("--force", action="store_true", help="build: compile even when current")
+    ap.add_argument("--python", help="build: the interpreter whose packages the modules import (default: this one)")
+    a = ap.parse_args(argv)
+    if a.command == "build":
+        try:
+            built = build(a.force, a.python)
+        except (RuntimeError, ImportError, OSError) as e:
+            print(f"native: {e}", file=sys.stderr)
+            return 1
+        print(("compiled: " if built else "current: ") + summary())
+        return 0
+    if a.command == "clean":
+        clean()
+        print("removed: " + summary())
+        return 0
+    for m, v in status().items():
+        print(f"{v:9s} {m}")
+    return 0 if all(v != "stale" for v in status().values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
