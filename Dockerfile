@@ -43,10 +43,12 @@ RUN --mount=type=secret,id=ca-bundle \
  && /opt/infersight/bin/pip uninstall -y pip \
  && /usr/bin/python3 -m venv /opt/mypyc \
  && /opt/mypyc/bin/pip install 'mypy>=1.11' setuptools
-# mypyc runs from its own venv, reading the agent's packages for the modules'
-# imports, and compiles them in place in the agent's venv.
-RUN native="$(/opt/infersight/bin/python -c 'import agent.native as n; print(n.__file__)')" \
- && /opt/mypyc/bin/python "$native" build --python /opt/infersight/bin/python
+# mypyc runs from its own venv, reading the agent's installed packages for the
+# modules' imports; it compiles in /src (a clean source root for mypy) and the
+# build is copied into the agent's venv, whose sources are the same files.
+RUN /opt/mypyc/bin/python -m agent.native build --python /opt/infersight/bin/python \
+ && /opt/mypyc/bin/python -m agent.native copy-to \
+        "$(cd / && /opt/infersight/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 
 FROM ${DEBIAN_IMAGE}
 ENV DEBIAN_FRONTEND=noninteractive

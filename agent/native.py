@@ -25,6 +25,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -141,10 +142,25 @@ def build(force: bool = False, python: str | None = None) -> bool:
     return True
 
 
+def copy_to(target: Path, root: Path = ROOT) -> None:
+    """Copy a current build into another installation of the same sources (the image builds in
+    its source tree, where mypy sees a clean source root, and copies into the venv)."""
+    if not all(v == "compiled" for v in status(root).values()):
+        raise RuntimeError("nothing current to copy: build first")
+    for m in MODULES:
+        if not (target / m).is_file() or _digest(target / m) != _digest(root / m):
+            raise RuntimeError(f"{target / m} is not the source that was compiled")
+    for m in (*MODULES, SHARED + ".py"):
+        shutil.copy2(_extension(m, root), _extension(m, target))
+    stamp = STAMP.relative_to(ROOT)
+    shutil.copy2(root / stamp, target / stamp)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m agent.native", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=("build", "status", "clean"))
+    ap.add_argument("command", choices=("build", "status", "clean", "copy-to"))
+    ap.add_argument("target", nargs="?", type=Path, help="copy-to: the directory holding another agent/")
     ap.add_argument("--force", action="store_true", help="build: compile even when current")
     ap.add_argument("--python", help="build: the interpreter whose packages the modules import (default: this one)")
     a = ap.parse_args(argv)
@@ -155,6 +171,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"native: {e}", file=sys.stderr)
             return 1
         print(("compiled: " if built else "current: ") + summary())
+        return 0
+    if a.command == "copy-to":
+        if a.target is None:
+            ap.error("copy-to needs a target directory")
+        try:
+            copy_to(a.target)
+        except (RuntimeError, OSError) as e:
+            print(f"native: {e}", file=sys.stderr)
+            return 1
+        print(f"copied to {a.target}: " + summary(a.target))
         return 0
     if a.command == "clean":
         clean()

@@ -46,6 +46,22 @@ def test_status_tells_compiled_stale_and_source(tmp_path: Path) -> None:
     assert native.status(root)[http1] == "stale"
 
 
+def test_copy_to_installs_a_build_only_over_the_same_sources(tmp_path: Path) -> None:
+    built = _tree(tmp_path / "src", native.MODULES)
+    native._extension(native.SHARED + ".py", built).write_bytes(b"\x7fELF")
+    venv = _tree(tmp_path / "venv", ())
+    assert set(native.status(venv).values()) == {"source"}
+    native.copy_to(venv, built)
+    assert set(native.status(venv).values()) == {"compiled"}
+    assert native._extension(native.SHARED + ".py", venv).exists()
+    other = _tree(tmp_path / "other", ())
+    with open(other / "agent/http1.py", "a") as f:
+        f.write("\n# another version\n")
+    with pytest.raises(RuntimeError, match="not the source that was compiled"):
+        native.copy_to(other, built)
+    assert set(native.status(other).values()) == {"source"}
+
+
 def test_the_checkout_runs_what_status_reports() -> None:
     st = native.status()
     assert "stale" not in st.values(), "conftest refuses a stale build; this cannot be reached"
