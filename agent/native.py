@@ -42,6 +42,8 @@ MODULES = (
     "agent/ndjson.py",
     "agent/llm.py",
     "agent/assemble.py",
+    "agent/kserve.py",
+    "agent/pipeline.py",
     "agent/selfmetrics.py",
     "agent/join.py",
     "agent/export/instruments.py",
@@ -86,7 +88,17 @@ def status(root: Path = ROOT) -> dict[str, str]:
             out[m] = "compiled"
         else:
             out[m] = "stale"
+    # an extension left by a build whose module list differed: Python would load it
+    expected = {_extension(m, root) for m in (*MODULES, SHARED + ".py")}
+    for ext in _extensions_on_disk(root):
+        if ext not in expected:
+            out[str(ext.relative_to(root))[: -len(_SUFFIX)] + ".py"] = "stale"
     return out
+
+
+def _extensions_on_disk(root: Path) -> list[Path]:
+    dirs = sorted({(root / m).parent for m in MODULES})
+    return [p for d in dirs for p in sorted(d.glob("*" + _SUFFIX))]
 
 
 def summary(root: Path = ROOT) -> str:
@@ -102,9 +114,8 @@ def summary(root: Path = ROOT) -> str:
 
 def clean() -> None:
     """Remove every extension and the stamp: the modules run as plain Python."""
-    for m in MODULES:
-        _extension(m).unlink(missing_ok=True)
-    _extension(SHARED + ".py").unlink(missing_ok=True)
+    for ext in _extensions_on_disk(ROOT):
+        ext.unlink()
     STAMP.unlink(missing_ok=True)
 
 

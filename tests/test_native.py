@@ -46,6 +46,15 @@ def test_status_tells_compiled_stale_and_source(tmp_path: Path) -> None:
     assert native.status(root)[http1] == "stale"
 
 
+def test_an_extension_of_a_module_no_longer_compiled_is_stale(tmp_path: Path) -> None:
+    root = _tree(tmp_path, native.MODULES)
+    native._extension(native.SHARED + ".py", root).write_bytes(b"\x7fELF")
+    assert set(native.status(root).values()) == {"compiled"}
+    (root / "agent/h2wire.py").write_text("")
+    native._extension("agent/h2wire.py", root).write_bytes(b"\x7fELF")
+    assert native.status(root)["agent/h2wire.py"] == "stale"
+
+
 def test_copy_to_installs_a_build_only_over_the_same_sources(tmp_path: Path) -> None:
     built = _tree(tmp_path / "src", native.MODULES)
     native._extension(native.SHARED + ".py", built).write_bytes(b"\x7fELF")
