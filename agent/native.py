@@ -45,13 +45,11 @@ MODULES = (
     "agent/kserve.py",
     "agent/pipeline.py",
     "agent/selfmetrics.py",
-    "agent/join.py",
     "agent/export/instruments.py",
     "agent/export/exporters.py",
     "agent/export/sampling.py",
     "agent/export/routes.py",
     "agent/export/rpc.py",
-    "collectors/cgroup.py",
 )
 
 #: mypyc's runtime shared by the modules, kept inside the package so that it imports
