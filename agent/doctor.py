@@ -136,7 +136,7 @@ def check_native() -> Check:
 
     st = native.status()
     ok = all(v == "compiled" for v in st.values())
-    return Check("compiled modules", ok, native.summary(),
+    return Check("compiled modules", ok, native.summary(st),
                  "python -m agent.native build (needs gcc, python3-dev and mypy); "
                  "without it the same modules run as plain Python, at more CPU per request", required=False)
 

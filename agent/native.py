@@ -99,9 +99,9 @@ def _extensions_on_disk(root: Path) -> list[Path]:
     return [p for d in dirs for p in sorted(d.glob("*" + _SUFFIX))]
 
 
-def summary(root: Path = ROOT) -> str:
-    """One line for logs and doctor: how many modules run compiled, and which are stale."""
-    st = status(root)
+def summary(st: dict[str, str]) -> str:
+    """One line for logs and doctor from a :func:`status`: how many modules run compiled, and
+    which are stale."""
     compiled = sum(1 for v in st.values() if v == "compiled")
     stale = sorted(m for m, v in st.items() if v == "stale")
     text = f"{compiled} of {len(st)} per-record modules compiled (mypyc)"
@@ -134,11 +134,10 @@ def build(force: bool = False, python: str | None = None) -> bool:
                    "--check-untyped-defs", *MODULES]
         script = Path(tmp) / "setup_native.py"
         script.write_text(
-            "import sys\n"
             "from setuptools import setup\n"
             "from mypyc.build import mypycify\n"
             f"setup(name='infersight-native', ext_modules=mypycify({options!r}, opt_level='3',"
-            f" group_name='agent._compiled', target_dir={str(Path(tmp) / 'c')!r}), script_args=['-q', 'build_ext', '--inplace',"
+            f" group_name={SHARED.removesuffix('__mypyc').replace('/', '.')!r}, target_dir={str(Path(tmp) / 'c')!r}), script_args=['-q', 'build_ext', '--inplace',"
             f" '--build-temp', {str(Path(tmp) / 'o')!r}])\n"
         )
         env = dict(os.environ, MYPY_CACHE_DIR=str(Path(tmp) / "cache"))
@@ -179,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         except (RuntimeError, ImportError, OSError) as e:
             print(f"native: {e}", file=sys.stderr)
             return 1
-        print(("compiled: " if built else "current: ") + summary())
+        print(("compiled: " if built else "current: ") + summary(status()))
         return 0
     if a.command == "copy-to":
         if a.target is None:
@@ -189,15 +188,16 @@ def main(argv: list[str] | None = None) -> int:
         except (RuntimeError, OSError) as e:
             print(f"native: {e}", file=sys.stderr)
             return 1
-        print(f"copied to {a.target}: " + summary(a.target))
+        print(f"copied to {a.target}: " + summary(status(a.target)))
         return 0
     if a.command == "clean":
         clean()
-        print("removed: " + summary())
+        print("removed: " + summary(status()))
         return 0
-    for m, v in status().items():
+    st = status()
+    for m, v in st.items():
         print(f"{v:9s} {m}")
-    return 0 if all(v != "stale" for v in status().values()) else 1
+    return 0 if "stale" not in st.values() else 1
 
 
 if __name__ == "__main__":

@@ -165,7 +165,7 @@ class Pipeline:
         log.info("attached to %d target(s) in %.2fs: %s", len(self._targets), self.attach_seconds,
                  sorted(self._targets))
         native_state = native.status()
-        (log.warning if "stale" in native_state.values() else log.info)("%s", native.summary())
+        (log.warning if "stale" in native_state.values() else log.info)("%s", native.summary(native_state))
         # HTTP/2 capture compiles and loads now, in the background (see probes/sockets.py)
         start_h2 = getattr(self.probe, "start_h2", None)
         if start_h2 is not None:

@@ -40,7 +40,7 @@ def test_status_tells_compiled_stale_and_source(tmp_path: Path) -> None:
     with open(root / llm, "a") as f:
         f.write("\n# edited\n")
     assert native.status(root)[llm] == "stale"
-    assert "stale (rebuild with python -m agent.native build): agent/llm.py" in native.summary(root)
+    assert "stale (rebuild with python -m agent.native build): agent/llm.py" in native.summary(native.status(root))
     # an extension without a stamp entry is stale too: nothing says what it was built from
     (root / native.STAMP.relative_to(native.ROOT)).unlink()
     assert native.status(root)[http1] == "stale"
@@ -96,9 +96,10 @@ def test_doctor_reports_the_build() -> None:
     from agent.doctor import check_native
 
     c = check_native()
+    st = native.status()
     assert c.required is False  # plain Python still captures
-    assert c.ok == all(v == "compiled" for v in native.status().values())
-    assert c.detail == native.summary()
+    assert c.ok == all(v == "compiled" for v in st.values())
+    assert c.detail == native.summary(st)
 
 
 # mypyc names a C struct field after each attribute with one more leading underscore:
