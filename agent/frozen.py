@@ -1,11 +1,11 @@
 """Copies of frozen, slotted dataclasses with some fields changed.
 
 ``dataclasses.replace`` builds the copy through the class's ``__init__``,
-which for a frozen class sets each field with ``object.__setattr__``: 7 µs
-for a 29-field :class:`agent.record.Request`, paid once per request by the
-join and once per gRPC call by the HTTP/2 tracker. :func:`copier` goes slot
-by slot through the fields' own descriptors instead (about a third of that);
-the copy is as frozen as the original. For classes without ``__post_init__``
+which for a frozen class sets each field with ``object.__setattr__``; the
+HTTP/2 tracker pays that once per gRPC call for an
+:class:`agent.http2.H2Stream`. :func:`copier` goes slot by slot through the
+fields' own descriptors instead (about a third of the time); the copy is as
+frozen as the original. For classes without ``__post_init__``
 or init-only fields, where both give the same object.
 """
 

@@ -59,7 +59,6 @@ from __future__ import annotations
 import re
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Final, Literal
 
 from agent.selfmetrics import SELF_METRICS, SelfMetrics
@@ -95,51 +94,106 @@ class NeedData:
 NEED_DATA: Final = NeedData()
 
 
-@dataclass(frozen=True, slots=True)
-class RequestHead:
-    method: str
-    target: str
-    version: str  # "1.0" or "1.1"
-    headers: Headers  # names lowercased, in wire order
+# The events are small immutable classes (``Final`` fields: compiled with mypyc,
+# assigning one raises) rather than frozen dataclasses: a frozen dataclass's
+# ``__init__`` sets each field through ``object.__setattr__``, and every
+# request makes several events. Equality and repr are by value, as tests need.
 
 
-@dataclass(frozen=True, slots=True)
-class ResponseHead:
+class _Value:
+    __slots__ = ()
+
+    def _key(self) -> tuple[object, ...]:
+        return ()
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        assert isinstance(other, _Value)
+        return self._key() == other._key()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}{self._key()!r}"
+
+
+class RequestHead(_Value):
+    __slots__ = ("headers", "method", "target", "version")
+
+    def __init__(self, method: str, target: str, version: str, headers: Headers) -> None:
+        self.method: Final = method
+        self.target: Final = target
+        self.version: Final = version  # "1.0" or "1.1"
+        self.headers: Final = headers  # names lowercased, in wire order
+
+    def _key(self) -> tuple[object, ...]:
+        return (self.method, self.target, self.version, self.headers)
+
+
+class ResponseHead(_Value):
     """A response head. ``100 <= status < 200`` (except 101) is informational:
     no body and no ``EndOfMessage`` follow it; the final response comes next."""
 
-    status: int
-    reason: str
-    version: str
-    headers: Headers
+    __slots__ = ("headers", "reason", "status", "version")
+
+    def __init__(self, status: int, reason: str, version: str, headers: Headers) -> None:
+        self.status: Final = status
+        self.reason: Final = reason
+        self.version: Final = version
+        self.headers: Final = headers
+
+    def _key(self) -> tuple[object, ...]:
+        return (self.status, self.reason, self.version, self.headers)
 
 
-@dataclass(frozen=True, slots=True)
-class Body:
-    data: bytes  # de-chunked body bytes, in order; one event per contiguous captured run
+class Body(_Value):
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data: Final = data  # de-chunked body bytes, in order; one event per contiguous captured run
+
+    def _key(self) -> tuple[object, ...]:
+        return (self.data,)
 
 
-@dataclass(frozen=True, slots=True)
-class BodyGap:
-    n: int  # body bytes that were not captured; framing continues after them
+class BodyGap(_Value):
+    __slots__ = ("n",)
+
+    def __init__(self, n: int) -> None:
+        self.n: Final = n  # body bytes that were not captured; framing continues after them
+
+    def _key(self) -> tuple[object, ...]:
+        return (self.n,)
 
 
-@dataclass(frozen=True, slots=True)
-class EndOfMessage:
-    complete: bool  # False: ended by close, gap or resync rather than by its own framing
+class EndOfMessage(_Value):
+    __slots__ = ("complete",)
+
+    def __init__(self, complete: bool) -> None:
+        self.complete: Final = complete  # False: ended by close, gap or resync rather than by its own framing
+
+    def _key(self) -> tuple[object, ...]:
+        return (self.complete,)
 
 
-@dataclass(frozen=True, slots=True)
-class Skipped:
-    n: int
-    reason: str
+class Skipped(_Value):
+    __slots__ = ("n", "reason")
+
+    def __init__(self, n: int, reason: str) -> None:
+        self.n: Final = n
+        self.reason: Final = reason
+
+    def _key(self) -> tuple[object, ...]:
+        return (self.n, self.reason)
 
 
-@dataclass(frozen=True, slots=True)
-class Upgrade:
+class Upgrade(_Value):
     """101 Switching Protocols or a 2xx answer to CONNECT: the rest of the
     connection is not HTTP/1.1. The parser discards what follows (counted as
     ``infersight.parse.skipped.bytes{reason="upgraded"}``, not as a failure)."""
+
+    __slots__ = ()
 
 
 Event = RequestHead | ResponseHead | Body | BodyGap | EndOfMessage | Skipped | Upgrade

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Final
 from urllib.parse import unquote
@@ -146,20 +145,65 @@ def path_model(api: Api, path: str) -> str | None:
 # --- results ------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
 class RequestInfo:
-    model: str | None  # the requested model, None when not visible
-    stream: bool | None  # whether a streamed response was asked for, None when unknown
+    """What a request body says. Immutable (``Final`` fields; compiled, assignment raises)."""
+
+    __slots__ = ("model", "stream")
+
+    def __init__(self, model: str | None, stream: bool | None) -> None:
+        self.model: Final = model  # the requested model, None when not visible
+        self.stream: Final = stream  # whether a streamed response was asked for, None when unknown
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, RequestInfo):
+            return NotImplemented
+        return self.model == other.model and self.stream == other.stream
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"RequestInfo(model={self.model!r}, stream={self.stream!r})"
 
 
-@dataclass(frozen=True, slots=True)
 class EventInfo:
-    output: bool | None = None  # carries generated output; None: cannot tell from what was captured
-    done: bool = False  # a terminal marker: [DONE], Ollama "done":true, TGI details
-    model: str | None = None
-    finish_reasons: tuple[str, ...] = ()  # non-null finish reasons, in order, without repeats
-    input_tokens: int | None = None
-    output_tokens: int | None = None
+    """What one event, fragment or body says. Immutable like :class:`RequestInfo`; a plain
+    class, not a frozen dataclass, because several are built per streamed request and a
+    frozen dataclass's ``__init__`` costs more than reading the event."""
+
+    __slots__ = ("done", "finish_reasons", "input_tokens", "model", "output", "output_tokens")
+
+    def __init__(
+        self,
+        output: bool | None = None,
+        done: bool = False,
+        model: str | None = None,
+        finish_reasons: tuple[str, ...] = (),
+        input_tokens: int | None = None,
+        output_tokens: int | None = None,
+    ) -> None:
+        self.output: Final = output  # carries generated output; None: cannot tell from what was captured
+        self.done: Final = done  # a terminal marker: [DONE], Ollama "done":true, TGI details
+        self.model: Final = model
+        self.finish_reasons: Final = finish_reasons  # non-null finish reasons, in order, without repeats
+        self.input_tokens: Final = input_tokens
+        self.output_tokens: Final = output_tokens
+
+    def _key(self) -> tuple[object, ...]:
+        return (self.output, self.done, self.model, self.finish_reasons, self.input_tokens, self.output_tokens)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, EventInfo):
+            return NotImplemented
+        return self._key() == other._key()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return (
+            f"EventInfo(output={self.output!r}, done={self.done!r}, model={self.model!r}, "
+            f"finish_reasons={self.finish_reasons!r}, input_tokens={self.input_tokens!r}, "
+            f"output_tokens={self.output_tokens!r})"
+        )
 
 
 EMPTY_EVENT: Final = EventInfo()

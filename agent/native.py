@@ -50,6 +50,8 @@ MODULES = (
     "agent/export/sampling.py",
     "agent/export/routes.py",
     "agent/export/rpc.py",
+    "agent/record.py",
+    "probes/socket_events.py",
 )
 
 #: mypyc's runtime shared by the modules, kept inside the package so that it imports

@@ -18,9 +18,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
-
-from agent.frozen import copier
+from typing import Any, Final
 
 # The JSON keys of the record, in output order. This list is the contract of
 # `infersight run --jsonl`; tests check that every record carries every key.
@@ -55,46 +53,140 @@ RECORD_KEYS: tuple[str, ...] = (
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
-    """One request served (or, for ``span_kind == "client"``, made) by a traced process."""
+#: The fields of :class:`Request`, in the order its constructor takes them.
+REQUEST_FIELDS: tuple[str, ...] = (
+    "start_time_unix_nano",
+    "end_time_unix_nano",
+    "pid",
+    "command",
+    "method",
+    "path",
+    "status_code",
+    "span_kind",
+    "server_port",
+    "client_address",
+    "client_port",
+    "streaming",
+    "output_events",
+    "time_to_first_token_s",
+    "time_per_output_token_s",
+    "operation",
+    "request_model",
+    "response_model",
+    "input_tokens",
+    "output_tokens",
+    "finish_reasons",
+    "aborted",
+    "error_type",
+    "trace_id",
+    "span_id",
+    "parent_span_id",
+    "first_token_time_unix_nano",
+    "gap_histogram_log2_us",
+    "attributes",
+)
 
-    start_time_unix_nano: int
-    end_time_unix_nano: int
-    pid: int
-    command: str
-    method: str | None
-    path: str | None
-    status_code: int | None
-    span_kind: str = "server"
-    server_port: int | None = None
-    client_address: str | None = None
-    client_port: int | None = None
-    streaming: bool = False
-    output_events: int | None = None
-    time_to_first_token_s: float | None = None
-    time_per_output_token_s: float | None = None
-    operation: str | None = None
-    request_model: str | None = None
-    response_model: str | None = None
-    input_tokens: int | None = None
-    output_tokens: int | None = None
-    finish_reasons: tuple[str, ...] | None = None
-    aborted: bool = False
-    # Set when the response did not complete for a reason other than a client
-    # abort (the server closed early, or capture lost part of it).
-    error_type: str | None = None
-    trace_id: str | None = None
-    span_id: str | None = None
-    parent_span_id: str | None = None
-    # Monotonic kernel time of the first output event; exporters place the
-    # "first token" span event with it (already converted to wall-clock ns).
-    first_token_time_unix_nano: int | None = None
-    # log2 histogram of gaps between response writes, bucket i counts gaps in
-    # [2^i, 2^(i+1)) microseconds. Empty for non-streamed responses.
-    gap_histogram_log2_us: tuple[int, ...] = ()
-    # Attributes added by later stages (k8s.*, gpu.*); exporters pass them on.
-    attributes: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
+
+class Request:
+    """One request served (or, for ``span_kind == "client"``, made) by a traced process.
+
+    Immutable: every field is ``Final``. This is a plain class rather than a
+    frozen dataclass because one is built per request: a frozen dataclass's
+    ``__init__`` sets each of the 29 fields through ``object.__setattr__``
+    (about 5 µs), while compiled (``agent.native``) this constructor is a few
+    stores, and assigning to a field raises ``AttributeError``. Run as plain
+    Python, mypy is what keeps the fields unassigned.
+    """
+
+    __slots__ = REQUEST_FIELDS
+
+    def __init__(
+        self,
+        start_time_unix_nano: int,
+        end_time_unix_nano: int,
+        pid: int,
+        command: str,
+        method: str | None,
+        path: str | None,
+        status_code: int | None,
+        span_kind: str = "server",
+        server_port: int | None = None,
+        client_address: str | None = None,
+        client_port: int | None = None,
+        streaming: bool = False,
+        output_events: int | None = None,
+        time_to_first_token_s: float | None = None,
+        time_per_output_token_s: float | None = None,
+        operation: str | None = None,
+        request_model: str | None = None,
+        response_model: str | None = None,
+        input_tokens: int | None = None,
+        output_tokens: int | None = None,
+        finish_reasons: tuple[str, ...] | None = None,
+        aborted: bool = False,
+        error_type: str | None = None,
+        trace_id: str | None = None,
+        span_id: str | None = None,
+        parent_span_id: str | None = None,
+        first_token_time_unix_nano: int | None = None,
+        gap_histogram_log2_us: tuple[int, ...] = (),
+        attributes: Mapping[str, Any] = _EMPTY,
+    ) -> None:
+        self.start_time_unix_nano: Final = start_time_unix_nano
+        self.end_time_unix_nano: Final = end_time_unix_nano
+        self.pid: Final = pid
+        self.command: Final = command
+        self.method: Final = method
+        self.path: Final = path
+        self.status_code: Final = status_code
+        self.span_kind: Final = span_kind
+        self.server_port: Final = server_port
+        self.client_address: Final = client_address
+        self.client_port: Final = client_port
+        self.streaming: Final = streaming
+        self.output_events: Final = output_events
+        self.time_to_first_token_s: Final = time_to_first_token_s
+        self.time_per_output_token_s: Final = time_per_output_token_s
+        self.operation: Final = operation
+        self.request_model: Final = request_model
+        self.response_model: Final = response_model
+        self.input_tokens: Final = input_tokens
+        self.output_tokens: Final = output_tokens
+        self.finish_reasons: Final = finish_reasons
+        self.aborted: Final = aborted
+        # Set when the response did not complete for a reason other than a client
+        # abort (the server closed early, or capture lost part of it).
+        self.error_type: Final = error_type
+        self.trace_id: Final = trace_id
+        self.span_id: Final = span_id
+        self.parent_span_id: Final = parent_span_id
+        # Monotonic kernel time of the first output event; exporters place the
+        # "first token" span event with it (already converted to wall-clock ns).
+        self.first_token_time_unix_nano: Final = first_token_time_unix_nano
+        # log2 histogram of gaps between response writes, bucket i counts gaps in
+        # [2^i, 2^(i+1)) microseconds. Empty for non-streamed responses.
+        self.gap_histogram_log2_us: Final = gap_histogram_log2_us
+        # Attributes added by later stages (k8s.*, gpu.*); exporters pass them on.
+        self.attributes: Final = attributes
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Request):
+            return NotImplemented
+        return all(getattr(self, f) == getattr(other, f) for f in REQUEST_FIELDS)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return "Request(" + ", ".join(f"{f}={getattr(self, f)!r}" for f in REQUEST_FIELDS) + ")"
+
+    def replace(self, **changes: Any) -> Request:
+        """A copy with ``changes`` applied (as ``dataclasses.replace`` would)."""
+        values = {f: getattr(self, f) for f in REQUEST_FIELDS}
+        for k in changes:
+            if k not in values:
+                raise TypeError(f"Request has no field {k!r}")
+        values.update(changes)
+        return Request(**values)
 
     @property
     def duration_s(self) -> float:
@@ -104,7 +196,37 @@ class Request:
         """A copy with ``extra`` merged over the existing attributes."""
         merged = dict(self.attributes)
         merged.update(extra)
-        return _copy_request(self, attributes=MappingProxyType(merged))
+        return Request(
+            self.start_time_unix_nano,
+            self.end_time_unix_nano,
+            self.pid,
+            self.command,
+            self.method,
+            self.path,
+            self.status_code,
+            self.span_kind,
+            self.server_port,
+            self.client_address,
+            self.client_port,
+            self.streaming,
+            self.output_events,
+            self.time_to_first_token_s,
+            self.time_per_output_token_s,
+            self.operation,
+            self.request_model,
+            self.response_model,
+            self.input_tokens,
+            self.output_tokens,
+            self.finish_reasons,
+            self.aborted,
+            self.error_type,
+            self.trace_id,
+            self.span_id,
+            self.parent_span_id,
+            self.first_token_time_unix_nano,
+            self.gap_histogram_log2_us,
+            MappingProxyType(merged),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """The record as the JSONL contract spells it (see ``RECORD_KEYS``)."""
@@ -168,5 +290,3 @@ class ActiveRequest:
     request_model: str | None
     attributes: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
 
-
-_copy_request = copier(Request)  # once per request when the join adds attributes (agent/frozen.py)

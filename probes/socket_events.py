@@ -1,9 +1,12 @@
 """Event layouts of probes/sockets.bpf.c, and their decoding.
 
-Each C struct in ``probes/sockets.h`` has a ctypes twin here; a test checks
-sizes and offsets against the compiled program. Decoding uses precompiled
-``struct.Struct`` formats (faster than ctypes on the hot path) whose offsets
-the same test checks against the ctypes definitions.
+Each C struct in ``probes/sockets.h`` has a ctypes twin in
+``probes/socket_layout.py``; a test checks sizes and offsets against the
+compiled program. Decoding uses precompiled ``struct.Struct`` formats (faster
+than ctypes on the hot path) whose offsets the same test checks against the
+ctypes definitions. This module is on the per-record path and is compiled
+with mypyc (``agent.native``), which is why the ctypes twins, classes defined
+inside a function, live in a module of their own.
 
 Nothing here imports BCC: decoding is a pure function of bytes, testable
 without root.
@@ -11,7 +14,6 @@ without root.
 
 from __future__ import annotations
 
-import ctypes
 import struct
 from dataclasses import dataclass, field
 
@@ -95,136 +97,6 @@ class Layout:
     h2_cap: int = 1024
 
 
-def ctypes_structs(layout: Layout) -> dict[str, type[ctypes.Structure]]:
-    """The ctypes twins of the C structs, for a given capture layout."""
-
-    class DataEvent(ctypes.Structure):
-        _fields_ = [
-            ("type", ctypes.c_uint8),
-            ("dir", ctypes.c_uint8),
-            ("flags", ctypes.c_uint8),
-            ("role", ctypes.c_uint8),
-            ("tgid", ctypes.c_uint32),
-            ("conn_id", ctypes.c_uint64),
-            ("ts_ns", ctypes.c_uint64),
-            ("fd", ctypes.c_uint32),
-            ("seq", ctypes.c_uint32),
-            ("len", ctypes.c_uint32),
-            ("index", ctypes.c_uint32),
-            ("head_len", ctypes.c_uint32),
-            ("tail_len", ctypes.c_uint32),
-            ("lost", ctypes.c_uint32),
-            ("pad", ctypes.c_uint32),
-            ("payload", ctypes.c_uint8 * (layout.head_cap + layout.tail_cap)),
-        ]
-
-    class TailSlot(ctypes.Structure):
-        _fields_ = [
-            ("ts_ns", ctypes.c_uint64),
-            ("len", ctypes.c_uint32),
-            ("index", ctypes.c_uint32),
-            ("cap", ctypes.c_uint32),
-            ("pad", ctypes.c_uint32),
-            ("data", ctypes.c_uint8 * layout.tail_cap),
-        ]
-
-    class SummaryEvent(ctypes.Structure):
-        _fields_ = [
-            ("type", ctypes.c_uint8),
-            ("reason", ctypes.c_uint8),
-            ("flags", ctypes.c_uint8),
-            ("role", ctypes.c_uint8),
-            ("tgid", ctypes.c_uint32),
-            ("conn_id", ctypes.c_uint64),
-            ("ts_ns", ctypes.c_uint64),
-            ("fd", ctypes.c_uint32),
-            ("seq", ctypes.c_uint32),
-            ("req_start_ns", ctypes.c_uint64),
-            ("req_last_ns", ctypes.c_uint64),
-            ("resp_first_ns", ctypes.c_uint64),
-            ("resp_last_ns", ctypes.c_uint64),
-            ("eof_ns", ctypes.c_uint64),
-            ("bytes_in", ctypes.c_uint64),
-            ("bytes_out", ctypes.c_uint64),
-            ("reads", ctypes.c_uint32),
-            ("writes", ctypes.c_uint32),
-            ("lost", ctypes.c_uint32),
-            ("ring_count", ctypes.c_uint32),
-            ("gaps", ctypes.c_uint32 * GAP_BUCKETS),
-            ("ring", TailSlot * layout.tail_slots),
-        ]
-
-    class ConnEvent(ctypes.Structure):
-        _fields_ = [
-            ("type", ctypes.c_uint8),
-            ("role", ctypes.c_uint8),
-            ("addr_len", ctypes.c_uint8),
-            ("source", ctypes.c_uint8),
-            ("tgid", ctypes.c_uint32),
-            ("conn_id", ctypes.c_uint64),
-            ("ts_ns", ctypes.c_uint64),
-            ("fd", ctypes.c_uint32),
-            ("listen_fd", ctypes.c_int32),
-            ("addr", ctypes.c_uint8 * 28),
-            ("pad1", ctypes.c_uint32),
-        ]
-
-    class ProcEvent(ctypes.Structure):
-        _fields_ = [
-            ("type", ctypes.c_uint8),
-            ("kind", ctypes.c_uint8),
-            ("pad0", ctypes.c_uint16),
-            ("tgid", ctypes.c_uint32),
-            ("pid", ctypes.c_uint32),
-            ("ppid", ctypes.c_uint32),
-            ("ts_ns", ctypes.c_uint64),
-            ("comm", ctypes.c_char * 16),
-        ]
-
-    class H2Agg(ctypes.Structure):
-        _fields_ = [
-            ("first_ns", ctypes.c_uint64),
-            ("last_ns", ctypes.c_uint64),
-            ("bytes", ctypes.c_uint64),
-            ("frames", ctypes.c_uint32),
-            ("msgs", ctypes.c_uint32),
-            ("lost", ctypes.c_uint32),
-            ("pad", ctypes.c_uint32),
-        ]
-
-    class H2Event(ctypes.Structure):
-        _fields_ = [
-            ("type", ctypes.c_uint8),
-            ("dir", ctypes.c_uint8),
-            ("kind", ctypes.c_uint8),
-            ("role", ctypes.c_uint8),
-            ("tgid", ctypes.c_uint32),
-            ("conn_id", ctypes.c_uint64),
-            ("ts_ns", ctypes.c_uint64),
-            ("fd", ctypes.c_uint32),
-            ("sid", ctypes.c_uint32),
-            ("flen", ctypes.c_uint32),
-            ("cap", ctypes.c_uint32),
-            ("ftype", ctypes.c_uint8),
-            ("fflags", ctypes.c_uint8),
-            ("hflags", ctypes.c_uint8),
-            ("pad0", ctypes.c_uint8),
-            ("lost", ctypes.c_uint32),
-            ("agg", H2Agg * 2),
-            ("payload", ctypes.c_uint8 * layout.h2_cap),
-        ]
-
-    return {
-        "h2_agg_t": H2Agg,
-        "h2_event_t": H2Event,
-        "data_event_t": DataEvent,
-        "tail_slot_t": TailSlot,
-        "summary_event_t": SummaryEvent,
-        "conn_event_t": ConnEvent,
-        "proc_event_t": ProcEvent,
-    }
-
-
 # struct formats for the fixed-size headers; offsets checked against ctypes in tests
 DATA_HEADER = struct.Struct("<BBBBIQQIIIIIIII")
 SUMMARY_HEADER = struct.Struct("<BBBBIQQIIQQQQQQQIIII32I")
@@ -298,41 +170,116 @@ class DataEvent:
         )
 
 
-@dataclass(frozen=True, slots=True)
 class TailSlot:
     """One of the last writes of a long response. For a write of at most
     ``tail_cap`` bytes ``head`` is all of it and ``tail`` is empty; for a longer
-    one ``head`` is its first ``ring_head`` bytes and ``tail`` its last bytes."""
+    one ``head`` is its first ``ring_head`` bytes and ``tail`` its last bytes.
 
-    ts_ns: int
-    len: int
-    index: int
-    head: bytes
-    tail: bytes
+    A plain slotted class, like :class:`DataEvent`: a summary carries up to
+    ``tail_slots`` of these per streamed response, and a frozen dataclass's
+    ``__init__`` (one ``object.__setattr__`` per field) cost more than the rest
+    of the summary's decoding."""
+
+    __slots__ = ("head", "index", "len", "tail", "ts_ns")
+
+    def __init__(self, ts_ns: int, len: int, index: int, head: bytes, tail: bytes) -> None:
+        self.ts_ns = ts_ns
+        self.len = len
+        self.index = index
+        self.head = head
+        self.tail = tail
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, TailSlot):
+            return NotImplemented
+        return (self.ts_ns, self.len, self.index, self.head, self.tail) == (
+            other.ts_ns, other.len, other.index, other.head, other.tail
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"TailSlot(index={self.index}, len={self.len}, head={len(self.head)}, tail={len(self.tail)})"
 
 
-@dataclass(frozen=True, slots=True)
 class SummaryEvent:
-    reason: int
-    flags: int
-    role: int
-    tgid: int
-    conn_id: int
-    ts_ns: int
-    fd: int
-    seq: int
-    req_start_ns: int
-    req_last_ns: int
-    resp_first_ns: int
-    resp_last_ns: int
-    eof_ns: int
-    bytes_in: int
-    bytes_out: int
-    reads: int
-    writes: int
-    lost: int
-    gaps: tuple[int, ...]
-    ring: tuple[TailSlot, ...]
+    """The end of one request phase of a connection: the kernel's timings and
+    counts, and the tail ring (see ``summary_event_t`` in ``probes/sockets.h``).
+    A plain slotted class for the reason given at :class:`TailSlot`."""
+
+    __slots__ = (
+        "bytes_in",
+        "bytes_out",
+        "conn_id",
+        "eof_ns",
+        "fd",
+        "flags",
+        "gaps",
+        "lost",
+        "reads",
+        "reason",
+        "req_last_ns",
+        "req_start_ns",
+        "resp_first_ns",
+        "resp_last_ns",
+        "ring",
+        "role",
+        "seq",
+        "tgid",
+        "ts_ns",
+        "writes",
+    )
+
+    def __init__(
+        self,
+        *,
+        reason: int,
+        flags: int,
+        role: int,
+        tgid: int,
+        conn_id: int,
+        ts_ns: int,
+        fd: int,
+        seq: int,
+        req_start_ns: int,
+        req_last_ns: int,
+        resp_first_ns: int,
+        resp_last_ns: int,
+        eof_ns: int,
+        bytes_in: int,
+        bytes_out: int,
+        reads: int,
+        writes: int,
+        lost: int,
+        gaps: tuple[int, ...],
+        ring: tuple[TailSlot, ...],
+    ) -> None:
+        self.reason = reason
+        self.flags = flags
+        self.role = role
+        self.tgid = tgid
+        self.conn_id = conn_id
+        self.ts_ns = ts_ns
+        self.fd = fd
+        self.seq = seq
+        self.req_start_ns = req_start_ns
+        self.req_last_ns = req_last_ns
+        self.resp_first_ns = resp_first_ns
+        self.resp_last_ns = resp_last_ns
+        self.eof_ns = eof_ns
+        self.bytes_in = bytes_in
+        self.bytes_out = bytes_out
+        self.reads = reads
+        self.writes = writes
+        self.lost = lost
+        self.gaps = gaps
+        self.ring = ring
+
+    def __repr__(self) -> str:
+        return (
+            f"SummaryEvent(reason={self.reason}, conn={self.conn_id}, seq={self.seq}, "
+            f"writes={self.writes}, ring={len(self.ring)}, lost={self.lost})"
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,8 +45,8 @@ from probes.socket_events import (
     H2Agg,
     H2Event,
     Layout,
-    ctypes_structs,
 )
+from probes.socket_layout import ctypes_structs
 from tests.test_http2 import (
     GOLDEN,
     OK_TRAILERS,

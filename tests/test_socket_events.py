@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from probes import socket_events as se
+from probes import socket_layout
 from probes.sockets import SocketProbeConfig
 
 HEADER = Path(__file__).resolve().parent.parent / "probes" / "sockets.h"
@@ -60,7 +61,7 @@ def c_layout(tmp_path: Path, cfg: SocketProbeConfig) -> dict[str, dict[str, int]
 @pytest.mark.parametrize("cfg", [SocketProbeConfig(), SocketProbeConfig(head_cap=1024, tail_cap=128, tail_slots=4)])
 def test_ctypes_twins_match_c(tmp_path: Path, cfg: SocketProbeConfig) -> None:
     c = c_layout(tmp_path, cfg)
-    structs = se.ctypes_structs(cfg.layout)
+    structs = socket_layout.ctypes_structs(cfg.layout)
     for name, fields in FIELDS.items():
         cls = structs[name]
         assert ctypes.sizeof(cls) == c[name]["sizeof"], name
@@ -78,7 +79,7 @@ def test_constants_match_c(tmp_path: Path) -> None:
 
 
 def test_struct_formats_match_ctypes() -> None:
-    structs = se.ctypes_structs(se.Layout())
+    structs = socket_layout.ctypes_structs(se.Layout())
     assert se.DATA_HEADER.size == structs["data_event_t"].payload.offset
     assert se.SUMMARY_HEADER.size == structs["summary_event_t"].ring.offset
     assert se.TAIL_SLOT_HEADER.size == structs["tail_slot_t"].data.offset
