@@ -52,6 +52,8 @@ MODULES = (
     "agent/export/rpc.py",
     "agent/record.py",
     "probes/socket_events.py",
+    "agent/join.py",
+    "collectors/cgroup.py",
 )
 
 #: mypyc's runtime shared by the modules, kept inside the package so that it imports
