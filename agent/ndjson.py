@@ -17,7 +17,7 @@ raises on any input bytes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Final
 
 from agent.selfmetrics import SELF_METRICS, SelfMetrics
 
@@ -26,10 +26,25 @@ __all__ = ["NDJSONLine", "NDJSONParser"]
 _BLANK = b" \t\r"
 
 
-@dataclass(frozen=True, slots=True)
 class NDJSONLine:
-    data: bytes  # the line without its line end
-    truncated: bool  # longer than the bound, or bytes were lost to a gap
+    """One line. Immutable, like :class:`agent.sse.SSEEvent` (and for the same reason not a
+    frozen dataclass)."""
+
+    __slots__ = ("data", "truncated")
+
+    def __init__(self, data: bytes, truncated: bool) -> None:
+        self.data: Final = data  # the line without its line end
+        self.truncated: Final = truncated  # longer than the bound, or bytes were lost to a gap
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, NDJSONLine):
+            return NotImplemented
+        return self.data == other.data and self.truncated == other.truncated
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"NDJSONLine(data={self.data!r}, truncated={self.truncated!r})"
 
 
 class NDJSONParser:

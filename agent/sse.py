@@ -24,7 +24,7 @@ raises on any input bytes.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import Final
 
 from agent.selfmetrics import SELF_METRICS, SelfMetrics
 
@@ -35,12 +35,29 @@ _BOM = b"\xef\xbb\xbf"
 _MAX_FIELD_TEXT = 256  # event type and id are labels, not payloads
 
 
-@dataclass(frozen=True, slots=True)
 class SSEEvent:
-    data: bytes  # the data lines joined by b"\n"
-    event: str | None  # the `event` field, None when absent or empty
-    id: str | None  # the `id` field of this event, None when absent
-    truncated: bool  # data exceeded the bound, or bytes were lost to a gap
+    """One dispatched event. Immutable (``Final`` fields; compiled, assignment raises): a plain
+    class rather than a frozen dataclass, whose ``__init__`` costs more than parsing the event."""
+
+    __slots__ = ("data", "event", "id", "truncated")
+
+    def __init__(self, data: bytes, event: str | None, id: str | None, truncated: bool) -> None:
+        self.data: Final = data  # the data lines joined by b"\n"
+        self.event: Final = event  # the `event` field, None when absent or empty
+        self.id: Final = id  # the `id` field of this event, None when absent
+        self.truncated: Final = truncated  # data exceeded the bound, or bytes were lost to a gap
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SSEEvent):
+            return NotImplemented
+        return (self.data, self.event, self.id, self.truncated) == (
+            other.data, other.event, other.id, other.truncated
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"SSEEvent(data={self.data!r}, event={self.event!r}, id={self.id!r}, truncated={self.truncated!r})"
 
 
 class SSEParser:
