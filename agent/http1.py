@@ -287,17 +287,6 @@ class H1Parser:
         self._methods: deque[str] = deque()
         self._sync = _REQUEST_SYNC if self._request else _RESPONSE_SYNC
         self._sync_partial = _REQUEST_SYNC_PARTIAL if self._request else _RESPONSE_SYNC_PARTIAL
-        self._handlers = {
-            _HEAD: self._on_head,
-            _LENGTH: self._on_length,
-            _CHUNK_SIZE: self._on_chunk_size,
-            _CHUNK_DATA: self._on_chunk_data,
-            _CHUNK_CRLF: self._on_chunk_crlf,
-            _TRAILER: self._on_trailer,
-            _TO_CLOSE: self._on_to_close,
-            _RESYNC: self._on_resync,
-            _UPGRADED: self._on_upgraded,
-        }
 
     # --- public interface -------------------------------------------------
 
@@ -308,11 +297,28 @@ class H1Parser:
         buf = self._buf + data if self._buf else bytes(data)
         self._buf = b""
         pos = 0
-        handlers = self._handlers
-        while True:
-            pos, more = handlers[self._state](buf, pos)
-            if not more:
-                break
+        more = True
+        # an if-chain rather than a table of bound methods: compiled, these are direct calls
+        while more:
+            state = self._state
+            if state == _HEAD:
+                pos, more = self._on_head(buf, pos)
+            elif state == _LENGTH:
+                pos, more = self._on_length(buf, pos)
+            elif state == _CHUNK_SIZE:
+                pos, more = self._on_chunk_size(buf, pos)
+            elif state == _CHUNK_DATA:
+                pos, more = self._on_chunk_data(buf, pos)
+            elif state == _CHUNK_CRLF:
+                pos, more = self._on_chunk_crlf(buf, pos)
+            elif state == _TRAILER:
+                pos, more = self._on_trailer(buf, pos)
+            elif state == _TO_CLOSE:
+                pos, more = self._on_to_close(buf, pos)
+            elif state == _RESYNC:
+                pos, more = self._on_resync(buf, pos)
+            else:
+                pos, more = self._on_upgraded(buf, pos)
         self._buf = buf[pos:]
 
     def feed_gap(self, n: int) -> None:
