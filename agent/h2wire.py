@@ -117,12 +117,11 @@ import random
 import struct
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any, Final
 
 from agent import kserve
-from agent.frozen import copier
 from agent.http2 import PREFACE, Direction, H2Config, H2Connection, H2Stream, HpackDecoders
 from agent.record import Request
 from agent.selfmetrics import SELF_METRICS, SelfMetrics
@@ -151,7 +150,7 @@ _FAILURES = "infersight.parse.failures"
 _SKIPPED = "infersight.parse.skipped.bytes"
 _EVICTED = "infersight.parse.h2.connections.evicted"
 _LOST = "infersight.requests.lost"
-_copy_stream = copier(H2Stream)  # the kernel's totals applied, once per stream (agent/frozen.py)
+_copy_stream = replace  # the kernel's totals applied, once per stream
 
 _DATA, _CONTINUATION = 0x0, 0x9
 _END_STREAM = 0x1

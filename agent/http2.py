@@ -100,7 +100,7 @@ import re
 import struct
 import threading
 from collections import OrderedDict, deque
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Literal
 from urllib.parse import unquote
@@ -476,7 +476,9 @@ _TableState = tuple[int, int, object]
 
 def _table_state(dec: hpack.Decoder) -> _TableState:
     table = dec.header_table
-    entries = table.dynamic_entries
+    # typed as objects: compiled (mypyc), an entry read as tuple[bytes, bytes] would be
+    # unboxed and boxed again into a new tuple, and identity is what is compared
+    entries: Sequence[object] = table.dynamic_entries
     return (table.maxsize, len(entries), entries[0] if entries else None)
 
 

@@ -54,6 +54,8 @@ MODULES = (
     "probes/socket_events.py",
     "agent/join.py",
     "collectors/cgroup.py",
+    "agent/http2.py",
+    "agent/h2wire.py",
 )
 
 #: mypyc's runtime shared by the modules, kept inside the package so that it imports

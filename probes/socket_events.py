@@ -304,7 +304,9 @@ class ProcEvent:
     comm: str
 
 
-@dataclass(frozen=True, slots=True)
+# H2Agg and H2Event are plain (not frozen) dataclasses: several are decoded per gRPC call,
+# and a frozen dataclass's __init__ costs more than the decoding. Nothing assigns to them.
+@dataclass(slots=True)
 class H2Agg:
     """A stream's DATA totals in one direction, aggregated in the kernel."""
 
@@ -316,7 +318,7 @@ class H2Agg:
     lost: bool  # gRPC message framing lost in the kernel
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class H2Event:
     """One record of an h2-mode connection (see ``probes/sockets.h``).
 
