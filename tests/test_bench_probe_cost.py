@@ -1,0 +1,24 @@
+"""bench/probe_cost.py: the probes' own run time, read from the kernel's BPF statistics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.harness import run_json_module
+
+
+@pytest.mark.ebpf
+@pytest.mark.slow
+def test_program_run_times_under_a_short_load() -> None:
+    before = Path("/proc/sys/kernel/bpf_stats_enabled").read_text()
+    out = run_json_module("bench.probe_cost", "--profile", "json", "--seconds", "1", "--json")
+    assert out["requests"] > 100, out
+    assert out["records_drained"] >= 2 * out["requests"], out  # request and response records
+    # the server's reads and writes went through the data path
+    for name in ("tracepoint__syscalls__sys_exit_write", "tracepoint__syscalls__sys_enter_write"):
+        assert out["programs"][name]["calls"] >= out["requests"], out["programs"]
+        assert out["programs"][name]["ns_per_call"] > 0
+    assert out["bpf_us_per_request"] > 0 and out["server_cpu_us_per_request"] > 0, out
+    assert Path("/proc/sys/kernel/bpf_stats_enabled").read_text() == before  # put back
