@@ -336,12 +336,12 @@ static __always_inline void h2_switch(struct conn_t *c, int preface, u32 dir) {
 /* A request-direction or response-direction syscall on a tracked connection.
  * Written with one capture() call site: each inlined copy multiplies the
  * verifier's work. */
-static __always_inline void on_data(void *ctx, u64 pid_tgid, struct args_t *a, s64 ret, int up) {
-    u32 tgid = pid_tgid >> 32;
-    u64 key = ((u64)tgid << 32) | a->fd;
-    struct conn_t *c = conns__S.lookup(&key);
+/* c: the connection's state, already looked up by the caller (NULL: not tracked) */
+static __always_inline void on_data(void *ctx, u64 pid_tgid, struct conn_t *c, struct args_t *a, s64 ret, int up) {
     if (!c)
         return;
+    u32 tgid = pid_tgid >> 32;
+    u64 key = ((u64)tgid << 32) | a->fd;
     u64 now = bpf_ktime_get_ns();
     int dir_in = a->kind == K_READ || a->kind == K_READV || a->kind == K_RECVMSG || a->kind == K_NOPAYLOAD_IN
                  || a->kind == K_TLS_IN;
@@ -614,7 +614,7 @@ static __always_inline int data_exit_common(void *ctx, int up) {
     s64 *slot = exit_ret__S.lookup(&z);
     if (!slot)
         return 0;
-    on_data(ctx, pid_tgid, &copy, *slot, up);
+    on_data(ctx, pid_tgid, c, &copy, *slot, up);
     return 0;
 }
 
