@@ -62,6 +62,7 @@ from collections.abc import Iterable
 from typing import Final, Literal
 
 from agent.selfmetrics import SELF_METRICS, SelfMetrics
+from agent.values import Value
 
 __all__ = [
     "NEED_DATA",
@@ -94,31 +95,10 @@ class NeedData:
 NEED_DATA: Final = NeedData()
 
 
-# The events are small immutable classes (``Final`` fields: compiled with mypyc,
-# assigning one raises) rather than frozen dataclasses: a frozen dataclass's
-# ``__init__`` sets each field through ``object.__setattr__``, and every
-# request makes several events. Equality and repr are by value, as tests need.
+# The events are immutable values (agent/values.py).
 
 
-class _Value:
-    __slots__ = ()
-
-    def _key(self) -> tuple[object, ...]:
-        return ()
-
-    def __eq__(self, other: object) -> bool:
-        if type(other) is not type(self):
-            return NotImplemented
-        assert isinstance(other, _Value)
-        return self._key() == other._key()
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}{self._key()!r}"
-
-
-class RequestHead(_Value):
+class RequestHead(Value):
     __slots__ = ("headers", "method", "target", "version")
 
     def __init__(self, method: str, target: str, version: str, headers: Headers) -> None:
@@ -131,7 +111,7 @@ class RequestHead(_Value):
         return (self.method, self.target, self.version, self.headers)
 
 
-class ResponseHead(_Value):
+class ResponseHead(Value):
     """A response head. ``100 <= status < 200`` (except 101) is informational:
     no body and no ``EndOfMessage`` follow it; the final response comes next."""
 
@@ -147,7 +127,7 @@ class ResponseHead(_Value):
         return (self.status, self.reason, self.version, self.headers)
 
 
-class Body(_Value):
+class Body(Value):
     __slots__ = ("data",)
 
     def __init__(self, data: bytes) -> None:
@@ -157,7 +137,7 @@ class Body(_Value):
         return (self.data,)
 
 
-class BodyGap(_Value):
+class BodyGap(Value):
     __slots__ = ("n",)
 
     def __init__(self, n: int) -> None:
@@ -167,7 +147,7 @@ class BodyGap(_Value):
         return (self.n,)
 
 
-class EndOfMessage(_Value):
+class EndOfMessage(Value):
     __slots__ = ("complete",)
 
     def __init__(self, complete: bool) -> None:
@@ -177,7 +157,7 @@ class EndOfMessage(_Value):
         return (self.complete,)
 
 
-class Skipped(_Value):
+class Skipped(Value):
     __slots__ = ("n", "reason")
 
     def __init__(self, n: int, reason: str) -> None:
@@ -188,7 +168,7 @@ class Skipped(_Value):
         return (self.n, self.reason)
 
 
-class Upgrade(_Value):
+class Upgrade(Value):
     """101 Switching Protocols or a 2xx answer to CONNECT: the rest of the
     connection is not HTTP/1.1. The parser discards what follows (counted as
     ``infersight.parse.skipped.bytes{reason="upgraded"}``, not as a failure)."""

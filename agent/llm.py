@@ -29,6 +29,8 @@ from enum import StrEnum
 from typing import Any, Final
 from urllib.parse import unquote
 
+from agent.values import Value
+
 __all__ = [
     "EMPTY_EVENT",
     "MAX_JSON_BYTES",
@@ -147,8 +149,8 @@ def path_model(api: Api, path: str) -> str | None:
 # --- results ------------------------------------------------------------------
 
 
-class RequestInfo:
-    """What a request body says. Immutable (``Final`` fields; compiled, assignment raises)."""
+class RequestInfo(Value):
+    """What a request body says (an immutable value, see agent/values.py)."""
 
     __slots__ = ("model", "stream")
 
@@ -156,21 +158,12 @@ class RequestInfo:
         self.model: Final = model  # the requested model, None when not visible
         self.stream: Final = stream  # whether a streamed response was asked for, None when unknown
 
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, RequestInfo):
-            return NotImplemented
-        return self.model == other.model and self.stream == other.stream
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        return f"RequestInfo(model={self.model!r}, stream={self.stream!r})"
+    def _key(self) -> tuple[object, ...]:
+        return (self.model, self.stream)
 
 
-class EventInfo:
-    """What one event, fragment or body says. Immutable like :class:`RequestInfo`; a plain
-    class, not a frozen dataclass, because several are built per streamed request and a
-    frozen dataclass's ``__init__`` costs more than reading the event."""
+class EventInfo(Value):
+    """What one event, fragment or body says (an immutable value, see agent/values.py)."""
 
     __slots__ = ("done", "finish_reasons", "input_tokens", "model", "output", "output_tokens")
 
@@ -192,20 +185,6 @@ class EventInfo:
 
     def _key(self) -> tuple[object, ...]:
         return (self.output, self.done, self.model, self.finish_reasons, self.input_tokens, self.output_tokens)
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, EventInfo):
-            return NotImplemented
-        return self._key() == other._key()
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        return (
-            f"EventInfo(output={self.output!r}, done={self.done!r}, model={self.model!r}, "
-            f"finish_reasons={self.finish_reasons!r}, input_tokens={self.input_tokens!r}, "
-            f"output_tokens={self.output_tokens!r})"
-        )
 
 
 EMPTY_EVENT: Final = EventInfo()

@@ -37,6 +37,7 @@ STAMP = ROOT / "agent" / ".native-stamp.json"
 
 #: The modules on the per-record path, relative to the directory holding ``agent/``.
 MODULES = (
+    "agent/values.py",
     "agent/http1.py",
     "agent/sse.py",
     "agent/ndjson.py",

@@ -20,15 +20,15 @@ from __future__ import annotations
 from typing import Final
 
 from agent.selfmetrics import SELF_METRICS, SelfMetrics
+from agent.values import Value
 
 __all__ = ["NDJSONLine", "NDJSONParser"]
 
 _BLANK = b" \t\r"
 
 
-class NDJSONLine:
-    """One line. Immutable, like :class:`agent.sse.SSEEvent` (and for the same reason not a
-    frozen dataclass)."""
+class NDJSONLine(Value):
+    """One line (an immutable value, see agent/values.py)."""
 
     __slots__ = ("data", "truncated")
 
@@ -36,15 +36,8 @@ class NDJSONLine:
         self.data: Final = data  # the line without its line end
         self.truncated: Final = truncated  # longer than the bound, or bytes were lost to a gap
 
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, NDJSONLine):
-            return NotImplemented
-        return self.data == other.data and self.truncated == other.truncated
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        return f"NDJSONLine(data={self.data!r}, truncated={self.truncated!r})"
+    def _key(self) -> tuple[object, ...]:
+        return (self.data, self.truncated)
 
 
 class NDJSONParser:

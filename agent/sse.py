@@ -27,6 +27,7 @@ import re
 from typing import Final
 
 from agent.selfmetrics import SELF_METRICS, SelfMetrics
+from agent.values import Value
 
 __all__ = ["SSEEvent", "SSEParser"]
 
@@ -35,9 +36,8 @@ _BOM = b"\xef\xbb\xbf"
 _MAX_FIELD_TEXT = 256  # event type and id are labels, not payloads
 
 
-class SSEEvent:
-    """One dispatched event. Immutable (``Final`` fields; compiled, assignment raises): a plain
-    class rather than a frozen dataclass, whose ``__init__`` costs more than parsing the event."""
+class SSEEvent(Value):
+    """One dispatched event (an immutable value, see agent/values.py)."""
 
     __slots__ = ("data", "event", "id", "truncated")
 
@@ -47,17 +47,8 @@ class SSEEvent:
         self.id: Final = id  # the `id` field of this event, None when absent
         self.truncated: Final = truncated  # data exceeded the bound, or bytes were lost to a gap
 
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, SSEEvent):
-            return NotImplemented
-        return (self.data, self.event, self.id, self.truncated) == (
-            other.data, other.event, other.id, other.truncated
-        )
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        return f"SSEEvent(data={self.data!r}, event={self.event!r}, id={self.id!r}, truncated={self.truncated!r})"
+    def _key(self) -> tuple[object, ...]:
+        return (self.data, self.event, self.id, self.truncated)
 
 
 class SSEParser:
