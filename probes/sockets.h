@@ -1,7 +1,7 @@
 /* Event layouts shared by probes/sockets.bpf.c and probes/socket_events.py.
  *
  * This file is a contract: every struct below has a ctypes twin in
- * probes/socket_events.py, and tests/test_socket_events.py checks that their
+ * probes/socket_layout.py, and tests/test_socket_events.py checks that their
  * sizes and field offsets match the compiled BPF program's. Every struct starts
  * with a one-byte event type, is padded explicitly, and has 8-byte aligned u64s.
  *
