@@ -150,7 +150,6 @@ _FAILURES = "infersight.parse.failures"
 _SKIPPED = "infersight.parse.skipped.bytes"
 _EVICTED = "infersight.parse.h2.connections.evicted"
 _LOST = "infersight.requests.lost"
-_copy_stream = replace  # the kernel's totals applied, once per stream
 
 _DATA, _CONTINUATION = 0x0, 0x9
 _END_STREAM = 0x1
@@ -446,20 +445,20 @@ class H2Tracker:
                 # The parser saw the first DATA frame of a direction, not the later ones
                 # the kernel kept. (Without a forwarded DATA frame nothing was kept: the
                 # first is always sent, and raw records carry every frame.)
-                s = _copy_stream(s, messages_lost=True)
+                s = replace(s, messages_lost=True)
             out.append(s)
 
     def _apply(self, s: H2Stream, totals: _Totals, restarted: bool) -> H2Stream:
         if totals is None:
             self._fail("h2_totals_missing")
-            return _copy_stream(s, messages_lost=True)
+            return replace(s, messages_lost=True)
         client, server = totals
         # The parser saw a subset of the DATA frames (padding not counted): totals below
         # that cover part of the stream, kept by an entry the kernel made afresh.
         if restarted or client.bytes < s.request_bytes or server.bytes < s.response_bytes:
             self._fail("h2_totals_partial")
-            return _copy_stream(s, messages_lost=True)
-        return _copy_stream(
+            return replace(s, messages_lost=True)
+        return replace(
             s,
             request_messages=client.msgs,
             response_messages=server.msgs,
