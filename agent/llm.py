@@ -291,8 +291,9 @@ def parse_fragment(api: Api, fragment: bytes) -> EventInfo:
 
 
 # One whole write of one event: an optional chunk-size line, one SSE ``data`` line or one
-# NDJSON line holding a JSON object, its line end(s), and the chunk's CRLF.
-_ONE_EVENT = re.compile(rb"(?:([0-9A-Fa-f]{1,8})\r\n)?((?:data: ?)?(\{[^\r\n]*\})(?:\r?\n){1,2})(\r\n)?")
+# NDJSON line holding a JSON object, its line end(s), and the chunk's CRLF. The line ends
+# are lazy: greedy, an NDJSON line's LF took the chunk's CRLF as a second line end.
+_ONE_EVENT = re.compile(rb"(?:([0-9A-Fa-f]{1,8})\r\n)?((?:data: ?)?(\{[^\r\n]*\})(?:\r?\n){1,2}?)(\r\n)?")
 
 
 def _whole_event(fragment: bytes) -> bytes | None:

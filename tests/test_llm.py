@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent import llm
 from agent.http1 import Body, BodyGap, EndOfMessage, H1Parser, NeedData, RequestHead, ResponseHead, header
 from agent.llm import (
     EMPTY_EVENT,
@@ -452,6 +453,29 @@ def test_patterns_agree_with_json_on_whole_events(api: Api, data: bytes) -> None
     assert parse_stream_event(api, data, truncated=True) == parse_stream_event(api, data)
     spaced = data.replace(b'":', b'" : ').replace(b",", b", ")
     assert parse_fragment(api, spaced) == parse_stream_event(api, data)
+
+
+@pytest.mark.parametrize(("api", "data"), REALISTIC_EVENTS)
+def test_a_write_of_one_whole_event_is_decoded_and_reads_as_the_scan_does(api: Api, data: bytes) -> None:
+    ndjson = api in (Api.OLLAMA_GENERATE, Api.OLLAMA_CHAT)
+    event = data + b"\n" if ndjson else b"data: " + data + b"\n\n"
+    for write in (b"%x\r\n%s\r\n" % (len(event), event), event):  # chunked, and read-to-close
+        assert llm._whole_event(write) == data
+        # the decoded path and the cut-text scan (what any other write gets) agree
+        assert parse_fragment(api, write) == llm._from_text(api, write) == parse_stream_event(api, data)
+
+
+def test_writes_that_are_not_one_whole_event_are_scanned() -> None:
+    event = b"data: " + j({"model": MODEL, "choices": [{"delta": {"content": "hi"}}]}) + b"\n\n"
+    for write in (
+        b"%x\r\n%s\r\n" % (len(event) + 1, event),  # the chunk size disagrees
+        b"%x\r\n%s" % (len(event), event),  # the chunk's CRLF is missing
+        event + event,  # two events
+        event[:-8] + b"\n\n",  # the object is cut
+        b"event: delta\n" + event,  # a field besides data
+    ):
+        assert llm._whole_event(write) is None, write
+    assert parse_fragment(Api.OPENAI_CHAT, event + event).output is True
 
 
 def test_error_event_is_not_output() -> None:
