@@ -64,6 +64,14 @@ from typing import Final, Literal
 from agent.selfmetrics import SELF_METRICS, SelfMetrics
 from agent.values import Value
 
+try:  # the common head read in C (agent/_httphead.c); the reading below is its reference
+    from agent._httphead import parse_request_head as _c_request_head
+    from agent._httphead import parse_response_head as _c_response_head
+
+    NATIVE_HEAD = True
+except ImportError:  # not built: every head is read by the Python below
+    NATIVE_HEAD = False
+
 __all__ = [
     "NEED_DATA",
     "Body",
@@ -249,7 +257,10 @@ class H1Parser:
         *,
         max_head_bytes: int = 16384,
         metrics: SelfMetrics = SELF_METRICS,
+        native_head: bool = True,
     ) -> None:
+        """``native_head``: read common heads with agent/_httphead.c when it is built (False:
+        always with the Python reading, which the tests compare it against)."""
         if role not in ("request", "response"):
             raise ValueError(f"role must be 'request' or 'response', not {role!r}")
         if max_head_bytes < 64:
@@ -263,6 +274,7 @@ class H1Parser:
         self._remaining = 0  # body or chunk bytes still expected
         self._trailer_bytes = 0
         self._head_scanned = 0  # bytes of the current partial head already searched for its end
+        self._native = native_head and NATIVE_HEAD
         self._reason = ""  # why the current resync started
         self._methods: deque[str] = deque()
         self._sync = _REQUEST_SYNC if self._request else _RESPONSE_SYNC
@@ -445,6 +457,19 @@ class H1Parser:
             if buf[pos + 1] == 0x0A:
                 return pos + 2, True
         limit = pos + self._max_head
+        if self._native and self._head_scanned == 0:
+            # the common head in one C call; None leaves anything else to the reading below
+            if self._request:
+                req = _c_request_head(buf, pos, limit)
+                if req is not None:
+                    self._emit(RequestHead(req[1], req[2], req[3], req[4]))
+                    self._frame_request(req[4])
+                    return req[0], True
+            else:
+                resp = _c_response_head(buf, pos, limit)
+                if resp is not None:
+                    self._frame_response(ResponseHead(resp[2], resp[3], resp[1], resp[4]))
+                    return resp[0], True
         line_end = buf.find(b"\n", pos, limit)
         if line_end < 0:
             prefix = _REQUEST_LINE_PREFIX if self._request else _STATUS_LINE_PREFIX

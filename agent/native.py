@@ -17,6 +17,13 @@ build shows as ``stale`` here, in ``infersight doctor`` and in the agent's
 start-up log, and the test suite refuses to run against it. Nothing else
 changes: without a build (no compiler, or ``--pure`` images) the same
 modules run as plain Python.
+
+One module is C written by hand, ``agent/_httphead.c``: the HTTP/1.1 message
+head in one pass, where the Python parser makes a dozen calls into ``re``
+and ``bytes``. It reads only the common form and returns None for anything
+else; ``agent/http1.py`` then reads the head itself, and its Python reading
+is also used whenever the extension is not built. Tests compare the two on
+generated heads.
 """
 
 from __future__ import annotations
@@ -59,6 +66,13 @@ MODULES = (
     "agent/h2wire.py",
 )
 
+#: Hand-written C for what mypyc cannot make fast (regular expressions stay calls into
+#: ``re``); each has a Python reference in the module that imports it.
+C_MODULES = ("agent/_httphead.c",)
+
+#: Every source with an extension built from it.
+SOURCES = MODULES + C_MODULES
+
 #: mypyc's runtime shared by the modules, kept inside the package so that it imports
 #: wherever ``agent`` does (an editable install maps packages, not the checkout's root).
 SHARED = "agent/_compiled__mypyc"
@@ -70,7 +84,12 @@ def _digest(path: Path) -> str:
 
 
 def _extension(module: str, root: Path = ROOT) -> Path:
-    return root / (module[: -len(".py")] + _SUFFIX)
+    return root / (module.rsplit(".", 1)[0] + _SUFFIX)
+
+
+def module_name(source: str) -> str:
+    """The importable name of a source: ``agent/http1.py`` is ``agent.http1``."""
+    return source.rsplit(".", 1)[0].replace("/", ".")
 
 
 def _stamp(root: Path = ROOT) -> dict[str, str]:
@@ -86,7 +105,7 @@ def status(root: Path = ROOT) -> dict[str, str]:
     built from another version of the source; Python still loads it), or ``source``."""
     stamp = _stamp(root)
     out = {}
-    for m in MODULES:
+    for m in SOURCES:
         if not _extension(m, root).exists():
             out[m] = "source"
         elif stamp.get(m) == _digest(root / m):
@@ -94,7 +113,7 @@ def status(root: Path = ROOT) -> dict[str, str]:
         else:
             out[m] = "stale"
     # an extension left by a build whose module list differed: Python would load it
-    expected = {_extension(m, root) for m in (*MODULES, SHARED + ".py")}
+    expected = {_extension(m, root) for m in (*SOURCES, SHARED + ".py")}
     for ext in _extensions_on_disk(root):
         if ext not in expected:
             out[str(ext.relative_to(root))[: -len(_SUFFIX)] + ".py"] = "stale"
@@ -102,7 +121,7 @@ def status(root: Path = ROOT) -> dict[str, str]:
 
 
 def _extensions_on_disk(root: Path) -> list[Path]:
-    dirs = sorted({(root / m).parent for m in MODULES})
+    dirs = sorted({(root / m).parent for m in SOURCES})
     return [p for d in dirs for p in sorted(d.glob("*" + _SUFFIX))]
 
 
@@ -111,7 +130,7 @@ def summary(st: dict[str, str]) -> str:
     which are stale."""
     compiled = sum(1 for v in st.values() if v == "compiled")
     stale = sorted(m for m, v in st.items() if v == "stale")
-    text = f"{compiled} of {len(st)} per-record modules compiled (mypyc)"
+    text = f"{compiled} of {len(st)} per-record modules compiled (mypyc, C)"
     if stale:
         text += "; stale (rebuild with python -m agent.native build): " + ", ".join(stale)
     return text
@@ -134,7 +153,8 @@ def build(force: bool = False, python: str | None = None) -> bool:
     if not force and all(v == "compiled" for v in status().values()):
         return False
     clean()
-    digests = {m: _digest(ROOT / m) for m in MODULES}
+    digests = {m: _digest(ROOT / m) for m in SOURCES}
+    c_exts = [(module_name(m), m) for m in C_MODULES]
     with tempfile.TemporaryDirectory(prefix="infersight-native-") as tmp:
         # the options of [tool.mypy] in pyproject.toml, which an installed package lacks
         options = ["--python-executable", python or sys.executable, "--ignore-missing-imports",
@@ -142,8 +162,10 @@ def build(force: bool = False, python: str | None = None) -> bool:
         script = Path(tmp) / "setup_native.py"
         script.write_text(
             "from setuptools import setup\n"
+            "from setuptools import Extension\n"
             "from mypyc.build import mypycify\n"
-            f"setup(name='infersight-native', ext_modules=mypycify({options!r}, opt_level='3',"
+            f"c_exts = [Extension(n, [s], extra_compile_args=['-O2']) for n, s in {c_exts!r}]\n"
+            f"setup(name='infersight-native', ext_modules=c_exts + mypycify({options!r}, opt_level='3',"
             f" group_name={SHARED.removesuffix('__mypyc').replace('/', '.')!r}, target_dir={str(Path(tmp) / 'c')!r}), script_args=['-q', 'build_ext', '--inplace',"
             f" '--build-temp', {str(Path(tmp) / 'o')!r}])\n"
         )
@@ -162,10 +184,10 @@ def copy_to(target: Path, root: Path = ROOT) -> None:
     its source tree, where mypy sees a clean source root, and copies into the venv)."""
     if not all(v == "compiled" for v in status(root).values()):
         raise RuntimeError("nothing current to copy: build first")
-    for m in MODULES:
+    for m in SOURCES:
         if not (target / m).is_file() or _digest(target / m) != _digest(root / m):
             raise RuntimeError(f"{target / m} is not the source that was compiled")
-    for m in (*MODULES, SHARED + ".py"):
+    for m in (*SOURCES, SHARED + ".py"):
         shutil.copy2(_extension(m, root), _extension(m, target))
     stamp = STAMP.relative_to(ROOT)
     shutil.copy2(root / stamp, target / stamp)

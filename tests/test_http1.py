@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.http1 import (
+    NATIVE_HEAD,
     NEED_DATA,
     Body,
     BodyGap,
@@ -30,6 +31,7 @@ from agent.http1 import (
     header,
 )
 from agent.selfmetrics import SelfMetrics
+from tests.conftest import IN_CI
 
 Segment = bytes | int  # bytes are captured, an int is a gap of that many bytes
 
@@ -68,8 +70,9 @@ def run(
     bytewise: bool = False,
     max_head_bytes: int = 16384,
     metrics: SelfMetrics | None = None,
+    native: bool = True,
 ) -> list[Event]:
-    p = H1Parser(role, max_head_bytes=max_head_bytes, metrics=metrics or SelfMetrics())  # type: ignore[arg-type]
+    p = H1Parser(role, max_head_bytes=max_head_bytes, metrics=metrics or SelfMetrics(), native_head=native)  # type: ignore[arg-type]
     for m in methods:
         p.expect_response_to(m)
     events: list[Event] = []
@@ -805,3 +808,103 @@ def test_random_input_never_raises_and_stays_bounded(ops: list[Segment], role: s
             reported += ev.n
     # Every captured byte is accounted for: body, skipped, or head/framing overhead.
     assert reported <= fed
+
+
+# --- the common head read in C (agent/_httphead.c) against the Python reading ----
+
+_TCHARS = list(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_EOL = st.sampled_from([b"\r\n", b"\n", b"\r\r\n", b"\r"])
+_NAME = st.one_of(
+    st.sampled_from([b"Host", b"Content-Length", b"content-type", b"Transfer-Encoding", b"TRACEPARENT", b"X-Y"]),
+    st.lists(st.sampled_from(_TCHARS), min_size=1, max_size=70).map(bytes),
+    st.binary(max_size=4),
+)
+_VALUE = st.one_of(
+    st.sampled_from([b"", b"3", b" 3 ", b"chunked", b"gzip, chunked", b" a b \t", b"\xe9t\xe9", b"x\ry", b"\t"]),
+    st.binary(max_size=20).filter(lambda b: b"\n" not in b),
+)
+_FIELD = st.one_of(
+    st.tuples(_NAME, st.sampled_from([b":", b": ", b" :", b":\t", b""]), _VALUE, _EOL).map(b"".join),
+    st.sampled_from([b" folded\r\n", b"\tfolded\n"]),
+)
+_VERSION = st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"http/1.1", b"HTTP/1.2", b"HTTP/1."])
+_METHOD = st.one_of(
+    st.sampled_from([b"GET", b"POST", b"HEAD", b"PUT", b"DELETE", b"CONNECT", b"OPTIONS", b"PATCH", b"M-SEARCH"]),
+    st.lists(st.sampled_from(_TCHARS), min_size=1, max_size=40).map(bytes),
+    st.binary(max_size=4),
+)
+_TARGET = st.one_of(
+    st.sampled_from([b"/", b"/v1/chat/completions", b"*", b"http://a/b?c=d", b"/caf\xc3\xa9", b"/\xff\xfe", b""]),
+    st.binary(max_size=12),
+)
+_REQUEST_LINE = st.tuples(_METHOD, st.sampled_from([b" ", b"  ", b""]), _TARGET, st.sampled_from([b" ", b""]), _VERSION,
+                          st.sampled_from([b"", b" "]), _EOL).map(b"".join)
+_STATUS_LINE = st.tuples(
+    _VERSION,
+    st.sampled_from([b" ", b"", b"  "]),
+    st.sampled_from([b"200", b"204", b"101", b"100", b"304", b"404", b"20", b"2000", b"abc"]),
+    st.sampled_from([b"", b" OK", b" ", b" Not Found", b" r\xe9ason", b"OK", b" a\rb", b"\t"]),
+    _EOL,
+).map(b"".join)
+_GOOD_EOL = st.sampled_from([b"\r\n", b"\n"])
+_GOOD_FIELD = st.tuples(
+    st.lists(st.sampled_from(_TCHARS), min_size=1, max_size=20).map(bytes),
+    st.sampled_from([b":", b": ", b":\t", b":  "]),
+    st.binary(max_size=20).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")),
+    _GOOD_EOL,
+).map(b"".join)
+_GOOD_START = st.one_of(
+    st.tuples(_METHOD.filter(lambda m: m and all(c in _TCHARS for c in m) and len(m) <= 32), st.just(b" "),
+              _TARGET.filter(lambda t: t and all(c > 0x20 and c != 0x7F for c in t)), st.just(b" "),
+              st.sampled_from([b"HTTP/1.1", b"HTTP/1.0"]), _GOOD_EOL).map(b"".join),
+    st.tuples(st.sampled_from([b"HTTP/1.1 ", b"HTTP/1.0 "]), st.sampled_from([b"200", b"204", b"304", b"101", b"100"]),
+              st.sampled_from([b"", b" OK", b" ", b" r\xe9ason"]), _GOOD_EOL).map(b"".join),
+)
+_HEADS = st.tuples(
+    st.one_of(_GOOD_START, _REQUEST_LINE, _STATUS_LINE, st.sampled_from([b"", b"\r\n", b"\n"])),
+    st.lists(st.one_of(_GOOD_FIELD, _FIELD), max_size=6).map(b"".join),
+    st.sampled_from([b"\r\n", b"\n", b"", b"\r\n\r\n", b"\r"]),
+    st.sampled_from([b"", b"abc", b"0\r\n\r\n", b"GET / HTTP/1.1\r\n\r\n", b"HTTP/1.1 200 OK\r\n\r\n"]),
+).map(b"".join)
+
+
+def test_the_c_head_reader_is_built_where_ci_runs() -> None:
+    if IN_CI:
+        assert NATIVE_HEAD, "agent/_httphead.c is not built: python -m agent.native build"
+
+
+@pytest.mark.skipif(not NATIVE_HEAD, reason="agent/_httphead.c not built (CI requires it)")
+def test_the_c_head_reader_takes_common_heads_and_leaves_the_rest() -> None:
+    from agent._httphead import parse_request_head, parse_response_head
+
+    got = parse_request_head(b"xxPOST /v1/x HTTP/1.1\r\nHost: a\r\nX-Y:\t b c \r\n\r\nbody", 2, 16384)
+    assert got == (46, "POST", "/v1/x", "1.1", (("host", "a"), ("x-y", "b c")))
+    assert parse_response_head(b"HTTP/1.0 204\n\n", 0, 100) == (14, "1.0", 204, "", ())
+    assert parse_response_head(b"HTTP/1.1 200 OK\r\n\r\n", 0, 100) == (19, "1.1", 200, "OK", ())
+    # the head must end within the limit
+    assert parse_request_head(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", 0, 26) is None
+    assert parse_request_head(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", 0, 27) is not None
+    # not the common form: obsolete folding, a bare CR, a space before the colon, no end yet
+    for head in (b"GET / HTTP/1.1\r\nA: b\r\n c\r\n\r\n", b"GET / HTTP/1.1\r\nA: b\rc\r\n\r\n",
+                 b"GET / HTTP/1.1\r\nA : b\r\n\r\n", b"GET / HTTP/1.1\r\nA: b\r\n"):
+        assert parse_request_head(head, 0, 16384) is None
+        assert run("request", [head], native=True) == run("request", [head], native=False)
+    with pytest.raises(ValueError):
+        parse_request_head(b"GET", -1, 10)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    data=_HEADS,
+    cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=6),
+    role=st.sampled_from(["request", "response"]),
+    max_head=st.sampled_from([64, 200, 16384]),
+    methods=st.lists(st.sampled_from(["GET", "HEAD", "POST", "CONNECT"]), max_size=2),
+)
+def test_the_c_head_reader_agrees_with_the_python_reading(
+    data: bytes, cuts: list[int], role: str, max_head: int, methods: list[str]
+) -> None:
+    kw = {"methods": tuple(methods), "max_head_bytes": max_head, "close": True}
+    reference = run(role, [data], native=False, **kw)  # type: ignore[arg-type]
+    assert run(role, [data], native=True, **kw) == reference  # type: ignore[arg-type]
+    assert run(role, _split(data, cuts), native=True, **kw) == reference  # type: ignore[arg-type]

@@ -1,0 +1,416 @@
+/* agent/_httphead.c — the common HTTP/1.1 message head, read in one pass.
+ *
+ * Every request and every response the agent sees starts with a head: a
+ * start line and header fields up to an empty line (RFC 9112 §2.1). Read
+ * with regular expressions from Python, that head costs more than the rest
+ * of the message. These two functions read the common case in C and say
+ * nothing about anything else:
+ *
+ *   parse_request_head(buf, pos, limit)  -> (end, method, target, version, fields) | None
+ *   parse_response_head(buf, pos, limit) -> (end, version, status, reason, fields) | None
+ *
+ * The head must start at buf[pos] and end (its empty line included) at or
+ * before buf[limit]; `end` is the index just past it. `fields` is a tuple of
+ * (lowercased name, value) pairs, the value with spaces, tabs and CR
+ * stripped at both ends. None means "not the simple case": no complete head
+ * yet, a start line that does not match, or a field line other than
+ * `token ":" value` ending in CRLF or LF (obsolete folding, a bare CR, a bad
+ * name). The caller then reads the head with its own, complete code
+ * (agent/http1.py), which is also the reference these functions are tested
+ * against: for every input where they return a head, it must be the same.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <string.h>
+
+/* RFC 9110 §5.6.2 tchar */
+static unsigned char TCHAR[256];
+
+static PyObject *V10, *V11;         /* "1.0", "1.1" */
+static PyObject *EMPTY;             /* "" */
+
+/* Field names common enough to share one string object each. */
+static const char *const COMMON[] = {
+    "host", "user-agent", "accept", "accept-encoding", "accept-language", "connection",
+    "content-type", "content-length", "transfer-encoding", "date", "server", "traceparent",
+    "tracestate", "authorization", "cache-control", "keep-alive", "x-request-id",
+    "content-encoding", "vary", "upgrade",
+};
+#define N_COMMON (sizeof(COMMON) / sizeof(COMMON[0]))
+static PyObject *COMMON_OBJ[N_COMMON];
+static Py_ssize_t COMMON_LEN[N_COMMON];
+
+/* Methods, likewise. */
+static const char *const METHODS[] = {"GET", "POST", "HEAD", "PUT", "DELETE", "OPTIONS", "PATCH"};
+#define N_METHODS (sizeof(METHODS) / sizeof(METHODS[0]))
+static PyObject *METHOD_OBJ[N_METHODS];
+static Py_ssize_t METHOD_LEN[N_METHODS];
+
+static inline int is_target(unsigned char c) { return c > 0x20 && c != 0x7f; }
+
+static PyObject *method_str(const char *p, Py_ssize_t n) {
+    for (size_t i = 0; i < N_METHODS; i++) {
+        if (METHOD_LEN[i] == n && memcmp(METHODS[i], p, (size_t)n) == 0) {
+            Py_INCREF(METHOD_OBJ[i]);
+            return METHOD_OBJ[i];
+        }
+    }
+    return PyUnicode_DecodeASCII(p, n, NULL);
+}
+
+/* name is all tchar (ASCII): lowercase it into a str */
+static PyObject *name_str(const unsigned char *p, Py_ssize_t n) {
+    char small[64];
+    if (n <= (Py_ssize_t)sizeof(small)) {
+        for (Py_ssize_t i = 0; i < n; i++) {
+            unsigned char c = p[i];
+            small[i] = (char)(c >= 'A' && c <= 'Z' ? c + 32 : c);
+        }
+        for (size_t i = 0; i < N_COMMON; i++) {
+            if (COMMON_LEN[i] == n && memcmp(COMMON[i], small, (size_t)n) == 0) {
+                Py_INCREF(COMMON_OBJ[i]);
+                return COMMON_OBJ[i];
+            }
+        }
+        return PyUnicode_DecodeASCII(small, n, NULL);
+    }
+    PyObject *s = PyUnicode_New(n, 127);
+    if (!s)
+        return NULL;
+    Py_UCS1 *d = PyUnicode_1BYTE_DATA(s);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned char c = p[i];
+        d[i] = (Py_UCS1)(c >= 'A' && c <= 'Z' ? c + 32 : c);
+    }
+    return s;
+}
+
+/* The first "\n\r?\n" at or after `from` that ends at or before `lim`: its start, or -1. */
+static Py_ssize_t head_end(const unsigned char *p, Py_ssize_t from, Py_ssize_t lim, Py_ssize_t *end) {
+    Py_ssize_t i = from;
+    while (i < lim) {
+        const unsigned char *q = memchr(p + i, '\n', (size_t)(lim - i));
+        if (!q)
+            return -1;
+        i = q - p;
+        if (i + 1 < lim && p[i + 1] == '\n') {
+            *end = i + 2;
+            return i;
+        }
+        if (i + 2 < lim && p[i + 1] == '\r' && p[i + 2] == '\n') {
+            *end = i + 3;
+            return i;
+        }
+        i += 1;
+    }
+    return -1;
+}
+
+/* Field lines in p[s:e) (each ending in LF) to a tuple of pairs; NULL with no
+ * exception set when a line is not the simple form. */
+static PyObject *fields(const unsigned char *p, Py_ssize_t s, Py_ssize_t e) {
+    Py_ssize_t count = 0;
+    for (Py_ssize_t i = s; i < e; i++)
+        count += p[i] == '\n';
+    PyObject *out = PyTuple_New(count);
+    if (!out)
+        return NULL;
+    Py_ssize_t k = 0, i = s;
+    while (i < e) {
+        Py_ssize_t n0 = i;
+        while (i < e && TCHAR[p[i]])
+            i++;
+        if (i == n0 || i >= e || p[i] != ':')
+            goto not_simple;
+        Py_ssize_t n1 = i;
+        i++;
+        Py_ssize_t v0 = i;
+        while (i < e && p[i] != '\r' && p[i] != '\n')
+            i++;
+        Py_ssize_t v1 = i;
+        if (i < e && p[i] == '\r')
+            i++;
+        if (i >= e || p[i] != '\n')
+            goto not_simple;
+        i++;
+        while (v0 < v1 && (p[v0] == ' ' || p[v0] == '\t'))
+            v0++;
+        while (v1 > v0 && (p[v1 - 1] == ' ' || p[v1 - 1] == '\t'))
+            v1--;
+        PyObject *name = name_str(p + n0, n1 - n0);
+        if (!name)
+            goto fail;
+        PyObject *value = v1 > v0 ? PyUnicode_DecodeLatin1((const char *)p + v0, v1 - v0, NULL) : (Py_INCREF(EMPTY), EMPTY);
+        if (!value) {
+            Py_DECREF(name);
+            goto fail;
+        }
+        PyObject *pair = PyTuple_New(2);
+        if (!pair) {
+            Py_DECREF(name);
+            Py_DECREF(value);
+            goto fail;
+        }
+        PyTuple_SET_ITEM(pair, 0, name);
+        PyTuple_SET_ITEM(pair, 1, value);
+        PyTuple_SET_ITEM(out, k, pair);
+        k++;
+    }
+    return out;
+not_simple:
+    Py_DECREF(out);
+    return NULL;
+fail:
+    Py_DECREF(out);
+    return NULL;
+}
+
+typedef struct {
+    const unsigned char *p;
+    Py_ssize_t n, pos, lim;
+    Py_buffer view;
+    int has_view;
+} input_t;
+
+static int get_input(PyObject *const *args, Py_ssize_t nargs, const char *fname, input_t *in) {
+    if (nargs != 3) {
+        PyErr_Format(PyExc_TypeError, "%s() takes 3 arguments (%zd given)", fname, nargs);
+        return -1;
+    }
+    in->has_view = 0;
+    if (PyBytes_Check(args[0])) {
+        in->p = (const unsigned char *)PyBytes_AS_STRING(args[0]);
+        in->n = PyBytes_GET_SIZE(args[0]);
+    } else {
+        if (PyObject_GetBuffer(args[0], &in->view, PyBUF_SIMPLE) < 0)
+            return -1;
+        in->has_view = 1;
+        in->p = in->view.buf;
+        in->n = in->view.len;
+    }
+    in->pos = PyLong_AsSsize_t(args[1]);
+    Py_ssize_t limit = PyLong_AsSsize_t(args[2]);
+    if ((in->pos == -1 || limit == -1) && PyErr_Occurred())
+        goto bad;
+    if (in->pos < 0 || limit < 0) {
+        PyErr_SetString(PyExc_ValueError, "pos and limit must not be negative");
+        goto bad;
+    }
+    in->lim = limit < in->n ? limit : in->n;
+    return 0;
+bad:
+    if (in->has_view)
+        PyBuffer_Release(&in->view);
+    return -1;
+}
+
+static void release(input_t *in) {
+    if (in->has_view)
+        PyBuffer_Release(&in->view);
+}
+
+/* The rest of a head after its start line (which ends with the LF at line_end):
+ * the fields and the end; *fout NULL (no error) when not simple or not complete. */
+static Py_ssize_t rest(input_t *in, Py_ssize_t line_end, PyObject **fout) {
+    Py_ssize_t end = 0;
+    *fout = NULL;
+    Py_ssize_t at = head_end(in->p, line_end, in->lim, &end);
+    if (at < 0)
+        return -1;
+    *fout = fields(in->p, line_end + 1, at + 1);
+    return end;
+}
+
+static PyObject *version(const unsigned char *v) {
+    PyObject *o = v[0] == '0' ? V10 : V11;
+    Py_INCREF(o);
+    return o;
+}
+
+static PyObject *parse_request_head(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    input_t in;
+    if (get_input(args, nargs, "parse_request_head", &in) < 0)
+        return NULL;
+    const unsigned char *p = in.p;
+    PyObject *result = NULL;
+    if (in.pos >= in.lim)
+        goto none;
+    const unsigned char *nl = memchr(p + in.pos, '\n', (size_t)(in.lim - in.pos));
+    if (!nl)
+        goto none;
+    Py_ssize_t line_end = nl - p;
+    /* token{1,32} SP target SP "HTTP/1." [01] [CR] LF */
+    Py_ssize_t i = in.pos;
+    while (i < line_end && TCHAR[p[i]])
+        i++;
+    Py_ssize_t m1 = i;
+    if (m1 == in.pos || m1 - in.pos > 32 || p[i] != ' ')
+        goto none;
+    i++;
+    Py_ssize_t t0 = i;
+    while (i < line_end && is_target(p[i]))
+        i++;
+    Py_ssize_t t1 = i;
+    if (t1 == t0 || p[i] != ' ')
+        goto none;
+    i++;
+    if (line_end - i < 8 || memcmp(p + i, "HTTP/1.", 7) != 0 || (p[i + 7] != '0' && p[i + 7] != '1'))
+        goto none;
+    Py_ssize_t v = i + 7;
+    i += 8;
+    if (!(i == line_end || (p[i] == '\r' && i + 1 == line_end)))
+        goto none;
+    PyObject *fl;
+    Py_ssize_t end = rest(&in, line_end, &fl);
+    if (!fl) {
+        if (PyErr_Occurred())
+            goto out;
+        goto none;
+    }
+    PyObject *method = method_str((const char *)p + in.pos, m1 - in.pos);
+    PyObject *target = method ? PyUnicode_DecodeUTF8((const char *)p + t0, t1 - t0, "replace") : NULL;
+    PyObject *endo = target ? PyLong_FromSsize_t(end) : NULL;
+    if (!endo) {
+        Py_XDECREF(method);
+        Py_XDECREF(target);
+        Py_DECREF(fl);
+        goto out;
+    }
+    result = PyTuple_New(5);
+    if (!result) {
+        Py_DECREF(method);
+        Py_DECREF(target);
+        Py_DECREF(endo);
+        Py_DECREF(fl);
+        goto out;
+    }
+    PyTuple_SET_ITEM(result, 0, endo);
+    PyTuple_SET_ITEM(result, 1, method);
+    PyTuple_SET_ITEM(result, 2, target);
+    PyTuple_SET_ITEM(result, 3, version(p + v));
+    PyTuple_SET_ITEM(result, 4, fl);
+    goto out;
+none:
+    result = Py_None;
+    Py_INCREF(result);
+out:
+    release(&in);
+    return result;
+}
+
+static PyObject *parse_response_head(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    input_t in;
+    if (get_input(args, nargs, "parse_response_head", &in) < 0)
+        return NULL;
+    const unsigned char *p = in.p;
+    PyObject *result = NULL;
+    if (in.pos >= in.lim)
+        goto none;
+    const unsigned char *nl = memchr(p + in.pos, '\n', (size_t)(in.lim - in.pos));
+    if (!nl)
+        goto none;
+    Py_ssize_t line_end = nl - p;
+    /* "HTTP/1." [01] SP 3DIGIT [SP reason] [CR] LF, reason without CR or LF */
+    Py_ssize_t i = in.pos;
+    if (line_end - i < 12 || memcmp(p + i, "HTTP/1.", 7) != 0 || (p[i + 7] != '0' && p[i + 7] != '1')
+        || p[i + 8] != ' ')
+        goto none;
+    Py_ssize_t v = i + 7;
+    i += 9;
+    int status = 0;
+    for (int k = 0; k < 3; k++, i++) {
+        if (p[i] < '0' || p[i] > '9')
+            goto none;
+        status = status * 10 + (p[i] - '0');
+    }
+    Py_ssize_t r0 = i, r1 = i;
+    if (i == line_end || (p[i] == '\r' && i + 1 == line_end)) {
+        /* no reason phrase */
+    } else if (p[i] == ' ') {
+        r0 = r1 = i + 1;
+        while (r1 < line_end && p[r1] != '\r')
+            r1++;
+        if (!(r1 == line_end || (r1 + 1 == line_end)))
+            goto none;
+    } else {
+        goto none;
+    }
+    PyObject *fl;
+    Py_ssize_t end = rest(&in, line_end, &fl);
+    if (!fl) {
+        if (PyErr_Occurred())
+            goto out;
+        goto none;
+    }
+    PyObject *reason = r1 > r0 ? PyUnicode_DecodeLatin1((const char *)p + r0, r1 - r0, NULL) : (Py_INCREF(EMPTY), EMPTY);
+    PyObject *code = reason ? PyLong_FromLong(status) : NULL;
+    PyObject *endo = code ? PyLong_FromSsize_t(end) : NULL;
+    if (!endo) {
+        Py_XDECREF(reason);
+        Py_XDECREF(code);
+        Py_DECREF(fl);
+        goto out;
+    }
+    result = PyTuple_New(5);
+    if (!result) {
+        Py_DECREF(reason);
+        Py_DECREF(code);
+        Py_DECREF(endo);
+        Py_DECREF(fl);
+        goto out;
+    }
+    PyTuple_SET_ITEM(result, 0, endo);
+    PyTuple_SET_ITEM(result, 1, version(p + v));
+    PyTuple_SET_ITEM(result, 2, code);
+    PyTuple_SET_ITEM(result, 3, reason);
+    PyTuple_SET_ITEM(result, 4, fl);
+    goto out;
+none:
+    result = Py_None;
+    Py_INCREF(result);
+out:
+    release(&in);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"parse_request_head", (PyCFunction)(void (*)(void))parse_request_head, METH_FASTCALL,
+     "parse_request_head(buf, pos, limit) -> (end, method, target, version, fields) | None"},
+    {"parse_response_head", (PyCFunction)(void (*)(void))parse_response_head, METH_FASTCALL,
+     "parse_response_head(buf, pos, limit) -> (end, version, status, reason, fields) | None"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_httphead",
+    "The common HTTP/1.1 message head read in C (agent/http1.py is the reference).", -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__httphead(void) {
+    const char *t = "!#$%&'*+-.^_`|~";
+    memset(TCHAR, 0, sizeof(TCHAR));
+    for (int c = '0'; c <= '9'; c++)
+        TCHAR[c] = 1;
+    for (int c = 'a'; c <= 'z'; c++)
+        TCHAR[c] = TCHAR[c - 32] = 1;
+    for (; *t; t++)
+        TCHAR[(unsigned char)*t] = 1;
+    V10 = PyUnicode_InternFromString("1.0");
+    V11 = PyUnicode_InternFromString("1.1");
+    EMPTY = PyUnicode_InternFromString("");
+    if (!V10 || !V11 || !EMPTY)
+        return NULL;
+    for (size_t i = 0; i < N_COMMON; i++) {
+        COMMON_OBJ[i] = PyUnicode_InternFromString(COMMON[i]);
+        COMMON_LEN[i] = (Py_ssize_t)strlen(COMMON[i]);
+        if (!COMMON_OBJ[i])
+            return NULL;
+    }
+    for (size_t i = 0; i < N_METHODS; i++) {
+        METHOD_OBJ[i] = PyUnicode_InternFromString(METHODS[i]);
+        METHOD_LEN[i] = (Py_ssize_t)strlen(METHODS[i]);
+        if (!METHOD_OBJ[i])
+            return NULL;
+    }
+    return PyModule_Create(&module);
+}
