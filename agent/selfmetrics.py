@@ -50,10 +50,21 @@ class SelfMetrics:
             self._help[name] = help
 
     def inc(self, name: str, n: float = 1, labels: Labels = ()) -> None:
+        # Called several times per request: acquire/release and one lookup cost less,
+        # compiled, than a `with` block and setdefault on every call.
         key = (name, labels)
-        with self._lock:
-            self._kinds.setdefault(name, "counter")
-            self._values[key] = self._values.get(key, 0) + n
+        lock = self._lock
+        lock.acquire()
+        try:
+            values = self._values
+            v = values.get(key)
+            if v is None:
+                self._kinds.setdefault(name, "counter")
+                values[key] = n
+            else:
+                values[key] = v + n
+        finally:
+            lock.release()
 
     def set(self, name: str, value: float, labels: Labels = ()) -> None:
         with self._lock:

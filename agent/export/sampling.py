@@ -33,6 +33,20 @@ class Decision:
     keep: bool
     #: why: "error", "aborted", "slow", "ratio" (kept) or "ratio" (dropped)
     reason: str
+    #: the labels it counts under in ``infersight.traces.sampled``
+    labels: tuple[tuple[str, str], ...]
+
+
+def _decision(keep: bool, reason: str) -> Decision:
+    return Decision(keep, reason, (("decision", "keep" if keep else "drop"), ("reason", reason)))
+
+
+# Every decision is one of these: none is built per request.
+KEEP_ERROR = _decision(True, "error")
+KEEP_ABORTED = _decision(True, "aborted")
+KEEP_SLOW = _decision(True, "slow")
+KEEP_RATIO = _decision(True, "ratio")
+DROP_RATIO = _decision(False, "ratio")
 
 
 class Sampler:
@@ -60,20 +74,22 @@ class Sampler:
     def decide(self, record: Request, trace_id: int) -> Decision:
         """Keep or drop the span of ``record`` whose trace id is ``trace_id``."""
         d = self._decide(record, trace_id)
-        self._metrics.inc(SAMPLED, labels=(("decision", "keep" if d.keep else "drop"), ("reason", d.reason)))
+        self._metrics.inc(SAMPLED, labels=d.labels)
         return d
 
     def _decide(self, record: Request, trace_id: int) -> Decision:
         if error_type(record) is not None:
-            return Decision(True, "error")
+            return KEEP_ERROR
         if record.aborted:
-            return Decision(True, "aborted")
+            return KEEP_ABORTED
         if record.duration_s >= self.slow_threshold_s:
-            return Decision(True, "slow")
+            return KEEP_SLOW
         if self.ratio >= 1.0:
-            return Decision(True, "ratio")
+            return KEEP_RATIO
         if self.ratio <= 0.0:
-            return Decision(False, "ratio")
+            return DROP_RATIO
         if record.trace_id:
-            return Decision((trace_id & (_BOUND - 1)) < self._bound, "ratio")
-        return Decision(self._rng.random() < self.ratio, "ratio")
+            keep = (trace_id & (_BOUND - 1)) < self._bound
+        else:
+            keep = self._rng.random() < self.ratio
+        return KEEP_RATIO if keep else DROP_RATIO
