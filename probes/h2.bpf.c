@@ -3,7 +3,7 @@
  * A module of its own, compiled and loaded by probes/sockets.py after the
  * capture module (sockets.bpf.c) has attached, so that start-up does not wait
  * for it: until it is loaded, no connection enters h2 mode. It shares the
- * capture module's tables (conns, inflight, counters, the ring buffer, the
+ * capture module's tables (conns, the per-CPU exit slot, counters, the ring buffer, the
  * data_exit program arrays), declared in probes/sockets_common.bpf.h.
  */
 
@@ -533,16 +533,12 @@ int h2_gather_step(void *ctx) {
 /* The data path of an h2-mode connection (tail-called, index 1). */
 static __always_inline int h2_exit_body(void *ctx, int up) {
     u64 pid_tgid = bpf_get_current_pid_tgid();
-    struct args_t *ap = inflight__S.lookup(&pid_tgid);
-    if (!ap)
-        return 0;
-    struct args_t a = *ap;
-    inflight__S.delete(&pid_tgid);
     u32 z = 0;
-    s64 *slot = exit_ret__S.lookup(&z);
+    struct exit_t *slot = exit_ret__S.lookup(&z);
     if (!slot)
         return 0;
-    s64 ret = *slot;
+    struct args_t a = slot->a;
+    s64 ret = slot->ret;
     u32 tgid = pid_tgid >> 32;
     u64 key = ((u64)tgid << 32) | a.fd;
     struct conn_t *c = conns__S.lookup(&key);

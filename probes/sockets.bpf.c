@@ -440,7 +440,9 @@ static __always_inline void on_data(void *ctx, u64 pid_tgid, struct conn_t *c, s
     ev->flags = 0;
     ev->head_len = 0;
     ev->tail_len = 0;
-    if (mode != CAP_NONE)
+    /* a plain write past the samples is read straight into its tail-ring slot below */
+    int direct = ring && !vec && !nopayload && a->ptr;
+    if (mode != CAP_NONE && !direct)
         capture(s, a->ptr, a->extra, len, vec, mode == CAP_TAIL, ring);
     if (mode == CAP_TAIL)
         ev->flags |= DF_TAIL_ONLY;
@@ -451,14 +453,13 @@ static __always_inline void on_data(void *ctx, u64 pid_tgid, struct conn_t *c, s
         int pre = is_req && is_preface(ev->payload, ev->head_len);
         if (pre || (!looks_like_http_request(ev->payload, ev->head_len) && h2_plausible(ev->payload, ev->head_len, len))) {
             h2_switch(c, pre, dir_in ? DIR_IN : DIR_OUT);
-            inflight__S.update(&pid_tgid, a);
+            /* the per-CPU exit slot still holds this syscall's arguments and return value */
 #if TLS
             if (up)
                 data_exit_uprobe_prog__S.call(ctx, 1);
             else
 #endif
                 data_exit_prog__S.call(ctx, 1);
-            inflight__S.delete(&pid_tgid);
             return;
         }
     }
@@ -513,20 +514,37 @@ static __always_inline void on_data(void *ctx, u64 pid_tgid, struct conn_t *c, s
     ts->ts_ns = now;
     ts->len = len > 0xffffffff ? 0xffffffff : len;
     ts->index = idx;
-    u64 n = ev->tail_len;
-    CLAMP(n, TAIL_CAP);
-    bpf_probe_read_kernel(ts->data, n, ev->payload);
+    u64 n;
+    if (direct) {
+        /* as capture() keeps a ring write: all of it, or its first RING_HEAD bytes and its end */
+        if (len > TAIL_CAP) {
+            bpf_probe_read_user(ts->data, RING_HEAD, (void *)a->ptr);
+            bpf_probe_read_user(ts->data + RING_HEAD, TAIL_CAP - RING_HEAD,
+                                (void *)(a->ptr + len - (TAIL_CAP - RING_HEAD)));
+            n = TAIL_CAP;
+        } else {
+            n = len;
+            CLAMP(n, TAIL_CAP);
+            bpf_probe_read_user(ts->data, n, (void *)a->ptr);
+        }
+    } else {
+        n = ev->tail_len;
+        CLAMP(n, TAIL_CAP);
+        bpf_probe_read_kernel(ts->data, n, ev->payload);
+    }
     ts->cap = n;
     /* chunked terminator "0\r\n\r\n" at the end of the write (alone, or after
      * the previous chunk's CRLF) ends the response now */
     if (n >= 5) {
         u64 e = n - 5;
         CLAMP(e, TAIL_CAP - 5);
-        u8 *p = ev->payload + e;
+        u8 *p = ts->data + e;
         if (p[0] == '0' && p[1] == '\r' && p[2] == '\n' && p[3] == '\r' && p[4] == '\n') {
             int alone = n == 5;
             if (!alone && e >= 2) {
-                u8 *q = ev->payload + ((e - 2) & (TAIL_CAP - 1));
+                u64 o = e - 2;
+                CLAMP(o, TAIL_CAP - 7);
+                u8 *q = ts->data + o;
                 alone = q[0] == '\r' && q[1] == '\n';
             }
             if (alone) {
@@ -570,34 +588,38 @@ static __always_inline int save_msg(u32 fd, u64 msg, u32 kind) {
 
 /* Every data syscall's exit tail-calls one program holding the single copy of
  * on_data(): inlined into each of the ten exit tracepoints it made clang's
- * work (agent start-up) and the verifier's ten times larger. The return value
- * travels in a per-CPU slot. */
+ * work (agent start-up) and the verifier's ten times larger. The saved
+ * arguments and the return value travel in a per-CPU slot, so the data path
+ * looks nothing up again in the in-flight table. */
 
 static __always_inline int finish(void *ctx, s64 ret) {
     u64 pid_tgid = bpf_get_current_pid_tgid();
-    if (!inflight__S.lookup(&pid_tgid))
+    struct args_t *a = inflight__S.lookup(&pid_tgid);
+    if (!a)
         return 0;
     u32 z = 0;
-    s64 *slot = exit_ret__S.lookup(&z);
-    if (!slot)
-        return 0;
-    *slot = ret;
-    data_exit_prog__S.call(ctx, 0);
-    /* reached only if the tail call failed: drop the saved arguments */
+    struct exit_t *slot = exit_ret__S.lookup(&z);
+    if (slot) {
+        slot->ret = ret;
+        slot->a = *a;
+    }
     inflight__S.delete(&pid_tgid);
+    if (slot)
+        data_exit_prog__S.call(ctx, 0);
     return 0;
 }
 
 static __always_inline int data_exit_common(void *ctx, int up) {
     u64 pid_tgid = bpf_get_current_pid_tgid();
-    struct args_t *a = inflight__S.lookup(&pid_tgid);
-    if (!a)
+    u32 z = 0;
+    struct exit_t *slot = exit_ret__S.lookup(&z);
+    if (!slot)
         return 0;
-    struct args_t copy = *a;
+    struct args_t copy = slot->a;
     u64 key = ((pid_tgid >> 32) << 32) | copy.fd;
     struct conn_t *c = conns__S.lookup(&key);
     if (c && (c->mode & MODE_H2)) {
-        /* h2_exit(_uprobe) takes the saved arguments; the ciphertext of a TLS
+        /* h2_exit(_uprobe) takes the slot; the ciphertext of a TLS
          * connection is skipped (its plaintext comes through the uprobes) */
 #if TLS
         if (up)
@@ -606,15 +628,9 @@ static __always_inline int data_exit_common(void *ctx, int up) {
 #endif
         if (!(c->mode & MODE_TLS))
             data_exit_prog__S.call(ctx, 1);
-        inflight__S.delete(&pid_tgid);
         return 0;
     }
-    inflight__S.delete(&pid_tgid);
-    u32 z = 0;
-    s64 *slot = exit_ret__S.lookup(&z);
-    if (!slot)
-        return 0;
-    on_data(ctx, pid_tgid, c, &copy, *slot, up);
+    on_data(ctx, pid_tgid, c, &copy, slot->ret, up);
     return 0;
 }
 
@@ -693,14 +709,13 @@ static __always_inline int ssl_exit(struct pt_regs *ctx) {
         c->flags = 0;
     }
     struct args_t args = {.ptr = a.buf, .extra = 0, .fd = fd, .kind = a.out ? K_TLS_OUT : K_TLS_IN};
-    inflight__S.update(&pid_tgid, &args);
     u32 z = 0;
-    s64 *slot = exit_ret__S.lookup(&z);
+    struct exit_t *slot = exit_ret__S.lookup(&z);
     if (!slot)
         return 0;
-    *slot = len;
+    slot->ret = len;
+    slot->a = args;
     data_exit_uprobe_prog__S.call(ctx, 0);
-    inflight__S.delete(&pid_tgid);
     return 0;
 }
 

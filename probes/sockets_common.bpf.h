@@ -162,7 +162,13 @@ SHARED_TABLE("lru_hash", u64, struct conn_t, conns__S, MAX_CONNS);
 SHARED_TABLE("hash", u64, struct args_t, inflight__S, MAX_INFLIGHT);
 SHARED_TABLE("percpu_array", u32, u64, counters__S, C_COUNTERS);
 SHARED_TABLE("percpu_array", u32, u32, wake__S, 1);
-SHARED_TABLE("percpu_array", u32, s64, exit_ret__S, 1);
+/* A data syscall's exit hands its saved arguments and return value to the tail-called data path
+ * here (tail calls take no arguments); the per-CPU slot holds across the tail call. */
+struct exit_t {
+    s64 ret;
+    struct args_t a;
+};
+SHARED_TABLE("percpu_array", u32, struct exit_t, exit_ret__S, 1);
 SHARED_TABLE("prog", u32, u32, data_exit_prog__S, 2);     /* 0: data_exit, 1: h2_exit (HTTP/2 connections) */
 #if TLS
 SHARED_TABLE("prog", u32, u32, data_exit_uprobe_prog__S, 2);  /* 0: data_exit_uprobe, 1: h2_exit_uprobe */
