@@ -18,12 +18,13 @@ start-up log, and the test suite refuses to run against it. Nothing else
 changes: without a build (no compiler, or ``--pure`` images) the same
 modules run as plain Python.
 
-One module is C written by hand, ``agent/_httphead.c``: the HTTP/1.1 message
-head in one pass, where the Python parser makes a dozen calls into ``re``
+Two modules are C written by hand. ``agent/_httphead.c`` reads the HTTP/1.1
+message head in one pass, where the Python parser makes a dozen calls into ``re``
 and ``bytes``. It reads only the common form and returns None for anything
 else; ``agent/http1.py`` then reads the head itself, and its Python reading
 is also used whenever the extension is not built. Tests compare the two on
-generated heads.
+generated heads. Another, ``probes/_ringdrain.c``, takes the ring buffer's
+records into a list in one call, where BCC calls Python once per record.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ MODULES = (
 
 #: Hand-written C for what mypyc cannot make fast (regular expressions stay calls into
 #: ``re``); each has a Python reference in the module that imports it.
-C_MODULES = ("agent/_httphead.c",)
+C_MODULES = ("agent/_httphead.c", "probes/_ringdrain.c")
 
 #: Every source with an extension built from it.
 SOURCES = MODULES + C_MODULES

@@ -25,6 +25,11 @@ from typing import Any
 from agent.selfmetrics import SELF_METRICS, SelfMetrics
 from probes.socket_events import COUNTER_NAMES, Layout
 
+try:  # records taken from the ring buffer in C (probes/_ringdrain.c); else a ctypes callback
+    from probes import _ringdrain
+except ImportError:
+    _ringdrain = None  # type: ignore[assignment]
+
 log = logging.getLogger(__name__)
 
 PROBE_DIR = Path(__file__).resolve().parent
@@ -94,6 +99,9 @@ class SocketProbeConfig:
     """Also trace connections the targets open (client spans)."""
     tls: bool = False
     """Capture TLS plaintext with uprobes on the OpenSSL (libssl) each target maps."""
+    native_drain: bool = True
+    """Take ring buffer records with probes/_ringdrain.c when it is built (False: BCC's ctypes
+    callback, one Python call per record)."""
 
     ring_head: int = 192
     """Of a long write in the tail ring, bytes kept from its start (the rest from its end)."""
@@ -207,15 +215,28 @@ class SocketProbe:
         self._conns = self.bpf[self._t("conns")]
         self._counters = self.bpf[self._t("counters")]
         self._string_at = ctypes.string_at
-        batch_append = self._batch.append
-        string_at = ctypes.string_at
+        events = self.bpf[self._t("events")]
+        self._consume: int | None = None
+        if config.native_drain and _ringdrain is not None:
+            # the C callback appends each record to self._batch (which lives as long as the
+            # probe, and so as long as the ring buffer); one C call drains them all
+            from bcc import libbcc
 
-        def _cb(_ctx: Any, data: Any, size: int) -> int:
-            batch_append(string_at(data, size))
-            return 0
+            cb_type = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int)
+            self._cb: Any = cb_type(_ringdrain.callback_address())
+            self.bpf._open_ring_buffer(events.map_fd, self._cb, ctypes.c_void_p(id(self._batch)))
+            self._consume = ctypes.cast(libbcc.lib.bpf_consume_ringbuf, ctypes.c_void_p).value
+        else:
+            batch_append = self._batch.append
+            string_at = ctypes.string_at
 
-        self._cb = _cb  # keep a reference: BCC holds only a ctypes pointer
-        self.bpf[self._t("events")].open_ring_buffer(_cb)
+            def _cb(_ctx: Any, data: Any, size: int) -> int:
+                batch_append(string_at(data, size))
+                return 0
+
+            self._cb = _cb  # keep a reference: BCC holds only a ctypes pointer
+            events.open_ring_buffer(_cb)
+        self.native_drain = self._consume is not None
         metrics.set("infersight.probe.load.seconds", self.load_seconds, (("probe", "sockets"),))
         # The HTTP/2 walk compiles and loads in the background once the caller
         # has attached (start_h2): start-up does not wait for it, and no
@@ -420,7 +441,10 @@ class SocketProbe:
         # steady load the poll returns at once, every time, and the timed drain
         # turns into a busy loop that takes the GIL from the assembly.
         time.sleep(timeout_ms / 1000)
-        self.bpf.ring_buffer_consume()
+        if self._consume is not None:
+            _ringdrain.consume(self._consume, self.bpf._ringbuf_manager)
+        else:
+            self.bpf.ring_buffer_consume()
         batch = self._batch
         n = len(batch)
         if n:

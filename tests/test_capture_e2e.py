@@ -22,7 +22,7 @@ import httpx
 import openai
 import pytest
 
-from agent import procfs
+from agent import native, procfs
 from agent.record import RECORD_KEYS
 from agent.targets import TargetConfig
 from probes.sockets import SocketProbeConfig
@@ -288,14 +288,18 @@ def test_no_prompt_or_completion_text_in_records(agent: Agent, demo: Server) -> 
         assert "quick" not in text and "brown" not in text
 
 
-def test_requests_accounted_with_tiny_ring_buffer(tmp_path: Path) -> None:
+@pytest.mark.parametrize("native_drain", [True, False], ids=["c-drain", "ctypes-drain"])
+def test_requests_accounted_with_tiny_ring_buffer(tmp_path: Path, native_drain: bool) -> None:
     """A 1-page ring buffer drained slowly must lose records; every request is
-    then either a record or a counted loss."""
+    then either a record or a counted loss. Both ways of draining it: the C
+    callback (probes/_ringdrain.c) and BCC's ctypes callback."""
     srv = start_demo_server(tmp_path)
     try:
-        cfg = SocketProbeConfig(ringbuf_pages=1, wakeup_every=1 << 30)
+        cfg = SocketProbeConfig(ringbuf_pages=1, wakeup_every=1 << 30, native_drain=native_drain)
         with running_agent(TargetConfig(pids=(srv.pid,)), probe=cfg, drain_interval_s=0.5,
                            idle_check_s=1.0) as a:
+            drains_in_c = a.pipeline.probe.native_drain  # type: ignore[union-attr]
+            assert drains_in_c == (native_drain and native.status()["probes/_ringdrain.c"] == "compiled")
             sent = 0
             body = {"model": "loss", "messages": [{"role": "user", "content": "x" * 1500}], "stream": True,
                     "max_tokens": 6, "ttft_s": 0.0, "tpot_s": 0.0}
