@@ -20,9 +20,9 @@ def ev(data: bytes, event: str | None = None, id: str | None = None, truncated: 
 
 
 def feed_all(
-    chunks: list[bytes], max_event_bytes: int = 65536, metrics: SelfMetrics | None = None
+    chunks: list[bytes], max_event_bytes: int = 65536, metrics: SelfMetrics | None = None, whole_events: bool = True
 ) -> list[SSEEvent]:
-    p = SSEParser(max_event_bytes, metrics=metrics or SelfMetrics())
+    p = SSEParser(max_event_bytes, metrics=metrics or SelfMetrics(), whole_events=whole_events)
     out: list[SSEEvent] = []
     for c in chunks:
         out += p.feed(c)
@@ -172,3 +172,40 @@ def test_random_input_is_bounded(ops: list[bytes | int]) -> None:
         for e in p.feed(op):
             assert len(e.data) <= 32
         assert p.buffered <= 2 * 32 + 16
+
+
+_EVENTS = st.lists(
+    st.one_of(
+        st.sampled_from([b"data: {}\n\n", b"data:{}\r\n\r\n", b"data: [DONE]\n\n", b"data: a:b\n\n", b"data: \n\n",
+                         b"data:  two\r\n\r\n", b"data: x\r\n\n", b"data: x\n\r\n", b"data: x\r\r",
+                         b"\xef\xbb\xbfdata: bom\n\n", b": ping\n\n", b"event: e\ndata: y\n\n", b"data: x\n"]),
+        st.binary(max_size=80).map(lambda b: b"data: " + b.replace(b"\r", b"").replace(b"\n", b"") + b"\n\n"),
+        st.sampled_from(PIECES),
+    ),
+    max_size=20,
+).map(b"".join)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    data=st.one_of(_EVENTS, streams),
+    cuts=st.lists(st.integers(min_value=0, max_value=1000), max_size=6),
+    bound=st.sampled_from([4, 64, 65536]),
+)
+def test_whole_events_in_one_match_agree_with_the_line_by_line_reading(
+    data: bytes, cuts: list[int], bound: int
+) -> None:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    chunks = [data[a:b] for a, b in itertools.pairwise([0, *points, len(data)])]
+    m1, m2 = SelfMetrics(), SelfMetrics()
+    reference = feed_all(chunks, bound, m1, whole_events=False)
+    assert feed_all(chunks, bound, m2, whole_events=True) == reference
+    assert m2.snapshot() == m1.snapshot()  # the oversize count too
+
+
+def test_a_token_write_is_one_match() -> None:
+    p = SSEParser(metrics=SelfMetrics())
+    assert p.feed(b'data: {"a":1}\r\n\r\ndata: [DONE]\r\n\r\n') == [ev(b'{"a":1}'), ev(b"[DONE]")]
+    # pending state (an event type awaiting its data) leaves the feed to the line reading
+    assert p.feed(b"event: e\n") == []
+    assert p.feed(b"data: x\n\n") == [ev(b"x", "e")]
