@@ -214,7 +214,6 @@ class SocketProbe:
         self._targets = self.bpf[b"targets"]
         self._conns = self.bpf[self._t("conns")]
         self._counters = self.bpf[self._t("counters")]
-        self._string_at = ctypes.string_at
         events = self.bpf[self._t("events")]
         self._consume: int | None = None
         if config.native_drain and _ringdrain is not None:
