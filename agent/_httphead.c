@@ -209,86 +209,117 @@ static void release(input_t *in) {
         PyBuffer_Release(&in->view);
 }
 
-/* The rest of a head after its start line (which ends with the LF at line_end):
- * the fields and the end; *fout NULL (no error) when not simple or not complete. */
-static Py_ssize_t rest(input_t *in, Py_ssize_t line_end, PyObject **fout) {
-    Py_ssize_t end = 0;
-    *fout = NULL;
-    Py_ssize_t at = head_end(in->p, line_end, in->lim, &end);
-    if (at < 0)
-        return -1;
-    *fout = fields(in->p, line_end + 1, at + 1);
-    return end;
-}
-
 static PyObject *version(const unsigned char *v) {
     PyObject *o = v[0] == '0' ? V10 : V11;
     Py_INCREF(o);
     return o;
 }
 
-static PyObject *parse_request_head(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+/* A request line in p[pos:line_end] (LF at line_end):
+ * token{1,32} SP target SP "HTTP/1." [01] [CR] LF. Sets the spans of method,
+ * target and version; 0 when it does not match. */
+static int request_line(const unsigned char *p, Py_ssize_t pos, Py_ssize_t line_end, Py_ssize_t *m1,
+                        Py_ssize_t *t0, Py_ssize_t *t1, Py_ssize_t *v) {
+    Py_ssize_t i = pos;
+    while (i < line_end && TCHAR[p[i]])
+        i++;
+    *m1 = i;
+    if (i == pos || i - pos > 32 || p[i] != ' ')
+        return 0;
+    i++;
+    *t0 = i;
+    while (i < line_end && is_target(p[i]))
+        i++;
+    *t1 = i;
+    if (*t1 == *t0 || p[i] != ' ')
+        return 0;
+    i++;
+    if (line_end - i < 8 || memcmp(p + i, "HTTP/1.", 7) != 0 || (p[i + 7] != '0' && p[i + 7] != '1'))
+        return 0;
+    *v = i + 7;
+    i += 8;
+    return i == line_end || (p[i] == '\r' && i + 1 == line_end);
+}
+
+/* A status line in p[pos:line_end]: "HTTP/1." [01] SP 3DIGIT [SP reason] [CR] LF,
+ * the reason without CR or LF. Sets the status, the version's span and the
+ * reason's (empty when absent); 0 when it does not match. */
+static int status_line(const unsigned char *p, Py_ssize_t pos, Py_ssize_t line_end, int *status, Py_ssize_t *v,
+                       Py_ssize_t *r0, Py_ssize_t *r1) {
+    Py_ssize_t i = pos;
+    if (line_end - i < 12 || memcmp(p + i, "HTTP/1.", 7) != 0 || (p[i + 7] != '0' && p[i + 7] != '1')
+        || p[i + 8] != ' ')
+        return 0;
+    *v = i + 7;
+    i += 9;
+    *status = 0;
+    for (int k = 0; k < 3; k++, i++) {
+        if (p[i] < '0' || p[i] > '9')
+            return 0;
+        *status = *status * 10 + (p[i] - '0');
+    }
+    *r0 = *r1 = i;
+    if (i == line_end || (p[i] == '\r' && i + 1 == line_end))
+        return 1;   /* no reason phrase */
+    if (p[i] != ' ')
+        return 0;
+    Py_ssize_t r = i + 1;
+    *r0 = r;
+    while (r < line_end && p[r] != '\r')
+        r++;
+    *r1 = r;
+    return r == line_end || r + 1 == line_end;
+}
+
+/* One head at buf[pos:], either kind: the tuple, None when not the simple case,
+ * NULL with an exception set on error. */
+static PyObject *parse_head(PyObject *const *args, Py_ssize_t nargs, const char *fname, int request) {
     input_t in;
-    if (get_input(args, nargs, "parse_request_head", &in) < 0)
+    if (get_input(args, nargs, fname, &in) < 0)
         return NULL;
     const unsigned char *p = in.p;
     PyObject *result = NULL;
-    if (in.pos >= in.lim)
-        goto none;
-    const unsigned char *nl = memchr(p + in.pos, '\n', (size_t)(in.lim - in.pos));
+    const unsigned char *nl = in.pos < in.lim ? memchr(p + in.pos, '\n', (size_t)(in.lim - in.pos)) : NULL;
     if (!nl)
         goto none;
     Py_ssize_t line_end = nl - p;
-    /* token{1,32} SP target SP "HTTP/1." [01] [CR] LF */
-    Py_ssize_t i = in.pos;
-    while (i < line_end && TCHAR[p[i]])
-        i++;
-    Py_ssize_t m1 = i;
-    if (m1 == in.pos || m1 - in.pos > 32 || p[i] != ' ')
+    Py_ssize_t m1 = 0, t0 = 0, t1 = 0, v = 0, r0 = 0, r1 = 0;
+    int status = 0;
+    if (request ? !request_line(p, in.pos, line_end, &m1, &t0, &t1, &v)
+                : !status_line(p, in.pos, line_end, &status, &v, &r0, &r1))
         goto none;
-    i++;
-    Py_ssize_t t0 = i;
-    while (i < line_end && is_target(p[i]))
-        i++;
-    Py_ssize_t t1 = i;
-    if (t1 == t0 || p[i] != ' ')
+    Py_ssize_t end = 0;
+    Py_ssize_t at = head_end(p, line_end, in.lim, &end);
+    if (at < 0)
         goto none;
-    i++;
-    if (line_end - i < 8 || memcmp(p + i, "HTTP/1.", 7) != 0 || (p[i + 7] != '0' && p[i + 7] != '1'))
-        goto none;
-    Py_ssize_t v = i + 7;
-    i += 8;
-    if (!(i == line_end || (p[i] == '\r' && i + 1 == line_end)))
-        goto none;
-    PyObject *fl;
-    Py_ssize_t end = rest(&in, line_end, &fl);
+    PyObject *fl = fields(p, line_end + 1, at + 1);
     if (!fl) {
         if (PyErr_Occurred())
             goto out;
-        goto none;
+        goto none;     /* a field line not of the simple form */
     }
-    PyObject *method = method_str((const char *)p + in.pos, m1 - in.pos);
-    PyObject *target = method ? PyUnicode_DecodeUTF8((const char *)p + t0, t1 - t0, "replace") : NULL;
-    PyObject *endo = target ? PyLong_FromSsize_t(end) : NULL;
-    if (!endo) {
-        Py_XDECREF(method);
-        Py_XDECREF(target);
-        Py_DECREF(fl);
-        goto out;
+    /* request: (end, method, target, version, fields); response: (end, version, status, reason, fields) */
+    PyObject *item[5] = {PyLong_FromSsize_t(end), NULL, NULL, NULL, fl};
+    if (request) {
+        item[1] = method_str((const char *)p + in.pos, m1 - in.pos);
+        item[2] = PyUnicode_DecodeUTF8((const char *)p + t0, t1 - t0, "replace");
+        item[3] = version(p + v);
+    } else {
+        item[1] = version(p + v);
+        item[2] = PyLong_FromLong(status);
+        item[3] = r1 > r0 ? PyUnicode_DecodeLatin1((const char *)p + r0, r1 - r0, NULL) : (Py_INCREF(EMPTY), EMPTY);
     }
-    result = PyTuple_New(5);
+    int ok = 1;
+    for (int k = 0; k < 5; k++)
+        ok = ok && item[k] != NULL;
+    result = ok ? PyTuple_New(5) : NULL;
     if (!result) {
-        Py_DECREF(method);
-        Py_DECREF(target);
-        Py_DECREF(endo);
-        Py_DECREF(fl);
+        for (int k = 0; k < 5; k++)
+            Py_XDECREF(item[k]);
         goto out;
     }
-    PyTuple_SET_ITEM(result, 0, endo);
-    PyTuple_SET_ITEM(result, 1, method);
-    PyTuple_SET_ITEM(result, 2, target);
-    PyTuple_SET_ITEM(result, 3, version(p + v));
-    PyTuple_SET_ITEM(result, 4, fl);
+    for (int k = 0; k < 5; k++)
+        PyTuple_SET_ITEM(result, k, item[k]);
     goto out;
 none:
     result = Py_None;
@@ -298,79 +329,12 @@ out:
     return result;
 }
 
+static PyObject *parse_request_head(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    return parse_head(args, nargs, "parse_request_head", 1);
+}
+
 static PyObject *parse_response_head(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    input_t in;
-    if (get_input(args, nargs, "parse_response_head", &in) < 0)
-        return NULL;
-    const unsigned char *p = in.p;
-    PyObject *result = NULL;
-    if (in.pos >= in.lim)
-        goto none;
-    const unsigned char *nl = memchr(p + in.pos, '\n', (size_t)(in.lim - in.pos));
-    if (!nl)
-        goto none;
-    Py_ssize_t line_end = nl - p;
-    /* "HTTP/1." [01] SP 3DIGIT [SP reason] [CR] LF, reason without CR or LF */
-    Py_ssize_t i = in.pos;
-    if (line_end - i < 12 || memcmp(p + i, "HTTP/1.", 7) != 0 || (p[i + 7] != '0' && p[i + 7] != '1')
-        || p[i + 8] != ' ')
-        goto none;
-    Py_ssize_t v = i + 7;
-    i += 9;
-    int status = 0;
-    for (int k = 0; k < 3; k++, i++) {
-        if (p[i] < '0' || p[i] > '9')
-            goto none;
-        status = status * 10 + (p[i] - '0');
-    }
-    Py_ssize_t r0 = i, r1 = i;
-    if (i == line_end || (p[i] == '\r' && i + 1 == line_end)) {
-        /* no reason phrase */
-    } else if (p[i] == ' ') {
-        r0 = r1 = i + 1;
-        while (r1 < line_end && p[r1] != '\r')
-            r1++;
-        if (!(r1 == line_end || (r1 + 1 == line_end)))
-            goto none;
-    } else {
-        goto none;
-    }
-    PyObject *fl;
-    Py_ssize_t end = rest(&in, line_end, &fl);
-    if (!fl) {
-        if (PyErr_Occurred())
-            goto out;
-        goto none;
-    }
-    PyObject *reason = r1 > r0 ? PyUnicode_DecodeLatin1((const char *)p + r0, r1 - r0, NULL) : (Py_INCREF(EMPTY), EMPTY);
-    PyObject *code = reason ? PyLong_FromLong(status) : NULL;
-    PyObject *endo = code ? PyLong_FromSsize_t(end) : NULL;
-    if (!endo) {
-        Py_XDECREF(reason);
-        Py_XDECREF(code);
-        Py_DECREF(fl);
-        goto out;
-    }
-    result = PyTuple_New(5);
-    if (!result) {
-        Py_DECREF(reason);
-        Py_DECREF(code);
-        Py_DECREF(endo);
-        Py_DECREF(fl);
-        goto out;
-    }
-    PyTuple_SET_ITEM(result, 0, endo);
-    PyTuple_SET_ITEM(result, 1, version(p + v));
-    PyTuple_SET_ITEM(result, 2, code);
-    PyTuple_SET_ITEM(result, 3, reason);
-    PyTuple_SET_ITEM(result, 4, fl);
-    goto out;
-none:
-    result = Py_None;
-    Py_INCREF(result);
-out:
-    release(&in);
-    return result;
+    return parse_head(args, nargs, "parse_response_head", 0);
 }
 
 static PyMethodDef methods[] = {
