@@ -68,7 +68,8 @@ MODULES = (
 )
 
 #: Hand-written C for what mypyc cannot make fast (regular expressions stay calls into
-#: ``re``); each has a Python reference in the module that imports it.
+#: ``re``, ctypes callbacks stay Python calls); the module that imports each keeps a Python
+#: path for when it is not built.
 C_MODULES = ("agent/_httphead.c", "probes/_ringdrain.c")
 
 #: Every source with an extension built from it.

@@ -148,6 +148,13 @@ PIECES = [
 streams = st.one_of(st.binary(max_size=400), st.lists(st.sampled_from(PIECES), max_size=60).map(b"".join))
 
 
+
+def _split(data: bytes, cuts: list[int]) -> list[bytes]:
+    """``data`` cut at the given offsets (modulo its length)."""
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    return [data[a:b] for a, b in itertools.pairwise([0, *points, len(data)])]
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     data=streams,
@@ -155,10 +162,7 @@ streams = st.one_of(st.binary(max_size=400), st.lists(st.sampled_from(PIECES), m
     bound=st.sampled_from([4, 64]),
 )
 def test_any_split_gives_the_same_events(data: bytes, cuts: list[int], bound: int) -> None:
-    points = sorted({c % (len(data) + 1) for c in cuts})
-    bounds = [0, *points, len(data)]
-    chunks = [data[a:b] for a, b in itertools.pairwise(bounds)]
-    assert feed_all(chunks, bound) == feed_all([data], bound)
+    assert feed_all(_split(data, cuts), bound) == feed_all([data], bound)
 
 
 @settings(max_examples=200, deadline=None)
@@ -195,8 +199,7 @@ _EVENTS = st.lists(
 def test_whole_events_in_one_match_agree_with_the_line_by_line_reading(
     data: bytes, cuts: list[int], bound: int
 ) -> None:
-    points = sorted({c % (len(data) + 1) for c in cuts})
-    chunks = [data[a:b] for a, b in itertools.pairwise([0, *points, len(data)])]
+    chunks = _split(data, cuts)
     m1, m2 = SelfMetrics(), SelfMetrics()
     reference = feed_all(chunks, bound, m1, whole_events=False)
     assert feed_all(chunks, bound, m2, whole_events=True) == reference
