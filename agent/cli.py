@@ -38,6 +38,8 @@ RUN_OPTIONS: dict[str, tuple[Any, str]] = {
     "max_conns": (16384, "connections tracked in the kernel (LRU)"),
     "trace_clients": (False, "also record requests the targets make (client spans)"),
     "tls": (False, "capture HTTPS plaintext with uprobes on the OpenSSL the targets map"),
+    "syscall_args": ("auto", "where data syscalls' arguments are read: exit (saved registers, no entry "
+                             "programs), entry, or auto (exit where the kernel allows it)"),
     "proc": ("/proc", "the host's /proc (a DaemonSet mounts it at /host/proc)"),
     "k8s": (True, "decorate records with Kubernetes pod metadata (needs the API server)"),
     "kube_api_url": (None, "API server URL (default: in-cluster config, then kubeconfig)"),
@@ -124,6 +126,14 @@ def resolve_run_options(ns: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def exit_args_option(value: str) -> bool | None:
+    """--syscall-args as SocketProbeConfig.exit_args: exit -> True, entry -> False, auto -> None."""
+    v = str(value).lower()
+    if v not in ("auto", "exit", "entry"):
+        raise SystemExit(f"infersight: --syscall-args must be exit, entry or auto, not {value!r}")
+    return None if v == "auto" else v == "exit"
+
+
 def cmd_run(ns: argparse.Namespace) -> int:
     opts = resolve_run_options(ns)
     logging.basicConfig(
@@ -141,7 +151,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
 
     probe_cfg = SocketProbeConfig(
         ringbuf_pages=opts["ringbuf_pages"], max_conns=opts["max_conns"], trace_clients=opts["trace_clients"],
-        tls=opts["tls"],
+        tls=opts["tls"], exit_args=exit_args_option(opts["syscall_args"]),
     )
     cfg = PipelineConfig(
         assembly=AssemblyConfig(

@@ -97,15 +97,15 @@ class Server:
 
 
 class Agent:
-    def __init__(self, pid: int, log: Path, probe_only: bool = False) -> None:
+    def __init__(self, pid: int, log: Path, probe_only: bool = False, syscall_args: str = "auto") -> None:
         self.prom = free_port()
         self.log = log
         self.t0 = time.monotonic()
         self._logf = open(log, "w")
         argv = [sys.executable, "-m", "agent.cli", "run", "--pid", str(pid), "--prometheus-port", str(self.prom),
-                "--prometheus-host", "127.0.0.1"]
+                "--prometheus-host", "127.0.0.1", "--syscall-args", syscall_args]
         if probe_only:
-            argv = [sys.executable, "-m", "bench.probe_only", "--pid", str(pid)]
+            argv = [sys.executable, "-m", "bench.probe_only", "--pid", str(pid), "--syscall-args", syscall_args]
         self.proc = subprocess.Popen(argv, cwd=REPO, stdout=self._logf, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while "attached to" not in log.read_text():
@@ -146,7 +146,8 @@ def run_wrk(port: int, profile: str, seconds: float, conns: int, tmp: Path) -> t
     return rps, n
 
 
-def bench(profile: str, seconds: float, rounds: int, conns: int, chunks: int) -> dict[str, Any]:
+def bench(profile: str, seconds: float, rounds: int, conns: int, chunks: int,
+          syscall_args: str = "auto") -> dict[str, Any]:
     if not shutil.which("wrk"):
         raise SystemExit("wrk is not installed (apt-get install wrk)")
     tmp = Path(tempfile.mkdtemp(prefix="infersight-bench-"))
@@ -165,7 +166,7 @@ def bench(profile: str, seconds: float, rounds: int, conns: int, chunks: int) ->
                 run_wrk(plain.port, profile, 1, conns, tmp)
                 run_wrk(otel.port, profile, 1, conns, tmp)
             rps["untraced"].append(run_wrk(plain.port, profile, seconds, conns, tmp)[0])
-            agent = Agent(plain.proc.pid, tmp / f"agent-{r}.log")
+            agent = Agent(plain.proc.pid, tmp / f"agent-{r}.log", syscall_args=syscall_args)
             startups.append(agent.startup_s)
             process_startups.append(agent.process_startup_s)
             before = scrape(agent.prom)
@@ -188,7 +189,7 @@ def bench(profile: str, seconds: float, rounds: int, conns: int, chunks: int) ->
             accuracy["lost"] += int(delta("infersight_requests_lost_total"))
             accuracy["events_lost"] += int(delta("infersight_events_lost_total"))
             # the kernel probe alone, user space discarding: the kernel-side share of the cost
-            bare = Agent(plain.proc.pid, tmp / f"probe-{r}.log", probe_only=True)
+            bare = Agent(plain.proc.pid, tmp / f"probe-{r}.log", probe_only=True, syscall_args=syscall_args)
             rps["probe_only"].append(run_wrk(plain.port, profile, seconds, conns, tmp)[0])
             bare.stop()
             rps["otel_asgi"].append(run_wrk(otel.port, profile, seconds, conns, tmp)[0])
@@ -200,6 +201,7 @@ def bench(profile: str, seconds: float, rounds: int, conns: int, chunks: int) ->
     chunks_per_req = chunks + 3 if profile == "sse" else 0
     return {
         "profile": profile,
+        "syscall_args": syscall_args,
         "seconds": seconds,
         "rounds": rounds,
         "connections": conns,
@@ -226,10 +228,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--connections", type=int, default=8)
     ap.add_argument("--chunks", type=int, default=50)
+    ap.add_argument("--syscall-args", choices=("auto", "exit", "entry"), default="auto",
+                    help="passed to the agent and the probe-only run (agent option --syscall-args)")
     ap.add_argument("--json", action="store_true", help="print JSON only")
     a = ap.parse_args(argv)
     require_root()
-    result = bench(a.profile, a.seconds, a.rounds, a.connections, a.chunks)
+    result = bench(a.profile, a.seconds, a.rounds, a.connections, a.chunks, a.syscall_args)
     print_result(result, a.json, 32)
     return 0
 

@@ -26,6 +26,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from agent.cli import exit_args_option
 from bench import print_result, require_root
 
 STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
@@ -45,12 +46,12 @@ def program_stats(funcs: dict[Any, Any]) -> dict[str, tuple[int, int]]:
     return out
 
 
-def measure(profile: str, seconds: float, tmp: Path) -> dict[str, Any]:
+def measure(profile: str, seconds: float, tmp: Path, exit_args: bool | None = None) -> dict[str, Any]:
     from bench.overhead import Server, cpu_seconds, run_wrk
     from probes.sockets import SocketProbe, SocketProbeConfig
 
     drained = [0]
-    probe = SocketProbe(SocketProbeConfig(), on_records=lambda b: drained.__setitem__(0, drained[0] + len(b)))
+    probe = SocketProbe(SocketProbeConfig(exit_args=exit_args), on_records=lambda b: drained.__setitem__(0, drained[0] + len(b)))
     server = Server(profile, 50, otel=False)
     stop = threading.Event()
     previous = STATS.read_text().strip()
@@ -94,6 +95,7 @@ def measure(profile: str, seconds: float, tmp: Path) -> dict[str, Any]:
     return {
         "profile": profile,
         "seconds": seconds,
+        "syscall_args": "exit" if probe.exit_args else "entry",
         "requests": requests,
         "requests_per_s": rps,
         "records_drained": drained[0],
@@ -108,13 +110,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", choices=("json", "sse"), default="json")
     ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--syscall-args", choices=("auto", "exit", "entry"), default="auto",
+                    help="where the data syscalls' arguments are read (agent option --syscall-args)")
     ap.add_argument("--json", action="store_true", help="print JSON only")
     a = ap.parse_args(argv)
     require_root()
     if not STATS.exists():
         raise SystemExit(f"{STATS} is missing: this kernel cannot count BPF run time")
     tmp = Path(tempfile.mkdtemp(prefix="infersight-probe-cost-"))
-    print_result(measure(a.profile, a.seconds, tmp), a.json, 28)
+    print_result(measure(a.profile, a.seconds, tmp, exit_args_option(a.syscall_args)), a.json, 28)
     return 0
 
 

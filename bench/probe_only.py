@@ -12,19 +12,21 @@ import signal
 import sys
 import threading
 
+from agent.cli import exit_args_option
 from probes.sockets import SocketProbe, SocketProbeConfig
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pid", type=int, required=True)
+    ap.add_argument("--syscall-args", choices=("auto", "exit", "entry"), default="auto")
     a = ap.parse_args(argv)
     seen = [0]
 
     def discard(batch: list[bytes]) -> None:
         seen[0] += len(batch)
 
-    probe = SocketProbe(SocketProbeConfig(), on_records=discard)
+    probe = SocketProbe(SocketProbeConfig(exit_args=exit_args_option(a.syscall_args)), on_records=discard)
     probe.add_target(a.pid)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

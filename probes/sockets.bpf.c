@@ -18,11 +18,16 @@
  *   sendfile64, splice, close, listen, getpeername, getsockname) and
  *   sched:sched_process_{exec,fork,exit}.
  *   No kprobes: many kernels (this project's CI kernel included) have none.
+ *   With EXIT_ARGS (x86_64, where the kernel has bpf_task_pt_regs; the loader
+ *   tests it) the eight data syscalls have exit programs only: their arguments
+ *   are read at exit from the thread's saved user registers.
  *
  * Kernel features: BPF ring buffer (5.8+), bounded loops, bpf_probe_read_user.
  *   No kernel struct is dereferenced: only tracepoint fields, user memory read
  *   with bpf_probe_read_user (iovec and user_msghdr are userspace ABI structs),
- *   and BPF helpers. Mismatched kernel headers therefore do not matter.
+ *   BPF helpers, and with EXIT_ARGS the saved user registers, whose layout is
+ *   the ptrace ABI's (checked by the verifier against the kernel's own BTF).
+ *   Mismatched kernel headers therefore do not matter.
  *
  * Filtering: a process must be in `targets` (by tgid), and a file descriptor in
  *   `conns` (seeded from accept/connect, and by user space for sockets open at
@@ -567,11 +572,6 @@ static __always_inline int save_data(u32 fd, u64 ptr, u64 extra, u32 kind) {
         return 0;
     struct args_t a = {.ptr = ptr, .extra = extra, .fd = fd, .kind = kind};
     inflight__S.update(&pid_tgid, &a);
-#if TLS
-    /* a TLS library with a memory BIO (asyncio, uvloop) reads ciphertext with a
-     * syscall, then decrypts on the same thread: its SSL object is this fd's */
-    last_fd.update(&pid_tgid, &fd);
-#endif
     return 0;
 }
 
@@ -618,6 +618,12 @@ static __always_inline int data_exit_common(void *ctx, int up) {
     struct args_t copy = slot->a;
     u64 key = ((pid_tgid >> 32) << 32) | copy.fd;
     struct conn_t *c = conns__S.lookup(&key);
+#if TLS
+    /* a TLS library with a memory BIO (asyncio, uvloop) reads ciphertext with a
+     * syscall, then decrypts on the same thread: its SSL object is this fd's */
+    if (c && !up)
+        last_fd.update(&pid_tgid, &copy.fd);
+#endif
     if (c && (c->mode & MODE_H2)) {
         /* h2_exit(_uprobe) takes the slot; the ciphertext of a TLS
          * connection is skipped (its plaintext comes through the uprobes) */
@@ -783,6 +789,59 @@ TRACEPOINT_PROBE(syscalls, sys_enter_connect) {
 }
 TRACEPOINT_PROBE(syscalls, sys_exit_connect) { return TRACE_CLIENTS ? finish_conn(args->ret, 0) : 0; }
 
+#if EXIT_ARGS
+/* The data syscalls' arguments read at exit from the thread's saved user
+ * registers (bpf_task_pt_regs): no entry program, no in-flight entry. The
+ * saved registers are the ptrace ABI's (x86_64 struct user_regs_struct,
+ * asm/ptrace.h): rdx, rsi, rdi at byte offsets 96, 104 and 112, holding the
+ * third, second and first argument, which the kernel leaves as they were
+ * (only rax carries the return value). The loader enables this on x86_64
+ * when the kernel has the helpers, and falls back to the entry programs. */
+static __always_inline int finish_regs(void *ctx, s64 ret, u32 kind) {
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 tgid = pid_tgid >> 32;
+    if (!is_target(tgid))
+        return 0;
+    /* a BTF pointer: plain loads, checked by the verifier against the kernel's own BTF */
+    u64 *regs = (u64 *)bpf_task_pt_regs(bpf_get_current_task_btf());
+    u64 r[3];  /* rdx, rsi, rdi */
+    r[0] = regs[12];
+    r[1] = regs[13];
+    r[2] = regs[14];
+    u32 fd = (u32)r[2];
+    /* whether fd is a tracked connection, the data path looks up (once) */
+    u32 z = 0;
+    struct exit_t *slot = exit_ret__S.lookup(&z);
+    if (!slot)
+        return 0;
+    u64 ptr = r[1], extra = 0;
+    if (kind == K_READV || kind == K_WRITEV) {
+        extra = r[0];
+    } else if (kind == K_RECVMSG || kind == K_SENDMSG) {
+        /* struct user_msghdr (userspace ABI): msg_iov at offset 16, msg_iovlen at 24 */
+        u64 msg = ptr;
+        ptr = 0;
+        bpf_probe_read_user(&ptr, sizeof(ptr), (void *)(msg + 16));
+        bpf_probe_read_user(&extra, sizeof(extra), (void *)(msg + 24));
+    }
+    slot->ret = ret;
+    slot->a.ptr = ptr;
+    slot->a.extra = extra;
+    slot->a.fd = fd;
+    slot->a.kind = kind;
+    data_exit_prog__S.call(ctx, 0);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_read) { return finish_regs(args, args->ret, K_READ); }
+TRACEPOINT_PROBE(syscalls, sys_exit_readv) { return finish_regs(args, args->ret, K_READV); }
+TRACEPOINT_PROBE(syscalls, sys_exit_recvfrom) { return finish_regs(args, args->ret, K_READ); }
+TRACEPOINT_PROBE(syscalls, sys_exit_recvmsg) { return finish_regs(args, args->ret, K_RECVMSG); }
+TRACEPOINT_PROBE(syscalls, sys_exit_write) { return finish_regs(args, args->ret, K_WRITE); }
+TRACEPOINT_PROBE(syscalls, sys_exit_writev) { return finish_regs(args, args->ret, K_WRITEV); }
+TRACEPOINT_PROBE(syscalls, sys_exit_sendto) { return finish_regs(args, args->ret, K_WRITE); }
+TRACEPOINT_PROBE(syscalls, sys_exit_sendmsg) { return finish_regs(args, args->ret, K_SENDMSG); }
+#else
 TRACEPOINT_PROBE(syscalls, sys_enter_read) { return save_data(args->fd, (u64)args->buf, 0, K_READ); }
 TRACEPOINT_PROBE(syscalls, sys_exit_read) { return finish(args, args->ret); }
 TRACEPOINT_PROBE(syscalls, sys_enter_readv) { return save_data(args->fd, (u64)args->vec, args->vlen, K_READV); }
@@ -800,6 +859,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_sendto) { return save_data(args->fd, (u64)a
 TRACEPOINT_PROBE(syscalls, sys_exit_sendto) { return finish(args, args->ret); }
 TRACEPOINT_PROBE(syscalls, sys_enter_sendmsg) { return save_msg(args->fd, (u64)args->msg, K_SENDMSG); }
 TRACEPOINT_PROBE(syscalls, sys_exit_sendmsg) { return finish(args, args->ret); }
+#endif
 
 /* sendfile and splice move bytes without a user buffer: counted for timing and
  * byte totals, nothing captured. */

@@ -15,6 +15,8 @@ import ctypes
 import itertools
 import logging
 import os
+import platform
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -102,6 +104,10 @@ class SocketProbeConfig:
     native_drain: bool = True
     """Take ring buffer records with probes/_ringdrain.c when it is built (False: BCC's ctypes
     callback, one Python call per record)."""
+    exit_args: bool | None = None
+    """Read the data syscalls' arguments at their exit from the thread's saved user registers,
+    with no entry programs (True), or save them at entry (False). None: at exit where
+    :func:`exit_args_supported` says the kernel allows it."""
 
     ring_head: int = 192
     """Of a long write in the tail ring, bytes kept from its start (the rest from its end)."""
@@ -154,6 +160,49 @@ def possible_cpus() -> int:
         return os.cpu_count() or 1
 
 
+# BPF instructions (struct bpf_insn): code, dst/src registers, offset, immediate
+def _insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:
+    return struct.pack("<BBhi", code, (src << 4) | dst, off, imm)
+
+
+_BPF_PROG_LOAD = 5
+_PROG_TYPE_TRACEPOINT = 5
+_FUNC_GET_CURRENT_TASK_BTF = 158
+_FUNC_TASK_PT_REGS = 175
+_NR_BPF_X86_64 = 321
+
+
+def exit_args_supported() -> tuple[bool, str]:
+    """Whether the data syscalls' arguments can be read at exit (sockets.bpf.c, EXIT_ARGS):
+    an x86_64 kernel whose verifier accepts a tracepoint program that does what the probe
+    does, bpf_task_pt_regs(bpf_get_current_task_btf()) and loads of the saved rdx, rsi and
+    rdi. That program (eight instructions) is loaded and closed: no clang, about a
+    millisecond. The second value says how, or why not."""
+    if platform.machine() != "x86_64":
+        return False, f"saved-register layout known for x86_64 only, this is {platform.machine()}"
+    if not Path("/sys/kernel/btf/vmlinux").exists():
+        return False, "no kernel BTF (/sys/kernel/btf/vmlinux)"
+    prog = (_insn(0x85, imm=_FUNC_GET_CURRENT_TASK_BTF)  # call bpf_get_current_task_btf
+            + _insn(0xBF, dst=1, src=0)                  # r1 = r0
+            + _insn(0x85, imm=_FUNC_TASK_PT_REGS)        # call bpf_task_pt_regs
+            + _insn(0x79, dst=1, src=0, off=96)          # r1 = regs->dx
+            + _insn(0x79, dst=1, src=0, off=104)         # r1 = regs->si
+            + _insn(0x79, dst=1, src=0, off=112)         # r1 = regs->di
+            + _insn(0xB7, dst=0, imm=0)                  # r0 = 0
+            + _insn(0x95))                               # exit
+    insns = ctypes.create_string_buffer(prog, len(prog))
+    lic = ctypes.create_string_buffer(b"GPL")
+    attr = ctypes.create_string_buffer(128)  # union bpf_attr, BPF_PROG_LOAD's leading fields
+    struct.pack_into("<IIQQ", attr, 0, _PROG_TYPE_TRACEPOINT, len(prog) // 8,
+                     ctypes.addressof(insns), ctypes.addressof(lic))
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.syscall(_NR_BPF_X86_64, _BPF_PROG_LOAD, attr, 128)
+    if fd < 0:
+        return False, f"the kernel refused bpf_task_pt_regs in a tracepoint program ({os.strerror(ctypes.get_errno())})"
+    os.close(fd)
+    return True, "bpf_task_pt_regs"
+
+
 def missing_tracepoints() -> list[str]:
     """Tracepoints the probe needs that this kernel lacks (a feature test)."""
     from bcc import BPF
@@ -200,7 +249,14 @@ class SocketProbe:
             raise RuntimeError(f"kernel lacks tracepoints: {', '.join(hard)}")
         t0 = time.monotonic()
         self._instance = next(_INSTANCES)
-        self.bpf = BPF(text=module_text(SOURCE, self._instance).encode(), cflags=config.cflags())
+        if config.exit_args is None:
+            self.exit_args, why = exit_args_supported()
+            if not self.exit_args:
+                log.info("data syscall arguments saved at entry: %s", why)
+        else:
+            self.exit_args = config.exit_args
+        self.bpf = BPF(text=module_text(SOURCE, self._instance).encode(),
+                       cflags=[*config.cflags(), f"-DEXIT_ARGS={int(self.exit_args)}"])
         # the data syscalls' exits tail-call this one program (see finish() in the C file)
         data_exit = self.bpf.load_func(b"data_exit", BPF.TRACEPOINT)
         self.bpf[self._t("data_exit_prog")][ctypes.c_int(0)] = ctypes.c_int(data_exit.fd)

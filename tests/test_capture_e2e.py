@@ -7,6 +7,7 @@ within 2 ms. Records are counted exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -25,7 +26,7 @@ import pytest
 from agent import native, procfs
 from agent.record import RECORD_KEYS
 from agent.targets import TargetConfig
-from probes.sockets import SocketProbeConfig
+from probes.sockets import SocketProbeConfig, exit_args_supported
 from tests.harness import (
     REPO,
     Agent,
@@ -40,6 +41,16 @@ from tests.harness import (
 pytestmark = pytest.mark.ebpf
 
 TOL = 0.002  # seconds: the agent vs the server's own clock
+
+# Where the probe reads the data syscalls' arguments: at exit from the saved registers
+# (the default where the kernel allows it, as here), or saved at entry (the fallback).
+ARG_MODES = [pytest.param(True, id="args-at-exit"), pytest.param(False, id="args-at-entry")]
+
+
+def arg_mode(exit_args: bool) -> SocketProbeConfig:
+    if exit_args and not exit_args_supported()[0]:
+        pytest.skip(f"syscall arguments cannot be read at exit here: {exit_args_supported()[1]}")
+    return SocketProbeConfig(exit_args=exit_args)
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +77,19 @@ def aio(tmp_module: Path) -> Iterator[Server]:
 def agent(demo: Server, aio: Server) -> Iterator[Agent]:
     with running_agent(TargetConfig(pids=(demo.pid, aio.pid))) as a:
         yield a
+
+
+def test_syscall_arguments_read_at_exit_where_the_kernel_allows(agent: Agent) -> None:
+    """The default probe reads the data syscalls' arguments at exit wherever the feature test
+    passes; the tests above and below then run that way. Under CI the test kernel must pass it."""
+    supported, why = exit_args_supported()
+    assert agent.pipeline.probe.exit_args is supported  # type: ignore[union-attr]
+    if not supported:
+        pytest.skip(f"arguments saved at entry on this kernel: {why}")
+    programs = {name.decode() for name in agent.pipeline.probe.bpf.funcs}  # type: ignore[union-attr]
+    assert "tracepoint__syscalls__sys_exit_write" in programs
+    assert "tracepoint__syscalls__sys_enter_write" not in programs
+    assert "tracepoint__syscalls__sys_enter_accept4" in programs  # the rest keep their entries
 
 
 def _stream_timings(entry: dict) -> tuple[float, float, float]:
@@ -460,9 +484,12 @@ def raw(tmp_module: Path) -> Iterator[Server]:
     srv.stop()
 
 
-def test_vectored_syscalls_and_sendfile(raw: Server) -> None:
-    """recvmsg, sendmsg over several iovecs, and sendfile: the same records, the same timing."""
-    with running_agent(TargetConfig(pids=(raw.pid,))) as a:
+@pytest.mark.parametrize("exit_args", ARG_MODES)
+def test_vectored_syscalls_and_sendfile(raw: Server, exit_args: bool) -> None:
+    """recvmsg, sendmsg over several iovecs, and sendfile: the same records, the same timing,
+    with the syscalls' arguments read at exit or saved at entry."""
+    with running_agent(TargetConfig(pids=(raw.pid,)), probe=arg_mode(exit_args)) as a:
+        assert a.pipeline.probe.exit_args is exit_args  # type: ignore[union-attr]
         mark = a.mark()
         t_mark = len(raw.timings())
         with httpx.Client(base_url=raw.url, timeout=30) as c:
@@ -586,8 +613,12 @@ def https_up(url: str) -> bool:
         return False
 
 
-def test_https_plaintext_through_openssl_uprobes(tmp_path: Path) -> None:
-    """uvicorn serving HTTPS (self-signed): with TLS capture on, the same records as plain HTTP."""
+@pytest.mark.parametrize("exit_args", ARG_MODES)
+def test_https_plaintext_through_openssl_uprobes(tmp_path: Path, exit_args: bool) -> None:
+    """uvicorn serving HTTPS (self-signed): with TLS capture on, the same records as plain HTTP.
+    The SSL object is tied to its socket through the thread's last socket syscall, which the
+    probe notes at that syscall's exit or entry (both ways)."""
+    tls_cfg = dataclasses.replace(arg_mode(exit_args), tls=True)
     key, cert = self_signed(tmp_path)
     port = free_port()
     timings = tmp_path / "tls-timings.jsonl"
@@ -601,7 +632,7 @@ def test_https_plaintext_through_openssl_uprobes(tmp_path: Path) -> None:
 
     try:
         wait_for(lambda: https_up(url), 20, what="HTTPS demo server")
-        with running_agent(TargetConfig(pids=(proc.pid,)), probe=SocketProbeConfig(tls=True)) as a:
+        with running_agent(TargetConfig(pids=(proc.pid,)), probe=tls_cfg) as a:
             assert a.pipeline._tls_state.get(proc.pid) == "hooked"
             states = {dict(x.labels)["state"]: x.value for x in a.metrics.snapshot() if x.name == "infersight.tls.targets"}
             assert states == {"hooked": 1, "unhooked": 0, "none": 0}

@@ -15,7 +15,7 @@ from agent.doctor import CHECKS, run_checks
 from tests.harness import REPO
 
 ROWS = ("privileges", "tracefs", "BTF", "kernel headers", "import bcc", "ring buffer", "syscall tracepoints",
-        "uprobes", "NVML", "compiled modules")
+        "syscall arguments", "uprobes", "NVML", "compiled modules")
 
 
 def _doctor(*prefix: str) -> subprocess.CompletedProcess[str]:
