@@ -290,25 +290,61 @@ def parse_fragment(api: Api, fragment: bytes) -> EventInfo:
     return _from_text(api, _tail(fragment))
 
 
-# One whole write of one event: an optional chunk-size line, one SSE ``data`` line or one
-# NDJSON line holding a JSON object, its line end(s), and the chunk's CRLF. The line ends
-# are lazy: greedy, an NDJSON line's LF took the chunk's CRLF as a second line end.
-_ONE_EVENT = re.compile(rb"(?:([0-9A-Fa-f]{1,8})\r\n)?((?:data: ?)?(\{[^\r\n]*\})(?:\r?\n){1,2}?)(\r\n)?")
+# One whole write of one event: an optional chunk-size line (1-8 hex digits, CRLF), one SSE
+# ``data`` line ("data:", an optional space) or one NDJSON line holding a JSON object, its one
+# or two line ends (CRLF or LF), and the chunk's CRLF. That is the regular expression
+#   (?:([0-9A-Fa-f]{1,8})\r\n)?((?:data: ?)?(\{[^\r\n]*\})(?:\r?\n){1,2}?)(\r\n)?
+# matched whole (tests/test_llm.py holds it as the reference), read here with a few byte
+# searches: the regular expression took 2.4 µs per streamed write, half the write's reading.
+# After the object, what a fragment may hold, mapped to (bytes of line ends, chunk CRLF or not),
+# in the order the expression tries them (its line ends lazily, one before two; its CRLF
+# greedily): "\r\n\r\n" is one line end and the chunk's CRLF, not two line ends.
+_ENDINGS: dict[bytes, tuple[int, bool]] = {}
+for _n in (1, 2):
+    for _ends in ((b"\r\n", b"\n") if _n == 1 else
+                  (b"\r\n\r\n", b"\r\n\n", b"\n\r\n", b"\n\n")):
+        for _crlf in (True, False):
+            _ENDINGS.setdefault(_ends + (b"\r\n" if _crlf else b""), (len(_ends), _crlf))
+_HEX_DIGITS: Final = b"0123456789abcdefABCDEF"
 
 
 def _whole_event(fragment: bytes) -> bytes | None:
     """The JSON object of a write that holds exactly one event, whole (most streamed writes:
     servers flush each event as it is made); None for anything else. Decoding it is faster
     than scanning it as cut text, and exact."""
-    if len(fragment) > MAX_JSON_BYTES:
+    n = len(fragment)
+    if n > MAX_JSON_BYTES:
         return None
-    m = _ONE_EVENT.fullmatch(fragment)
-    if m is None:
+    pos = 0
+    size = -1
+    crlf = fragment.find(b"\r\n", 0, 10)
+    if 1 <= crlf <= 8:
+        digits = fragment[:crlf]
+        if not digits.strip(_HEX_DIGITS):
+            size = int(digits, 16)
+            pos = crlf + 2
+    body = pos
+    if fragment.startswith(b"data:", pos):
+        pos += 5
+        if fragment.startswith(b" ", pos):
+            pos += 1
+    if not fragment.startswith(b"{", pos):
         return None
-    size, body, obj, crlf = m.groups()
-    if size is None:
-        return obj if crlf is None else None
-    return obj if crlf is not None and int(size, 16) == len(body) else None
+    # the object runs to the line's end, and ends the line with "}"
+    lf = fragment.find(b"\n", pos)
+    if lf < 0:
+        return None
+    cr = fragment.find(b"\r", pos, lf)
+    end = cr if cr >= 0 else lf
+    if end - pos < 2 or fragment[end - 1] != 0x7D:  # "}"
+        return None
+    ending = _ENDINGS.get(fragment[end:])
+    if ending is None:
+        return None
+    ends, chunk_crlf = ending
+    if size < 0:
+        return None if chunk_crlf else fragment[pos:end]
+    return fragment[pos:end] if chunk_crlf and size == end + ends - body else None
 
 
 def parse_response_body(api: Api, prefix: bytes, suffix: bytes | None = None) -> EventInfo:

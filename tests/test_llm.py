@@ -8,6 +8,7 @@ same bytes are checked whole, byte by byte, chunked and not.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -476,6 +477,74 @@ def test_writes_that_are_not_one_whole_event_are_scanned() -> None:
     ):
         assert llm._whole_event(write) is None, write
     assert parse_fragment(Api.OPENAI_CHAT, event + event).output is True
+
+
+# The reading of a whole-event write, as one regular expression matched whole: the
+# definition agent/llm.py's byte scan must agree with.
+_ONE_EVENT = re.compile(rb"(?:([0-9A-Fa-f]{1,8})\r\n)?((?:data: ?)?(\{[^\r\n]*\})(?:\r?\n){1,2}?)(\r\n)?")
+
+
+def _whole_event_reference(fragment: bytes) -> bytes | None:
+    if len(fragment) > llm.MAX_JSON_BYTES:
+        return None
+    m = _ONE_EVENT.fullmatch(fragment)
+    if m is None:
+        return None
+    size, body, obj, crlf = m.groups()
+    if size is None:
+        return obj if crlf is None else None
+    return obj if crlf is not None and int(size, 16) == len(body) else None
+
+
+_PIECES = st.sampled_from([b"{", b"}", b"\r", b"\n", b"\r\n", b" ", b"a", b'"x":1', b"data:", b"data: ",
+                           b"0", b"f", b"A", b"\r\n\r\n", b"\n\n", b"event: e\n"])
+
+
+@st.composite
+def _event_writes(draw: st.DrawFn) -> bytes:
+    """Writes near the one-event shape: a data line (or an NDJSON line) of an object-like run,
+    line ends, a chunk size that is right, wrong or malformed, a trailing CRLF or not; and
+    arbitrary runs of the pieces those are made of."""
+    if draw(st.booleans()):
+        return b"".join(draw(st.lists(_PIECES, max_size=12)))
+    prefix = draw(st.sampled_from([b"", b"data:", b"data: ", b"data:  ", b"event: e\n", b"dat"]))
+    obj = b"{" + b"".join(draw(st.lists(_PIECES, max_size=5))) + draw(st.sampled_from([b"}", b"", b"}}"]))
+    ends = b"".join(draw(st.lists(st.sampled_from([b"\r\n", b"\n", b"\r"]), min_size=0, max_size=3)))
+    body = prefix + obj + ends
+    kind = draw(st.sampled_from(["none", "right", "off", "upper", "long", "junk"]))
+    size = {"none": b"", "right": b"%x\r\n" % len(body), "off": b"%x\r\n" % (len(body) + 1),
+            "upper": b"%X\r\n" % len(body), "long": b"%09x\r\n" % len(body), "junk": b"xz\r\n"}[kind]
+    return size + body + draw(st.sampled_from([b"", b"\r\n", b"\r\n\r\n", b"\n"]))
+
+
+@settings(max_examples=3000, deadline=None)
+@given(_event_writes())
+def test_whole_event_scan_agrees_with_its_regular_expression(write: bytes) -> None:
+    assert llm._whole_event(write) == _whole_event_reference(write), write
+
+
+def test_whole_event_scan_edges() -> None:
+    obj = b'{"a":1}'
+    for write, expected in [
+        (b"data: " + obj + b"\n\n", obj),
+        (b"data:" + obj + b"\r\n", obj),
+        # without a chunk size, CRLF CRLF reads as a line end and a chunk's CRLF: not one event
+        # (the cut-text scan reads such a write)
+        (b"data:" + obj + b"\r\n\r\n", None),
+        (obj + b"\n", obj),  # an NDJSON line
+        (b"%x\r\ndata: %s\n\n\r\n" % (len(obj) + 8, obj), obj),
+        (b"%X\r\n%s\n\r\n" % (len(obj) + 1, obj), obj),
+        (b"%x\r\ndata: %s\r\n\r\n" % (len(obj) + 8, obj), obj),  # one line end, then the chunk's CRLF
+        (b"data: " + obj + b"\r\n\r\n\r\n", None),  # no chunk size, so no chunk CRLF either
+        (b"%x\r\ndata: %s\n\n\r\n" % (len(obj) + 9, obj), None),
+        (b"%09x\r\n%s\n\r\n" % (len(obj) + 1, obj), None),  # nine hex digits
+        (b"data: " + obj + b"\n\n" + b"data: " + obj + b"\n\n", None),
+        (b"data: " + obj + b"\rx\n", None),
+        (b"data: {}\n", b"{}"),
+        (b"data: {\n", None),
+        (b"data: " + obj, None),  # no line end
+    ]:
+        assert llm._whole_event(write) == expected == _whole_event_reference(write), write
 
 
 def test_error_event_is_not_output() -> None:
