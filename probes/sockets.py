@@ -12,6 +12,7 @@ called from any thread; BCC map operations are single syscalls.
 from __future__ import annotations
 
 import ctypes
+import errno
 import itertools
 import logging
 import os
@@ -198,7 +199,10 @@ def exit_args_supported() -> tuple[bool, str]:
     libc = ctypes.CDLL(None, use_errno=True)
     fd = libc.syscall(_NR_BPF_X86_64, _BPF_PROG_LOAD, attr, 128)
     if fd < 0:
-        return False, f"the kernel refused bpf_task_pt_regs in a tracepoint program ({os.strerror(ctypes.get_errno())})"
+        err = ctypes.get_errno()
+        if err == errno.EPERM and os.geteuid() != 0:
+            return False, "no permission to load BPF programs (run as root or with CAP_BPF + CAP_PERFMON)"
+        return False, f"the kernel refused bpf_task_pt_regs in a tracepoint program ({os.strerror(err)})"
     os.close(fd)
     return True, "bpf_task_pt_regs"
 
@@ -251,10 +255,9 @@ class SocketProbe:
         self._instance = next(_INSTANCES)
         if config.exit_args is None:
             self.exit_args, why = exit_args_supported()
-            if not self.exit_args:
-                log.info("data syscall arguments saved at entry: %s", why)
         else:
-            self.exit_args = config.exit_args
+            self.exit_args, why = config.exit_args, "as configured"
+        log.info("data syscall arguments %s (%s)", "read at exit" if self.exit_args else "saved at entry", why)
         self.bpf = BPF(text=module_text(SOURCE, self._instance).encode(),
                        cflags=[*config.cflags(), f"-DEXIT_ARGS={int(self.exit_args)}"])
         # the data syscalls' exits tail-call this one program (see finish() in the C file)

@@ -49,6 +49,12 @@ def test_every_check_names_a_fix() -> None:
     assert len(CHECKS) == len(ROWS)
 
 
+def test_syscall_args_option() -> None:
+    assert [cli.exit_args_option(v) for v in ("auto", "exit", "ENTRY")] == [None, True, False]
+    with pytest.raises(SystemExit, match="must be exit, entry or auto, not 'kprobe'"):
+        cli.exit_args_option("kprobe")
+
+
 def test_option_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = tmp_path / "agent.yaml"
     cfg.write_text("prometheus_port: 9000\nsample_ratio: 0.5\nport: [8000]\n")
