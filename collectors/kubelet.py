@@ -205,8 +205,12 @@ class GpuPodMap:
     def _get_stub(self) -> Any:
         if self._stub is None:
             target = "unix://" + os.path.abspath(self._config.socket_path)
+            # A channel of its own subchannels: from gRPC's process-wide pool, a new channel to the
+            # same socket could take over the closed one's subchannel, still backing off from the
+            # dead kubelet, and fail a poll that a restarted kubelet would answer.
             self._channel = grpc.insecure_channel(
-                target, options=[("grpc.max_receive_message_length", self._config.max_message_bytes)]
+                target, options=[("grpc.max_receive_message_length", self._config.max_message_bytes),
+                                 ("grpc.use_local_subchannel_pool", 1)]
             )
             self._stub = api_pb2_grpc.PodResourcesListerStub(self._channel)
         return self._stub
