@@ -575,14 +575,18 @@ static __always_inline int save_data(u32 fd, u64 ptr, u64 extra, u32 kind) {
     return 0;
 }
 
-static __always_inline int save_msg(u32 fd, u64 msg, u32 kind) {
+static __always_inline void read_msghdr(u64 msg, u64 *iov, u64 *cnt) {
     /* struct user_msghdr (userspace ABI): msg_iov at offset 16, msg_iovlen at 24 */
+    bpf_probe_read_user(iov, sizeof(*iov), (void *)(msg + 16));
+    bpf_probe_read_user(cnt, sizeof(*cnt), (void *)(msg + 24));
+}
+
+static __always_inline int save_msg(u32 fd, u64 msg, u32 kind) {
     u64 iov = 0, cnt = 0;
     u64 pid_tgid = bpf_get_current_pid_tgid();
     if (!is_target(pid_tgid >> 32))
         return 0;
-    bpf_probe_read_user(&iov, sizeof(iov), (void *)(msg + 16));
-    bpf_probe_read_user(&cnt, sizeof(cnt), (void *)(msg + 24));
+    read_msghdr(msg, &iov, &cnt);
     return save_data(fd, iov, cnt, kind);
 }
 
@@ -818,11 +822,9 @@ static __always_inline int finish_regs(void *ctx, s64 ret, u32 kind) {
     if (kind == K_READV || kind == K_WRITEV) {
         extra = r[0];
     } else if (kind == K_RECVMSG || kind == K_SENDMSG) {
-        /* struct user_msghdr (userspace ABI): msg_iov at offset 16, msg_iovlen at 24 */
         u64 msg = ptr;
         ptr = 0;
-        bpf_probe_read_user(&ptr, sizeof(ptr), (void *)(msg + 16));
-        bpf_probe_read_user(&extra, sizeof(extra), (void *)(msg + 24));
+        read_msghdr(msg, &ptr, &extra);
     }
     slot->ret = ret;
     slot->a.ptr = ptr;
