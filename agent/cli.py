@@ -126,10 +126,13 @@ def resolve_run_options(ns: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+SYSCALL_ARGS = ("auto", "exit", "entry")  # --syscall-args (the benchmarks take it too)
+
+
 def exit_args_option(value: str) -> bool | None:
     """--syscall-args as SocketProbeConfig.exit_args: exit -> True, entry -> False, auto -> None."""
     v = str(value).lower()
-    if v not in ("auto", "exit", "entry"):
+    if v not in SYSCALL_ARGS:
         raise SystemExit(f"infersight: --syscall-args must be exit, entry or auto, not {value!r}")
     return None if v == "auto" else v == "exit"
 

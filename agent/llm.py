@@ -312,8 +312,7 @@ def _whole_event(fragment: bytes) -> bytes | None:
     """The JSON object of a write that holds exactly one event, whole (most streamed writes:
     servers flush each event as it is made); None for anything else. Decoding it is faster
     than scanning it as cut text, and exact."""
-    n = len(fragment)
-    if n > MAX_JSON_BYTES:
+    if len(fragment) > MAX_JSON_BYTES:
         return None
     pos = 0
     size = -1

@@ -35,6 +35,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from agent.cli import SYSCALL_ARGS
 from bench import print_result, require_root
 
 REPO = Path(__file__).resolve().parent.parent
@@ -228,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--connections", type=int, default=8)
     ap.add_argument("--chunks", type=int, default=50)
-    ap.add_argument("--syscall-args", choices=("auto", "exit", "entry"), default="auto",
+    ap.add_argument("--syscall-args", choices=SYSCALL_ARGS, default="auto",
                     help="passed to the agent and the probe-only run (agent option --syscall-args)")
     ap.add_argument("--json", action="store_true", help="print JSON only")
     a = ap.parse_args(argv)

@@ -26,7 +26,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from agent.cli import exit_args_option
+from agent.cli import SYSCALL_ARGS, exit_args_option
 from bench import print_result, require_root
 
 STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", choices=("json", "sse"), default="json")
     ap.add_argument("--seconds", type=float, default=5.0)
-    ap.add_argument("--syscall-args", choices=("auto", "exit", "entry"), default="auto",
+    ap.add_argument("--syscall-args", choices=SYSCALL_ARGS, default="auto",
                     help="where the data syscalls' arguments are read (agent option --syscall-args)")
     ap.add_argument("--json", action="store_true", help="print JSON only")
     a = ap.parse_args(argv)

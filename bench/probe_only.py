@@ -12,14 +12,14 @@ import signal
 import sys
 import threading
 
-from agent.cli import exit_args_option
+from agent.cli import SYSCALL_ARGS, exit_args_option
 from probes.sockets import SocketProbe, SocketProbeConfig
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pid", type=int, required=True)
-    ap.add_argument("--syscall-args", choices=("auto", "exit", "entry"), default="auto")
+    ap.add_argument("--syscall-args", choices=SYSCALL_ARGS, default="auto")
     a = ap.parse_args(argv)
     seen = [0]
 
