@@ -31,6 +31,15 @@ from urllib.parse import unquote
 
 from agent.values import Value
 
+try:  # OpenAI-compatible bodies read in C (agent/_llmjson.c); json and _from_object are its reference
+    from agent._llmjson import openai_event as _c_openai_event
+    from agent._llmjson import request_fields as _c_request_fields
+    from agent._llmjson import whole_event as _c_whole_event
+
+    NATIVE_JSON = True
+except ImportError:  # not built: every body is decoded with json
+    NATIVE_JSON = False
+
 __all__ = [
     "EMPTY_EVENT",
     "MAX_JSON_BYTES",
@@ -237,8 +246,12 @@ def parse_request_body(api: Api, prefix: bytes, suffix: bytes | None = None) -> 
     model: str | None = None
     stream: bool | None = None
     whole = False
-    obj = _load_complete(prefix) if suffix is None else None
-    if isinstance(obj, dict):
+    fields = _c_request_fields(prefix) if NATIVE_JSON and suffix is None else None
+    obj = _load_complete(prefix) if suffix is None and fields is None else None
+    if fields is not None:
+        whole = True
+        model, stream = fields
+    elif isinstance(obj, dict):
         whole = True
         model = _clean_model(obj.get("model"))
         s = obj.get("stream")
@@ -268,9 +281,9 @@ def parse_stream_event(api: Api, data: bytes, truncated: bool = False) -> EventI
     if s == b"[DONE]":
         return _DONE_EVENT
     if not truncated:
-        obj = _load_complete(s)
-        if isinstance(obj, dict):
-            return _from_object(api, obj)
+        info = _object_event(api, s)
+        if info is not None:
+            return info
     return _from_text(api, _head(s))
 
 
@@ -282,11 +295,11 @@ def parse_fragment(api: Api, fragment: bytes) -> EventInfo:
     output are merged. ``output`` is False when event bodies are visible and
     none carries output, None when nothing tells.
     """
-    obj = _whole_event(fragment)
+    obj = _c_whole_event(fragment) if NATIVE_JSON else _whole_event(fragment)
     if obj is not None:
-        decoded = _load_complete(obj)
-        if isinstance(decoded, dict):
-            return _from_object(api, decoded)
+        info = _object_event(api, obj)
+        if info is not None:
+            return info
     return _from_text(api, _tail(fragment))
 
 
@@ -349,6 +362,10 @@ def _whole_event(fragment: bytes) -> bytes | None:
 def parse_response_body(api: Api, prefix: bytes, suffix: bytes | None = None) -> EventInfo:
     """What a non-streamed JSON response says (``prefix``/``suffix`` as in :func:`parse_request_body`)."""
     if suffix is None:
+        if NATIVE_JSON and api in _OPENAI_OBJECTS:
+            got = _c_openai_event(prefix, api is Api.OPENAI_CHAT)
+            if got is not None:
+                return EventInfo(got[0], False, got[1], got[2], got[3], got[4])
         obj = _load_complete(prefix)
         if isinstance(obj, list) and obj and isinstance(obj[0], dict):
             obj = obj[0]  # TGI answers a list for batched inputs
@@ -359,6 +376,22 @@ def parse_response_body(api: Api, prefix: bytes, suffix: bytes | None = None) ->
 
 
 # --- decoded objects ----------------------------------------------------------
+
+#: The APIs whose objects agent/_llmjson.c reads (OpenAI-compatible chunks and bodies).
+_OPENAI_OBJECTS: Final = (Api.OPENAI_CHAT, Api.OPENAI_COMPLETIONS)
+
+
+def _object_event(api: Api, s: bytes) -> EventInfo | None:
+    """What ``s`` says when it is one whole JSON object; None when it is not."""
+    if NATIVE_JSON and api in _OPENAI_OBJECTS:
+        got = _c_openai_event(s, api is Api.OPENAI_CHAT)
+        if got is not None:
+            return EventInfo(got[0], False, got[1], got[2], got[3], got[4])
+    obj = _load_complete(s)
+    if isinstance(obj, dict):
+        return _from_object(api, obj)
+    return None
+
 
 
 def _from_object(api: Api, obj: dict[str, Any]) -> EventInfo:
@@ -558,10 +591,15 @@ def _from_text(api: Api, s: bytes) -> EventInfo:
     """What cut JSON shows, read in one pass of :data:`_FIELD` (see the section comment)."""
     if not s:
         return EMPTY_EVENT
+    ollama, tgi = api in _OLLAMA, api in _TGI
+    if b'"' not in s:
+        # every key pattern opens with a quote: only a [DONE] marker can tell anything
+        if not ollama and not tgi and b"[DONE]" in s and _DONE_MARK.search(s):
+            return _DONE_EVENT
+        return EMPTY_EVENT
     out_strings = _OUTPUT_STRINGS[api]
     out_lists = _OUTPUT_LISTS.get(api, _NO_KEYS)
     model_key = b"model_name" if api in _TRITON else b"model"
-    ollama, tgi = api in _OLLAMA, api in _TGI
     seen_output = seen_empty = done = False
     model: str | None = None
     reasons: list[str] = []

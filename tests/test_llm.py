@@ -34,6 +34,7 @@ from agent.llm import (
 from agent.ndjson import NDJSONParser
 from agent.selfmetrics import SelfMetrics
 from agent.sse import SSEParser
+from tests.conftest import IN_CI
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 SECRET = "SECRET-TEXT"  # prompt and completion text; must never come back
@@ -521,6 +522,8 @@ def _event_writes(draw: st.DrawFn) -> bytes:
 @given(_event_writes())
 def test_whole_event_scan_agrees_with_its_regular_expression(write: bytes) -> None:
     assert llm._whole_event(write) == _whole_event_reference(write), write
+    if llm.NATIVE_JSON:
+        assert llm._c_whole_event(write) == _whole_event_reference(write), write
 
 
 def test_whole_event_scan_edges() -> None:
@@ -545,6 +548,199 @@ def test_whole_event_scan_edges() -> None:
         (b"data: " + obj, None),  # no line end
     ]:
         assert llm._whole_event(write) == expected == _whole_event_reference(write), write
+        if llm.NATIVE_JSON:
+            assert llm._c_whole_event(write) == expected, write
+
+
+# --- OpenAI-compatible objects read in C (agent/_llmjson.c) against json -----------------
+
+
+def test_the_c_json_reader_is_built_where_ci_runs() -> None:
+    if IN_CI:
+        assert llm.NATIVE_JSON, "agent/_llmjson.c is not built: python -m agent.native build"
+
+
+def _json_reference(api: Api, data: bytes) -> EventInfo | None:
+    obj = llm._load_complete(data)
+    return llm._from_object(api, obj) if isinstance(obj, dict) else None
+
+
+def _c_event(api: Api, data: bytes) -> EventInfo | None:
+    got = llm._c_openai_event(data, api is Api.OPENAI_CHAT)
+    return None if got is None else EventInfo(got[0], False, got[1], got[2], got[3], got[4])
+
+
+@pytest.mark.skipif(not llm.NATIVE_JSON, reason="agent/_llmjson.c not built (CI requires it)")
+def test_the_c_json_reader_answers_what_servers_send() -> None:
+    events = [(api, data) for api, data in REALISTIC_EVENTS if api in llm._OPENAI_OBJECTS]
+    events += [
+        # text beyond ASCII, raw or escaped, and escaped quotes, where only emptiness matters
+        (Api.OPENAI_CHAT, b'{"model":"m","choices":[{"delta":{"content":"caf\xc3\xa9 \\u00e9 \\"q\\""}}]}'),
+        (Api.OPENAI_CHAT, b'{"choices":[{"message":{"content":"\xf0\x9f\x98\x80"},"finish_reason":"stop"}],'
+                          b'"usage":{"prompt_tokens":12,"completion_tokens":1,"total_tokens":13}}'),
+        (Api.OPENAI_CHAT, b' {"choices":[],"usage":{"prompt_tokens":0,"completion_tokens":-0}}\n'),
+        (Api.OPENAI_COMPLETIONS, b'{"choices":[{"text":"\\n","finish_reason":"length"},{"text":""}],"model":"a b"}'),
+    ]
+    for api, data in events:
+        got = _c_event(api, data)
+        assert got is not None, data
+        assert got == _json_reference(api, data) == parse_stream_event(api, data), data
+    # a request body: the model and stream flag, whatever the messages hold
+    body = j({"messages": [{"role": "user", "content": SECRET + " \u00e9\n"}], "model": MODEL, "stream": True})
+    assert llm._c_request_fields(body) == (MODEL, True)
+    assert llm._c_request_fields(b'{"model":"x","stream":1}') == ("x", None)
+    assert parse_request_body(Api.OPENAI_CHAT, body) == RequestInfo(MODEL, True)
+
+
+@pytest.mark.skipif(not llm.NATIVE_JSON, reason="agent/_llmjson.c not built (CI requires it)")
+def test_the_c_json_reader_leaves_what_it_does_not_decide_to_json() -> None:
+    for data in (
+        b'{"model":"caf\xc3\xa9","choices":[]}',  # a returned value beyond ASCII
+        b'{"model":"m\\u0065","choices":[]}',  # an escaped returned value
+        b'{"mod\\u0065l":"m"}',  # an escaped key
+        b'{"x":NaN}',
+        b'{"x":-Infinity}',
+        b'[{"model":"m"}]',  # not an object (TGI answers lists)
+        b'{"x":1}x',
+        b'{"x":"\xff"}',  # not UTF-8
+        b'{"x":"\xed\xa0\x80"}',  # an encoded surrogate
+        b'{"x":"a\x01"}',  # a raw control character
+        b'{"x":1,}',
+        b'{"x":01}',
+        b'{"x":1.}',
+        b'{"x":"\\x"}',
+        b'{"x":' + b"[" * 200 + b"]" * 200 + b"}",  # deeper than the C reader goes
+        b'{"x":' + b"9" * 2000 + b"}",
+    ):
+        assert _c_event(Api.OPENAI_CHAT, data) is None, data
+        assert llm._c_request_fields(data) is None, data
+        # and the Python reading still answers as before
+        ref = _json_reference(Api.OPENAI_CHAT, data)
+        assert parse_stream_event(Api.OPENAI_CHAT, data) == (ref if ref is not None else llm._from_text(Api.OPENAI_CHAT, data))
+    # an escaped finish reason is left to json; a request's reading does not look there
+    data = b'{"choices":[{"finish_reason":"st\\u006fp"}]}'
+    assert _c_event(Api.OPENAI_CHAT, data) is None
+    assert parse_stream_event(Api.OPENAI_CHAT, data) == EventInfo(output=False, finish_reasons=("stop",))
+    assert llm._c_request_fields(data) == (None, None)
+    with pytest.raises(TypeError):
+        llm._c_openai_event("{}", True)  # type: ignore[arg-type]
+
+
+# JSON text near what OpenAI-compatible servers send: objects made of (key, value) pairs, keys
+# repeated or escaped, values of every kind, raw and escaped text, numbers at the edges of a
+# token count, then sometimes cut, spliced with a stray byte or followed by junk.
+_J_PLAIN = st.sampled_from([b'""', b'"stop"', b'"length"', b'"tok "', b'"bench-llm"', b"0", b"7", b"null", b"true",
+                            b"false", b"1099511627775"])
+_J_RARE = st.sampled_from([
+    b'""', b'"stop"', b'"length"', b'"tool_calls"', b'"tok "', b'"a b"', b'"\x7f"', b'"st op"', b'"' + b"x" * 65 + b'"',
+    b'"' + b"m" * 256 + b'"', b'"' + b"m" * 257 + b'"', b'"bench-llm"', b'"\\u00e9"', b'"\xc3\xa9"', b'"\\"q\\""', b'"\\/"', b'"\\u0000"',
+    b"0", b"-0", b"7", b"-7", b"1.5", b"2e3", b"1E+2", b"1099511627775", b"1099511627776",
+    b"12345678901234567890", b"true", b"false", b"null", b"NaN", b"-Infinity",
+])
+_J_SCALAR = st.one_of(_J_PLAIN, _J_PLAIN, _J_RARE)
+_J_WS = st.sampled_from([b"", b"", b" ", b"\n", b"\t ", b"\r\n"])
+
+
+def _j_object(*pairs: st.SearchStrategy[tuple[bytes, bytes]]) -> st.SearchStrategy[bytes]:
+    """An object of up to five members, each drawn from one of ``pairs`` (key, value)."""
+    member = st.tuples(_J_WS, st.one_of(*pairs), _J_WS)
+    return st.lists(member, max_size=5).map(
+        lambda ms: b"{" + b",".join(a + kv[0] + b + b":" + kv[1] for a, kv, b in ms) + b"}")
+
+
+def _j_array(values: st.SearchStrategy[bytes]) -> st.SearchStrategy[bytes]:
+    return st.lists(values, max_size=4).map(lambda vs: b"[" + b", ".join(vs) + b"]")
+
+
+def _j_keys(*keys: bytes) -> st.SearchStrategy[bytes]:
+    return st.sampled_from([b'"' + k + b'"' for k in keys])
+
+
+_J_ANY = st.recursive(
+    _J_SCALAR,
+    lambda inner: st.one_of(_j_array(inner), _j_object(st.tuples(_j_keys(b"x", b"content", b"\xc3\xa9"), inner))),
+    max_leaves=6,
+)
+_J_DELTA = _j_object(
+    st.tuples(_j_keys(b"content", b"reasoning_content", b"reasoning", b"thinking", b"refusal", b"role", b"text"),
+              _J_SCALAR),
+    st.tuples(_j_keys(b"tool_calls", b"function_call"),
+              st.one_of(_J_SCALAR, _j_array(_J_SCALAR), _j_object(st.tuples(_j_keys(b"name"), _J_SCALAR)))),
+    st.tuples(_j_keys(b"x"), _J_ANY),
+    st.tuples(_j_keys(b"con\\u0074ent"), _J_SCALAR),
+)
+_J_CHOICE = _j_object(
+    st.tuples(_j_keys(b"delta", b"message"), st.one_of(_J_DELTA, _J_DELTA, _J_SCALAR)),
+    st.tuples(_j_keys(b"text", b"finish_reason", b"index"), _J_SCALAR),
+    st.tuples(_j_keys(b"logprobs", b"finish_re\\u0061son"), _J_ANY),
+)
+_J_USAGE = _j_object(st.tuples(_j_keys(b"prompt_tokens", b"completion_tokens", b"total_tokens"), _J_SCALAR))
+_J_TOP = _j_object(
+    st.tuples(_j_keys(b"choices"), st.one_of(_j_array(st.one_of(_J_CHOICE, _J_CHOICE, _J_SCALAR)), _J_CHOICE)),
+    st.tuples(_j_keys(b"choices"), _j_array(_J_CHOICE)),
+    st.tuples(_j_keys(b"usage"), st.one_of(_J_USAGE, _J_SCALAR)),
+    st.tuples(_j_keys(b"model", b"stream"), _J_SCALAR),
+    st.tuples(_j_keys(b"id", b"mod\\u0065l", b"object"), st.one_of(_J_SCALAR, _J_ANY)),
+)
+
+
+
+@st.composite
+def _j_chunk(draw: st.DrawFn) -> bytes:
+    """A chunk shaped as servers send them (members in any order), its values drawn."""
+    def obj(members: list[tuple[bytes, bytes]]) -> bytes:
+        members = draw(st.permutations(members))
+        return b"{" + b",".join(b'"%s"%s:%s' % (k, draw(_J_WS), v) for k, v in members) + b"}"
+
+    def choice() -> bytes:
+        key = draw(st.sampled_from([b"content", b"reasoning_content", b"refusal", b"tool_calls", b"text"]))
+        delta = obj([(b"role", draw(_J_SCALAR)), (key, draw(st.one_of(_J_SCALAR, _j_array(_J_SCALAR))))])
+        holder = draw(st.sampled_from([b"delta", b"message", b"text"]))
+        return obj([(b"index", b"0"), (holder, draw(st.one_of(_J_SCALAR, st.just(delta)))),
+                    (b"finish_reason", draw(_J_SCALAR))])
+
+    choices = b"[" + b",".join(choice() for _ in range(draw(st.integers(1, 3)))) + b"]"
+    usage = obj([(b"prompt_tokens", draw(_J_SCALAR)), (b"completion_tokens", draw(_J_SCALAR))])
+    return obj([(b"id", b'"chatcmpl-1"'), (b"model", draw(_J_SCALAR)), (b"choices", choices),
+                (b"usage", draw(st.one_of(st.just(usage), _J_SCALAR)))])
+
+
+@st.composite
+def _openai_json(draw: st.DrawFn) -> tuple[bytes, bool]:
+    """A document and whether it was left as generated."""
+    doc = draw(_J_WS) + draw(st.one_of(_J_TOP, _j_chunk())) + draw(_J_WS)
+    kind = draw(st.sampled_from(["whole", "whole", "whole", "cut", "splice", "junk"]))
+    if kind == "cut":
+        doc = doc[: draw(st.integers(0, len(doc)))]
+    elif kind == "splice":
+        at = draw(st.integers(0, len(doc)))
+        doc = doc[:at] + draw(st.sampled_from([b",", b"}", b"]", b"\x00", b"\xff", b"\xc3", b"\\", b'"', b"0"])) + doc[at:]
+    elif kind == "junk":
+        doc += draw(st.sampled_from([b"x", b"\x0b", b"}", b"\xa0"]))
+    return doc, kind == "whole"
+
+
+@pytest.mark.skipif(not llm.NATIVE_JSON, reason="agent/_llmjson.c not built (CI requires it)")
+@settings(max_examples=4000, deadline=None)
+@given(_openai_json(), st.booleans())
+def test_the_c_json_reader_agrees_with_json(case: tuple[bytes, bool], chat: bool) -> None:
+    doc, whole = case
+    api = Api.OPENAI_CHAT if chat else Api.OPENAI_COMPLETIONS
+    ref = _json_reference(api, doc)
+    got = _c_event(api, doc)
+    if got is not None:
+        assert got == ref, doc
+    obj = llm._load_complete(doc)
+    fields = llm._c_request_fields(doc)
+    if fields is not None:
+        assert isinstance(obj, dict), doc
+        stream = obj.get("stream")
+        assert fields == (llm._clean_model(obj.get("model")), stream if isinstance(stream, bool) else None), doc
+    # plain documents (ASCII, no escapes, no NaN or Infinity) are decided here, not left to json
+    plain = whole and doc.isascii() and b"\\" not in doc and b"NaN" not in doc and b"Infinity" not in doc
+    if plain:
+        assert (got is None) == (ref is None), doc
+        assert (fields is None) == (not isinstance(obj, dict)), doc
 
 
 def test_error_event_is_not_output() -> None:

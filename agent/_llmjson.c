@@ -1,0 +1,710 @@
+/* agent/_llmjson.c — OpenAI-compatible JSON bodies read in one pass.
+ *
+ * Every streamed chunk of an OpenAI-compatible server (vLLM, SGLang, TGI's
+ * Messages API, llama.cpp, Ollama's /v1) is one JSON object, and the agent
+ * needs five things from it: whether it carries output, the model, finish
+ * reasons and the two usage counts. Decoding the whole object into Python
+ * dicts and strings to look at those costs more than the rest of the
+ * chunk's reading. These functions validate the JSON and pick out the same
+ * fields without building it:
+ *
+ *   openai_event(data, chat)  -> (output, model, finish_reasons, input_tokens, output_tokens) | None
+ *   request_fields(data)      -> (model, stream) | None
+ *   whole_event(fragment)     -> bytes | None
+ *
+ * `data` is what agent/llm.py would decode (ASCII whitespace around it is
+ * stripped here, as there). The answer is the one agent/llm.py gives for
+ * the decoded object: `_from_object(api, obj)` for the chat (chat=True) and
+ * completions APIs, the top-level "model" and boolean "stream" for requests.
+ * None means "not decided here": input that is not one whole, valid JSON
+ * object, or one this reader leaves to Python: non-ASCII or escaped text
+ * in a value it returns, an escaped key where keys matter, NaN or
+ * Infinity, very long numbers, deep nesting. The caller then decodes it
+ * with json, which is also the reference these functions are tested
+ * against (tests/test_llm.py): wherever they answer, the answer must be
+ * the same.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#define MAX_JSON_BYTES 65536 /* agent/llm.py MAX_JSON_BYTES */
+#define MAX_MODEL_CHARS 256  /* agent/llm.py _MAX_MODEL_CHARS */
+#define MAX_REASONS 8        /* agent/llm.py _MAX_FINISH_REASONS */
+#define MAX_REASON_CHARS 64  /* agent/llm.py _REASON_CHARS */
+#define MAX_TOKENS ((uint64_t)1 << 40)
+#define MAX_CHOICES 256 /* choices read per object, as agent/llm.py reads them */
+#define MAX_DEPTH 100   /* deeper nesting is left to json (and its recursion limit) */
+#define MAX_NUMBER 1000 /* longer numbers are left to json (its limit on int digits) */
+
+typedef struct {
+    const unsigned char *p, *end;
+} Cur;
+
+typedef struct {
+    const unsigned char *s;
+    Py_ssize_t n;
+    int esc;      /* holds a backslash escape: its decoded text is not s */
+    int nonascii; /* holds UTF-8 beyond ASCII */
+} Str;
+
+static unsigned char REASON_CHAR[256];
+static unsigned char HEX[256];
+
+static inline void ws(Cur *c) {
+    while (c->p < c->end && (*c->p == ' ' || *c->p == '\t' || *c->p == '\n' || *c->p == '\r'))
+        c->p++;
+}
+
+static inline int at(Cur *c, unsigned char ch) { return c->p < c->end && *c->p == ch; }
+
+/* the length of one UTF-8 sequence beyond ASCII, as Python's strict decoder accepts it; -1 if bad */
+static int utf8_len(const unsigned char *p, const unsigned char *e) {
+    unsigned char b = p[0], lo = 0x80, hi = 0xBF;
+    if (b >= 0xC2 && b <= 0xDF)
+        return (e - p >= 2 && (p[1] & 0xC0) == 0x80) ? 2 : -1;
+    if (b >= 0xE0 && b <= 0xEF) {
+        if (e - p < 3)
+            return -1;
+        if (b == 0xE0)
+            lo = 0xA0;
+        else if (b == 0xED)
+            hi = 0x9F; /* no surrogates */
+        return (p[1] >= lo && p[1] <= hi && (p[2] & 0xC0) == 0x80) ? 3 : -1;
+    }
+    if (b >= 0xF0 && b <= 0xF4) {
+        if (e - p < 4)
+            return -1;
+        if (b == 0xF0)
+            lo = 0x90;
+        else if (b == 0xF4)
+            hi = 0x8F;
+        return (p[1] >= lo && p[1] <= hi && (p[2] & 0xC0) == 0x80 && (p[3] & 0xC0) == 0x80) ? 4 : -1;
+    }
+    return -1;
+}
+
+/* a string at '"' (RFC 8259 §7, json's strict mode: no raw control characters) */
+static int string(Cur *c, Str *out) {
+    const unsigned char *p = c->p + 1, *e = c->end;
+    out->s = p;
+    out->esc = out->nonascii = 0;
+    while (p < e) {
+        unsigned char ch = *p;
+        if (ch == '"') {
+            out->n = p - out->s;
+            c->p = p + 1;
+            return 0;
+        }
+        if (ch == '\\') {
+            out->esc = 1;
+            if (e - p < 2)
+                return -1;
+            ch = p[1];
+            if (ch == 'u') {
+                if (e - p < 6 || !HEX[p[2]] || !HEX[p[3]] || !HEX[p[4]] || !HEX[p[5]])
+                    return -1;
+                p += 6;
+            } else if (ch == '"' || ch == '\\' || ch == '/' || ch == 'b' || ch == 'f' || ch == 'n' ||
+                       ch == 'r' || ch == 't') {
+                p += 2;
+            } else {
+                return -1;
+            }
+        } else if (ch < 0x20) {
+            return -1;
+        } else if (ch < 0x80) {
+            p++;
+        } else {
+            int k = utf8_len(p, e);
+            if (k < 0)
+                return -1;
+            out->nonascii = 1;
+            p += k;
+        }
+    }
+    return -1;
+}
+
+static inline int is_digit(unsigned char ch) { return ch >= '0' && ch <= '9'; }
+
+/* a number (json's grammar); *count is set to its value when it is an integer json
+ * decodes to an int in [0, MAX_TOKENS), else to -1 */
+static int number(Cur *c, int64_t *count) {
+    const unsigned char *p = c->p, *e = c->end, *start = c->p;
+    int neg = 0, integer = 1;
+    uint64_t v = 0;
+    int digits = 0;
+    *count = -1;
+    if (p < e && *p == '-') {
+        neg = 1;
+        p++;
+    }
+    if (p >= e || !is_digit(*p))
+        return -1; /* also -Infinity, which json takes and this leaves to it */
+    if (*p == '0') {
+        p++;
+        digits = 1;
+    } else {
+        while (p < e && is_digit(*p)) {
+            if (digits < 19)
+                v = v * 10 + (uint64_t)(*p - '0');
+            digits++;
+            p++;
+        }
+    }
+    if (p < e && *p == '.') {
+        if (e - p < 2 || !is_digit(p[1]))
+            return -1; /* json stops the number before the dot, and then fails */
+        p++;
+        while (p < e && is_digit(*p))
+            p++;
+        integer = 0;
+    }
+    if (p < e && (*p == 'e' || *p == 'E')) {
+        const unsigned char *q = p + 1;
+        if (q < e && (*q == '+' || *q == '-'))
+            q++;
+        if (q >= e || !is_digit(*q))
+            return -1;
+        while (q < e && is_digit(*q))
+            q++;
+        p = q;
+        integer = 0;
+    }
+    if (p - start > MAX_NUMBER)
+        return -1;
+    c->p = p;
+    if (integer && digits < 19 && (!neg || v == 0) && v < MAX_TOKENS)
+        *count = (int64_t)v;
+    return 0;
+}
+
+static int value(Cur *c, int depth);
+
+static int literal(Cur *c, const char *word, size_t n) {
+    if ((size_t)(c->end - c->p) < n || memcmp(c->p, word, n) != 0)
+        return -1;
+    c->p += n;
+    return 0;
+}
+
+/* Containers, read a member at a time. open: at '{' or '[', sets *more unless it closes at
+ * once. key: a member's name and colon, leaving the cursor at its value. next: after a value,
+ * ',' (more) or the closing bracket. */
+static int open_(Cur *c, unsigned char close, int *more) {
+    c->p++;
+    ws(c);
+    *more = 1;
+    if (at(c, close)) {
+        c->p++;
+        *more = 0;
+    }
+    return 0;
+}
+
+static int key(Cur *c, Str *k) {
+    if (!at(c, '"') || string(c, k) < 0)
+        return -1;
+    ws(c);
+    if (!at(c, ':'))
+        return -1;
+    c->p++;
+    ws(c);
+    return 0;
+}
+
+static int next(Cur *c, unsigned char close, int *more) {
+    ws(c);
+    if (at(c, ',')) {
+        c->p++;
+        ws(c);
+        *more = 1;
+        return 0;
+    }
+    if (at(c, close)) {
+        c->p++;
+        *more = 0;
+        return 0;
+    }
+    return -1;
+}
+
+static int value(Cur *c, int depth) {
+    int more;
+    Str s;
+    int64_t n;
+    if (c->p >= c->end)
+        return -1;
+    switch (*c->p) {
+    case '"':
+        return string(c, &s);
+    case '{':
+        if (depth >= MAX_DEPTH)
+            return -1;
+        open_(c, '}', &more);
+        while (more) {
+            if (key(c, &s) < 0 || value(c, depth + 1) < 0 || next(c, '}', &more) < 0)
+                return -1;
+        }
+        return 0;
+    case '[':
+        if (depth >= MAX_DEPTH)
+            return -1;
+        open_(c, ']', &more);
+        while (more) {
+            if (value(c, depth + 1) < 0 || next(c, ']', &more) < 0)
+                return -1;
+        }
+        return 0;
+    case 't':
+        return literal(c, "true", 4);
+    case 'f':
+        return literal(c, "false", 5);
+    case 'n':
+        return literal(c, "null", 4);
+    default:
+        return number(c, &n);
+    }
+}
+
+/* a key we look for: exact, unescaped; an escaped key at a level that matters is left to json */
+static inline int is(const Str *k, const char *name) {
+    size_t n = strlen(name);
+    return (size_t)k->n == n && memcmp(k->s, name, n) == 0;
+}
+
+/* ---- values of the fields read ------------------------------------------------- */
+
+/* "model": a str of 1..256 printable characters, else None (agent/llm.py _clean_model) */
+static int model_value(Cur *c, int depth, Str *m, int *valid) {
+    *valid = 0;
+    if (!at(c, '"'))
+        return value(c, depth);
+    if (string(c, m) < 0 || m->esc || m->nonascii)
+        return -1;
+    if (m->n == 0 || m->n > MAX_MODEL_CHARS)
+        return 0;
+    for (Py_ssize_t i = 0; i < m->n; i++) {
+        if (m->s[i] == 0x7F) /* raw controls below 0x20 are not valid JSON text */
+            return 0;
+    }
+    *valid = 1;
+    return 0;
+}
+
+/* a non-empty str */
+static int text_value(Cur *c, int depth, int *nonempty) {
+    Str s;
+    *nonempty = 0;
+    if (!at(c, '"'))
+        return value(c, depth);
+    if (string(c, &s) < 0)
+        return -1;
+    *nonempty = s.n > 0;
+    return 0;
+}
+
+/* a non-empty list (open '[') or dict (open '{') */
+static int container_value(Cur *c, int depth, unsigned char open, int *nonempty) {
+    *nonempty = 0;
+    if (at(c, open)) {
+        Cur look = {c->p + 1, c->end};
+        ws(&look);
+        *nonempty = !at(&look, open == '[' ? ']' : '}');
+    }
+    return value(c, depth);
+}
+
+/* a token count (agent/llm.py _count): a JSON integer in [0, 2**40) */
+static int count_value(Cur *c, int depth, int64_t *count) {
+    *count = -1;
+    if (c->p < c->end && (*c->p == '-' || is_digit(*c->p)))
+        return number(c, count);
+    return value(c, depth);
+}
+
+typedef struct {
+    int output;
+    Str reasons[MAX_REASONS];
+    int nreasons;
+    Str model;
+    int model_valid;
+    int64_t input_tokens, output_tokens;
+} Event;
+
+/* agent/llm.py _add_reason: a plain token of 1..64 characters, once, at most 8 */
+static void add_reason(Event *ev, const Str *r) {
+    if (r->n < 1 || r->n > MAX_REASON_CHARS || ev->nreasons >= MAX_REASONS)
+        return;
+    for (Py_ssize_t i = 0; i < r->n; i++) {
+        if (!REASON_CHAR[r->s[i]])
+            return;
+    }
+    for (int i = 0; i < ev->nreasons; i++) {
+        if (ev->reasons[i].n == r->n && memcmp(ev->reasons[i].s, r->s, (size_t)r->n) == 0)
+            return;
+    }
+    ev->reasons[ev->nreasons++] = *r;
+}
+
+/* a chat delta or message (agent/llm.py _chat_output), at '{' */
+static int chat_output(Cur *c, int depth, int *output) {
+    enum { CONTENT, REASONING_CONTENT, REASONING, THINKING, REFUSAL, TOOL_CALLS, FUNCTION_CALL, N };
+    int f[N] = {0};
+    int more;
+    Str k;
+    open_(c, '}', &more);
+    while (more) {
+        if (key(c, &k) < 0 || k.esc)
+            return -1;
+        int r;
+        if (is(&k, "content"))
+            r = text_value(c, depth + 1, &f[CONTENT]);
+        else if (is(&k, "reasoning_content"))
+            r = text_value(c, depth + 1, &f[REASONING_CONTENT]);
+        else if (is(&k, "reasoning"))
+            r = text_value(c, depth + 1, &f[REASONING]);
+        else if (is(&k, "thinking"))
+            r = text_value(c, depth + 1, &f[THINKING]);
+        else if (is(&k, "refusal"))
+            r = text_value(c, depth + 1, &f[REFUSAL]);
+        else if (is(&k, "tool_calls"))
+            r = container_value(c, depth + 1, '[', &f[TOOL_CALLS]);
+        else if (is(&k, "function_call"))
+            r = container_value(c, depth + 1, '{', &f[FUNCTION_CALL]);
+        else
+            r = value(c, depth + 1);
+        if (r < 0 || next(c, '}', &more) < 0)
+            return -1;
+    }
+    *output = 0;
+    for (int i = 0; i < N; i++)
+        *output |= f[i];
+    return 0;
+}
+
+/* one element of "choices", at '{' */
+static int choice(Cur *c, int depth, int chat, Event *ev) {
+    int delta_dict = 0, delta_out = 0, message_dict = 0, message_out = 0, text_out = 0, reason_str = 0;
+    Str reason = {0};
+    int more;
+    Str k;
+    open_(c, '}', &more);
+    while (more) {
+        if (key(c, &k) < 0 || k.esc)
+            return -1;
+        int r;
+        if (chat && (is(&k, "delta") || is(&k, "message"))) {
+            int *dict = k.n == 5 ? &delta_dict : &message_dict;
+            int *out = k.n == 5 ? &delta_out : &message_out;
+            *dict = at(c, '{');
+            *out = 0;
+            r = *dict ? (depth + 1 >= MAX_DEPTH ? -1 : chat_output(c, depth + 1, out)) : value(c, depth + 1);
+        } else if (!chat && is(&k, "text")) {
+            r = text_value(c, depth + 1, &text_out);
+        } else if (is(&k, "finish_reason")) {
+            reason_str = at(c, '"');
+            if (reason_str) {
+                r = string(c, &reason);
+                if (r == 0 && reason.esc)
+                    return -1;
+            } else {
+                r = value(c, depth + 1);
+            }
+        } else {
+            r = value(c, depth + 1);
+        }
+        if (r < 0 || next(c, '}', &more) < 0)
+            return -1;
+    }
+    if (chat ? (delta_dict ? delta_out : (message_dict && message_out)) : text_out)
+        ev->output = 1;
+    if (reason_str)
+        add_reason(ev, &reason);
+    return 0;
+}
+
+static int choices_value(Cur *c, int depth, int chat, Event *ev) {
+    /* the last "choices" key is the one json keeps */
+    ev->output = 0;
+    ev->nreasons = 0;
+    if (!at(c, '['))
+        return value(c, depth);
+    if (depth >= MAX_DEPTH)
+        return -1;
+    int more, i = 0;
+    open_(c, ']', &more);
+    while (more) {
+        int r;
+        if (i < MAX_CHOICES && at(c, '{'))
+            r = depth + 1 >= MAX_DEPTH ? -1 : choice(c, depth + 1, chat, ev);
+        else
+            r = value(c, depth + 1);
+        if (r < 0 || next(c, ']', &more) < 0)
+            return -1;
+        i++;
+    }
+    return 0;
+}
+
+static int usage_value(Cur *c, int depth, Event *ev) {
+    ev->input_tokens = ev->output_tokens = -1;
+    if (!at(c, '{'))
+        return value(c, depth);
+    if (depth >= MAX_DEPTH)
+        return -1;
+    int more;
+    Str k;
+    open_(c, '}', &more);
+    while (more) {
+        if (key(c, &k) < 0 || k.esc)
+            return -1;
+        int r;
+        if (is(&k, "prompt_tokens"))
+            r = count_value(c, depth + 1, &ev->input_tokens);
+        else if (is(&k, "completion_tokens"))
+            r = count_value(c, depth + 1, &ev->output_tokens);
+        else
+            r = value(c, depth + 1);
+        if (r < 0 || next(c, '}', &more) < 0)
+            return -1;
+    }
+    return 0;
+}
+
+/* ---- entry points -------------------------------------------------------------- */
+
+static inline int space(unsigned char ch) { return ch == ' ' || (ch >= '\t' && ch <= '\r'); }
+
+/* the bytes argument, stripped as bytes.strip() does; 0 when it is not an object to read */
+static int object_bytes(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want, Cur *c) {
+    if (nargs != want || !PyBytes_Check(args[0])) {
+        PyErr_Format(PyExc_TypeError, "expected %zd arguments, the first bytes", want);
+        return -1;
+    }
+    Py_ssize_t n = PyBytes_GET_SIZE(args[0]);
+    const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(args[0]);
+    if (n > MAX_JSON_BYTES)
+        return 0;
+    const unsigned char *e = p + n;
+    while (p < e && space(*p))
+        p++;
+    while (e > p && space(e[-1]))
+        e--;
+    if (p == e || *p != '{')
+        return 0;
+    c->p = p;
+    c->end = e;
+    return 1;
+}
+
+static PyObject *str_or_none(const Str *s, int valid) {
+    if (!valid)
+        Py_RETURN_NONE;
+    return PyUnicode_DecodeASCII((const char *)s->s, s->n, NULL);
+}
+
+static PyObject *count_or_none(int64_t v) {
+    if (v < 0)
+        Py_RETURN_NONE;
+    return PyLong_FromLongLong(v);
+}
+
+static PyObject *openai_event(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    Cur c;
+    int ok = object_bytes(args, nargs, 2, &c);
+    if (ok < 0)
+        return NULL;
+    if (ok == 0)
+        Py_RETURN_NONE;
+    int chat = PyObject_IsTrue(args[1]);
+    if (chat < 0)
+        return NULL;
+    Event ev;
+    memset(&ev, 0, sizeof ev);
+    ev.input_tokens = ev.output_tokens = -1;
+    int more;
+    Str k;
+    open_(&c, '}', &more);
+    while (more) {
+        if (key(&c, &k) < 0 || k.esc)
+            Py_RETURN_NONE;
+        int r;
+        if (is(&k, "model"))
+            r = model_value(&c, 1, &ev.model, &ev.model_valid);
+        else if (is(&k, "choices"))
+            r = choices_value(&c, 1, chat, &ev);
+        else if (is(&k, "usage"))
+            r = usage_value(&c, 1, &ev);
+        else
+            r = value(&c, 1);
+        if (r < 0 || next(&c, '}', &more) < 0)
+            Py_RETURN_NONE;
+    }
+    if (c.p != c.end)
+        Py_RETURN_NONE;
+    PyObject *reasons = PyTuple_New(ev.nreasons);
+    if (!reasons)
+        return NULL;
+    for (int i = 0; i < ev.nreasons; i++) {
+        PyObject *s = PyUnicode_DecodeASCII((const char *)ev.reasons[i].s, ev.reasons[i].n, NULL);
+        if (!s) {
+            Py_DECREF(reasons);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(reasons, i, s);
+    }
+    PyObject *model = str_or_none(&ev.model, ev.model_valid);
+    PyObject *in = count_or_none(ev.input_tokens);
+    PyObject *out = count_or_none(ev.output_tokens);
+    if (!model || !in || !out) {
+        Py_XDECREF(model);
+        Py_XDECREF(in);
+        Py_XDECREF(out);
+        Py_DECREF(reasons);
+        return NULL;
+    }
+    PyObject *output = ev.output ? Py_True : Py_False;
+    Py_INCREF(output);
+    return Py_BuildValue("(NNNNN)", output, model, reasons, in, out);
+}
+
+static PyObject *request_fields(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    Cur c;
+    int ok = object_bytes(args, nargs, 1, &c);
+    if (ok < 0)
+        return NULL;
+    if (ok == 0)
+        Py_RETURN_NONE;
+    Str model = {0};
+    int model_valid = 0, stream = -1, more;
+    Str k;
+    open_(&c, '}', &more);
+    while (more) {
+        if (key(&c, &k) < 0 || k.esc)
+            Py_RETURN_NONE;
+        int r;
+        if (is(&k, "model")) {
+            r = model_value(&c, 1, &model, &model_valid);
+        } else if (is(&k, "stream")) {
+            stream = at(&c, 't') ? 1 : at(&c, 'f') ? 0 : -1;
+            r = value(&c, 1);
+        } else {
+            r = value(&c, 1);
+        }
+        if (r < 0 || next(&c, '}', &more) < 0)
+            Py_RETURN_NONE;
+    }
+    if (c.p != c.end)
+        Py_RETURN_NONE;
+    PyObject *m = str_or_none(&model, model_valid);
+    if (!m)
+        return NULL;
+    PyObject *s = stream < 0 ? Py_None : stream ? Py_True : Py_False;
+    Py_INCREF(s);
+    return Py_BuildValue("(NN)", m, s);
+}
+
+/* agent/llm.py _whole_event (its reference): the JSON object of a write holding exactly one
+ * event, whole: an optional chunk-size line, "data:" and an optional space (or nothing, for
+ * NDJSON), the object ending its line with "}", then one or two line ends and, with a chunk
+ * size, the chunk's CRLF, which the size must match. After the object, one of these endings
+ * (its line-end bytes, and whether it closes the chunk), as agent/llm.py _ENDINGS has them. */
+static const struct {
+    const char *s;
+    Py_ssize_t n, ends;
+    int crlf;
+} ENDINGS[] = {
+    {"\r\n\r\n", 4, 2, 1},    {"\r\n", 2, 2, 0},       {"\n\r\n", 3, 1, 1},   {"\n", 1, 1, 0},
+    {"\r\n\r\n\r\n", 6, 4, 1}, {"\r\n\n\r\n", 5, 3, 1}, {"\r\n\n", 3, 3, 0},  {"\n\r\n\r\n", 5, 3, 1},
+    {"\n\n\r\n", 4, 2, 1},    {"\n\n", 2, 2, 0},
+};
+
+static PyObject *whole_event(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 1 || !PyBytes_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "expected one bytes argument");
+        return NULL;
+    }
+    Py_ssize_t n = PyBytes_GET_SIZE(args[0]);
+    const unsigned char *f = (const unsigned char *)PyBytes_AS_STRING(args[0]);
+    if (n > MAX_JSON_BYTES)
+        Py_RETURN_NONE;
+    Py_ssize_t pos = 0, crlf = -1, lim = n < 10 ? n : 10;
+    long long size = -1;
+    for (Py_ssize_t i = 0; i + 1 < lim; i++) {
+        if (f[i] == '\r' && f[i + 1] == '\n') {
+            crlf = i;
+            break;
+        }
+    }
+    if (crlf >= 1 && crlf <= 8) {
+        long long v = 0;
+        Py_ssize_t i = 0;
+        for (; i < crlf && HEX[f[i]]; i++)
+            v = v * 16 + (f[i] <= '9' ? f[i] - '0' : (f[i] | 0x20) - 'a' + 10);
+        if (i == crlf) {
+            size = v;
+            pos = crlf + 2;
+        }
+    }
+    Py_ssize_t body = pos;
+    if (n - pos >= 5 && memcmp(f + pos, "data:", 5) == 0) {
+        pos += 5;
+        if (pos < n && f[pos] == ' ')
+            pos++;
+    }
+    if (pos >= n || f[pos] != '{')
+        Py_RETURN_NONE;
+    const unsigned char *lf = memchr(f + pos, '\n', (size_t)(n - pos));
+    if (!lf)
+        Py_RETURN_NONE;
+    const unsigned char *cr = memchr(f + pos, '\r', (size_t)(lf - (f + pos)));
+    Py_ssize_t end = (cr ? cr : lf) - f;
+    if (end - pos < 2 || f[end - 1] != '}')
+        Py_RETURN_NONE;
+    for (size_t i = 0; i < sizeof(ENDINGS) / sizeof(ENDINGS[0]); i++) {
+        if (ENDINGS[i].n == n - end && memcmp(f + end, ENDINGS[i].s, (size_t)ENDINGS[i].n) == 0) {
+            int whole = size < 0 ? !ENDINGS[i].crlf : ENDINGS[i].crlf && size == end + ENDINGS[i].ends - body;
+            if (!whole)
+                Py_RETURN_NONE;
+            return PyBytes_FromStringAndSize((const char *)f + pos, end - pos);
+        }
+    }
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"whole_event", (PyCFunction)(void (*)(void))whole_event, METH_FASTCALL,
+     "whole_event(fragment) -> bytes | None"},
+    {"openai_event", (PyCFunction)(void (*)(void))openai_event, METH_FASTCALL,
+     "openai_event(data, chat) -> (output, model, finish_reasons, input_tokens, output_tokens) | None"},
+    {"request_fields", (PyCFunction)(void (*)(void))request_fields, METH_FASTCALL,
+     "request_fields(data) -> (model, stream) | None"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_llmjson",
+    "OpenAI-compatible JSON bodies read in one pass (agent/llm.py is the reference).", -1, methods,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__llmjson(void) {
+    const char *extra = "_.:-";
+    memset(REASON_CHAR, 0, sizeof(REASON_CHAR));
+    memset(HEX, 0, sizeof(HEX));
+    for (int ch = '0'; ch <= '9'; ch++)
+        REASON_CHAR[ch] = HEX[ch] = 1;
+    for (int ch = 'a'; ch <= 'z'; ch++)
+        REASON_CHAR[ch] = REASON_CHAR[ch - 32] = 1;
+    for (int ch = 'a'; ch <= 'f'; ch++)
+        HEX[ch] = HEX[ch - 32] = 1;
+    for (const char *p = extra; *p; p++)
+        REASON_CHAR[(unsigned char)*p] = 1;
+    return PyModule_Create(&module);
+}
