@@ -232,8 +232,13 @@ class Assembler:
         proc: str = "/proc",
         metrics: SelfMetrics = SELF_METRICS,
         on_proc_event: Callable[[ProcEvent], None] | None = None,
+        whole_event_writes: bool = True,
     ) -> None:
+        """``whole_event_writes``: read a response write that is one chunk holding one whole SSE
+        event in one step, where agent/_llmjson.c is built (False: always through the HTTP/1 and
+        SSE parsers, the reading the tests compare it against)."""
         self.config = config
+        self._whole_event_writes = whole_event_writes and llm.NATIVE_JSON
         self._emit = emit
         self._clock = clock
         self._decoder = decoder
@@ -493,6 +498,19 @@ class Assembler:
         if ev.flags & DF_NO_PAYLOAD:
             p.feed_gap(ev.len)
             self._drain_response(ex, p, ts)
+        elif (
+            self._whole_event_writes
+            and not ev.tail
+            and isinstance(ex.stream, SSEParser)
+            and p.at_chunk_start()
+            and ex.stream.between_events()
+            and len(ev.head) == ev.len
+            and (obj := llm.sse_chunk_event(ev.head)) is not None
+        ):
+            # One chunk holding one whole event (how servers stream): read in one step; the
+            # HTTP/1 and SSE parsers are left as feeding it would leave them
+            ex.stream.took_event()
+            self._stream_event(ex, obj, False, ts)
         else:
             if ev.head:
                 p.feed(ev.head)
@@ -547,24 +565,24 @@ class Assembler:
                 ex.complete = True
 
     def _stream_events(self, ex: Exchange, events: list, ts: int) -> None:
-        api = ex.api
         for se in events:
-            if api is None:
-                # generic SSE/NDJSON: every event is output
-                output: bool | None = True
-                info = None
-            else:
-                info = llm.parse_stream_event(api, se.data, se.truncated)
-                output = info.output
-                if output is None:
-                    output = not (info.done or info.finish_reasons or info.output_tokens is not None)
-            if info is not None:
-                self._merge_info(ex, info)
-            if output:
-                ex.events_output += 1
-                if ex.first_output_ns is None:
-                    ex.first_output_ns = ts
-                ex.last_output_ns = ts
+            self._stream_event(ex, se.data, se.truncated, ts)
+
+    def _stream_event(self, ex: Exchange, data: bytes, truncated: bool, ts: int) -> None:
+        api = ex.api
+        if api is None:
+            output: bool | None = True  # generic SSE/NDJSON: every event is output
+        else:
+            info = llm.parse_stream_event(api, data, truncated)
+            self._merge_info(ex, info)
+            output = info.output
+            if output is None:
+                output = not (info.done or info.finish_reasons or info.output_tokens is not None)
+        if output:
+            ex.events_output += 1
+            if ex.first_output_ns is None:
+                ex.first_output_ns = ts
+            ex.last_output_ns = ts
 
     @staticmethod
     def _merge_info(ex: Exchange, info: llm.EventInfo) -> None:

@@ -391,6 +391,11 @@ class H1Parser:
             self._metrics.inc("infersight.parse.failures", 1, (("reason", "pending_methods_full"),))
         self._methods.append(method)
 
+    def at_chunk_start(self) -> bool:
+        """Between the chunks of a chunked body, nothing buffered or pending: a whole chunk fed
+        now would leave the parser as it is, after one :class:`Body` event."""
+        return self._state == _CHUNK_SIZE and not self._buf and not self._events
+
     @property
     def buffered(self) -> int:
         """Bytes held while waiting for more (at most ``max_head_bytes`` plus a small constant)."""

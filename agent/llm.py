@@ -34,6 +34,7 @@ from agent.values import Value
 try:  # OpenAI-compatible bodies read in C (agent/_llmjson.c); json and _from_object are its reference
     from agent._llmjson import openai_event as _c_openai_event
     from agent._llmjson import request_fields as _c_request_fields
+    from agent._llmjson import sse_chunk_event as _c_sse_chunk_event
     from agent._llmjson import whole_event as _c_whole_event
 
     NATIVE_JSON = True
@@ -55,6 +56,7 @@ __all__ = [
     "parse_response_body",
     "parse_stream_event",
     "path_model",
+    "sse_chunk_event",
 ]
 
 #: Inputs up to this size that look complete are decoded as JSON.
@@ -357,6 +359,13 @@ def _whole_event(fragment: bytes) -> bytes | None:
     if size < 0:
         return None if chunk_crlf else fragment[pos:end]
     return fragment[pos:end] if chunk_crlf and size == end + ends - body else None
+
+
+def sse_chunk_event(write: bytes) -> bytes | None:
+    """The JSON object of a response write that is exactly one chunk (a size line, its data
+    and CRLF) holding exactly one whole SSE ``data:`` event; None for anything else, and always
+    None where agent/_llmjson.c is not built (agent/assemble.py then parses the write)."""
+    return _c_sse_chunk_event(write) if NATIVE_JSON else None
 
 
 def parse_response_body(api: Api, prefix: bytes, suffix: bytes | None = None) -> EventInfo:

@@ -137,6 +137,23 @@ class SSEParser:
             self._line(line, cut, out)
         return out
 
+    def between_events(self) -> bool:
+        """Nothing pending: the next byte starts the first line of a new event."""
+        return (
+            not self._partial
+            and not self._has_data
+            and not self._skip_lf
+            and self._event is None
+            and self._id is None
+            and not self._truncated
+        )
+
+    def took_event(self) -> None:
+        """One whole ``data:`` event (a line and a blank line) was read for this parser, outside
+        :meth:`feed` (agent/assemble.py reads a write of one whole event in one step): the
+        state is what feeding it would have left."""
+        self._first_line = False
+
     @property
     def buffered(self) -> int:
         """Bytes held for the event in progress (at most about twice ``max_event_bytes``)."""

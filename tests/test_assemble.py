@@ -5,6 +5,11 @@ record or one counted loss, never both and never neither."""
 
 from __future__ import annotations
 
+import json
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from agent.assemble import Assembler, AssemblyConfig
 from agent.clock import Clock
 from agent.record import Request
@@ -162,3 +167,59 @@ def test_traceparent_and_request_body_metadata() -> None:
     assert (r.operation, r.request_model, r.response_model) == ("chat", "m-1", "m-1")
     assert (r.input_tokens, r.output_tokens, r.finish_reasons) == (5, 2, ("stop",))
     assert "SECRET" not in r.to_json()
+
+
+# --- a write of one chunk holding one SSE event, read in one step -----------------------------
+
+SSE_POST = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 28\r\n\r\n" \
+           b'{"model":"m","stream":true}\n'
+SSE_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+
+
+def _chunk(body: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(body), body)
+
+
+def _event(delta: str, finish: str | None = None) -> bytes:
+    obj = json.dumps({"id": "c", "model": "m", "choices": [{"index": 0, "delta": {"content": delta} if delta else {},
+                                                              "finish_reason": finish}]})
+    return b"data: " + obj.encode() + b"\n\n"
+
+
+WRITES = [
+    _chunk(_event("a")), _chunk(_event("")), _chunk(_event("", "stop")),
+    _chunk(_event("b").replace(b"\n\n", b"\r\n\r\n")),
+    _chunk(_event("c") + _event("d")),  # two events in one chunk
+    _chunk(_event("e"))[:20], _chunk(_event("e"))[20:],  # one chunk in two writes
+    _chunk(_event("f")[:30]), _chunk(_event("f")[30:]),  # one event in two chunks
+    _chunk(b": keep-alive\n\n"), _chunk(b"event: x\n" + _event("g")), _chunk(b"data: [DONE]\n\n"),
+    _chunk(_event("h").replace(b"\n\n", b"\n")), _chunk(b"\n"),  # an event ended by the next write
+    b"%x;ext=1\r\n%s\r\n" % (len(_event("i")), _event("i")),
+    _chunk(b"data: " + b"x" * 3000 + b"\n\n"),  # longer than the probe's head capture
+]
+
+
+@given(st.lists(st.sampled_from(range(len(WRITES))), min_size=1, max_size=8), st.booleans())
+@settings(max_examples=300, deadline=None)
+def test_one_step_reading_of_event_writes_changes_no_record(picks: list[int], head_alone: bool) -> None:
+    # the same exchange through the one-step reading and through the parsers gives the same record
+    writes = [SSE_HEAD, *[WRITES[i] for i in picks], b"0\r\n\r\n"]
+    if not head_alone:
+        writes = [writes[0] + writes[1], *writes[2:]]
+    out = []
+    clock = Clock()  # one wall-clock offset for both
+    for fast in (True, False):
+        h = Harness()
+        h.asm = Assembler(AssemblyConfig(idle_check_s=1.0), h.records.append, clock=clock,
+                          decoder=se.Decoder(LAYOUT), process_name=lambda pid: "server",
+                          conn_alive=lambda pid, fd, cid: True, metrics=h.metrics, whole_event_writes=fast)
+        raws = [data(1, 1, 0, se.DIR_IN, T0, SSE_POST)]
+        raws += [data(1, 1, i, se.DIR_OUT, T0 + (i + 1) * MS, w) for i, w in enumerate(writes)]
+        raws.append(summary(1, 1, se.SR_NEXT_REQUEST, writes=len(writes), last_write=T0 + len(writes) * MS))
+        h.feed(*raws)
+        assert len(h.records) == 1
+        d = h.records[0].to_dict()
+        for k in ("trace_id", "span_id"):
+            d.pop(k)
+        out.append((d, h.metrics.snapshot()))
+    assert out[0] == out[1]

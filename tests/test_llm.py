@@ -1197,3 +1197,74 @@ def test_recorded_ollama_under_bounded_capture() -> None:
     # The gap fell inside one chunk's data, so framing held and the final line
     # kept its start (done, reason) and its end (the counts).
     assert total == EventInfo(True, True, "llama3.2", ("stop",), 26, 5)
+
+
+# --- one write, one chunk, one SSE event: read in one step (agent/_llmjson.c) ---------------
+
+_SSE_RESPONSE_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+
+
+def _parsers_at_chunk_start() -> tuple[H1Parser, SSEParser]:
+    p = H1Parser("response")
+    p.expect_response_to("POST")
+    p.feed(_SSE_RESPONSE_HEAD)
+    assert isinstance(p.next_event(), ResponseHead)
+    assert p.at_chunk_start()
+    return p, SSEParser()
+
+
+@st.composite
+def _one_event_chunks(draw: st.DrawFn) -> bytes:
+    """Writes near one chunk of one SSE event, and arbitrary runs of their pieces."""
+    if draw(st.integers(0, 4)) == 0:
+        return b"".join(draw(st.lists(_PIECES, max_size=12)))
+    prefix = draw(st.sampled_from([b"data:", b"data: ", b"data:  ", b"", b"event: e\ndata: ", b"dat"]))
+    obj = draw(st.sampled_from([b'{"a":1}', b"{}", b"{", b'{"a":"}"}', b'{"a":\r1}', b"[1]", b'{"a":1}}']))
+    ends = draw(st.sampled_from([b"\n\n", b"\r\n\r\n", b"\r\n\n", b"\n\r\n", b"\n", b"\r\n", b"\r\r", b"\n\n\n", b""]))
+    body = prefix + obj + ends
+    size = draw(st.sampled_from([b"%x" % len(body), b"%X" % len(body), b"%x" % (len(body) + 1), b"%09x" % len(body),
+                                 b"%x;ext=1" % len(body), b"", b"0"]))
+    line_end = draw(st.sampled_from([b"\r\n", b"\n"]))
+    return size + line_end + body + draw(st.sampled_from([b"\r\n", b"", b"\n", b"\r\n\r\n", b"\r\n0\r\n\r\n"]))
+
+
+@pytest.mark.skipif(not llm.NATIVE_JSON, reason="agent/_llmjson.c not built (CI requires it)")
+@settings(max_examples=3000, deadline=None)
+@given(_one_event_chunks())
+def test_a_one_event_chunk_reads_as_the_parsers_read_it(write: bytes) -> None:
+    obj = llm.sse_chunk_event(write)
+    p, sse = _parsers_at_chunk_start()
+    p.feed(write)
+    bodies = []
+    while not isinstance(e := p.next_event(), NeedData):
+        bodies.append(e)
+    if obj is None:
+        return
+    # what the one-step reading takes for one event, the parsers read as one: a single body,
+    # which holds a single whole event, leaving both parsers as they were
+    assert llm._whole_event(write) == obj
+    assert len(bodies) == 1 and isinstance(bodies[0], Body), write
+    assert p.at_chunk_start(), write
+    events = sse.feed(bodies[0].data)
+    assert [(e.data, e.event, e.id, e.truncated) for e in events] == [(obj, None, None, False)], write
+    assert sse.between_events(), write
+
+
+@pytest.mark.skipif(not llm.NATIVE_JSON, reason="agent/_llmjson.c not built (CI requires it)")
+def test_the_one_step_reading_takes_what_servers_send() -> None:
+    for event in vllm_chat_chunks(WORDS):
+        for ends in (b"\n\n", b"\r\n\r\n", b"\r\n\n", b"\n\r\n"):
+            for sep in (b"data: ", b"data:"):
+                body = sep + event + ends
+                for size in (b"%x" % len(body), b"%X" % len(body)):
+                    assert llm.sse_chunk_event(size + b"\r\n" + body + b"\r\n") == event
+    obj = b'{"a":1}'
+    for write in (
+        b"%x\r\ndata: %s\n\r\n" % (len(obj) + 8, obj),  # the size counts one byte less
+        b"%x;e=1\r\ndata: %s\n\n\r\n" % (len(obj) + 8, obj),  # a chunk extension: the parser reads it
+        b"%x\r\ndata: %s\n\n" % (len(obj) + 8, obj),  # no chunk CRLF
+        b"%x\r\ndata: %s\n\r\n" % (len(obj) + 7, obj),  # one line end: the event is not over
+        b"%x\r\n%s\n\n\r\n" % (len(obj) + 2, obj),  # no data field (NDJSON-like)
+        b"%x\r\ndata: [DONE]\n\n\r\n" % 14,  # not an object: parsed as before
+    ):
+        assert llm.sse_chunk_event(write) is None, write
