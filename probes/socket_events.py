@@ -178,16 +178,55 @@ class TailSlot:
     A plain slotted class, like :class:`DataEvent`: a summary carries up to
     ``tail_slots`` of these per streamed response, and a frozen dataclass's
     ``__init__`` (one ``object.__setattr__`` per field) cost more than the rest
-    of the summary's decoding."""
+    of the summary's decoding. The decoder makes them with :meth:`in_record`:
+    the bytes stay in the record until ``head`` or ``tail`` is read, since
+    assembly reads only the last few writes of a ring."""
 
-    __slots__ = ("head", "index", "len", "tail", "ts_ns")
+    __slots__ = ("_head", "_raw", "_split", "_start", "_stop", "_tail", "index", "len", "ts_ns")
 
     def __init__(self, ts_ns: int, len: int, index: int, head: bytes, tail: bytes) -> None:
         self.ts_ns = ts_ns
         self.len = len
         self.index = index
-        self.head = head
-        self.tail = tail
+        self._head = head
+        self._tail = tail
+        self._raw: bytes | None = None
+        self._start = self._stop = 0
+        self._split = -1
+
+    @staticmethod
+    def in_record(ts_ns: int, len: int, index: int, raw: bytes, start: int, stop: int, split: int) -> TailSlot:
+        """A slot whose bytes are ``raw[start:stop]``, cut at ``start + split`` into head and
+        tail unless ``split`` is -1; they are copied out when first read."""
+        t = TailSlot(ts_ns, len, index, b"", b"")
+        t._raw = raw
+        t._start = start
+        t._stop = stop
+        t._split = split
+        return t
+
+    def _copy_out(self, raw: bytes) -> None:
+        data = raw[self._start : self._stop]
+        if self._split >= 0:
+            self._head = data[: self._split]
+            self._tail = data[self._split :]
+        else:
+            self._head = data
+        self._raw = None
+
+    @property
+    def head(self) -> bytes:
+        raw = self._raw
+        if raw is not None:
+            self._copy_out(raw)
+        return self._head
+
+    @property
+    def tail(self) -> bytes:
+        raw = self._raw
+        if raw is not None:
+            self._copy_out(raw)
+        return self._tail
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, TailSlot):
@@ -360,6 +399,11 @@ class Decoder:
     def __init__(self, layout: Layout = Layout()) -> None:
         self.layout = layout
         self._slot_size = TAIL_SLOT_HEADER.size + layout.tail_cap
+        # the headers of the first n + 1 ring slots, skipping the bytes between them
+        slot = TAIL_SLOT_HEADER.format.lstrip("<")
+        self._ring_headers = [
+            struct.Struct("<" + (slot + f"{layout.tail_cap}x") * n + slot) for n in range(layout.tail_slots)
+        ]
 
     def decode(self, raw: bytes) -> Event:
         """Decode one record. Raises DecodeError for a short or unknown record."""
@@ -421,16 +465,18 @@ class Decoder:
         ring_count = f[19]
         gaps = tuple(f[20 : 20 + GAP_BUCKETS])
         slots = []
-        off = SUMMARY_HEADER.size
-        for _ in range(min(ring_count, self.layout.tail_slots)):
-            ts, ln, index, cap, _ = TAIL_SLOT_HEADER.unpack_from(raw, off)
-            start = off + TAIL_SLOT_HEADER.size
-            data = raw[start : start + min(cap, self.layout.tail_cap)]
-            if ln > self.layout.tail_cap:
-                slots.append(TailSlot(ts, ln, index, data[: self.layout.ring_head], data[self.layout.ring_head :]))
-            else:
-                slots.append(TailSlot(ts, ln, index, data, b""))
-            off += self._slot_size
+        count = min(ring_count, self.layout.tail_slots)
+        if count > 0:
+            # every slot's header in one unpack; the bytes stay in the record until read
+            headers = self._ring_headers[count - 1].unpack_from(raw, SUMMARY_HEADER.size)
+            layout = self.layout
+            start = SUMMARY_HEADER.size + TAIL_SLOT_HEADER.size
+            for i in range(0, 5 * count, 5):
+                ln = headers[i + 1]
+                stop = start + min(headers[i + 3], layout.tail_cap)
+                split = layout.ring_head if ln > layout.tail_cap else -1
+                slots.append(TailSlot.in_record(headers[i], ln, headers[i + 2], raw, start, stop, split))
+                start += self._slot_size
         # all slots are copied, the valid ones are those of this phase's last writes
         return SummaryEvent(
             reason=f[1],

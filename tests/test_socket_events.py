@@ -105,3 +105,29 @@ def test_decode_round_trip() -> None:
         d.decode(b"\x09junk")
     with pytest.raises(se.DecodeError):
         d.decode(hdr[:10])
+
+
+def test_summary_ring_slots_decode_lazily_and_exactly() -> None:
+    layout = se.Layout()
+    d = se.Decoder(layout)
+    fields = [se.EV_SUMMARY, se.SR_CLOSE, 0, se.ROLE_SERVER, 42, 7, 999, 9, 3, 1, 2, 3, 4, 5, 100, 2000, 1, 60, 0, 3,
+              *range(se.GAP_BUCKETS)]
+    long_write = bytes(range(256)) * 2  # the probe keeps ring_head bytes of the start, the rest of the end
+    slots = [(1000, 20, 57, b"short write" + b"\0" * 9), (1001, 5000, 58, long_write), (1002, 5, 59, b"0\r\n\r\n")]
+    raw = se.SUMMARY_HEADER.pack(*fields)
+    for ts, ln, index, data in slots:
+        cap = min(ln, layout.tail_cap)
+        raw += se.TAIL_SLOT_HEADER.pack(ts, ln, index, cap, 0) + data[:cap].ljust(layout.tail_cap, b"\xee")
+    ev = d.decode(raw)
+    assert isinstance(ev, se.SummaryEvent)
+    assert (ev.tgid, ev.conn_id, ev.seq, ev.writes, ev.gaps) == (42, 7, 3, 60, tuple(range(se.GAP_BUCKETS)))
+    assert [(t.ts_ns, t.len, t.index) for t in ev.ring] == [(ts, ln, i) for ts, ln, i, _ in slots]
+    assert ev.ring[0].head == b"short write" + b"\0" * 9 and ev.ring[0].tail == b""
+    assert ev.ring[1].tail == long_write[layout.ring_head :] and ev.ring[1].head == long_write[: layout.ring_head]
+    assert ev.ring[2] == se.TailSlot(1002, 5, 59, b"0\r\n\r\n", b"")
+    assert ev.ring[1] == se.TailSlot(1001, 5000, 58, long_write[: layout.ring_head], long_write[layout.ring_head :])
+    # a ring slot cut short (the last slot's bytes missing) keeps what is there
+    cut = d.decode(raw[: -layout.tail_cap + 3])
+    assert isinstance(cut, se.SummaryEvent) and cut.ring[2].head == b"0\r\n"
+    with pytest.raises(se.DecodeError):  # a slot header missing
+        d.decode(raw[: -layout.tail_cap - 10])
