@@ -604,6 +604,8 @@ class Join:
                 return sorted(held), "kubelet"
         nvml = self._nvml
         procs = nvml.processes() if nvml is not None else {}
+        if not procs:
+            return [], "nvml"
         uuids = {u for p in group.pids for u in procs.get(p, ())}
         return sorted(uuids), "nvml"
 
@@ -658,8 +660,9 @@ class Join:
     def _group_for(self, pid: int, ref: ContainerRef | None, pod: PodInfo | None) -> _Group:
         key = f"pod:{pod.uid}" if pod is not None else _group_key(ref, pid)
         known = self._snapshot.groups.get(key)
-        pids = known.pids | {pid} if known is not None else frozenset((pid,))
-        return _Group(key, pod, pids)
+        if known is None:
+            return _Group(key, pod, frozenset((pid,)))
+        return _Group(key, pod, known.pids if pid in known.pids else known.pids | {pid})
 
     def _remember_served(self, pid: int) -> None:
         with self._lock:
