@@ -1,6 +1,6 @@
 """Where the agent's user-space CPU goes, stage by stage, on recorded traffic.
 
-    python -m bench.stages --profile {json,sse,unary,stream} --seconds N [--json]
+    python -m bench.stages --profile {json,sse,unary,stream} --seconds N [--chunks K] [--json]
 
 One run records what the socket probe delivers while the benchmark server
 is under load (wrk for the HTTP/1 profiles, tritonclient for gRPC), then
@@ -48,15 +48,17 @@ HTTP1 = ("json", "sse")
 GRPC = ("unary", "stream")
 
 
-def record(profile: str, seconds: float, tmp: Path, work: Callable[[list[list[bytes]]], Any]) -> Any:
+def record(profile: str, seconds: float, tmp: Path, work: Callable[[list[list[bytes]]], Any],
+           chunks: int = 50) -> Any:
     """Run the profile's server and load with the probe attached; call ``work(batches)`` while the
-    server still runs (the join reads its /proc entry)."""
+    server still runs (the join reads its /proc entry). ``chunks``: token events per streamed
+    response (the sse profile)."""
     from bench.grpc import Clients, GrpcServer
     from bench.overhead import Server, run_wrk
 
     batches: list[list[bytes]] = []
     probe = SocketProbe(SocketProbeConfig(), on_records=lambda b: batches.append(list(b)))
-    server: Any = Server(profile, 50, otel=False) if profile in HTTP1 else GrpcServer()
+    server: Any = Server(profile, chunks, otel=False) if profile in HTTP1 else GrpcServer()
     try:
         probe.add_target(server.proc.pid)
         probe.start_h2()
@@ -158,13 +160,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", choices=HTTP1 + GRPC, default="json")
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--repeat", type=int, default=3, help="replays per stage; the best is printed")
+    ap.add_argument("--chunks", type=int, default=50,
+                    help="sse: token events per response (compare two counts for the cost per event)")
     ap.add_argument("--json", action="store_true", help="print JSON only")
     a = ap.parse_args(argv)
     require_root()
     logging.basicConfig(level=logging.ERROR)
     tmp = Path(tempfile.mkdtemp(prefix="infersight-stages-"))
-    result = {"profile": a.profile, "seconds": a.seconds,
-              **record(a.profile, a.seconds, tmp, lambda batches: measure(batches, a.repeat))}
+    result: dict[str, Any] = {"profile": a.profile, "seconds": a.seconds}
+    if a.profile == "sse":
+        result["chunks"] = a.chunks
+    result.update(record(a.profile, a.seconds, tmp, lambda batches: measure(batches, a.repeat), a.chunks))
     print_result(result, a.json, 24)
     return 0
 
