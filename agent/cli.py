@@ -9,6 +9,7 @@ exporter reads) and the command line.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -222,6 +223,10 @@ def cmd_run(ns: argparse.Namespace) -> int:
         exporters.shutdown()
         stop_sources(join, sources)
         return 2
+    # What start-up made (BCC and LLVM bindings, compiled programs, the exporters' SDKs) lives
+    # as long as the agent: out of the cyclic collector's view, its full collections stop
+    # walking it again and again under load.
+    gc.freeze()
     deadline = None if opts["duration"] is None else time.monotonic() + float(opts["duration"])
     while not stop.is_set():
         timeout = 0.5 if deadline is None else max(0.0, min(0.5, deadline - time.monotonic()))
