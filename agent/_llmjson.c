@@ -12,6 +12,7 @@
  *   request_fields(data)      -> (model, stream) | None
  *   whole_event(fragment)     -> bytes | None
  *   sse_chunk_event(write)    -> bytes | None
+ *   ndjson_chunk_event(write) -> bytes | None
  *
  * `data` is what agent/llm.py would decode (ASCII whitespace around it is
  * stripped here, as there). The answer is the one agent/llm.py gives for
@@ -679,19 +680,21 @@ static PyObject *whole_event(PyObject *self, PyObject *const *args, Py_ssize_t n
     Py_RETURN_NONE;
 }
 
-/* The JSON object of a response write that is exactly one chunk holding exactly one whole SSE
- * event: a chunk-size line (1-8 hex digits, CRLF), "data:" and an optional space, the object
- * ending its line with "}", a blank line (two line ends, each CRLF or LF) and the chunk's
- * CRLF, the size matching. Servers stream this way, one flush per event; agent/assemble.py
- * then skips the HTTP/1 and SSE parsers, whose state such a write leaves as it found it.
- * A subset of what whole_event accepts (tests hold it to that, and to the two parsers). */
-static const struct {
+/* The JSON object of a response write that is exactly one chunk holding exactly one whole
+ * event: a chunk-size line (1-8 hex digits, CRLF), then for SSE "data:" and an optional space,
+ * the object ending its line with "}", a blank line (two line ends, each CRLF or LF) and the
+ * chunk's CRLF; for NDJSON the object, one line end (LF or CRLF) and the chunk's CRLF; the
+ * size matching. Servers stream this way, one flush per event; agent/assemble.py then skips
+ * the HTTP/1 and SSE or NDJSON parsers, whose state such a write leaves as it found it. A
+ * subset of what whole_event accepts (tests hold it to that, and to the parsers). */
+typedef struct {
     const char *s;
     Py_ssize_t n;
-} BLANK_LINE_CRLF[] = {{"\n\n\r\n", 4}, {"\r\n\r\n\r\n", 6}, {"\r\n\n\r\n", 5}, {"\n\r\n\r\n", 5}};
+} Ending;
+static const Ending SSE_ENDINGS[] = {{"\n\n\r\n", 4}, {"\r\n\r\n\r\n", 6}, {"\r\n\n\r\n", 5}, {"\n\r\n\r\n", 5}, {NULL, 0}};
+static const Ending NDJSON_ENDINGS[] = {{"\n\r\n", 3}, {"\r\n\r\n", 4}, {NULL, 0}};
 
-static PyObject *sse_chunk_event(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    (void)self;
+static PyObject *chunk_event(PyObject *const *args, Py_ssize_t nargs, int sse) {
     if (nargs != 1 || !PyBytes_Check(args[0])) {
         PyErr_SetString(PyExc_TypeError, "expected one bytes argument");
         return NULL;
@@ -710,11 +713,13 @@ static PyObject *sse_chunk_event(PyObject *self, PyObject *const *args, Py_ssize
         Py_RETURN_NONE;
     pos += 2;
     Py_ssize_t body = pos;
-    if (n - pos < 6 || memcmp(f + pos, "data:", 5) != 0)
-        Py_RETURN_NONE;
-    pos += 5;
-    if (f[pos] == ' ')
-        pos++;
+    if (sse) {
+        if (n - pos < 6 || memcmp(f + pos, "data:", 5) != 0)
+            Py_RETURN_NONE;
+        pos += 5;
+        if (f[pos] == ' ')
+            pos++;
+    }
     if (pos >= n || f[pos] != '{')
         Py_RETURN_NONE;
     Py_ssize_t end = pos;
@@ -722,8 +727,8 @@ static PyObject *sse_chunk_event(PyObject *self, PyObject *const *args, Py_ssize
         end++;
     if (end >= n || end - pos < 2 || f[end - 1] != '}')
         Py_RETURN_NONE;
-    for (size_t i = 0; i < sizeof(BLANK_LINE_CRLF) / sizeof(BLANK_LINE_CRLF[0]); i++) {
-        if (BLANK_LINE_CRLF[i].n == n - end && memcmp(f + end, BLANK_LINE_CRLF[i].s, (size_t)(n - end)) == 0) {
+    for (const Ending *e = sse ? SSE_ENDINGS : NDJSON_ENDINGS; e->s; e++) {
+        if (e->n == n - end && memcmp(f + end, e->s, (size_t)(n - end)) == 0) {
             if (size != n - 2 - body)
                 Py_RETURN_NONE;
             return PyBytes_FromStringAndSize((const char *)f + pos, end - pos);
@@ -732,9 +737,21 @@ static PyObject *sse_chunk_event(PyObject *self, PyObject *const *args, Py_ssize
     Py_RETURN_NONE;
 }
 
+static PyObject *sse_chunk_event(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    return chunk_event(args, nargs, 1);
+}
+
+static PyObject *ndjson_chunk_event(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    return chunk_event(args, nargs, 0);
+}
+
 static PyMethodDef methods[] = {
     {"sse_chunk_event", (PyCFunction)(void (*)(void))sse_chunk_event, METH_FASTCALL,
      "sse_chunk_event(write) -> bytes | None"},
+    {"ndjson_chunk_event", (PyCFunction)(void (*)(void))ndjson_chunk_event, METH_FASTCALL,
+     "ndjson_chunk_event(write) -> bytes | None"},
     {"whole_event", (PyCFunction)(void (*)(void))whole_event, METH_FASTCALL,
      "whole_event(fragment) -> bytes | None"},
     {"openai_event", (PyCFunction)(void (*)(void))openai_event, METH_FASTCALL,

@@ -235,8 +235,8 @@ class Assembler:
         whole_event_writes: bool = True,
     ) -> None:
         """``whole_event_writes``: read a response write that is one chunk holding one whole SSE
-        event in one step, where agent/_llmjson.c is built (False: always through the HTTP/1 and
-        SSE parsers, the reading the tests compare it against)."""
+        event or NDJSON line in one step, where agent/_llmjson.c is built (False: always through
+        the HTTP/1 and SSE or NDJSON parsers, the reading the tests compare it against)."""
         self.config = config
         self._whole_event_writes = whole_event_writes and llm.NATIVE_JSON
         self._emit = emit
@@ -501,15 +501,12 @@ class Assembler:
         elif (
             self._whole_event_writes
             and not ev.tail
-            and isinstance(ex.stream, SSEParser)
-            and p.at_chunk_start()
-            and ex.stream.between_events()
             and len(ev.head) == ev.len
-            and (obj := llm.sse_chunk_event(ev.head)) is not None
+            and p.at_chunk_start()
+            and (obj := _one_event(ex.stream, ev.head)) is not None
         ):
             # One chunk holding one whole event (how servers stream): read in one step; the
-            # HTTP/1 and SSE parsers are left as feeding it would leave them
-            ex.stream.took_event()
+            # HTTP/1 and SSE or NDJSON parsers are left as feeding it would leave them
             self._stream_event(ex, obj, False, ts)
         else:
             if ev.head:
@@ -909,6 +906,20 @@ class Assembler:
 
     def open_requests(self) -> int:
         return sum(1 for c in self._conns.values() if c.cur is not None and not c.cur.done)
+
+
+def _one_event(stream: SSEParser | NDJSONParser | None, write: bytes) -> bytes | None:
+    """The JSON object of a write that is one chunk holding one whole event of ``stream``, when
+    ``stream`` is between events (the SSE parser is then told it took the event); else None."""
+    if isinstance(stream, SSEParser):
+        if stream.between_events():
+            obj = llm.sse_chunk_event(write)
+            if obj is not None:
+                stream.took_event()
+            return obj
+    elif isinstance(stream, NDJSONParser) and stream.between_lines():
+        return llm.ndjson_chunk_event(write)
+    return None
 
 
 def _parse_traceparent(value: str | None) -> tuple[str | None, str | None]:

@@ -32,6 +32,7 @@ from urllib.parse import unquote
 from agent.values import Value
 
 try:  # OpenAI-compatible bodies read in C (agent/_llmjson.c); json and _from_object are its reference
+    from agent._llmjson import ndjson_chunk_event as _c_ndjson_chunk_event
     from agent._llmjson import openai_event as _c_openai_event
     from agent._llmjson import request_fields as _c_request_fields
     from agent._llmjson import sse_chunk_event as _c_sse_chunk_event
@@ -50,6 +51,7 @@ __all__ = [
     "RequestInfo",
     "classify",
     "merge_events",
+    "ndjson_chunk_event",
     "operation_name",
     "parse_fragment",
     "parse_request_body",
@@ -368,13 +370,17 @@ def sse_chunk_event(write: bytes) -> bytes | None:
     return _c_sse_chunk_event(write) if NATIVE_JSON else None
 
 
+def ndjson_chunk_event(write: bytes) -> bytes | None:
+    """As :func:`sse_chunk_event`, for one whole NDJSON line (an object and its LF or CRLF)."""
+    return _c_ndjson_chunk_event(write) if NATIVE_JSON else None
+
+
 def parse_response_body(api: Api, prefix: bytes, suffix: bytes | None = None) -> EventInfo:
     """What a non-streamed JSON response says (``prefix``/``suffix`` as in :func:`parse_request_body`)."""
     if suffix is None:
-        if NATIVE_JSON and api in _OPENAI_OBJECTS:
-            got = _c_openai_event(prefix, api is Api.OPENAI_CHAT)
-            if got is not None:
-                return EventInfo(got[0], False, got[1], got[2], got[3], got[4])
+        info = _c_object_event(api, prefix)
+        if info is not None:
+            return info
         obj = _load_complete(prefix)
         if isinstance(obj, list) and obj and isinstance(obj[0], dict):
             obj = obj[0]  # TGI answers a list for batched inputs
@@ -390,17 +396,24 @@ def parse_response_body(api: Api, prefix: bytes, suffix: bytes | None = None) ->
 _OPENAI_OBJECTS: Final = (Api.OPENAI_CHAT, Api.OPENAI_COMPLETIONS)
 
 
-def _object_event(api: Api, s: bytes) -> EventInfo | None:
-    """What ``s`` says when it is one whole JSON object; None when it is not."""
+def _c_object_event(api: Api, s: bytes) -> EventInfo | None:
+    """What agent/_llmjson.c reads in ``s``; None where it does not decide (or is not built)."""
     if NATIVE_JSON and api in _OPENAI_OBJECTS:
         got = _c_openai_event(s, api is Api.OPENAI_CHAT)
         if got is not None:
             return EventInfo(got[0], False, got[1], got[2], got[3], got[4])
+    return None
+
+
+def _object_event(api: Api, s: bytes) -> EventInfo | None:
+    """What ``s`` says when it is one whole JSON object; None when it is not."""
+    info = _c_object_event(api, s)
+    if info is not None:
+        return info
     obj = _load_complete(s)
     if isinstance(obj, dict):
         return _from_object(api, obj)
     return None
-
 
 
 def _from_object(api: Api, obj: dict[str, Any]) -> EventInfo:

@@ -74,6 +74,10 @@ class NDJSONParser:
             self._line(line, out)
         return out
 
+    def between_lines(self) -> bool:
+        """Nothing pending: the next byte starts a line, and no gap or cut marks it."""
+        return not self._partial and not self._gap and not self._oversize
+
     @property
     def buffered(self) -> int:
         """Bytes held for the line in progress (at most ``max_line_bytes`` + 1)."""

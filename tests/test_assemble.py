@@ -223,3 +223,48 @@ def test_one_step_reading_of_event_writes_changes_no_record(picks: list[int], he
             d.pop(k)
         out.append((d, h.metrics.snapshot()))
     assert out[0] == out[1]
+
+
+OLLAMA_POST = b"POST /api/generate HTTP/1.1\r\nhost: x\r\ncontent-length: 26\r\n\r\n" \
+              b'{"model":"m","prompt":"p"}'
+NDJSON_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\ntransfer-encoding: chunked\r\n\r\n"
+
+
+def _line(text: str, done: bool = False) -> bytes:
+    obj = {"model": "m", "response": text, "done": done}
+    if done:
+        obj.update(done_reason="stop", eval_count=3, prompt_eval_count=2)
+    return json.dumps(obj).encode() + b"\n"
+
+
+LINE_WRITES = [
+    _chunk(_line("a")), _chunk(_line("")), _chunk(_line("b").replace(b"\n", b"\r\n")),
+    _chunk(_line("c") + _line("d")), _chunk(_line("e"))[:15], _chunk(_line("e"))[15:],
+    _chunk(_line("f")[:20]), _chunk(_line("f")[20:]), _chunk(b"\n"), _chunk(b"not json\n"),
+    _chunk(_line("g" * 3000)),  # longer than the probe's head capture
+]
+
+
+@given(st.lists(st.sampled_from(range(len(LINE_WRITES))), min_size=1, max_size=8))
+@settings(max_examples=200, deadline=None)
+def test_one_step_reading_of_ndjson_writes_changes_no_record(picks: list[int]) -> None:
+    writes = [NDJSON_HEAD, *[LINE_WRITES[i] for i in picks], _chunk(_line("", done=True)), b"0\r\n\r\n"]
+    out = []
+    clock = Clock()
+    for fast in (True, False):
+        h = Harness()
+        h.asm = Assembler(AssemblyConfig(idle_check_s=1.0), h.records.append, clock=clock,
+                          decoder=se.Decoder(LAYOUT), process_name=lambda pid: "server",
+                          conn_alive=lambda pid, fd, cid: True, metrics=h.metrics, whole_event_writes=fast)
+        raws = [data(1, 1, 0, se.DIR_IN, T0, OLLAMA_POST)]
+        raws += [data(1, 1, i, se.DIR_OUT, T0 + (i + 1) * MS, w) for i, w in enumerate(writes)]
+        raws.append(summary(1, 1, se.SR_NEXT_REQUEST, writes=len(writes), last_write=T0 + len(writes) * MS))
+        h.feed(*raws)
+        assert len(h.records) == 1
+        d = h.records[0].to_dict()
+        for k in ("trace_id", "span_id"):
+            d.pop(k)
+        out.append((d, h.metrics.snapshot()))
+    assert out[0] == out[1]
+    if set(picks) <= {0, 1, 2, 3, 8, 9}:  # whole chunks only: the final line is read
+        assert out[0][0]["gen_ai.usage.output_tokens"] == 3

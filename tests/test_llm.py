@@ -1268,3 +1268,46 @@ def test_the_one_step_reading_takes_what_servers_send() -> None:
         b"%x\r\ndata: [DONE]\n\n\r\n" % 14,  # not an object: parsed as before
     ):
         assert llm.sse_chunk_event(write) is None, write
+
+
+@st.composite
+def _one_line_chunks(draw: st.DrawFn) -> bytes:
+    """Writes near one chunk of one NDJSON line, and arbitrary runs of their pieces."""
+    if draw(st.integers(0, 4)) == 0:
+        return b"".join(draw(st.lists(_PIECES, max_size=12)))
+    obj = draw(st.sampled_from([b'{"a":1}', b"{}", b"{", b'{"a":"}"}', b'{"a":\r1}', b"[1]", b'{"a":1}}', b" {}"]))
+    body = obj + draw(st.sampled_from([b"\n", b"\r\n", b"\n\n", b"\r", b"", b"\r\r\n", b"\n{}\n"]))
+    size = draw(st.sampled_from([b"%x" % len(body), b"%X" % len(body), b"%x" % (len(body) - 1), b"%09x" % len(body),
+                                 b"%x;x" % len(body)]))
+    return size + b"\r\n" + body + draw(st.sampled_from([b"\r\n", b"", b"\n", b"\r\n0\r\n\r\n"]))
+
+
+@pytest.mark.skipif(not llm.NATIVE_JSON, reason="agent/_llmjson.c not built (CI requires it)")
+@settings(max_examples=2000, deadline=None)
+@given(_one_line_chunks())
+def test_a_one_line_chunk_reads_as_the_parsers_read_it(write: bytes) -> None:
+    obj = llm.ndjson_chunk_event(write)
+    p, _ = _parsers_at_chunk_start()
+    p.feed(write)
+    bodies = []
+    while not isinstance(e := p.next_event(), NeedData):
+        bodies.append(e)
+    if obj is None:
+        return
+    assert llm._whole_event(write) == obj
+    assert len(bodies) == 1 and isinstance(bodies[0], Body) and p.at_chunk_start(), write
+    nd = NDJSONParser()
+    assert [(line.data, line.truncated) for line in nd.feed(bodies[0].data)] == [(obj, False)], write
+    assert nd.between_lines(), write
+
+
+@pytest.mark.skipif(not llm.NATIVE_JSON, reason="agent/_llmjson.c not built (CI requires it)")
+def test_the_one_step_reading_takes_ndjson_lines_as_ollama_sends_them() -> None:
+    for line in ollama_generate_lines(WORDS):
+        for end in (b"\n", b"\r\n"):
+            body = line + end
+            assert llm.ndjson_chunk_event(b"%x\r\n%s\r\n" % (len(body), body)) == line
+    obj = b'{"a":1}'
+    for write in (b"%x\r\n%s\n\n\r\n" % (len(obj) + 2, obj), b"%x\r\n%s\r\n" % (len(obj), obj),
+                  b"%x\r\ndata: %s\n\n\r\n" % (len(obj) + 8, obj)):
+        assert llm.ndjson_chunk_event(write) is None, write
