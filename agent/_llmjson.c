@@ -626,6 +626,21 @@ static const struct {
     {"\n\n\r\n", 4, 2, 1},    {"\n\n", 2, 2, 0},
 };
 
+/* A chunk-size line at the start of f: 1-8 hex digits and CRLF. Its length, with *size set;
+ * 0 when there is none. */
+static Py_ssize_t size_line(const unsigned char *f, Py_ssize_t n, long long *size) {
+    Py_ssize_t i = 0;
+    long long v = 0;
+    while (i < n && i < 9 && HEX[f[i]]) {
+        v = v * 16 + (f[i] <= '9' ? f[i] - '0' : (f[i] | 0x20) - 'a' + 10);
+        i++;
+    }
+    if (i < 1 || i > 8 || n - i < 2 || f[i] != '\r' || f[i + 1] != '\n')
+        return 0;
+    *size = v;
+    return i + 2;
+}
+
 static PyObject *whole_event(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     if (nargs != 1 || !PyBytes_Check(args[0])) {
@@ -636,25 +651,8 @@ static PyObject *whole_event(PyObject *self, PyObject *const *args, Py_ssize_t n
     const unsigned char *f = (const unsigned char *)PyBytes_AS_STRING(args[0]);
     if (n > MAX_JSON_BYTES)
         Py_RETURN_NONE;
-    Py_ssize_t pos = 0, crlf = -1, lim = n < 10 ? n : 10;
     long long size = -1;
-    for (Py_ssize_t i = 0; i + 1 < lim; i++) {
-        if (f[i] == '\r' && f[i + 1] == '\n') {
-            crlf = i;
-            break;
-        }
-    }
-    if (crlf >= 1 && crlf <= 8) {
-        long long v = 0;
-        Py_ssize_t i = 0;
-        for (; i < crlf && HEX[f[i]]; i++)
-            v = v * 16 + (f[i] <= '9' ? f[i] - '0' : (f[i] | 0x20) - 'a' + 10);
-        if (i == crlf) {
-            size = v;
-            pos = crlf + 2;
-        }
-    }
-    Py_ssize_t body = pos;
+    Py_ssize_t pos = size_line(f, n, &size), body = pos;
     if (n - pos >= 5 && memcmp(f + pos, "data:", 5) == 0) {
         pos += 5;
         if (pos < n && f[pos] == ' ')
@@ -703,16 +701,10 @@ static PyObject *chunk_event(PyObject *const *args, Py_ssize_t nargs, int sse) {
     const unsigned char *f = (const unsigned char *)PyBytes_AS_STRING(args[0]);
     if (n > MAX_JSON_BYTES)
         Py_RETURN_NONE;
-    Py_ssize_t pos = 0;
     long long size = 0;
-    while (pos < n && pos < 9 && HEX[f[pos]]) {
-        size = size * 16 + (f[pos] <= '9' ? f[pos] - '0' : (f[pos] | 0x20) - 'a' + 10);
-        pos++;
-    }
-    if (pos < 1 || pos > 8 || n - pos < 2 || f[pos] != '\r' || f[pos + 1] != '\n')
+    Py_ssize_t pos = size_line(f, n, &size), body = pos;
+    if (pos == 0)
         Py_RETURN_NONE;
-    pos += 2;
-    Py_ssize_t body = pos;
     if (sse) {
         if (n - pos < 6 || memcmp(f + pos, "data:", 5) != 0)
             Py_RETURN_NONE;
