@@ -199,6 +199,27 @@ WRITES = [
 ]
 
 
+_CLOCK = Clock()  # one wall-clock offset for the runs compared
+
+
+def _record_both_ways(request: bytes, writes: list[bytes], fast: bool) -> tuple[dict, list]:
+    """The one record of an exchange (``writes`` the response's) and the self-metrics, with
+    whole-event writes read in one step or always through the parsers."""
+    h = Harness()
+    h.asm = Assembler(AssemblyConfig(idle_check_s=1.0), h.records.append, clock=_CLOCK,
+                      decoder=se.Decoder(LAYOUT), process_name=lambda pid: "server",
+                      conn_alive=lambda pid, fd, cid: True, metrics=h.metrics, whole_event_writes=fast)
+    raws = [data(1, 1, 0, se.DIR_IN, T0, request)]
+    raws += [data(1, 1, i, se.DIR_OUT, T0 + (i + 1) * MS, w) for i, w in enumerate(writes)]
+    raws.append(summary(1, 1, se.SR_NEXT_REQUEST, writes=len(writes), last_write=T0 + len(writes) * MS))
+    h.feed(*raws)
+    assert len(h.records) == 1
+    d = h.records[0].to_dict()
+    for k in ("trace_id", "span_id"):
+        d.pop(k)
+    return d, h.metrics.snapshot()
+
+
 @given(st.lists(st.sampled_from(range(len(WRITES))), min_size=1, max_size=8), st.booleans())
 @settings(max_examples=300, deadline=None)
 def test_one_step_reading_of_event_writes_changes_no_record(picks: list[int], head_alone: bool) -> None:
@@ -206,22 +227,7 @@ def test_one_step_reading_of_event_writes_changes_no_record(picks: list[int], he
     writes = [SSE_HEAD, *[WRITES[i] for i in picks], b"0\r\n\r\n"]
     if not head_alone:
         writes = [writes[0] + writes[1], *writes[2:]]
-    out = []
-    clock = Clock()  # one wall-clock offset for both
-    for fast in (True, False):
-        h = Harness()
-        h.asm = Assembler(AssemblyConfig(idle_check_s=1.0), h.records.append, clock=clock,
-                          decoder=se.Decoder(LAYOUT), process_name=lambda pid: "server",
-                          conn_alive=lambda pid, fd, cid: True, metrics=h.metrics, whole_event_writes=fast)
-        raws = [data(1, 1, 0, se.DIR_IN, T0, SSE_POST)]
-        raws += [data(1, 1, i, se.DIR_OUT, T0 + (i + 1) * MS, w) for i, w in enumerate(writes)]
-        raws.append(summary(1, 1, se.SR_NEXT_REQUEST, writes=len(writes), last_write=T0 + len(writes) * MS))
-        h.feed(*raws)
-        assert len(h.records) == 1
-        d = h.records[0].to_dict()
-        for k in ("trace_id", "span_id"):
-            d.pop(k)
-        out.append((d, h.metrics.snapshot()))
+    out = [_record_both_ways(SSE_POST, writes, fast) for fast in (True, False)]
     assert out[0] == out[1]
 
 
@@ -249,22 +255,7 @@ LINE_WRITES = [
 @settings(max_examples=200, deadline=None)
 def test_one_step_reading_of_ndjson_writes_changes_no_record(picks: list[int]) -> None:
     writes = [NDJSON_HEAD, *[LINE_WRITES[i] for i in picks], _chunk(_line("", done=True)), b"0\r\n\r\n"]
-    out = []
-    clock = Clock()
-    for fast in (True, False):
-        h = Harness()
-        h.asm = Assembler(AssemblyConfig(idle_check_s=1.0), h.records.append, clock=clock,
-                          decoder=se.Decoder(LAYOUT), process_name=lambda pid: "server",
-                          conn_alive=lambda pid, fd, cid: True, metrics=h.metrics, whole_event_writes=fast)
-        raws = [data(1, 1, 0, se.DIR_IN, T0, OLLAMA_POST)]
-        raws += [data(1, 1, i, se.DIR_OUT, T0 + (i + 1) * MS, w) for i, w in enumerate(writes)]
-        raws.append(summary(1, 1, se.SR_NEXT_REQUEST, writes=len(writes), last_write=T0 + len(writes) * MS))
-        h.feed(*raws)
-        assert len(h.records) == 1
-        d = h.records[0].to_dict()
-        for k in ("trace_id", "span_id"):
-            d.pop(k)
-        out.append((d, h.metrics.snapshot()))
+    out = [_record_both_ways(OLLAMA_POST, writes, fast) for fast in (True, False)]
     assert out[0] == out[1]
     if set(picks) <= {0, 1, 2, 3, 8, 9}:  # whole chunks only: the final line is read
         assert out[0][0]["gen_ai.usage.output_tokens"] == 3
