@@ -1204,13 +1204,13 @@ def test_recorded_ollama_under_bounded_capture() -> None:
 _SSE_RESPONSE_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
 
 
-def _parsers_at_chunk_start() -> tuple[H1Parser, SSEParser]:
+def _h1_at_chunk_start() -> H1Parser:
     p = H1Parser("response")
     p.expect_response_to("POST")
     p.feed(_SSE_RESPONSE_HEAD)
     assert isinstance(p.next_event(), ResponseHead)
     assert p.at_chunk_start()
-    return p, SSEParser()
+    return p
 
 
 @st.composite
@@ -1228,24 +1228,30 @@ def _one_event_chunks(draw: st.DrawFn) -> bytes:
     return size + line_end + body + draw(st.sampled_from([b"\r\n", b"", b"\n", b"\r\n\r\n", b"\r\n0\r\n\r\n"]))
 
 
+def _one_chunk_body(write: bytes, obj: bytes) -> bytes:
+    """The body the HTTP/1 parser reads in a write the one-step reading took as one event
+    (``obj``): what it takes, the parser reads as a single body, and it is left between chunks."""
+    p = _h1_at_chunk_start()
+    p.feed(write)
+    bodies = []
+    while not isinstance(e := p.next_event(), NeedData):
+        bodies.append(e)
+    assert llm._whole_event(write) == obj
+    assert len(bodies) == 1 and isinstance(bodies[0], Body), write
+    assert p.at_chunk_start(), write
+    return bodies[0].data
+
+
 @pytest.mark.skipif(not llm.NATIVE_JSON, reason="agent/_llmjson.c not built (CI requires it)")
 @settings(max_examples=3000, deadline=None)
 @given(_one_event_chunks())
 def test_a_one_event_chunk_reads_as_the_parsers_read_it(write: bytes) -> None:
     obj = llm.sse_chunk_event(write)
-    p, sse = _parsers_at_chunk_start()
-    p.feed(write)
-    bodies = []
-    while not isinstance(e := p.next_event(), NeedData):
-        bodies.append(e)
     if obj is None:
         return
-    # what the one-step reading takes for one event, the parsers read as one: a single body,
-    # which holds a single whole event, leaving both parsers as they were
-    assert llm._whole_event(write) == obj
-    assert len(bodies) == 1 and isinstance(bodies[0], Body), write
-    assert p.at_chunk_start(), write
-    events = sse.feed(bodies[0].data)
+    # the body holds a single whole event, leaving the SSE parser as it was
+    sse = SSEParser()
+    events = sse.feed(_one_chunk_body(write, obj))
     assert [(e.data, e.event, e.id, e.truncated) for e in events] == [(obj, None, None, False)], write
     assert sse.between_events(), write
 
@@ -1287,17 +1293,10 @@ def _one_line_chunks(draw: st.DrawFn) -> bytes:
 @given(_one_line_chunks())
 def test_a_one_line_chunk_reads_as_the_parsers_read_it(write: bytes) -> None:
     obj = llm.ndjson_chunk_event(write)
-    p, _ = _parsers_at_chunk_start()
-    p.feed(write)
-    bodies = []
-    while not isinstance(e := p.next_event(), NeedData):
-        bodies.append(e)
     if obj is None:
         return
-    assert llm._whole_event(write) == obj
-    assert len(bodies) == 1 and isinstance(bodies[0], Body) and p.at_chunk_start(), write
     nd = NDJSONParser()
-    assert [(line.data, line.truncated) for line in nd.feed(bodies[0].data)] == [(obj, False)], write
+    assert [(line.data, line.truncated) for line in nd.feed(_one_chunk_body(write, obj))] == [(obj, False)], write
     assert nd.between_lines(), write
 
 
