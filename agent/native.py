@@ -49,6 +49,7 @@ STAMP = ROOT / "agent" / ".native-stamp.json"
 #: The modules on the per-record path, relative to the directory holding ``agent/``.
 MODULES = (
     "agent/values.py",
+    "agent/clock.py",
     "agent/http1.py",
     "agent/sse.py",
     "agent/ndjson.py",

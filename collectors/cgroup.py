@@ -221,8 +221,8 @@ class PidResolver:
         self._lock = threading.Lock()
         # (pid, start time) -> (ContainerRef or None, monotonic time of the lookup)
         self._cache: OrderedDict[tuple[int, int], tuple[ContainerRef | None, float]] = OrderedDict()
-        # pid -> (start time, monotonic time it was read)
-        self._starts: OrderedDict[int, tuple[int, float]] = OrderedDict()
+        # pid -> (start time, or None for no such process, monotonic time it was read)
+        self._starts: OrderedDict[int, tuple[int | None, float]] = OrderedDict()
         metrics.describe(
             "infersight.cache.evictions", "counter", "Entries evicted from a bounded cache, by cache."
         )
@@ -235,15 +235,16 @@ class PidResolver:
         if seen is not None and now - seen[1] < self._config.start_recheck_s:
             start: int | None = seen[0]
         else:
+            # a vanished process is remembered too (start None): its late records
+            # do not each cost a failed open
             start = process_start_time(pid, self._proc)
-            if start is None:
-                return None
             with self._lock:
                 self._starts[pid] = (start, now)
                 self._starts.move_to_end(pid)
                 while len(self._starts) > self._config.max_entries:
                     self._starts.popitem(last=False)
-        assert start is not None
+        if start is None:
+            return None
         key = (pid, start)
         with self._lock:
             hit = self._cache.get(key)

@@ -443,8 +443,8 @@ class NvmlCollector:
 
     def devices(self) -> list[GpuDevice]:
         """Every known device, physical GPUs each followed by their MIG devices."""
-        with self._lock:
-            return [d.info for d in self._devs]
+        # discovery replaces the list, never changes it: no lock (the join asks per request)
+        return [d.info for d in self._devs]
 
     def device_window(self, uuid: str, t0_ns: int, t1_ns: int) -> WindowStats | None:
         """Samples of one GPU or MIG device over ``[t0_ns, t1_ns]`` (rules in
@@ -463,6 +463,8 @@ class NvmlCollector:
     def processes(self) -> dict[int, list[str]]:
         """pid → UUIDs (MIG UUIDs where placed on a MIG device) it runs on now;
         empty when the last process scan is stale."""
+        if not self._up:  # no lock for the common answer of a node without NVML
+            return {}
         with self._lock:
             if not self._up or self._clock() - self._processes_ns > self._stale_ns:
                 return {}

@@ -206,6 +206,21 @@ def test_resolver_does_not_return_a_stale_container_after_pid_reuse(tmp_path: Pa
     assert resolver.resolve(100) is None
 
 
+def test_resolver_remembers_a_vanished_process_for_the_recheck_time(tmp_path: Path) -> None:
+    # A late record of a process that has exited asks again and again: /proc is read
+    # once per start_recheck_s, as for a live process.
+    now = [0.0]
+    resolver = PidResolver(PidResolverConfig(start_recheck_s=1.0), proc=str(tmp_path), metrics=SelfMetrics(),
+                           clock=lambda: now[0])
+    assert resolver.resolve(300) is None
+    _write_proc(tmp_path, 300, f"0::/kubepods/burstable/pod{UID}/{CID_C}\n", start=4000)
+    now[0] = 0.5
+    assert resolver.resolve(300) is None  # not read again yet
+    now[0] = 1.5
+    ref = resolver.resolve(300)
+    assert ref is not None and ref.container_id == CID_C
+
+
 def test_resolver_cache_is_bounded_and_counts_evictions(tmp_path: Path) -> None:
     metrics = SelfMetrics()
     resolver = PidResolver(PidResolverConfig(max_entries=2), proc=str(tmp_path), metrics=metrics)

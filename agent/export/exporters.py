@@ -27,13 +27,12 @@ from agent.export.otlp import (
     SpanBuilder,
     build_resource,
     make_exporters,
-    parse_hex_id,
     resolve_endpoint,
 )
 from agent.export.prometheus import PrometheusServer
 from agent.export.routes import AttributeBounds, BoundsConfig
 from agent.export.sampling import Sampler
-from agent.record import Request
+from agent.record import Request, parse_hex_id
 from agent.selfmetrics import SELF_METRICS, SelfMetrics
 
 log = logging.getLogger(__name__)

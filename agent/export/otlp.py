@@ -64,7 +64,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status,
 from agent.export.instruments import HistogramPoint, MetricSnapshot, MetricState, ScalarPoint
 from agent.export.routes import REFUSED, bound_method, is_body_attribute, strip_query, template_route
 from agent.export.rpc import error_type, span_name
-from agent.record import Request
+from agent.record import Request, parse_hex_id
 from agent.selfmetrics import SELF_METRICS, SelfMetrics
 
 log = logging.getLogger(__name__)
@@ -340,16 +340,6 @@ class _PresetIds(IdGenerator):
 
     def generate_span_id(self) -> int:
         return self.span_id or self._random.generate_span_id()
-
-
-def parse_hex_id(value: str | None, nbytes: int) -> int:
-    """The integer of a hex trace/span id, 0 when absent or malformed (W3C: all-zero is invalid)."""
-    if not value or len(value) != nbytes * 2:
-        return 0
-    try:
-        return int(value, 16)
-    except ValueError:
-        return 0
 
 
 def span_attributes(r: Request, metrics: SelfMetrics = SELF_METRICS) -> dict[str, Any]:
