@@ -505,10 +505,9 @@ class Join:
     def _join(self, record: Request) -> Request:
         attrs, pod, ref = self._k8s_attributes(record.pid, count=True)
         self._remember_served(record.pid)
-        group = self._group_for(record.pid, ref, pod)
         if record.output_tokens and pod is not None:
             self._add_tokens(pod, record.output_tokens)
-        attrs.update(self._gpu_attributes(record, group))
+        attrs.update(self._gpu_attributes(record, ref, pod))
         return record.with_attributes(attrs) if attrs else record
 
     # ---- k8s ----------------------------------------------------------------------------------
@@ -537,16 +536,23 @@ class Join:
 
     # ---- gpu ----------------------------------------------------------------------------------
 
-    def _gpu_attributes(self, record: Request, group: _Group) -> dict[str, Any]:
+    def _gpu_attributes(self, record: Request, ref: ContainerRef | None, pod: PodInfo | None) -> dict[str, Any]:
         nvml = self._nvml
         if nvml is None:
             self._metrics.inc(GPU_MISSING, labels=(("reason", "disabled"),))
             return {}
-        uuids, source = self._gpus_of(group)
+        procs: dict[int, list[str]] | None = None
+        gm = self._gpu_map
+        if gm is None or pod is None or not gm.available:
+            # no kubelet assignment to look up: with no GPU process on the node, the
+            # record's process group is not needed
+            procs = nvml.processes()
+        if procs is not None and not procs:
+            return self._no_gpu(nvml)
+        group = self._group_for(record.pid, ref, pod)
+        uuids, source = self._gpus_of(group, procs)
         if not uuids:
-            reason = "no_gpu" if nvml.devices() else "nvml_unavailable"
-            self._metrics.inc(GPU_MISSING, labels=(("reason", reason),))
-            return {}
+            return self._no_gpu(nvml)
         self._metrics.inc(GPU_SOURCE, labels=(("source", source),))
         t0, t1 = record.start_time_unix_nano, record.end_time_unix_nano
         out: dict[str, Any] = {A_UUIDS: tuple(uuids), A_GPU_SOURCE: source}
@@ -595,15 +601,23 @@ class Join:
         out.update(self._cuda_attributes(group, t0, t1))
         return out
 
-    def _gpus_of(self, group: _Group) -> tuple[list[str], str]:
-        """The GPU / MIG UUIDs the group holds, and where that came from (``kubelet`` or ``nvml``)."""
+    def _no_gpu(self, nvml: NvmlReader) -> dict[str, Any]:
+        """Count a record that no GPU was found for, and why."""
+        reason = "no_gpu" if nvml.devices() else "nvml_unavailable"
+        self._metrics.inc(GPU_MISSING, labels=(("reason", reason),))
+        return {}
+
+    def _gpus_of(self, group: _Group, procs: dict[int, list[str]] | None = None) -> tuple[list[str], str]:
+        """The GPU / MIG UUIDs the group holds, and where that came from (``kubelet`` or ``nvml``).
+        ``procs``: NVML's process table when the caller has just read it."""
         gm = self._gpu_map
         if gm is not None and group.pod is not None and gm.available:
             held = gm.devices_of_pod(group.pod.namespace, group.pod.name)
             if held:
                 return sorted(held), "kubelet"
         nvml = self._nvml
-        procs = nvml.processes() if nvml is not None else {}
+        if procs is None:
+            procs = nvml.processes() if nvml is not None else {}
         if not procs:
             return [], "nvml"
         uuids = {u for p in group.pids for u in procs.get(p, ())}

@@ -12,6 +12,7 @@ from agent.export.exporters import ExportConfig, Exporters
 from agent.export.instruments import HistogramPoint
 from agent.export.routes import (
     MAX_VALUE_LEN,
+    ROUTE_MEMO_SIZE,
     AttributeBounds,
     BoundsConfig,
     bound_method,
@@ -105,6 +106,16 @@ def test_a_million_distinct_paths_and_models_stay_bounded() -> None:
         series = next(s for s in ex.state.collect() if s.instrument.name == "gen_ai.server.request.duration")
         assert len(series.points) <= 8 + 1
         assert sum(p.count for p in series.points if isinstance(p, HistogramPoint)) == 20_000
+        # the raw path -> template memo started again at every ROUTE_MEMO_SIZE paths, counted
+        resets = (20_000 - 1) // ROUTE_MEMO_SIZE
+        assert m.get("infersight.cache.evictions", (("cache", "route_template"),)) == resets * ROUTE_MEMO_SIZE
+        # and still gives each path its template after a reset
+        assert ex.bounds.route("/v1/x0y/completions") == "/v1/x0y/completions"  # admitted first
+        assert ex.bounds.route("/v1/x64y/completions") == "other"  # past the cap of 16
+        b = AttributeBounds(BoundsConfig(route_cap=4), SelfMetrics())
+        for i in range(ROUTE_MEMO_SIZE + 1):
+            b.route(f"/files/{i}")
+        assert b.route("/files/0") == "/files/{id}" and b.route("/v1/models") == "/v1/models"
     finally:
         ex.shutdown()
 

@@ -132,6 +132,11 @@ def bound_method(method: str | None) -> tuple[str, bool]:
     return OTHER_METHOD, True
 
 
+#: Request paths whose route template is remembered (a server sees a handful; when
+#: more arrive the memo starts again, counted as infersight.cache.evictions{cache=route_template}).
+ROUTE_MEMO_SIZE = 4096
+
+
 class _Cap:
     """A set of admitted values that stops growing at ``limit``; later values fold."""
 
@@ -183,9 +188,12 @@ class AttributeBounds:
         self._metrics = metrics
         self._lock = threading.Lock()
         self._caps: dict[str, _Cap] = {}
+        # raw path -> its template (a pure function of the path), most ROUTE_MEMO_SIZE
+        self._templates: dict[str, str] = {}
         metrics.describe(
             FOLDED, "counter", "Metric attribute values folded to a bounded value, by attribute and reason"
         )
+        metrics.describe("infersight.cache.evictions", "counter", "Entries evicted from a bounded cache, by cache.")
 
     def _fold(self, attribute: str, reason: str) -> None:
         self._metrics.inc(FOLDED, labels=(("attribute", attribute), ("reason", reason)))
@@ -213,7 +221,17 @@ class AttributeBounds:
         return value
 
     def route(self, path: str | None) -> str:
-        return self._capped("http.route", template_route(path), self.config.route_cap)
+        if path is None:
+            return ""
+        template = self._templates.get(path)
+        if template is None:
+            template = template_route(path)
+            templates = self._templates
+            if len(templates) >= ROUTE_MEMO_SIZE:
+                self._metrics.inc("infersight.cache.evictions", len(templates), (("cache", "route_template"),))
+                templates.clear()
+            templates[path] = template
+        return self._capped("http.route", template, self.config.route_cap)
 
     def model(self, model: str | None) -> str:
         return self._capped("gen_ai.request.model", model or "", self.config.model_cap)
