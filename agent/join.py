@@ -58,7 +58,7 @@ from types import MappingProxyType
 from typing import Any, Protocol
 
 from agent.record import ActiveRequest, Request
-from agent.selfmetrics import SELF_METRICS, SelfMetrics
+from agent.selfmetrics import SELF_METRICS, BoundCounter, SelfMetrics
 from collectors.cgroup import ContainerRef, PidResolver, PidResolverConfig, process_start_time
 from collectors.history import WindowStats
 from collectors.k8s import K8sConfig, PodInfo, PodLookup
@@ -375,6 +375,9 @@ class Join:
         self._lock = threading.Lock()
         # pids that served records, most recent last (bounded by max_pids)
         self._served: OrderedDict[int, None] = OrderedDict()
+        self._last_served = -1  # the pid at the end of _served
+        # metric name -> label value -> its counter, for the per-record counts
+        self._counters: dict[str, dict[str, BoundCounter]] = {}
         self._accounts: OrderedDict[str, _PodAccount] = OrderedDict()
         self._last_tick: float | None = None
         self._last_energy: dict[str, float] = {}
@@ -519,7 +522,7 @@ class Join:
         ref = self._resolver.resolve(pid)
         if self._pods is None:
             if count:
-                self._metrics.inc(K8S_MISSING, labels=(("reason", "disabled"),))
+                self._count(K8S_MISSING, "reason", "disabled")
             return attrs, None, ref
         pod: PodInfo | None = None
         if ref is not None:
@@ -529,7 +532,7 @@ class Join:
         if pod is None:
             if count:
                 reason = "not_in_container" if ref is None else "not_in_pod" if ref.pod_uid is None else "pod_unknown"
-                self._metrics.inc(K8S_MISSING, labels=(("reason", reason),))
+                self._count(K8S_MISSING, "reason", reason)
             return attrs, None, ref
         attrs.update(pod.attributes(ref.container_id if ref is not None else None))
         return attrs, pod, ref
@@ -539,7 +542,7 @@ class Join:
     def _gpu_attributes(self, record: Request, ref: ContainerRef | None, pod: PodInfo | None) -> dict[str, Any]:
         nvml = self._nvml
         if nvml is None:
-            self._metrics.inc(GPU_MISSING, labels=(("reason", "disabled"),))
+            self._count(GPU_MISSING, "reason", "disabled")
             return {}
         procs: dict[int, list[str]] | None = None
         gm = self._gpu_map
@@ -553,7 +556,7 @@ class Join:
         uuids, source = self._gpus_of(group, procs)
         if not uuids:
             return self._no_gpu(nvml)
-        self._metrics.inc(GPU_SOURCE, labels=(("source", source),))
+        self._count(GPU_SOURCE, "source", source)
         t0, t1 = record.start_time_unix_nano, record.end_time_unix_nano
         out: dict[str, Any] = {A_UUIDS: tuple(uuids), A_GPU_SOURCE: source}
         device_stats = {u: nvml.device_window(u, t0, t1) for u in uuids}
@@ -596,15 +599,26 @@ class Join:
             if have_energy:
                 out[A_ENERGY] = energy
         if not samples and not proc_stats:
-            self._metrics.inc(GPU_MISSING, labels=(("reason", "no_samples"),))
+            self._count(GPU_MISSING, "reason", "no_samples")
         out.update(self._dcgm_attributes(uuids, t0, t1))
         out.update(self._cuda_attributes(group, t0, t1))
         return out
 
+    def _count(self, name: str, label: str, value: str) -> None:
+        """Count a record in ``name{label=value}`` (one label per metric here), through a
+        counter bound at its first use."""
+        by_value = self._counters.get(name)
+        if by_value is None:
+            by_value = self._counters[name] = {}
+        c = by_value.get(value)
+        if c is None:
+            c = by_value[value] = self._metrics.counter(name, ((label, value),))
+        c.inc()
+
     def _no_gpu(self, nvml: NvmlReader) -> dict[str, Any]:
         """Count a record that no GPU was found for, and why."""
         reason = "no_gpu" if nvml.devices() else "nvml_unavailable"
-        self._metrics.inc(GPU_MISSING, labels=(("reason", reason),))
+        self._count(GPU_MISSING, "reason", reason)
         return {}
 
     def _gpus_of(self, group: _Group, procs: dict[int, list[str]] | None = None) -> tuple[list[str], str]:
@@ -679,7 +693,10 @@ class Join:
         return _Group(key, pod, known.pids if pid in known.pids else known.pids | {pid})
 
     def _remember_served(self, pid: int) -> None:
+        if pid == self._last_served:
+            return  # already the most recent: most records come from the process before
         with self._lock:
+            self._last_served = pid
             if pid in self._served:
                 self._served.move_to_end(pid)
                 return

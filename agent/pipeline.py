@@ -106,6 +106,7 @@ class Pipeline:
         # other probes (CUDA) follow the same targets
         self._target_listeners = list(target_listeners)
         self._metrics = metrics
+        self._emitted = metrics.counter("infersight.records.emitted")
         self._decoder = layout_decoder or Decoder()
         self._queue: queue.Queue[list[bytes] | Callable[[], None]] = queue.Queue(config.queue_batches)
         self._proc_events: queue.Queue[ProcEvent] = queue.Queue(4096)
@@ -437,7 +438,7 @@ class Pipeline:
                 self._metrics.inc("infersight.stage.errors", labels=(("stage", getattr(stage, "__name__", "?")),))
                 log.exception("stage failed; record passed on unchanged")
         self.records += 1
-        self._metrics.inc("infersight.records.emitted")
+        self._emitted.inc()
         for s in self._sinks:
             try:
                 s.emit(record)

@@ -29,6 +29,24 @@ class Sample:
     help: str
 
 
+class BoundCounter:
+    """One series of a counter, bound once by :meth:`SelfMetrics.counter` for a call site
+    that counts it per record: :meth:`inc` adds to the series' own cell under the
+    registry's lock, with no key built or looked up."""
+
+    __slots__ = ("_lock", "value")
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self._lock = lock
+        self.value = 0.0
+
+    def inc(self, n: float = 1) -> None:
+        lock = self._lock
+        lock.acquire()
+        self.value += n
+        lock.release()
+
+
 class SelfMetrics:
     """A registry of named counters and gauges.
 
@@ -43,6 +61,7 @@ class SelfMetrics:
         self._kinds: dict[str, str] = {}
         self._help: dict[str, str] = {}
         self._callbacks: dict[str, Callable[[], dict[Labels, float]]] = {}
+        self._bound: dict[tuple[str, Labels], BoundCounter] = {}
 
     def describe(self, name: str, kind: str, help: str) -> None:
         with self._lock:
@@ -66,6 +85,26 @@ class SelfMetrics:
         finally:
             lock.release()
 
+    def counter(self, name: str, labels: Labels = ()) -> BoundCounter:
+        """The series ``name{labels}`` as a :class:`BoundCounter` (the same one for every call):
+        ``c.inc(n)`` counts as ``inc(name, n, labels)`` does, for less; the series shows once
+        it is not zero."""
+        key = (name, labels)
+        with self._lock:
+            c = self._bound.get(key)
+            if c is None:
+                c = self._bound[key] = BoundCounter(self._lock)
+                self._kinds.setdefault(name, "counter")
+            return c
+
+    def _merged(self) -> dict[tuple[str, Labels], float]:
+        """Every series' value, bound counters included. Holds ``_lock``."""
+        values = dict(self._values)
+        for key, c in self._bound.items():
+            if c.value:  # a series exists once counted, as with inc()
+                values[key] = values.get(key, 0) + c.value
+        return values
+
     def set(self, name: str, value: float, labels: Labels = ()) -> None:
         with self._lock:
             self._kinds.setdefault(name, "gauge")
@@ -80,17 +119,19 @@ class SelfMetrics:
             self._callbacks[name] = fn
 
     def get(self, name: str, labels: Labels = ()) -> float:
+        key = (name, labels)
         with self._lock:
-            return self._values.get((name, labels), 0)
+            bound = self._bound.get(key)
+            return self._values.get(key, 0) + (bound.value if bound is not None else 0)
 
     def total(self, name: str) -> float:
         """Sum of ``name`` over all label sets."""
         with self._lock:
-            return sum(v for (n, _), v in self._values.items() if n == name)
+            return sum(v for (n, _), v in self._merged().items() if n == name)
 
     def snapshot(self) -> list[Sample]:
         with self._lock:
-            values = dict(self._values)
+            values = self._merged()
             kinds = dict(self._kinds)
             helps = dict(self._help)
             callbacks = dict(self._callbacks)

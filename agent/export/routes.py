@@ -254,6 +254,10 @@ class AttributeBounds:
     def k8s(self, attributes: Mapping[str, Any]) -> dict[str, str]:
         """The bounded ``k8s.*`` label subset of a record's attributes ("" where absent)."""
         out: dict[str, str] = {}
+        if not attributes:  # outside Kubernetes (and in tests) most records have none
+            for key in K8S_LABEL_KEYS:
+                out[key] = ""
+            return out
         for key in K8S_LABEL_KEYS:
             raw = attributes.get(key)
             out[key] = self._capped(key, str(raw), self.config.k8s_cap) if raw not in (None, "") else ""

@@ -45,7 +45,10 @@ _MAX_NAME = 256
 
 def rpc_system(r: Request) -> str | None:
     """The record's ``rpc.system`` ("grpc"), or None for a plain HTTP record."""
-    value = r.attributes.get(RPC_SYSTEM)
+    a = r.attributes
+    if not a:  # a plain HTTP record outside Kubernetes: no lookup
+        return None
+    value = a.get(RPC_SYSTEM)
     return str(value) if value not in (None, "") else None
 
 
