@@ -782,6 +782,13 @@ def _parse_fields_slowly(block: bytes) -> Headers | None:
 
 def _transfer_coding(headers: Headers) -> str | None:
     """The final transfer coding, lowercased, or None without Transfer-Encoding."""
+    present = False
+    for k, _ in headers:
+        if k == "transfer-encoding":
+            present = True
+            break
+    if not present:  # most responses: no list built
+        return None
     codings = [c.strip().lower() for k, v in headers if k == "transfer-encoding" for c in v.split(",")]
     codings = [c for c in codings if c]
     return codings[-1] if codings else None
@@ -789,6 +796,10 @@ def _transfer_coding(headers: Headers) -> str | None:
 
 def _content_length(values: list[str]) -> int | None:
     """RFC 9112 §6.3: identical repeated values are one length; anything else is invalid."""
+    if len(values) == 1:
+        text = values[0]
+        if text.isdigit() and text.isascii() and len(text) <= 18:  # the common form, as below
+            return int(text)
     found: set[str] = {p.strip() for v in values for p in v.split(",")}
     if len(found) != 1:
         return None

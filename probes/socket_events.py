@@ -15,7 +15,9 @@ without root.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 # Constants mirrored from sockets.h (checked by tests/test_socket_events.py).
 EV_DATA = 1
@@ -404,6 +406,9 @@ class Decoder:
         self._ring_headers = [
             struct.Struct("<" + (slot + f"{layout.tail_cap}x") * n + slot) for n in range(layout.tail_slots)
         ]
+        # bound once: compiled code calls a method of a Python object by looking it up each time
+        self._unpack_data: Callable[[bytes], tuple[Any, ...]] = DATA_HEADER.unpack_from
+        self._unpack_summary: Callable[[bytes], tuple[Any, ...]] = SUMMARY_HEADER.unpack_from
 
     def decode(self, raw: bytes) -> Event:
         """Decode one record. Raises DecodeError for a short or unknown record."""
@@ -428,9 +433,7 @@ class Decoder:
         raise DecodeError(f"unknown record type {kind}")
 
     def _data(self, raw: bytes) -> DataEvent:
-        (_, d, flags, role, tgid, conn_id, ts, fd, seq, ln, index, head_len, tail_len, lost, _) = (
-            DATA_HEADER.unpack_from(raw)
-        )
+        (_, d, flags, role, tgid, conn_id, ts, fd, seq, ln, index, head_len, tail_len, lost, _) = self._unpack_data(raw)
         base = DATA_HEADER.size
         if flags & DF_TAIL_ONLY:
             head = b""
@@ -461,7 +464,7 @@ class Decoder:
         return H2Event(d, kind, role, tgid, conn_id, ts, fd, sid, flen, ftype, fflags, hflags, lost, agg, payload)
 
     def _summary(self, raw: bytes) -> SummaryEvent:
-        f = SUMMARY_HEADER.unpack_from(raw)
+        f = self._unpack_summary(raw)
         ring_count = f[19]
         gaps = tuple(f[20 : 20 + GAP_BUCKETS])
         slots = []
