@@ -104,6 +104,9 @@ DCGM_WINDOW_ATTRIBUTES: Mapping[str, str] = MappingProxyType({
 class NvmlReader(Protocol):
     """What the join reads of :class:`collectors.nvml.NvmlCollector` (all in memory, thread-safe)."""
 
+    #: len(devices())
+    device_count: int
+
     def devices(self) -> list[GpuDevice]: ...
     def device_window(self, uuid: str, t0_ns: int, t1_ns: int) -> WindowStats | None: ...
     def process_window(self, pid: int, t0_ns: int, t1_ns: int) -> WindowStats | None: ...
@@ -617,7 +620,7 @@ class Join:
 
     def _no_gpu(self, nvml: NvmlReader) -> dict[str, Any]:
         """Count a record that no GPU was found for, and why."""
-        reason = "no_gpu" if nvml.devices() else "nvml_unavailable"
+        reason = "no_gpu" if nvml.device_count else "nvml_unavailable"
         self._count(GPU_MISSING, "reason", reason)
         return {}
 

@@ -221,6 +221,7 @@ class PidResolver:
         self._lock = threading.Lock()
         # (pid, start time) -> (ContainerRef or None, monotonic time of the lookup)
         self._cache: OrderedDict[tuple[int, int], tuple[ContainerRef | None, float]] = OrderedDict()
+        self._last_hit: tuple[int, int] | None = None  # the cache's most recent key
         # pid -> (start time, or None for no such process, monotonic time it was read)
         self._starts: OrderedDict[int, tuple[int | None, float]] = OrderedDict()
         metrics.describe(
@@ -230,9 +231,22 @@ class PidResolver:
     def resolve(self, pid: int) -> ContainerRef | None:
         """The container of ``pid`` now, or None (not a container, or the process is gone)."""
         now = self._clock()
+        config = self._config
         with self._lock:
+            # the common case, in one lock: a process asked about within the recheck time
             seen = self._starts.get(pid)
-        if seen is not None and now - seen[1] < self._config.start_recheck_s:
+            if seen is not None and now - seen[1] < config.start_recheck_s:
+                known = seen[0]
+                if known is None:
+                    return None
+                key = (pid, known)
+                hit = self._cache.get(key)
+                if hit is not None and (hit[0] is not None or now - hit[1] < config.negative_ttl_s):
+                    if key != self._last_hit:  # already the most recent otherwise
+                        self._cache.move_to_end(key)
+                        self._last_hit = key
+                    return hit[0]
+        if seen is not None and now - seen[1] < config.start_recheck_s:
             start: int | None = seen[0]
         else:
             # a vanished process is remembered too (start None): its late records
@@ -252,6 +266,7 @@ class PidResolver:
                 cached, at = hit
                 if cached is not None or now - at < self._config.negative_ttl_s:
                     self._cache.move_to_end(key)
+                    self._last_hit = key
                     return cached
         ref = container_of(pid, self._proc)
         # The process may have exited and its PID been reused between the two reads.
@@ -260,6 +275,7 @@ class PidResolver:
         with self._lock:
             self._cache[key] = (ref, now)
             self._cache.move_to_end(key)
+            self._last_hit = key
             while len(self._cache) > self._config.max_entries:
                 self._cache.popitem(last=False)
                 self._metrics.inc("infersight.cache.evictions", labels=(("cache", "pid_container"),))

@@ -391,6 +391,8 @@ class NvmlCollector:
         self._logged_down = False
         self._next_discovery = 0.0
         self._devs: list[_Dev] = []
+        #: len(devices()), as a plain attribute the join reads per record
+        self.device_count = 0
         self._by_address: dict[int, str] = {}
         self._xids: dict[tuple[str, str], int] = {}
         self._processes: dict[int, list[str]] = {}
@@ -669,6 +671,7 @@ class NvmlCollector:
         with self._lock:
             gone = set(old) - {d.info.uuid for d in devs}
             self._devs = devs
+            self.device_count = len(devs)
             if by_address != self._by_address:
                 self._by_address = by_address
                 self._generation += 1  # new handles: the event thread registers them

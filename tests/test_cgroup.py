@@ -231,6 +231,24 @@ def test_resolver_cache_is_bounded_and_counts_evictions(tmp_path: Path) -> None:
     assert metrics.get("infersight.cache.evictions", (("cache", "pid_container"),)) == 1
 
 
+def test_resolver_cache_evicts_the_least_recently_asked(tmp_path: Path) -> None:
+    # A hit makes its process the most recent: the next eviction takes the other one.
+    metrics = SelfMetrics()
+    resolver = PidResolver(PidResolverConfig(max_entries=2), proc=str(tmp_path), metrics=metrics,
+                           clock=lambda: 0.0)
+    for pid in (1, 2):
+        _write_proc(tmp_path, pid, f"0::/kubepods/pod{UID}/{CID_C}\n", start=pid * 10)
+        assert resolver.resolve(pid) is not None
+    assert resolver.resolve(1) is not None  # a hit: 1 is now the most recent
+    _write_proc(tmp_path, 3, f"0::/kubepods/pod{UID}/{CID_C}\n", start=30)
+    assert resolver.resolve(3) is not None  # evicts 2
+    for pid in (1, 2):
+        (tmp_path / str(pid) / "cgroup").write_text("0::/\n")
+    assert resolver.resolve(1) is not None  # still cached
+    assert resolver.resolve(2) is None  # read again: no longer in a container
+    assert metrics.get("infersight.cache.evictions", (("cache", "pid_container"),)) == 2
+
+
 def test_resolver_serves_hits_from_cache_and_rechecks_negatives_after_ttl(tmp_path: Path) -> None:
     now = [1000.0]
     resolver = PidResolver(

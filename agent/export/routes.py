@@ -146,6 +146,9 @@ class _Cap:
         self._limit = limit
         self._seen: set[str] = set()
 
+    def has(self, value: str) -> bool:
+        return value in self._seen
+
     def admit(self, value: str) -> bool:
         if value in self._seen:
             return True
@@ -204,6 +207,9 @@ class AttributeBounds:
         if len(value) > MAX_VALUE_LEN:
             self._fold(attribute, "too_long")
             return OTHER
+        cap = self._caps.get(attribute)
+        if cap is not None and cap.has(value):
+            return value  # admitted before (caps only grow): no lock
         with self._lock:
             cap = self._caps.get(attribute)
             if cap is None:
