@@ -239,13 +239,9 @@ class PidResolver:
                 known = seen[0]
                 if known is None:
                     return None
-                key = (pid, known)
-                hit = self._cache.get(key)
-                if hit is not None and (hit[0] is not None or now - hit[1] < config.negative_ttl_s):
-                    if key != self._last_hit:  # already the most recent otherwise
-                        self._cache.move_to_end(key)
-                        self._last_hit = key
-                    return hit[0]
+                hit, ref = self._cached((pid, known), now)
+                if hit:
+                    return ref
         if seen is not None and now - seen[1] < config.start_recheck_s:
             start: int | None = seen[0]
         else:
@@ -255,19 +251,15 @@ class PidResolver:
             with self._lock:
                 self._starts[pid] = (start, now)
                 self._starts.move_to_end(pid)
-                while len(self._starts) > self._config.max_entries:
+                while len(self._starts) > config.max_entries:
                     self._starts.popitem(last=False)
+                if start is not None:
+                    hit, ref = self._cached((pid, start), now)
+                    if hit:
+                        return ref
         if start is None:
             return None
         key = (pid, start)
-        with self._lock:
-            hit = self._cache.get(key)
-            if hit is not None:
-                cached, at = hit
-                if cached is not None or now - at < self._config.negative_ttl_s:
-                    self._cache.move_to_end(key)
-                    self._last_hit = key
-                    return cached
         ref = container_of(pid, self._proc)
         # The process may have exited and its PID been reused between the two reads.
         if process_start_time(pid, self._proc) != start:
@@ -276,10 +268,21 @@ class PidResolver:
             self._cache[key] = (ref, now)
             self._cache.move_to_end(key)
             self._last_hit = key
-            while len(self._cache) > self._config.max_entries:
+            while len(self._cache) > config.max_entries:
                 self._cache.popitem(last=False)
                 self._metrics.inc("infersight.cache.evictions", labels=(("cache", "pid_container"),))
         return ref
+
+    def _cached(self, key: tuple[int, int], now: float) -> tuple[bool, ContainerRef | None]:
+        """(True, the answer) when the cache holds a trusted answer for ``key``, made the most
+        recent; (False, None) otherwise. Holds ``_lock``."""
+        hit = self._cache.get(key)
+        if hit is None or (hit[0] is None and now - hit[1] >= self._config.negative_ttl_s):
+            return False, None
+        if key != self._last_hit:  # already the most recent otherwise
+            self._cache.move_to_end(key)
+            self._last_hit = key
+        return True, hit[0]
 
     def __len__(self) -> int:
         with self._lock:
