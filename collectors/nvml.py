@@ -445,8 +445,8 @@ class NvmlCollector:
 
     def devices(self) -> list[GpuDevice]:
         """Every known device, physical GPUs each followed by their MIG devices."""
-        # discovery replaces the list, never changes it: no lock (the join asks per request)
-        return [d.info for d in self._devs]
+        with self._lock:
+            return [d.info for d in self._devs]
 
     def device_window(self, uuid: str, t0_ns: int, t1_ns: int) -> WindowStats | None:
         """Samples of one GPU or MIG device over ``[t0_ns, t1_ns]`` (rules in
