@@ -16,6 +16,13 @@ Printed: requests/s of each (median over rounds), the ratios, the agent's CPU
 seconds per request and per streamed chunk, its start-up time, and accuracy:
 requests wrk completed, requests the server served (the kernel's count),
 records the agent emitted and losses it counted.
+
+Per streamed chunk, two figures: the agent's CPU divided by the chunks served
+(which charges each chunk a share of the per-request cost, and so falls as
+streams get longer), and the marginal cost of one more chunk. For the latter,
+each round also runs traced streams of the ``--sweep-chunks`` lengths, and a
+least-squares line through CPU per request against chunks per request gives
+the cost per chunk (slope) and the fixed cost of a streamed request (intercept).
 """
 
 from __future__ import annotations
@@ -147,8 +154,32 @@ def run_wrk(port: int, profile: str, seconds: float, conns: int, tmp: Path) -> t
     return rps, n
 
 
+def traced_cpu(server: Server, profile: str, seconds: float, conns: int, tmp: Path, name: str,
+               syscall_args: str) -> tuple[float, int]:
+    """Agent CPU seconds and requests completed for one traced run of ``server``."""
+    agent = Agent(server.proc.pid, tmp / f"{name}.log", syscall_args=syscall_args)
+    try:
+        c0 = cpu_seconds(agent.proc.pid)
+        n = run_wrk(server.port, profile, seconds, conns, tmp)[1]
+        time.sleep(1.5)  # let the agent drain and assemble what is in flight
+        return cpu_seconds(agent.proc.pid) - c0, n
+    finally:
+        agent.stop()
+
+
+def line_fit(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """Least-squares slope and intercept of y on x."""
+    mx = statistics.fmean(x for x, _ in points)
+    my = statistics.fmean(y for _, y in points)
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    if sxx == 0:
+        raise ValueError("a line needs at least two distinct x values")
+    slope = sum((x - mx) * (y - my) for x, y in points) / sxx
+    return slope, my - slope * mx
+
+
 def bench(profile: str, seconds: float, rounds: int, conns: int, chunks: int,
-          syscall_args: str = "auto") -> dict[str, Any]:
+          syscall_args: str = "auto", sweep: tuple[int, ...] = ()) -> dict[str, Any]:
     if not shutil.which("wrk"):
         raise SystemExit("wrk is not installed (apt-get install wrk)")
     tmp = Path(tempfile.mkdtemp(prefix="infersight-bench-"))
@@ -158,9 +189,17 @@ def bench(profile: str, seconds: float, rounds: int, conns: int, chunks: int,
     startups: list[float] = []
     process_startups: list[float] = []
     accuracy = {"wrk_completed": 0, "kernel_requests": 0, "records": 0, "lost": 0, "events_lost": 0}
+    if profile != "sse":
+        sweep = ()
+    sweep = tuple(c for c in dict.fromkeys(sweep) if c != chunks)
+    sweep_cpu = {c: 0.0 for c in sweep}
+    sweep_requests = {c: 0 for c in sweep}
     plain = Server(profile, chunks, otel=False)
     otel = Server(profile, chunks, otel=True)
+    swept: dict[int, Server] = {}
     try:
+        for c in sweep:
+            swept[c] = Server(profile, c, otel=False)
         for r in range(rounds):
             # warm both servers once before the first round
             if r == 0:
@@ -194,12 +233,31 @@ def bench(profile: str, seconds: float, rounds: int, conns: int, chunks: int,
             rps["probe_only"].append(run_wrk(plain.port, profile, seconds, conns, tmp)[0])
             bare.stop()
             rps["otel_asgi"].append(run_wrk(otel.port, profile, seconds, conns, tmp)[0])
+            for c, server in swept.items():
+                if r == 0:
+                    run_wrk(server.port, profile, 1, conns, tmp)
+                cpu, n = traced_cpu(server, profile, seconds, conns, tmp, f"agent-{c}-chunks-{r}", syscall_args)
+                sweep_cpu[c] += cpu
+                sweep_requests[c] += n
     finally:
         plain.stop()
         otel.stop()
+        for server in swept.values():
+            server.stop()
     med = {k: statistics.median(v) for k, v in rps.items()}
     per_req_us = agent_cpu / traced_requests * 1e6 if traced_requests else float("nan")
     chunks_per_req = chunks + 3 if profile == "sse" else 0
+    # an OpenAI stream of N tokens is N + 3 events: the role, N tokens, finish, [DONE]
+    by_chunks = {chunks: per_req_us} if chunks_per_req else {}
+    by_chunks.update({c: sweep_cpu[c] / sweep_requests[c] * 1e6 for c in sweep if sweep_requests[c]})
+    marginal: dict[str, Any] = {}
+    if len(by_chunks) >= 2:
+        slope, intercept = line_fit([(c + 3, us) for c, us in by_chunks.items()])
+        marginal = {
+            "agent_cpu_us_per_request_by_chunks": {str(c): round(us, 2) for c, us in sorted(by_chunks.items())},
+            "agent_cpu_us_per_chunk_marginal": round(slope, 3),
+            "agent_cpu_us_per_streamed_request_fixed": round(intercept, 2),
+        }
     return {
         "profile": profile,
         "syscall_args": syscall_args,
@@ -214,6 +272,7 @@ def bench(profile: str, seconds: float, rounds: int, conns: int, chunks: int,
         "agent_cpu_us_per_request": round(per_req_us, 2),
         "agent_cpu_us_per_chunk": round(agent_cpu / (traced_requests * chunks_per_req) * 1e6, 3)
         if chunks_per_req and traced_requests else None,
+        **marginal,
         "agent_cpu_share_of_a_core": round(agent_cpu / (seconds * rounds), 3),
         "startup_to_attached_s": round(statistics.median(startups), 3),
         "process_start_to_attached_s": round(statistics.median(process_startups), 3),
@@ -229,12 +288,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--connections", type=int, default=8)
     ap.add_argument("--chunks", type=int, default=50)
+    ap.add_argument("--sweep-chunks", default="10,200",
+                    help="sse only: comma-separated stream lengths also traced each round, for the marginal "
+                         "CPU per chunk ('' for none)")
     ap.add_argument("--syscall-args", choices=SYSCALL_ARGS, default="auto",
                     help="passed to the agent and the probe-only run (agent option --syscall-args)")
     ap.add_argument("--json", action="store_true", help="print JSON only")
     a = ap.parse_args(argv)
     require_root()
-    result = bench(a.profile, a.seconds, a.rounds, a.connections, a.chunks, a.syscall_args)
+    try:
+        sweep = tuple(int(c) for c in a.sweep_chunks.split(",") if c.strip())
+    except ValueError:
+        ap.error(f"--sweep-chunks: not a comma-separated list of integers: {a.sweep_chunks!r}")
+    if any(c < 1 for c in sweep):
+        ap.error("--sweep-chunks: stream lengths must be at least 1")
+    result = bench(a.profile, a.seconds, a.rounds, a.connections, a.chunks, a.syscall_args, sweep)
     print_result(result, a.json, 32)
     return 0
 

@@ -1,0 +1,46 @@
+"""bench/overhead.py: the line through CPU per request against stream length, and
+one short streamed run through its command line, with real eBPF and wrk."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.overhead import line_fit
+from tests.harness import run_json_module
+
+
+def test_line_fit_recovers_slope_and_intercept() -> None:
+    slope, intercept = line_fit([(13.0, 31.0), (53.0, 111.0), (203.0, 411.0)])
+    assert slope == pytest.approx(2.0)
+    assert intercept == pytest.approx(5.0)
+
+
+def test_line_fit_least_squares_through_noisy_points() -> None:
+    # no line passes through these; least squares: Sxy / Sxx = 3 / 5, through the mean (1.5, 1.5)
+    slope, intercept = line_fit([(0.0, 1.0), (1.0, 0.0), (2.0, 3.0), (3.0, 2.0)])
+    assert slope == pytest.approx(0.6)
+    assert intercept == pytest.approx(0.6)
+
+
+def test_line_fit_needs_two_distinct_lengths() -> None:
+    with pytest.raises(ValueError):
+        line_fit([(53.0, 50.0), (53.0, 52.0)])
+
+
+@pytest.mark.ebpf
+@pytest.mark.slow
+def test_streamed_profile_reports_the_marginal_cost_per_chunk() -> None:
+    out = run_json_module("bench.overhead", "--profile", "sse", "--seconds", "1", "--rounds", "1",
+                          "--connections", "2", "--chunks", "5", "--sweep-chunks", "5,40", "--json", timeout=300)
+    assert out["accounted"] is True, out["accuracy"]
+    assert out["accuracy"]["records"] > 0
+    by_chunks = out["agent_cpu_us_per_request_by_chunks"]
+    assert set(by_chunks) == {"5", "40"}  # the main length is not swept twice
+    assert all(v > 0 for v in by_chunks.values())
+    # the fit goes through both points: two lengths, one line
+    slope = out["agent_cpu_us_per_chunk_marginal"]
+    fixed = out["agent_cpu_us_per_streamed_request_fixed"]
+    assert fixed + slope * 8 == pytest.approx(by_chunks["5"], abs=0.05)
+    assert fixed + slope * 43 == pytest.approx(by_chunks["40"], abs=0.05)
+    # the average per chunk divides the whole cost of a request by its 8 chunks
+    assert out["agent_cpu_us_per_chunk"] == pytest.approx(by_chunks["5"] / 8, abs=0.01)
