@@ -83,6 +83,10 @@ class PipelineConfig:
     """Where the host's /proc is (a DaemonSet mounts it at /host/proc)."""
 
 
+def _wake() -> None:
+    """Queued for the assembly thread to wake it; does nothing."""
+
+
 class Pipeline:
     """Owns the probe, the threads and the assembler. ``start()`` raises when
     the probe cannot load; everything after that degrades instead of raising."""
@@ -109,8 +113,9 @@ class Pipeline:
         self._emitted = metrics.counter("infersight.records.emitted")
         self._decoder = layout_decoder or Decoder()
         self._queue: queue.Queue[list[bytes] | Callable[[], None]] = queue.Queue(config.queue_batches)
-        self._proc_events: queue.Queue[ProcEvent] = queue.Queue(4096)
+        self._proc_events: queue.Queue[ProcEvent | None] = queue.Queue(4096)
         self._stop = threading.Event()
+        self._drained = threading.Event()  # the drain thread took its last records
         self._threads: list[threading.Thread] = []
         self._selector = TargetSelector(config.targets, proc=config.proc)
         self._targets: set[int] = set()
@@ -180,6 +185,10 @@ class Pipeline:
     def stop(self) -> None:
         """Drain what the kernel holds, finish assembly, flush sinks, detach."""
         self._stop.set()
+        try:
+            self._proc_events.put_nowait(None)  # wakes the discovery thread
+        except queue.Full:
+            pass  # it has events to handle, and sees the stop after them
         for t in self._threads:
             t.join(timeout=10)
         if self.assembler is not None:
@@ -236,14 +245,23 @@ class Pipeline:
             probe.drain(0)
         except Exception:
             log.exception("final drain failed")
+        finally:
+            self._drained.set()
+            # wake the assembly, which waits up to a stats period for work
+            try:
+                self._queue.put_nowait(_wake)
+            except queue.Full:
+                pass  # the assembly has work, and sees the flag after it
 
     def _assembly_loop(self) -> None:
         assert self.assembler is not None
         next_stats = 0.0
         next_fill = 0.0
         while True:
+            # idle, the thread wakes only for its periodic work (the stop wakes it too)
+            wait = min(next_stats, next_fill) - time.monotonic()
             try:
-                item = self._queue.get(timeout=0.2)
+                item = self._queue.get(timeout=max(0.001, min(wait, self.config.stats_interval_s)))
             except queue.Empty:
                 item = None
             if item is not None:
@@ -261,16 +279,19 @@ class Pipeline:
             if now >= next_fill:
                 next_fill = now + self.config.map_fill_interval_s
                 self._read_map_fill()
-            if self._stop.is_set() and self._queue.empty() and not any(
-                t.is_alive() for t in self._threads if t.name == "infersight-drain"
+            if self._stop.is_set() and self._queue.empty() and (
+                self._drained.is_set()
+                or not any(t.is_alive() for t in self._threads if t.name == "infersight-drain")
             ):
                 return
 
     def _discovery_loop(self) -> None:
         next_scan = time.monotonic() + self.config.targets.rescan_s
         while not self._stop.is_set():
+            # process events wake the thread; so does the stop (a None)
             try:
-                ev = self._proc_events.get(timeout=0.2)
+                ev = self._proc_events.get(
+                    timeout=max(0.001, min(next_scan - time.monotonic(), self.config.targets.rescan_s)))
             except queue.Empty:
                 ev = None
             if ev is not None:

@@ -35,7 +35,8 @@
  *
  * Overhead (FIELD-NOTES §7, 2 vCPU): ~90 ns per syscall of untargeted processes,
  *   ~400 ns per targeted socket syscall, no wakeup per record (BPF_RB_NO_WAKEUP
- *   with a timed drain, plus a forced wakeup every WAKEUP_EVERY records).
+ *   with a timed drain, plus a forced wakeup every WAKEUP_EVERY records and on
+ *   process events other than exec, which an idle agent waits for).
  */
 /* compiled after probes/sockets_common.bpf.h (the loader puts it in front) */
 
@@ -80,7 +81,9 @@ static __always_inline void send_proc(u8 kind, u32 tgid, u32 pid, u32 ppid) {
     ev.ppid = ppid;
     ev.ts_ns = bpf_ktime_get_ns();
     bpf_get_current_comm(ev.comm, sizeof(ev.comm));
-    emit(&ev, sizeof(ev), C_LOST_PROC, 0);
+    /* a new listener, a target's fork or exit: user space acts on it now; an
+     * exec (any process on the node, often) waits for the next drain */
+    emit_wake(&ev, sizeof(ev), C_LOST_PROC, 0, kind != PK_EXEC);
 }
 
 /* A request phase ends. If none of its records reached user space, user space

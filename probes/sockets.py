@@ -17,6 +17,7 @@ import itertools
 import logging
 import os
 import platform
+import select
 import struct
 import threading
 import time
@@ -98,6 +99,10 @@ class SocketProbeConfig:
     """Ring buffer size in pages (power of 2)."""
     wakeup_every: int = 256
     """Records between forced wakeups; the rest are drained on a timer."""
+    idle_wait_s: float = 0.25
+    """After a drain that found nothing: wait up to this long for the kernel's next forced
+    wakeup (every ``wakeup_every`` records, and each new listener, target fork or target exit)
+    instead of waking on the drain timer. 0: always wake on the timer."""
     trace_clients: bool = False
     """Also trace connections the targets open (client spans)."""
     tls: bool = False
@@ -207,6 +212,29 @@ def exit_args_supported() -> tuple[bool, str]:
     return True, "bpf_task_pt_regs"
 
 
+def ring_buffer_poller(manager: Any) -> select.poll | None:
+    """A poll object on the epoll descriptor of BCC's ring buffer manager (a libbpf
+    ``struct ring_buffer``), readable when the kernel wakes the ring buffer's readers.
+    None where libbpf's ``ring_buffer__epoll_fd`` cannot be called."""
+    if not manager:
+        return None
+    try:
+        fn = ctypes.CDLL("libbpf.so.1").ring_buffer__epoll_fd
+    except (OSError, AttributeError) as e:
+        log.info("ring buffer wait: libbpf's ring_buffer__epoll_fd unavailable (%s); an idle agent "
+                 "wakes on the drain timer", e)
+        return None
+    fn.argtypes = [ctypes.c_void_p]
+    fn.restype = ctypes.c_int
+    fd = fn(manager)
+    if fd < 0:
+        log.info("ring buffer wait: no epoll descriptor (%d); an idle agent wakes on the drain timer", fd)
+        return None
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return poller
+
+
 def missing_tracepoints() -> list[str]:
     """Tracepoints the probe needs that this kernel lacks (a feature test)."""
     from bcc import BPF
@@ -295,6 +323,12 @@ class SocketProbe:
             self._cb = _cb  # keep a reference: BCC holds only a ctypes pointer
             events.open_ring_buffer(_cb)
         self.native_drain = self._consume is not None
+        # An idle agent sleeps on the ring buffer's epoll descriptor (libbpf's) between
+        # forced wakeups; without it, it wakes on the drain timer even when idle.
+        self._idle = False
+        self._idle_poll: select.poll | None = None
+        if config.idle_wait_s > 0:
+            self._idle_poll = ring_buffer_poller(self.bpf._ringbuf_manager)
         metrics.set("infersight.probe.load.seconds", self.load_seconds, (("probe", "sockets"),))
         # The HTTP/2 walk compiles and loads in the background once the caller
         # has attached (start_h2): start-up does not wait for it, and no
@@ -498,13 +532,19 @@ class SocketProbe:
         # readable for as long as it holds data (level-triggered), so under a
         # steady load the poll returns at once, every time, and the timed drain
         # turns into a busy loop that takes the GIL from the assembly.
-        time.sleep(timeout_ms / 1000)
+        # Once a drain finds the ring empty, though, the poll returns only on a
+        # forced wakeup (records go out without one), or after the idle wait.
+        if self._idle and self._idle_poll is not None and timeout_ms > 0:
+            self._idle_poll.poll(max(timeout_ms, int(self.config.idle_wait_s * 1000)))
+        else:
+            time.sleep(timeout_ms / 1000)
         if self._consume is not None:
             _ringdrain.consume(self._consume, self.bpf._ringbuf_manager)
         else:
             self.bpf.ring_buffer_consume()
         batch = self._batch
         n = len(batch)
+        self._idle = n == 0
         if n:
             self._on_records(batch[:])
             batch.clear()

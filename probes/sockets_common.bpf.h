@@ -196,14 +196,17 @@ static __always_inline void count(u32 idx) {
         *v += 1;
 }
 /* Records go out without a wakeup; user space drains on a timer. Every
- * WAKEUP_EVERY records one forced wakeup bounds the delay under load. */
-static __always_inline int emit(void *data, u64 size, u32 lost_idx, struct conn_t *c) {
+ * WAKEUP_EVERY records one forced wakeup bounds the delay under load (and
+ * wakes an idle agent, which waits for it). `wake`: wake user space now (a
+ * rare record that should not wait for the idle agent's timer). */
+#define emit(data, size, lost_idx, c) emit_wake(data, size, lost_idx, c, 0)
+static __always_inline int emit_wake(void *data, u64 size, u32 lost_idx, struct conn_t *c, int wake) {
     u64 flags = BPF_RB_NO_WAKEUP;
     u32 z = 0;
     u32 *w = wake__S.lookup(&z);
     if (w) {
         *w += 1;
-        if (*w >= WAKEUP_EVERY) {
+        if (*w >= WAKEUP_EVERY || wake) {
             *w = 0;
             flags = BPF_RB_FORCE_WAKEUP;
         }
