@@ -13,7 +13,9 @@ so its CPU competes with both, as on a real node):
 - otel-asgi: OpenTelemetry's in-process ASGI middleware with the SDK.
 
 Printed: requests/s of each (median over rounds), the ratios, the agent's CPU
-seconds per request and per streamed chunk, its start-up time, and accuracy:
+seconds per request and per streamed chunk, its CPU while attached to an idle
+server (milliseconds per second, before the first round's load), its start-up
+time, and accuracy:
 requests wrk completed, requests the server served (the kernel's count),
 records the agent emitted and losses it counted.
 
@@ -59,6 +61,19 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def thread_cpu_seconds(pid: int) -> float:
+    """CPU time of all of a process's threads, from the scheduler's nanosecond counts
+    (``/proc/PID/stat`` counts clock ticks: too coarse for an idle process)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass  # a thread that ended while being read
+    return total / 1e9
 
 
 def wait_http(url: str, timeout: float = 20.0) -> None:
@@ -179,7 +194,7 @@ def line_fit(points: list[tuple[float, float]]) -> tuple[float, float]:
 
 
 def bench(profile: str, seconds: float, rounds: int, conns: int, chunks: int,
-          syscall_args: str = "auto", sweep: tuple[int, ...] = ()) -> dict[str, Any]:
+          syscall_args: str = "auto", sweep: tuple[int, ...] = (), idle_seconds: float = 5.0) -> dict[str, Any]:
     if not shutil.which("wrk"):
         raise SystemExit("wrk is not installed (apt-get install wrk)")
     tmp = Path(tempfile.mkdtemp(prefix="infersight-bench-"))
@@ -187,6 +202,7 @@ def bench(profile: str, seconds: float, rounds: int, conns: int, chunks: int,
     agent_cpu = 0.0
     traced_requests = 0
     startups: list[float] = []
+    idle_ms_per_s = float("nan")
     process_startups: list[float] = []
     accuracy = {"wrk_completed": 0, "kernel_requests": 0, "records": 0, "lost": 0, "events_lost": 0}
     if profile != "sse":
@@ -209,6 +225,12 @@ def bench(profile: str, seconds: float, rounds: int, conns: int, chunks: int,
             agent = Agent(plain.proc.pid, tmp / f"agent-{r}.log", syscall_args=syscall_args)
             startups.append(agent.startup_s)
             process_startups.append(agent.process_startup_s)
+            if r == 0:
+                # attached to an idle server: what the agent costs a node with no traffic
+                time.sleep(1.0)
+                i0, t0 = thread_cpu_seconds(agent.proc.pid), time.monotonic()
+                time.sleep(idle_seconds)
+                idle_ms_per_s = (thread_cpu_seconds(agent.proc.pid) - i0) / (time.monotonic() - t0) * 1e3
             before = scrape(agent.prom)
             c0 = cpu_seconds(agent.proc.pid)
             v, n = run_wrk(plain.port, profile, seconds, conns, tmp)
@@ -274,6 +296,7 @@ def bench(profile: str, seconds: float, rounds: int, conns: int, chunks: int,
         if chunks_per_req and traced_requests else None,
         **marginal,
         "agent_cpu_share_of_a_core": round(agent_cpu / (seconds * rounds), 3),
+        "agent_idle_cpu_ms_per_s": round(idle_ms_per_s, 3),
         "startup_to_attached_s": round(statistics.median(startups), 3),
         "process_start_to_attached_s": round(statistics.median(process_startups), 3),
         "accuracy": accuracy,
@@ -288,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--connections", type=int, default=8)
     ap.add_argument("--chunks", type=int, default=50)
+    ap.add_argument("--idle-seconds", type=float, default=5.0,
+                    help="how long the first traced round measures the attached agent before any load")
     ap.add_argument("--sweep-chunks", default="10,200",
                     help="sse only: comma-separated stream lengths also traced each round, for the marginal "
                          "CPU per chunk ('' for none)")
@@ -302,7 +327,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--sweep-chunks: not a comma-separated list of integers: {a.sweep_chunks!r}")
     if any(c < 1 for c in sweep):
         ap.error("--sweep-chunks: stream lengths must be at least 1")
-    result = bench(a.profile, a.seconds, a.rounds, a.connections, a.chunks, a.syscall_args, sweep)
+    if a.idle_seconds <= 0:
+        ap.error("--idle-seconds must be positive")
+    result = bench(a.profile, a.seconds, a.rounds, a.connections, a.chunks, a.syscall_args, sweep,
+                   a.idle_seconds)
     print_result(result, a.json, 32)
     return 0
 

@@ -31,8 +31,11 @@ def test_line_fit_needs_two_distinct_lengths() -> None:
 @pytest.mark.slow
 def test_streamed_profile_reports_the_marginal_cost_per_chunk() -> None:
     out = run_json_module("bench.overhead", "--profile", "sse", "--seconds", "1", "--rounds", "1",
-                          "--connections", "2", "--chunks", "5", "--sweep-chunks", "5,40", "--json", timeout=300)
+                          "--connections", "2", "--chunks", "5", "--sweep-chunks", "5,40", "--idle-seconds", "2", "--json",
+                          timeout=300)
     assert out["accounted"] is True, out["accuracy"]
+    # an attached agent does a little periodic work even with no traffic: measured, not zero
+    assert 0 < out["agent_idle_cpu_ms_per_s"] < 100, out["agent_idle_cpu_ms_per_s"]
     assert out["accuracy"]["records"] > 0
     by_chunks = out["agent_cpu_us_per_request_by_chunks"]
     assert set(by_chunks) == {"5", "40"}  # the main length is not swept twice
