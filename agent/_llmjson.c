@@ -9,6 +9,7 @@
  * fields without building it:
  *
  *   openai_event(data, chat)  -> (output, model, finish_reasons, input_tokens, output_tokens) | None
+ *   ollama_event(data, chat)  -> (output, done, model, finish_reasons, input_tokens, output_tokens) | None
  *   request_fields(data)      -> (model, stream) | None
  *   whole_event(fragment)     -> bytes | None
  *   sse_chunk_event(write)    -> bytes | None
@@ -17,7 +18,9 @@
  * `data` is what agent/llm.py would decode (ASCII whitespace around it is
  * stripped here, as there). The answer is the one agent/llm.py gives for
  * the decoded object: `_from_object(api, obj)` for the chat (chat=True) and
- * completions APIs, the top-level "model" and boolean "stream" for requests.
+ * completions APIs, and for Ollama's own chat (chat=True) and generate APIs
+ * (its NDJSON lines and bodies), the top-level "model" and boolean "stream"
+ * for requests.
  * None means "not decided here": input that is not one whole, valid JSON
  * object, or one this reader leaves to Python: non-ASCII or escaped text
  * in a value it returns, an escaped key where keys matter, NaN or
@@ -514,6 +517,39 @@ static PyObject *count_or_none(int64_t v) {
     return PyLong_FromLongLong(v);
 }
 
+/* (output, model, finish_reasons, input_tokens, output_tokens), with `done` after output
+ * unless it is -1 */
+static PyObject *event_tuple(const Event *ev, int done) {
+    PyObject *reasons = PyTuple_New(ev->nreasons);
+    if (!reasons)
+        return NULL;
+    for (int i = 0; i < ev->nreasons; i++) {
+        PyObject *s = PyUnicode_DecodeASCII((const char *)ev->reasons[i].s, ev->reasons[i].n, NULL);
+        if (!s) {
+            Py_DECREF(reasons);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(reasons, i, s);
+    }
+    PyObject *model = str_or_none(&ev->model, ev->model_valid);
+    PyObject *in = count_or_none(ev->input_tokens);
+    PyObject *out = count_or_none(ev->output_tokens);
+    if (!model || !in || !out) {
+        Py_XDECREF(model);
+        Py_XDECREF(in);
+        Py_XDECREF(out);
+        Py_DECREF(reasons);
+        return NULL;
+    }
+    PyObject *output = ev->output ? Py_True : Py_False;
+    Py_INCREF(output);
+    if (done < 0)
+        return Py_BuildValue("(NNNNN)", output, model, reasons, in, out);
+    PyObject *d = done ? Py_True : Py_False;
+    Py_INCREF(d);
+    return Py_BuildValue("(NNNNNN)", output, d, model, reasons, in, out);
+}
+
 static PyObject *openai_event(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     Cur c;
@@ -548,30 +584,72 @@ static PyObject *openai_event(PyObject *self, PyObject *const *args, Py_ssize_t 
     }
     if (c.p != c.end)
         Py_RETURN_NONE;
-    PyObject *reasons = PyTuple_New(ev.nreasons);
-    if (!reasons)
+    return event_tuple(&ev, -1);
+}
+
+/* Ollama's own objects (/api/chat: chat=True, /api/generate), as agent/llm.py
+ * _from_object reads them: output in "message" (chat) or a non-empty "response"
+ * or "thinking" (generate), "done" true, "done_reason", and the two eval counts. */
+static PyObject *ollama_event(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    Cur c;
+    int ok = object_bytes(args, nargs, 2, &c);
+    if (ok < 0)
         return NULL;
-    for (int i = 0; i < ev.nreasons; i++) {
-        PyObject *s = PyUnicode_DecodeASCII((const char *)ev.reasons[i].s, ev.reasons[i].n, NULL);
-        if (!s) {
-            Py_DECREF(reasons);
-            return NULL;
+    if (ok == 0)
+        Py_RETURN_NONE;
+    int chat = PyObject_IsTrue(args[1]);
+    if (chat < 0)
+        return NULL;
+    Event ev;
+    memset(&ev, 0, sizeof ev);
+    ev.input_tokens = ev.output_tokens = -1;
+    /* json keeps a repeated key's last value: each field is reset where its key is read */
+    int response = 0, thinking = 0, message = 0, done = 0, reason_str = 0, more;
+    Str reason = {0};
+    Str k;
+    open_(&c, '}', &more);
+    while (more) {
+        if (key(&c, &k) < 0 || k.esc)
+            Py_RETURN_NONE;
+        int r;
+        if (is(&k, "model")) {
+            r = model_value(&c, 1, &ev.model, &ev.model_valid);
+        } else if (!chat && is(&k, "response")) {
+            r = text_value(&c, 1, &response);
+        } else if (!chat && is(&k, "thinking")) {
+            r = text_value(&c, 1, &thinking);
+        } else if (chat && is(&k, "message")) {
+            message = 0;
+            r = at(&c, '{') ? chat_output(&c, 1, &message) : value(&c, 1);
+        } else if (is(&k, "done")) {
+            done = at(&c, 't');
+            r = value(&c, 1);
+        } else if (is(&k, "done_reason")) {
+            reason_str = at(&c, '"');
+            if (reason_str) {
+                r = string(&c, &reason);
+                if (r == 0 && reason.esc)
+                    Py_RETURN_NONE;
+            } else {
+                r = value(&c, 1);
+            }
+        } else if (is(&k, "prompt_eval_count")) {
+            r = count_value(&c, 1, &ev.input_tokens);
+        } else if (is(&k, "eval_count")) {
+            r = count_value(&c, 1, &ev.output_tokens);
+        } else {
+            r = value(&c, 1);
         }
-        PyTuple_SET_ITEM(reasons, i, s);
+        if (r < 0 || next(&c, '}', &more) < 0)
+            Py_RETURN_NONE;
     }
-    PyObject *model = str_or_none(&ev.model, ev.model_valid);
-    PyObject *in = count_or_none(ev.input_tokens);
-    PyObject *out = count_or_none(ev.output_tokens);
-    if (!model || !in || !out) {
-        Py_XDECREF(model);
-        Py_XDECREF(in);
-        Py_XDECREF(out);
-        Py_DECREF(reasons);
-        return NULL;
-    }
-    PyObject *output = ev.output ? Py_True : Py_False;
-    Py_INCREF(output);
-    return Py_BuildValue("(NNNNN)", output, model, reasons, in, out);
+    if (c.p != c.end)
+        Py_RETURN_NONE;
+    ev.output = chat ? message : (response || thinking);
+    if (reason_str)
+        add_reason(&ev, &reason);
+    return event_tuple(&ev, done);
 }
 
 static PyObject *request_fields(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -748,6 +826,8 @@ static PyMethodDef methods[] = {
      "whole_event(fragment) -> bytes | None"},
     {"openai_event", (PyCFunction)(void (*)(void))openai_event, METH_FASTCALL,
      "openai_event(data, chat) -> (output, model, finish_reasons, input_tokens, output_tokens) | None"},
+    {"ollama_event", (PyCFunction)(void (*)(void))ollama_event, METH_FASTCALL,
+     "ollama_event(data, chat) -> (output, done, model, finish_reasons, input_tokens, output_tokens) | None"},
     {"request_fields", (PyCFunction)(void (*)(void))request_fields, METH_FASTCALL,
      "request_fields(data) -> (model, stream) | None"},
     {NULL, NULL, 0, NULL},
@@ -755,7 +835,7 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_llmjson",
-    "OpenAI-compatible JSON bodies read in one pass (agent/llm.py is the reference).", -1, methods,
+    "OpenAI-compatible and Ollama JSON bodies read in one pass (agent/llm.py is the reference).", -1, methods,
     NULL, NULL, NULL, NULL,
 };
 

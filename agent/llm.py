@@ -10,7 +10,8 @@ What comes back is metadata only: model names, counts, finish reasons and
 booleans. The text of prompts and completions never leaves this module.
 
 Captures are bounded, so bytes are often cut. Small inputs that look complete
-are decoded with :func:`json.loads`; everything else is read with precompiled
+are decoded (OpenAI-compatible and Ollama objects read in C by agent/_llmjson.c,
+the rest with :func:`json.loads`); everything else is read with precompiled
 patterns over at most :data:`MAX_SCAN_BYTES` bytes. The patterns only trust a
 key whose quotes are unescaped (``"model"``, never ``\\"model\\"``): inside a
 JSON string every quote is escaped, so text of a prompt or completion cannot
@@ -33,6 +34,7 @@ from agent.values import Value
 
 try:  # OpenAI-compatible bodies read in C (agent/_llmjson.c); json and _from_object are its reference
     from agent._llmjson import ndjson_chunk_event as _c_ndjson_chunk_event
+    from agent._llmjson import ollama_event as _c_ollama_event
     from agent._llmjson import openai_event as _c_openai_event
     from agent._llmjson import request_fields as _c_request_fields
     from agent._llmjson import sse_chunk_event as _c_sse_chunk_event
@@ -392,16 +394,22 @@ def parse_response_body(api: Api, prefix: bytes, suffix: bytes | None = None) ->
 
 # --- decoded objects ----------------------------------------------------------
 
-#: The APIs whose objects agent/_llmjson.c reads (OpenAI-compatible chunks and bodies).
+#: The APIs whose objects agent/_llmjson.c reads: OpenAI-compatible chunks and bodies, and
+#: (with :data:`_OLLAMA`) Ollama's own NDJSON lines and bodies.
 _OPENAI_OBJECTS: Final = (Api.OPENAI_CHAT, Api.OPENAI_COMPLETIONS)
 
 
 def _c_object_event(api: Api, s: bytes) -> EventInfo | None:
     """What agent/_llmjson.c reads in ``s``; None where it does not decide (or is not built)."""
-    if NATIVE_JSON and api in _OPENAI_OBJECTS:
-        got = _c_openai_event(s, api is Api.OPENAI_CHAT)
-        if got is not None:
-            return EventInfo(got[0], False, got[1], got[2], got[3], got[4])
+    if NATIVE_JSON:
+        if api in _OPENAI_OBJECTS:
+            got = _c_openai_event(s, api is Api.OPENAI_CHAT)
+            if got is not None:
+                return EventInfo(got[0], False, got[1], got[2], got[3], got[4])
+        elif api in _OLLAMA:
+            got6 = _c_ollama_event(s, api is Api.OLLAMA_CHAT)
+            if got6 is not None:
+                return EventInfo(got6[0], got6[1], got6[2], got6[3], got6[4], got6[5])
     return None
 
 

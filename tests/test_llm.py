@@ -743,6 +743,90 @@ def test_the_c_json_reader_agrees_with_json(case: tuple[bytes, bool], chat: bool
         assert (fields is None) == (not isinstance(obj, dict)), doc
 
 
+# --- Ollama's own objects read in C (agent/_llmjson.c) against json ----------------------
+
+
+def _c_ollama(api: Api, data: bytes) -> EventInfo | None:
+    got = llm._c_ollama_event(data, api is Api.OLLAMA_CHAT)
+    return None if got is None else EventInfo(*got)
+
+
+@pytest.mark.skipif(not llm.NATIVE_JSON, reason="agent/_llmjson.c not built (CI requires it)")
+def test_the_c_json_reader_answers_what_ollama_sends() -> None:
+    events = [(Api.OLLAMA_GENERATE, e) for e in ollama_generate_lines(WORDS)]
+    events += [(Api.OLLAMA_CHAT, e) for e in ollama_chat_lines(WORDS)]
+    events += [
+        # a thinking model's generate line; a chat line with a tool call and no content
+        (Api.OLLAMA_GENERATE, j({"model": "qwen3", "response": "", "thinking": "hm", "done": False})),
+        (Api.OLLAMA_CHAT, j({"model": "qwen3", "message": {"role": "assistant", "content": "",
+                                                         "tool_calls": [{"function": {"name": "f"}}]},
+                             "done": False})),
+        # a non-streamed answer, and a load-only answer (no prompt): done, no output, no counts
+        (Api.OLLAMA_CHAT, j({"model": "llama3.2", "message": {"role": "assistant", "content": SECRET},
+                             "done": True, "done_reason": "stop", "prompt_eval_count": 9, "eval_count": 3})),
+        (Api.OLLAMA_GENERATE, j({"model": "llama3.2", "response": "", "done": True, "done_reason": "load"})),
+        # text beyond ASCII, raw or escaped, where only emptiness matters; counts that are not counts
+        (Api.OLLAMA_GENERATE, b'{"response":"caf\xc3\xa9 \\u00e9","done":false,"eval_count":1.5}'),
+        (Api.OLLAMA_CHAT, b'{"message":"text","done":1,"prompt_eval_count":-1,"eval_count":true}'),
+    ]
+    for api, data in events:
+        got = _c_ollama(api, data)
+        assert got is not None, data
+        assert got == _json_reference(api, data) == parse_stream_event(api, data), data
+    # the final lines carry what the record needs
+    final = _c_ollama(Api.OLLAMA_GENERATE, ollama_generate_lines(WORDS)[-1])
+    assert final == EventInfo(output=False, done=True, model="llama3.2", finish_reasons=("stop",),
+                              input_tokens=26, output_tokens=len(WORDS))
+    # and what it does not decide goes to json, as for OpenAI objects
+    for data in (b'{"done_reason":"st\\u006fp","done":true}', b'{"d\\u006fne":true}', b'{"model":"caf\xc3\xa9"}',
+                 b'{"response":"x"', b'[{"response":"x"}]'):
+        assert _c_ollama(Api.OLLAMA_GENERATE, data) is None, data
+    with pytest.raises(TypeError):
+        llm._c_ollama_event("{}", True)  # type: ignore[arg-type]
+
+
+_J_OLLAMA = _j_object(
+    st.tuples(_j_keys(b"model", b"response", b"thinking", b"done", b"done_reason", b"prompt_eval_count",
+                      b"eval_count"), _J_SCALAR),
+    st.tuples(_j_keys(b"message"), st.one_of(_J_DELTA, _J_DELTA, _J_SCALAR)),
+    st.tuples(_j_keys(b"context", b"created_at", b"d\\u006fne", b"eval_c\\u006funt"), st.one_of(_J_SCALAR, _J_ANY)),
+)
+
+
+@st.composite
+def _ollama_line(draw: st.DrawFn) -> bytes:
+    """A line shaped as Ollama sends them (members in any order), its values drawn."""
+    members = [(b"model", draw(_J_SCALAR)), (b"created_at", b'"2024-09-01T00:00:00Z"'),
+               (b"done", draw(_J_SCALAR)), (b"done_reason", draw(_J_SCALAR)),
+               (b"prompt_eval_count", draw(_J_SCALAR)), (b"eval_count", draw(_J_SCALAR))]
+    if draw(st.booleans()):
+        members.append((b"message", draw(st.one_of(_J_DELTA, _J_SCALAR))))
+    else:
+        members += [(b"response", draw(_J_SCALAR)), (b"thinking", draw(_J_SCALAR))]
+    members = draw(st.permutations(members))[: draw(st.integers(1, len(members)))]
+    return b"{" + b",".join(b'"%s"%s:%s' % (k, draw(_J_WS), v) for k, v in members) + b"}"
+
+
+@pytest.mark.skipif(not llm.NATIVE_JSON, reason="agent/_llmjson.c not built (CI requires it)")
+@settings(max_examples=3000, deadline=None)
+@given(st.one_of(_J_OLLAMA, _ollama_line()), st.sampled_from(["whole", "whole", "whole", "cut", "junk"]),
+       st.booleans())
+def test_the_c_json_reader_agrees_with_json_on_ollama_objects(doc: bytes, kind: str, chat: bool) -> None:
+    if kind == "cut":
+        doc = doc[: len(doc) // 2]
+    elif kind == "junk":
+        doc += b"x"
+    api = Api.OLLAMA_CHAT if chat else Api.OLLAMA_GENERATE
+    ref = _json_reference(api, doc)
+    got = _c_ollama(api, doc)
+    if got is not None:
+        assert got == ref, doc
+    # plain documents (ASCII, no escapes, no NaN or Infinity) are decided here, not left to json
+    plain = kind == "whole" and doc.isascii() and b"\\" not in doc and b"NaN" not in doc and b"Infinity" not in doc
+    if plain:
+        assert (got is None) == (ref is None), doc
+
+
 def test_error_event_is_not_output() -> None:
     err = j({"error": {"message": "boom", "type": "BadRequestError", "code": 400}})
     assert parse_stream_event(Api.OPENAI_CHAT, err) == EventInfo(output=False)
