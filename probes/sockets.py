@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.selfmetrics import SELF_METRICS, SelfMetrics
-from probes.socket_events import COUNTER_NAMES, Layout
+from probes.socket_events import COUNTER_NAMES, DATA_HEADER, Layout
 
 try:  # records taken from the ring buffer in C (probes/_ringdrain.c); else a ctypes callback
     from probes import _ringdrain
@@ -102,7 +102,8 @@ class SocketProbeConfig:
     idle_wait_s: float = 0.25
     """After a drain that found nothing: wait up to this long for the kernel's next forced
     wakeup (every ``wakeup_every`` records, and each new listener, target fork or target exit)
-    instead of waking on the drain timer. 0: always wake on the timer."""
+    instead of waking on the drain timer. 0, or a ring buffer too small to hold
+    ``wakeup_every`` data records of the largest size: always wake on the timer."""
     trace_clients: bool = False
     """Also trace connections the targets open (client spans)."""
     tls: bool = False
@@ -328,7 +329,14 @@ class SocketProbe:
         self._idle = False
         self._idle_poll: select.poll | None = None
         if config.idle_wait_s > 0:
-            self._idle_poll = ring_buffer_poller(self.bpf._ringbuf_manager)
+            # Waiting for the forced wakeup is safe where the records before it fit in the ring
+            # buffer (a response's summary, larger, comes after two data records at least).
+            largest = DATA_HEADER.size + config.head_cap + config.tail_cap
+            if config.ringbuf_pages * os.sysconf("SC_PAGE_SIZE") >= config.wakeup_every * largest:
+                self._idle_poll = ring_buffer_poller(self.bpf._ringbuf_manager)
+            else:
+                log.info("ring buffer wait: %d pages hold fewer than %d data records; an idle agent wakes "
+                         "on the drain timer", config.ringbuf_pages, config.wakeup_every)
         metrics.set("infersight.probe.load.seconds", self.load_seconds, (("probe", "sockets"),))
         # The HTTP/2 walk compiles and loads in the background once the caller
         # has attached (start_h2): start-up does not wait for it, and no

@@ -104,3 +104,16 @@ def test_a_pipeline_with_long_waits_stops_promptly() -> None:
             assert not any(t.is_alive() for t in threads), threads
         finally:
             srv.kill()
+
+
+def test_a_ring_buffer_too_small_for_the_wakeup_keeps_the_drain_timer() -> None:
+    # 16 pages hold fewer than 256 data records of the largest size: waiting for the forced
+    # wakeup could let the ring fill first, so an idle drain wakes on its timer
+    p = SocketProbe(SocketProbeConfig(idle_wait_s=30.0, ringbuf_pages=16), on_records=lambda _: None)
+    try:
+        make_idle(p)
+        t0 = time.monotonic()
+        p.drain(50)
+        assert time.monotonic() - t0 < 5.0
+    finally:
+        p.close()
