@@ -32,7 +32,7 @@ from urllib.parse import unquote
 
 from agent.values import Value
 
-try:  # OpenAI-compatible bodies read in C (agent/_llmjson.c); json and _from_object are its reference
+try:  # OpenAI-compatible and Ollama bodies read in C (agent/_llmjson.c); json and _from_object: its reference
     from agent._llmjson import ndjson_chunk_event as _c_ndjson_chunk_event
     from agent._llmjson import ollama_event as _c_ollama_event
     from agent._llmjson import openai_event as _c_openai_event

@@ -533,9 +533,9 @@ class SocketProbe:
 
     # ---- draining ---------------------------------------------------------------
     def drain(self, timeout_ms: int) -> int:
-        """Wait up to ``timeout_ms`` for a forced wakeup, then take every record
-        in the ring buffer and pass them, as one batch, to ``on_records``.
-        Returns the number of records."""
+        """Wait ``timeout_ms`` (after a drain that found nothing: up to the idle wait, until
+        the kernel forces a wakeup), then take every record in the ring buffer and pass them,
+        as one batch, to ``on_records``. Returns the number of records."""
         # A plain sleep, not ring_buffer_poll: the kernel reports a ring buffer
         # readable for as long as it holds data (level-triggered), so under a
         # steady load the poll returns at once, every time, and the timed drain
