@@ -30,7 +30,6 @@ may be called from any thread (it copies the in-flight table, never mutates it).
 from __future__ import annotations
 
 import logging
-import random
 import re
 import time
 from collections import OrderedDict
@@ -43,7 +42,7 @@ from agent.h2wire import H2Tracker, stream_request
 from agent.http2 import H2Stream
 from agent.ndjson import NDJSONParser
 from agent.procfs import SocketTable, parse_sockaddr, socket_inode
-from agent.record import ActiveRequest, Request
+from agent.record import ActiveRequest, Request, new_ids
 from agent.selfmetrics import SELF_METRICS, SelfMetrics
 from agent.sse import SSEParser
 from probes.socket_events import (
@@ -801,6 +800,7 @@ class Assembler:
         if c.inode is not None:
             self._resolve_addresses(c, final=True)
         trace_id, parent = _parse_traceparent(ex.traceparent)
+        new_trace, new_span = new_ids()
         clock = self._clock.to_unix_ns
         rec = Request(
             start_time_unix_nano=clock(ex.start_ns),
@@ -826,8 +826,8 @@ class Assembler:
             finish_reasons=tuple(ex.finish_reasons) or None,
             aborted=aborted,
             error_type=error_type,
-            trace_id=trace_id or f"{random.getrandbits(128):032x}",
-            span_id=f"{random.getrandbits(64) or 1:016x}",
+            trace_id=trace_id or new_trace,
+            span_id=new_span,
             parent_span_id=parent,
             first_token_time_unix_nano=None if first_out is None else clock(first_out),
             gap_histogram_log2_us=_trim(s.gaps) if s is not None and ex.streaming else (),

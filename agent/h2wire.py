@@ -113,7 +113,6 @@ thread; what it raises propagates. No method raises on any record.
 
 from __future__ import annotations
 
-import random
 import struct
 from collections import OrderedDict
 from collections.abc import Callable
@@ -123,7 +122,7 @@ from typing import Any, Final
 
 from agent import kserve
 from agent.http2 import PREFACE, Direction, H2Config, H2Connection, H2Stream, HpackDecoders
-from agent.record import Request
+from agent.record import Request, new_ids
 from agent.selfmetrics import SELF_METRICS, SelfMetrics
 from probes.socket_events import (
     DIR_IN,
@@ -583,6 +582,7 @@ def stream_request(
             error_type = GRPC_STATUS_NAMES[code] if code < len(GRPC_STATUS_NAMES) else "_OTHER"
 
     request_model, response_model = kserve.stream_model(stream)
+    trace_id, span_id = new_ids()
     return Request(
         start_time_unix_nano=to_unix_ns(start),
         end_time_unix_nano=to_unix_ns(end),
@@ -604,8 +604,8 @@ def stream_request(
         response_model=response_model,
         aborted=aborted,
         error_type=error_type,
-        trace_id=f"{random.getrandbits(128):032x}",
-        span_id=f"{random.getrandbits(64) or 1:016x}",
+        trace_id=trace_id,
+        span_id=span_id,
         first_token_time_unix_nano=first_token,
         attributes=MappingProxyType(attributes),
     )

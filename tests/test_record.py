@@ -7,7 +7,7 @@ import ast
 import pytest
 
 from agent import native
-from agent.record import REQUEST_FIELDS, Request
+from agent.record import REQUEST_FIELDS, Request, new_ids
 
 
 def _init_params() -> dict[str, str]:
@@ -69,3 +69,25 @@ def test_the_copy_is_immutable_and_its_attributes_read_only() -> None:
             n.pid = 1  # type: ignore[misc]
     with pytest.raises(TypeError):
         n.attributes["a"] = 2  # type: ignore[index]
+
+
+def test_new_ids_are_random_hex_of_w3c_lengths() -> None:
+    ids = [new_ids() for _ in range(2000)]
+    for trace, span in ids:
+        assert len(trace) == 32 and len(span) == 16
+        int(trace, 16), int(span, 16)  # hex, or ValueError
+        assert trace == trace.lower() and span == span.lower()
+    assert len({t for t, _ in ids}) == len(ids) and len({s for _, s in ids}) == len(ids)
+    # the two come from different bits of the draw
+    assert all(t[-16:] != s for t, s in ids)
+
+
+def test_new_ids_are_never_all_zeros(monkeypatch: pytest.MonkeyPatch) -> None:
+    import random
+
+    monkeypatch.setattr(random, "getrandbits", lambda k: 0)
+    assert new_ids() == ("0" * 31 + "1", "0" * 15 + "1")
+    monkeypatch.setattr(random, "getrandbits", lambda k: (1 << (k - 1)) | 0)
+    trace, span = new_ids()
+    assert trace == "8" + "0" * 31 and span == "0" * 15 + "1"
+
