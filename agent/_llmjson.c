@@ -354,6 +354,17 @@ static void add_reason(Event *ev, const Str *r) {
     ev->reasons[ev->nreasons++] = *r;
 }
 
+/* a finish or done reason: *is_str set when the value is a str (kept in *r, for add_reason);
+ * an escaped one is left to json (-1) */
+static int reason_value(Cur *c, int depth, Str *r, int *is_str) {
+    *is_str = at(c, '"');
+    if (!*is_str)
+        return value(c, depth);
+    if (string(c, r) < 0 || r->esc)
+        return -1;
+    return 0;
+}
+
 /* a chat delta or message (agent/llm.py _chat_output), at '{' */
 static int chat_output(Cur *c, int depth, int *output) {
     enum { CONTENT, REASONING_CONTENT, REASONING, THINKING, REFUSAL, TOOL_CALLS, FUNCTION_CALL, N };
@@ -410,14 +421,7 @@ static int choice(Cur *c, int depth, int chat, Event *ev) {
         } else if (!chat && is(&k, "text")) {
             r = text_value(c, depth + 1, &text_out);
         } else if (is(&k, "finish_reason")) {
-            reason_str = at(c, '"');
-            if (reason_str) {
-                r = string(c, &reason);
-                if (r == 0 && reason.esc)
-                    return -1;
-            } else {
-                r = value(c, depth + 1);
-            }
+            r = reason_value(c, depth + 1, &reason, &reason_str);
         } else {
             r = value(c, depth + 1);
         }
@@ -517,6 +521,20 @@ static PyObject *count_or_none(int64_t v) {
     return PyLong_FromLongLong(v);
 }
 
+/* The (data, chat) arguments of an event reader: 1 with *c at the object, *chat set and *ev
+ * cleared; 0 when data is not an object to read; -1 with an exception set. */
+static int event_args(PyObject *const *args, Py_ssize_t nargs, Cur *c, int *chat, Event *ev) {
+    int ok = object_bytes(args, nargs, 2, c);
+    if (ok <= 0)
+        return ok;
+    *chat = PyObject_IsTrue(args[1]);
+    if (*chat < 0)
+        return -1;
+    memset(ev, 0, sizeof *ev);
+    ev->input_tokens = ev->output_tokens = -1;
+    return 1;
+}
+
 /* (output, model, finish_reasons, input_tokens, output_tokens), with `done` after output
  * unless it is -1 */
 static PyObject *event_tuple(const Event *ev, int done) {
@@ -553,17 +571,13 @@ static PyObject *event_tuple(const Event *ev, int done) {
 static PyObject *openai_event(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     Cur c;
-    int ok = object_bytes(args, nargs, 2, &c);
+    Event ev;
+    int chat;
+    int ok = event_args(args, nargs, &c, &chat, &ev);
     if (ok < 0)
         return NULL;
     if (ok == 0)
         Py_RETURN_NONE;
-    int chat = PyObject_IsTrue(args[1]);
-    if (chat < 0)
-        return NULL;
-    Event ev;
-    memset(&ev, 0, sizeof ev);
-    ev.input_tokens = ev.output_tokens = -1;
     int more;
     Str k;
     open_(&c, '}', &more);
@@ -593,17 +607,13 @@ static PyObject *openai_event(PyObject *self, PyObject *const *args, Py_ssize_t 
 static PyObject *ollama_event(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     Cur c;
-    int ok = object_bytes(args, nargs, 2, &c);
+    Event ev;
+    int chat;
+    int ok = event_args(args, nargs, &c, &chat, &ev);
     if (ok < 0)
         return NULL;
     if (ok == 0)
         Py_RETURN_NONE;
-    int chat = PyObject_IsTrue(args[1]);
-    if (chat < 0)
-        return NULL;
-    Event ev;
-    memset(&ev, 0, sizeof ev);
-    ev.input_tokens = ev.output_tokens = -1;
     /* json keeps a repeated key's last value: each field is reset where its key is read */
     int response = 0, thinking = 0, message = 0, done = 0, reason_str = 0, more;
     Str reason = {0};
@@ -626,14 +636,7 @@ static PyObject *ollama_event(PyObject *self, PyObject *const *args, Py_ssize_t 
             done = at(&c, 't');
             r = value(&c, 1);
         } else if (is(&k, "done_reason")) {
-            reason_str = at(&c, '"');
-            if (reason_str) {
-                r = string(&c, &reason);
-                if (r == 0 && reason.esc)
-                    Py_RETURN_NONE;
-            } else {
-                r = value(&c, 1);
-            }
+            r = reason_value(&c, 1, &reason, &reason_str);
         } else if (is(&k, "prompt_eval_count")) {
             r = count_value(&c, 1, &ev.input_tokens);
         } else if (is(&k, "eval_count")) {
