@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -570,6 +571,14 @@ def _c_event(api: Api, data: bytes) -> EventInfo | None:
     return None if got is None else EventInfo(got[0], False, got[1], got[2], got[3], got[4])
 
 
+def _assert_c_reads_as_json(read: Callable[[Api, bytes], EventInfo | None], events: list[tuple[Api, bytes]]) -> None:
+    """Each event is decided in C, as json and the stream reading decide it."""
+    for api, data in events:
+        got = read(api, data)
+        assert got is not None, data
+        assert got == _json_reference(api, data) == parse_stream_event(api, data), data
+
+
 @pytest.mark.skipif(not llm.NATIVE_JSON, reason="agent/_llmjson.c not built (CI requires it)")
 def test_the_c_json_reader_answers_what_servers_send() -> None:
     events = [(api, data) for api, data in REALISTIC_EVENTS if api in llm._OPENAI_OBJECTS]
@@ -581,10 +590,7 @@ def test_the_c_json_reader_answers_what_servers_send() -> None:
         (Api.OPENAI_CHAT, b' {"choices":[],"usage":{"prompt_tokens":0,"completion_tokens":-0}}\n'),
         (Api.OPENAI_COMPLETIONS, b'{"choices":[{"text":"\\n","finish_reason":"length"},{"text":""}],"model":"a b"}'),
     ]
-    for api, data in events:
-        got = _c_event(api, data)
-        assert got is not None, data
-        assert got == _json_reference(api, data) == parse_stream_event(api, data), data
+    _assert_c_reads_as_json(_c_event, events)
     # a request body: the model and stream flag, whatever the messages hold
     body = j({"messages": [{"role": "user", "content": SECRET + " \u00e9\n"}], "model": MODEL, "stream": True})
     assert llm._c_request_fields(body) == (MODEL, True)
@@ -769,10 +775,7 @@ def test_the_c_json_reader_answers_what_ollama_sends() -> None:
         (Api.OLLAMA_GENERATE, b'{"response":"caf\xc3\xa9 \\u00e9","done":false,"eval_count":1.5}'),
         (Api.OLLAMA_CHAT, b'{"message":"text","done":1,"prompt_eval_count":-1,"eval_count":true}'),
     ]
-    for api, data in events:
-        got = _c_ollama(api, data)
-        assert got is not None, data
-        assert got == _json_reference(api, data) == parse_stream_event(api, data), data
+    _assert_c_reads_as_json(_c_ollama, events)
     # the final lines carry what the record needs
     final = _c_ollama(Api.OLLAMA_GENERATE, ollama_generate_lines(WORDS)[-1])
     assert final == EventInfo(output=False, done=True, model="llama3.2", finish_reasons=("stop",),
