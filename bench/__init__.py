@@ -20,3 +20,8 @@ def print_result(result: dict[str, Any], as_json: bool, width: int) -> None:
     else:
         for k, v in result.items():
             print(f"{k:{width}} {v}")
+
+
+def parse_sweep(text: str) -> tuple[int, ...]:
+    """A comma-separated list of integers (an argparse ``type``: '' is the empty sweep)."""
+    return tuple(int(x) for x in text.split(",") if x.strip())

@@ -61,7 +61,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from bench import print_result, require_root
+from bench import parse_sweep, print_result, require_root
 from bench.overhead import REPO, Agent, cpu_seconds
 
 MODES = ("untraced", "traced", "probe_only")
@@ -525,10 +525,6 @@ def bench(
     if streamed:
         out["sweep"] = sweep_out
     return out
-
-
-def parse_sweep(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.split(",") if x.strip())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.cli import SYSCALL_ARGS
-from bench import print_result, require_root
+from bench import parse_sweep, print_result, require_root
 
 REPO = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunks", type=int, default=50)
     ap.add_argument("--idle-seconds", type=float, default=5.0,
                     help="how long the first traced round measures the attached agent before any load")
-    ap.add_argument("--sweep-chunks", default="10,200",
+    ap.add_argument("--sweep-chunks", type=parse_sweep, default=(10, 200),
                     help="sse only: comma-separated stream lengths also traced each round, for the marginal "
                          "CPU per chunk ('' for none)")
     ap.add_argument("--syscall-args", choices=SYSCALL_ARGS, default="auto",
@@ -321,10 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print JSON only")
     a = ap.parse_args(argv)
     require_root()
-    try:
-        sweep = tuple(int(c) for c in a.sweep_chunks.split(",") if c.strip())
-    except ValueError:
-        ap.error(f"--sweep-chunks: not a comma-separated list of integers: {a.sweep_chunks!r}")
+    sweep = a.sweep_chunks
     if any(c < 1 for c in sweep):
         ap.error("--sweep-chunks: stream lengths must be at least 1")
     if a.idle_seconds <= 0:

@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from bench.grpc import parse_sweep, sample
+from bench import parse_sweep
+from bench.grpc import sample
 from tests.harness import run_json_module
 
 
