@@ -179,14 +179,14 @@ class Exporters:
     def emit(self, record: Request) -> None:
         """Export ``record``: a span if sampled, and every metric. Never raises, never blocks on I/O."""
         try:
-            trace_id = parse_hex_id(record.trace_id, 16) or self._rng.getrandbits(128) or 1
-            span_id = parse_hex_id(record.span_id, 8) or self._rng.getrandbits(64) or 1
-            decision = self.sampler.decide(record, trace_id)
             exemplar = None
-            if decision.keep and self.spans is not None:
-                self.spans.emit(record, trace_id, span_id)
-                # Only an exported span lends its ids: an exemplar must lead to a trace that exists.
-                exemplar = SpanRef(f"{trace_id:032x}", f"{span_id:016x}")
+            if self.spans is not None:  # with no span export, there is nothing to sample
+                trace_id = parse_hex_id(record.trace_id, 16) or self._rng.getrandbits(128) or 1
+                span_id = parse_hex_id(record.span_id, 8) or self._rng.getrandbits(64) or 1
+                if self.sampler.decide(record, trace_id).keep:
+                    self.spans.emit(record, trace_id, span_id)
+                    # Only an exported span lends its ids: an exemplar must lead to a trace that exists.
+                    exemplar = SpanRef(f"{trace_id:032x}", f"{span_id:016x}")
             self.state.record(record, exemplar)
         except Exception:  # a bad record loses itself, never the pipeline
             self._metrics.inc("infersight.export.record.errors")
