@@ -18,7 +18,7 @@ start-up log, and the test suite refuses to run against it. Nothing else
 changes: without a build (no compiler, or ``--pure`` images) the same
 modules run as plain Python.
 
-Three modules are C written by hand. ``agent/_httphead.c`` reads the HTTP/1.1
+Four modules are C written by hand. ``agent/_httphead.c`` reads the HTTP/1.1
 message head in one pass, where the Python parser makes a dozen calls into ``re``
 and ``bytes``. It reads only the common form and returns None for anything
 else; ``agent/http1.py`` then reads the head itself, and its Python reading
@@ -27,7 +27,9 @@ generated heads. ``agent/_llmjson.c`` reads OpenAI-compatible JSON bodies in one
 validating pass for the few fields ``agent/llm.py`` takes from them, leaving
 anything unusual to ``json``; tests hold it to ``json`` on generated documents.
 ``probes/_ringdrain.c`` takes the ring buffer's records into a list in one call,
-where BCC calls Python once per record.
+where BCC calls Python once per record, and ``probes/_recread.c`` reads the data and
+summary records among them in one pass each, where ``struct`` makes an int of every
+field and Python slices the payload; tests hold it to the Python reading.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ MODULES = (
 #: Hand-written C for what mypyc cannot make fast (regular expressions stay calls into
 #: ``re``, ctypes callbacks stay Python calls); the module that imports each keeps a Python
 #: path for when it is not built.
-C_MODULES = ("agent/_httphead.c", "agent/_llmjson.c", "probes/_ringdrain.c")
+C_MODULES = ("agent/_httphead.c", "agent/_llmjson.c", "probes/_ringdrain.c", "probes/_recread.c")
 
 #: Every source with an extension built from it.
 SOURCES = MODULES + C_MODULES

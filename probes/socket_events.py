@@ -15,9 +15,12 @@ without root.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+
+try:  # data and summary records read in C (probes/_recread.c); data_fields/summary_fields: its reference
+    from probes import _recread
+except ImportError:  # not built: the Python reading below
+    _recread = None  # type: ignore[assignment]
 
 # Constants mirrored from sockets.h (checked by tests/test_socket_events.py).
 EV_DATA = 1
@@ -395,20 +398,63 @@ class DecodeError(ValueError):
     """A ring buffer record that does not match any layout."""
 
 
-class Decoder:
-    """Turns raw ring buffer records into events, for one capture layout."""
+#: a data record's fields, in the order of :class:`DataEvent`'s arguments
+DataFields = tuple[int, int, int, int, int, int, int, int, int, int, bytes, bytes, int]
 
-    def __init__(self, layout: Layout = Layout()) -> None:
+
+def data_fields(raw: bytes, head_cap: int) -> DataFields:
+    """A data record's fields: the reference of ``probes/_recread.c``'s ``data_fields``."""
+    try:
+        (_, d, flags, role, tgid, conn_id, ts, fd, seq, ln, index, head_len, tail_len, lost, _) = (
+            DATA_HEADER.unpack_from(raw)
+        )
+    except struct.error:
+        raise DecodeError(f"short record of type {EV_DATA}: {len(raw)} bytes") from None
+    base = DATA_HEADER.size
+    if flags & DF_TAIL_ONLY:
+        head = b""
+        tail = raw[base : base + tail_len]
+    else:
+        head = raw[base : base + head_len]
+        tail = raw[base + head_cap : base + head_cap + tail_len] if tail_len else b""
+        if len(head) != head_len:
+            raise DecodeError("data record shorter than its head_len")
+    return (d, flags, role, tgid, conn_id, ts, fd, seq, ln, index, head, tail, lost)
+
+
+def summary_fields(raw: bytes, tail_slots: int, tail_cap: int, ring_head: int) -> tuple[int, ...]:
+    """A summary record's header fields and gap buckets as ``SUMMARY_HEADER`` unpacks them,
+    then six per ring slot read (``ts_ns, len, index``, and where its bytes lie in ``raw``:
+    ``start, stop, split``): the reference of ``probes/_recread.c``'s ``summary_fields``.
+
+    The ring's slots are packed: each slot's header, then the ``cap`` bytes it holds."""
+    try:
+        f = SUMMARY_HEADER.unpack_from(raw)
+        out = list(f)
+        off = SUMMARY_HEADER.size
+        for _ in range(min(f[19], tail_slots)):
+            ts, ln, index, cap, _ = TAIL_SLOT_HEADER.unpack_from(raw, off)
+            start = off + TAIL_SLOT_HEADER.size
+            off = start + min(cap, tail_cap)
+            out += (ts, ln, index, start, off, ring_head if ln > tail_cap else -1)
+    except struct.error:
+        raise DecodeError(f"short record of type {EV_SUMMARY}: {len(raw)} bytes") from None
+    return tuple(out)
+
+
+class Decoder:
+    """Turns raw ring buffer records into events, for one capture layout.
+
+    ``native``: read data and summary records with ``probes/_recread.c`` where it is built
+    (False: always with :func:`data_fields` and :func:`summary_fields`)."""
+
+    def __init__(self, layout: Layout = Layout(), native: bool = True) -> None:
         self.layout = layout
-        self._slot_size = TAIL_SLOT_HEADER.size + layout.tail_cap
-        # the headers of the first n + 1 ring slots, skipping the bytes between them
-        slot = TAIL_SLOT_HEADER.format.lstrip("<")
-        self._ring_headers = [
-            struct.Struct("<" + (slot + f"{layout.tail_cap}x") * n + slot) for n in range(layout.tail_slots)
-        ]
-        # bound once: compiled code calls a method of a Python object by looking it up each time
-        self._unpack_data: Callable[[bytes], tuple[Any, ...]] = DATA_HEADER.unpack_from
-        self._unpack_summary: Callable[[bytes], tuple[Any, ...]] = SUMMARY_HEADER.unpack_from
+        self.native = native and _recread is not None
+        self._head_cap = layout.head_cap
+        self._tail_slots = layout.tail_slots
+        self._tail_cap = layout.tail_cap
+        self._ring_head = layout.ring_head
 
     def decode(self, raw: bytes) -> Event:
         """Decode one record. Raises DecodeError for a short or unknown record."""
@@ -433,16 +479,14 @@ class Decoder:
         raise DecodeError(f"unknown record type {kind}")
 
     def _data(self, raw: bytes) -> DataEvent:
-        (_, d, flags, role, tgid, conn_id, ts, fd, seq, ln, index, head_len, tail_len, lost, _) = self._unpack_data(raw)
-        base = DATA_HEADER.size
-        if flags & DF_TAIL_ONLY:
-            head = b""
-            tail = raw[base : base + tail_len]
+        if self.native:
+            try:
+                f = _recread.data_fields(raw, self._head_cap)
+            except ValueError as e:
+                raise DecodeError(str(e)) from None
         else:
-            head = raw[base : base + head_len]
-            tail = raw[base + self.layout.head_cap : base + self.layout.head_cap + tail_len] if tail_len else b""
-        if len(head) != head_len and not flags & DF_TAIL_ONLY:
-            raise DecodeError("data record shorter than its head_len")
+            f = data_fields(raw, self._head_cap)
+        (d, flags, role, tgid, conn_id, ts, fd, seq, ln, index, head, tail, lost) = f
         return DataEvent(d, flags, role, tgid, conn_id, ts, fd, seq, ln, index, head, tail, lost)
 
     def _h2(self, raw: bytes) -> H2Event:
@@ -464,23 +508,20 @@ class Decoder:
         return H2Event(d, kind, role, tgid, conn_id, ts, fd, sid, flen, ftype, fflags, hflags, lost, agg, payload)
 
     def _summary(self, raw: bytes) -> SummaryEvent:
-        f = self._unpack_summary(raw)
-        ring_count = f[19]
-        gaps = tuple(f[20 : 20 + GAP_BUCKETS])
-        slots = []
-        count = min(ring_count, self.layout.tail_slots)
-        if count > 0:
-            # every slot's header in one unpack; the bytes stay in the record until read
-            headers = self._ring_headers[count - 1].unpack_from(raw, SUMMARY_HEADER.size)
-            layout = self.layout
-            start = SUMMARY_HEADER.size + TAIL_SLOT_HEADER.size
-            for i in range(0, 5 * count, 5):
-                ln = headers[i + 1]
-                stop = start + min(headers[i + 3], layout.tail_cap)
-                split = layout.ring_head if ln > layout.tail_cap else -1
-                slots.append(TailSlot.in_record(headers[i], ln, headers[i + 2], raw, start, stop, split))
-                start += self._slot_size
-        # all slots are copied, the valid ones are those of this phase's last writes
+        if self.native:
+            try:
+                f = _recread.summary_fields(raw, self._tail_slots, self._tail_cap, self._ring_head)
+            except ValueError as e:
+                raise DecodeError(str(e)) from None
+        else:
+            f = summary_fields(raw, self._tail_slots, self._tail_cap, self._ring_head)
+        gaps = f[20 : 20 + GAP_BUCKETS]
+        # all slots are copied, the valid ones are those of this phase's last writes; their
+        # bytes stay in the record until read
+        slots = [
+            TailSlot.in_record(f[i], f[i + 1], f[i + 2], raw, f[i + 3], f[i + 4], f[i + 5])
+            for i in range(20 + GAP_BUCKETS, len(f), 6)
+        ]
         return SummaryEvent(
             reason=f[1],
             flags=f[2],

@@ -238,17 +238,35 @@ static __always_inline void send_summary(struct conn_t *c, u64 key, u32 tgid, u3
     s->lost = c->lost;
     __builtin_memcpy(s->gaps, c->gaps, sizeof(s->gaps));
     u32 ring = 0;
+    u64 packed = 0;
     if (c->phase == PH_RESP && c->writes > SAMPLE_WRITES) {
         struct tails_t *t = tails.lookup(&key);
         if (t) {
             ring = c->writes - SAMPLE_WRITES;
             if (ring > TAIL_SLOTS)
                 ring = TAIL_SLOTS;
-            bpf_probe_read_kernel(s->ring, sizeof(s->ring), t->slot);
+            /* the ring goes out packed: each slot's header and the cap bytes it holds, one
+             * after another (a slot's unused bytes would be most of the record); one copy per
+             * slot, written out, since a loop loses the bound the verifier needs */
+#define PACK_SLOT(I)                                                                   \
+    if ((I) < TAIL_SLOTS && (I) < ring) {                                              \
+        struct tail_slot_t *slot = &t->slot[(I) % TAIL_SLOTS];                         \
+        u64 n = slot->cap;                                                             \
+        CLAMP(n, TAIL_CAP);                                                            \
+        CLAMP(packed, (TAIL_SLOTS - 1) * sizeof(struct tail_slot_t));                  \
+        n += offsetof(struct tail_slot_t, data);                                       \
+        bpf_probe_read_kernel((u8 *)s->ring + packed, n, slot);                        \
+        packed += n;                                                                   \
+    }
+            PACK_SLOT(0) PACK_SLOT(1) PACK_SLOT(2) PACK_SLOT(3)
+            PACK_SLOT(4) PACK_SLOT(5) PACK_SLOT(6) PACK_SLOT(7)
+            PACK_SLOT(8) PACK_SLOT(9) PACK_SLOT(10) PACK_SLOT(11)
+            PACK_SLOT(12) PACK_SLOT(13) PACK_SLOT(14) PACK_SLOT(15)
+#undef PACK_SLOT
         }
     }
     s->ring_count = ring;
-    u64 size = offsetof(struct summary_event_t, ring) + (u64)ring * sizeof(struct tail_slot_t);
+    u64 size = offsetof(struct summary_event_t, ring) + packed;
     CLAMP(size, sizeof(*s));
     emit(s, size, C_LOST_SUMMARY, c);
     c->summarized = 1;

@@ -20,6 +20,9 @@
 #define TAIL_SLOTS 8        /* last response writes kept per stream (power of 2); an OpenAI
                              * stream ends with finish, usage, [DONE] and terminator writes */
 #endif
+#if TAIL_SLOTS > 16
+#error "TAIL_SLOTS: at most 16 (send_summary packs each slot by hand)"
+#endif
 #define GAP_BUCKETS 32      /* log2 histogram of inter-write gaps, in microseconds */
 
 /* event types: the first byte of every ring buffer record */
@@ -132,6 +135,8 @@ struct summary_event_t {
     u32 lost;
     u32 ring_count;     /* valid entries in ring[] (the last writes with index >= SAMPLE_WRITES) */
     u32 gaps[GAP_BUCKETS];
+    /* In the record, ring_count slots packed: each slot's header (up to data) followed by its
+     * cap bytes, the next slot's header right after them. The array is the largest case. */
     struct tail_slot_t ring[TAIL_SLOTS];
 };
 

@@ -134,6 +134,8 @@ class SocketProbeConfig:
             v = getattr(self, name)
             if v <= 0 or v & (v - 1):
                 raise ValueError(f"{name} must be a power of two, got {v}")
+        if self.tail_slots > 16:
+            raise ValueError(f"tail_slots must be at most 16, got {self.tail_slots}")
         return [
             f"-I{PROBE_DIR}",
             f"-DHEAD_CAP={self.head_cap}",

@@ -12,10 +12,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from probes import socket_events as se
 from probes import socket_layout
 from probes.sockets import SocketProbeConfig
+from tests.conftest import IN_CI
 
 HEADER = Path(__file__).resolve().parent.parent / "probes" / "sockets.h"
 
@@ -87,9 +90,10 @@ def test_struct_formats_match_ctypes() -> None:
     assert se.PROC_EVENT.size == ctypes.sizeof(structs["proc_event_t"])
 
 
-def test_decode_round_trip() -> None:
+@pytest.mark.parametrize("native", [True, False], ids=["c", "python"])
+def test_decode_round_trip(native: bool) -> None:
     layout = se.Layout()
-    d = se.Decoder(layout)
+    d = se.Decoder(layout, native=native)
     hdr = se.DATA_HEADER.pack(se.EV_DATA, se.DIR_OUT, 0, se.ROLE_SERVER, 42, 7, 123, 9, 3, 4000, 1,
                               layout.head_cap, 16, 2, 0)
     raw = hdr + b"h" * layout.head_cap + b"t" * 16
@@ -107,17 +111,18 @@ def test_decode_round_trip() -> None:
         d.decode(hdr[:10])
 
 
-def test_summary_ring_slots_decode_lazily_and_exactly() -> None:
+@pytest.mark.parametrize("native", [True, False], ids=["c", "python"])
+def test_summary_ring_slots_decode_lazily_and_exactly(native: bool) -> None:
     layout = se.Layout()
-    d = se.Decoder(layout)
+    d = se.Decoder(layout, native=native)
     fields = [se.EV_SUMMARY, se.SR_CLOSE, 0, se.ROLE_SERVER, 42, 7, 999, 9, 3, 1, 2, 3, 4, 5, 100, 2000, 1, 60, 0, 3,
               *range(se.GAP_BUCKETS)]
     long_write = bytes(range(256)) * 2  # the probe keeps ring_head bytes of the start, the rest of the end
     slots = [(1000, 20, 57, b"short write" + b"\0" * 9), (1001, 5000, 58, long_write), (1002, 5, 59, b"0\r\n\r\n")]
     raw = se.SUMMARY_HEADER.pack(*fields)
-    for ts, ln, index, data in slots:
+    for ts, ln, index, data in slots:  # packed: each slot's header, then the bytes it holds
         cap = min(ln, layout.tail_cap)
-        raw += se.TAIL_SLOT_HEADER.pack(ts, ln, index, cap, 0) + data[:cap].ljust(layout.tail_cap, b"\xee")
+        raw += se.TAIL_SLOT_HEADER.pack(ts, ln, index, cap, 0) + data[:cap]
     ev = d.decode(raw)
     assert isinstance(ev, se.SummaryEvent)
     assert (ev.tgid, ev.conn_id, ev.seq, ev.writes, ev.gaps) == (42, 7, 3, 60, tuple(range(se.GAP_BUCKETS)))
@@ -127,7 +132,101 @@ def test_summary_ring_slots_decode_lazily_and_exactly() -> None:
     assert ev.ring[2] == se.TailSlot(1002, 5, 59, b"0\r\n\r\n", b"")
     assert ev.ring[1] == se.TailSlot(1001, 5000, 58, long_write[: layout.ring_head], long_write[layout.ring_head :])
     # a ring slot cut short (the last slot's bytes missing) keeps what is there
-    cut = d.decode(raw[: -layout.tail_cap + 3])
+    cut = d.decode(raw[:-2])
     assert isinstance(cut, se.SummaryEvent) and cut.ring[2].head == b"0\r\n"
     with pytest.raises(se.DecodeError):  # a slot header missing
-        d.decode(raw[: -layout.tail_cap - 10])
+        d.decode(raw[: -5 - 10])
+
+
+# --- data and summary records read in C (probes/_recread.c) against the Python reading ---
+
+
+def test_the_c_record_reader_is_built_where_ci_runs() -> None:
+    if IN_CI:
+        assert se._recread is not None, "probes/_recread.c is not built: python -m agent.native build"
+    if se._recread is not None:
+        r = se._recread
+        assert (r.DATA_HEADER_SIZE, r.SUMMARY_HEADER_SIZE, r.TAIL_SLOT_HEADER_SIZE) == (
+            se.DATA_HEADER.size, se.SUMMARY_HEADER.size, se.TAIL_SLOT_HEADER.size)
+        assert (r.DF_TAIL_ONLY, r.GAP_BUCKETS) == (se.DF_TAIL_ONLY, se.GAP_BUCKETS)
+        assert se.Decoder().native and not se.Decoder(native=False).native
+
+
+def _read(fn, *args):  # type: ignore[no-untyped-def]
+    """What a reader returns, or that it refused the record (C: ValueError, Python: DecodeError)."""
+    try:
+        return fn(*args)
+    except ValueError as e:
+        return ("refused", str(e))
+
+
+_U32 = st.integers(min_value=0, max_value=2**32 - 1)
+_U64 = st.integers(min_value=0, max_value=2**64 - 1)
+_SMALL = st.integers(min_value=0, max_value=600)
+
+
+def _maybe_cut(draw: st.DrawFn, raw: bytes) -> bytes:
+    """``raw`` whole, or (one time in four) cut anywhere."""
+    return raw[: draw(st.integers(0, len(raw)))] if draw(st.integers(0, 3)) == 3 else raw
+
+
+@st.composite
+def _data_records(draw: st.DrawFn) -> bytes:
+    body = draw(st.binary(max_size=1400))
+    head_len = draw(st.one_of(st.integers(0, len(body)), _SMALL))
+    tail_len = draw(st.one_of(st.just(0), st.integers(0, len(body)), _SMALL))
+    hdr = se.DATA_HEADER.pack(se.EV_DATA, draw(st.integers(0, 255)), draw(st.sampled_from([0, se.DF_TAIL_ONLY, 3, 254])),
+                              draw(st.integers(0, 255)), draw(_U32), draw(_U64), draw(_U64), draw(_U32), draw(_U32),
+                              draw(_U32), draw(_U32), head_len, tail_len, draw(_U32), draw(_U32))
+    return _maybe_cut(draw, hdr + body)
+
+
+@st.composite
+def _summary_records(draw: st.DrawFn) -> bytes:
+    data = st.one_of(st.binary(max_size=128), st.binary(max_size=128), st.binary(max_size=600))
+    slots = draw(st.lists(st.tuples(_U64, _U32, _U32, data), max_size=10))
+    n = len(slots)
+    ring_count = draw(st.one_of(st.just(n), st.just(n), st.just(n), st.integers(0, 12), _U32))
+    fields = [se.EV_SUMMARY, *draw(st.lists(st.integers(0, 255), min_size=3, max_size=3)), draw(_U32), draw(_U64),
+              draw(_U64), draw(_U32), draw(_U32), *draw(st.lists(_U64, min_size=7, max_size=7)),
+              *draw(st.lists(_U32, min_size=3, max_size=3)), ring_count,
+              *draw(st.lists(_U32, min_size=se.GAP_BUCKETS, max_size=se.GAP_BUCKETS))]
+    raw = se.SUMMARY_HEADER.pack(*fields)
+    for ts, ln, index, data in slots:  # cap: the bytes that follow, or (rarely) any number
+        cap = draw(st.one_of(*[st.just(len(data))] * 6, st.integers(0, 700), _U32))
+        raw += se.TAIL_SLOT_HEADER.pack(ts, ln, index, cap, 0) + data
+    return _maybe_cut(draw, raw)
+
+
+_SUMMARY_FIELDS = ("reason", "flags", "role", "tgid", "conn_id", "ts_ns", "fd", "seq", "req_start_ns", "req_last_ns",
+                   "resp_first_ns", "resp_last_ns", "eof_ns", "bytes_in", "bytes_out", "reads", "writes", "lost",
+                   "gaps", "ring")
+
+
+@pytest.mark.skipif(se._recread is None, reason="probes/_recread.c not built (CI requires it)")
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(raw=_summary_records(), layout=st.sampled_from([(8, 512, 192), (4, 128, 64), (0, 512, 192)]))
+def test_the_c_record_reader_reads_summary_records_as_python_does(raw: bytes, layout: tuple[int, int, int]) -> None:
+    assert _read(se._recread.summary_fields, raw, *layout) == _read(se.summary_fields, raw, *layout)
+    c, py = se.Decoder(se.Layout(tail_slots=layout[0], tail_cap=layout[1], ring_head=layout[2]), native=True), \
+        se.Decoder(se.Layout(tail_slots=layout[0], tail_cap=layout[1], ring_head=layout[2]), native=False)
+    try:
+        want = py.decode(raw)
+    except se.DecodeError as e:
+        with pytest.raises(se.DecodeError, match=re.escape(str(e))):
+            c.decode(raw)
+        return
+    got = c.decode(raw)
+    assert isinstance(got, se.SummaryEvent) and isinstance(want, se.SummaryEvent)
+    assert [getattr(got, f) for f in _SUMMARY_FIELDS] == [getattr(want, f) for f in _SUMMARY_FIELDS]
+
+
+def test_the_c_record_reader_rejects_wrong_arguments() -> None:
+    if se._recread is None:
+        pytest.skip("probes/_recread.c not built (CI requires it)")
+    with pytest.raises(TypeError):
+        se._recread.data_fields("not bytes", 10)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        se._recread.summary_fields(b"", 1, 2)  # type: ignore[call-arg]
+    with pytest.raises(ValueError):
+        se._recread.data_fields(b"x" * 100, -1)
