@@ -377,10 +377,12 @@ class MetricState:
         self, inst: Instrument, labels: tuple[str, ...], value: float, ex: SpanRef | None, t_ns: int
     ) -> None:
         s = self._series[inst.name]
-        labels = self._key(s, s.hist, labels)
         h = s.hist.get(labels)
-        if h is None:
-            h = s.hist[labels] = _Histogram(len(s.buckets))
+        if h is None:  # a new series, unless the cap folds it into one that exists
+            labels = self._key(s, s.hist, labels)
+            h = s.hist.get(labels)
+            if h is None:
+                h = s.hist[labels] = _Histogram(len(s.buckets))
         # Prometheus buckets are upper-inclusive (le): a value equal to a bound belongs to it.
         i = bisect.bisect_left(s.buckets, value)
         h.counts[i] += 1
@@ -393,8 +395,11 @@ class MetricState:
 
     def _add(self, inst: Instrument, labels: tuple[str, ...], n: float) -> None:
         s = self._series[inst.name]
-        labels = self._key(s, s.scalar, labels)
-        s.scalar[labels] = s.scalar.get(labels, 0.0) + n
+        v = s.scalar.get(labels)
+        if v is None:  # a new series, unless the cap folds it into one that exists
+            labels = self._key(s, s.scalar, labels)
+            v = s.scalar.get(labels, 0.0)
+        s.scalar[labels] = v + n
 
     # -- collection ------------------------------------------------------------------------------
 
