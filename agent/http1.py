@@ -57,7 +57,6 @@ raises ``ValueError`` for an invalid ``role`` or ``max_head_bytes``.
 from __future__ import annotations
 
 import re
-from collections import deque
 from collections.abc import Iterable
 from typing import Final, Literal
 
@@ -268,7 +267,10 @@ class H1Parser:
         self._request = role == "request"
         self._max_head = max_head_bytes
         self._metrics = metrics
-        self._events: deque[Event] = deque()
+        # events not yet taken are _events[_taken:]; a list and an index rather than a deque,
+        # whose methods compiled code calls through a lookup each
+        self._events: list[Event] = []
+        self._taken = 0
         self._buf = b""  # unconsumed bytes: a partial head, chunk line, trailer or resync candidate
         self._state = _HEAD
         self._remaining = 0  # body or chunk bytes still expected
@@ -276,7 +278,7 @@ class H1Parser:
         self._head_scanned = 0  # bytes of the current partial head already searched for its end
         self._native = native_head and NATIVE_HEAD
         self._reason = ""  # why the current resync started
-        self._methods: deque[str] = deque()
+        self._methods: list[str] = []  # pending request methods, oldest first (a few at most)
         self._sync = _REQUEST_SYNC if self._request else _RESPONSE_SYNC
         self._sync_partial = _REQUEST_SYNC_PARTIAL if self._request else _RESPONSE_SYNC_PARTIAL
 
@@ -387,7 +389,7 @@ class H1Parser:
         the oldest is dropped and counted.
         """
         if len(self._methods) >= _MAX_PENDING_METHODS:
-            self._methods.popleft()
+            self._methods.pop(0)
             self._metrics.inc("infersight.parse.failures", 1, (("reason", "pending_methods_full"),))
         self._methods.append(method)
 
@@ -403,9 +405,17 @@ class H1Parser:
 
     def next_event(self) -> Event | NeedData:
         """The next event, or :data:`NEED_DATA` when none is ready."""
-        if self._events:
-            return self._events.popleft()
-        return NEED_DATA
+        events = self._events
+        i = self._taken
+        if i >= len(events):
+            return NEED_DATA
+        ev = events[i]
+        if i + 1 == len(events):  # the last one: the list starts again
+            events.clear()
+            self._taken = 0
+        else:
+            self._taken = i + 1
+        return ev
 
     # --- bookkeeping --------------------------------------------------------
 
@@ -549,7 +559,7 @@ class H1Parser:
         status = int(line.group(2))
         if status >= 200 or status == 101:
             if self._methods:
-                self._methods.popleft()
+                self._methods.pop(0)
         self._emit(
             ResponseHead(
                 status, reason.decode("latin-1") if reason else "", line.group(1).decode("ascii"), headers
@@ -588,7 +598,7 @@ class H1Parser:
         if 100 <= status < 200 and status != 101:
             self._state = _HEAD  # informational: the final response follows
             return
-        method = self._methods.popleft() if self._methods else None
+        method = self._methods.pop(0) if self._methods else None
         if status == 101 or (method == "CONNECT" and 200 <= status < 300):
             self._emit(Upgrade())
             self._state = _UPGRADED
