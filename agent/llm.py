@@ -622,9 +622,11 @@ def _from_text(api: Api, s: bytes) -> EventInfo:
     if not s:
         return EMPTY_EVENT
     ollama, tgi = api in _OLLAMA, api in _TGI
-    if b'"' not in s:
+    # find() rather than `in`: on bytes, `in` first tries its operand as an int, and the
+    # TypeError it then clears costs more than the search (CPython 3.11)
+    if s.find(b'"') < 0:
         # every key pattern opens with a quote: only a [DONE] marker can tell anything
-        if not ollama and not tgi and b"[DONE]" in s and _DONE_MARK.search(s):
+        if not ollama and not tgi and s.find(b"[DONE]") >= 0 and _DONE_MARK.search(s):
             return _DONE_EVENT
         return EMPTY_EVENT
     out_strings = _OUTPUT_STRINGS[api]
@@ -694,7 +696,7 @@ def _from_text(api: Api, s: bytes) -> EventInfo:
             elif key == b"details" and tgi and opener == b"{":
                 done = True
 
-    if not ollama and not tgi and b"[DONE]" in s and _DONE_MARK.search(s):
+    if not ollama and not tgi and s.find(b"[DONE]") >= 0 and _DONE_MARK.search(s):
         done = True
         seen_empty = True  # the [DONE] event carries no output
     output = True if seen_output else (False if seen_empty else None)
