@@ -15,6 +15,7 @@ without root.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 try:  # data and summary records read in C (probes/_recread.c); data_fields/summary_fields: its reference
@@ -451,6 +452,11 @@ class Decoder:
     def __init__(self, layout: Layout = Layout(), native: bool = True) -> None:
         self.layout = layout
         self.native = native and _recread is not None
+        # bound once: compiled code would look a module's attribute up on every call
+        self._read_data: Callable[[bytes, int], DataFields] = _recread.data_fields if self.native else data_fields
+        self._read_summary: Callable[[bytes, int, int, int], tuple[int, ...]] = (
+            _recread.summary_fields if self.native else summary_fields
+        )
         self._head_cap = layout.head_cap
         self._tail_slots = layout.tail_slots
         self._tail_cap = layout.tail_cap
@@ -479,13 +485,10 @@ class Decoder:
         raise DecodeError(f"unknown record type {kind}")
 
     def _data(self, raw: bytes) -> DataEvent:
-        if self.native:
-            try:
-                f = _recread.data_fields(raw, self._head_cap)
-            except ValueError as e:
-                raise DecodeError(str(e)) from None
-        else:
-            f = data_fields(raw, self._head_cap)
+        try:
+            f = self._read_data(raw, self._head_cap)
+        except ValueError as e:  # the C reader's refusal, or the Python one's DecodeError
+            raise DecodeError(str(e)) from None
         (d, flags, role, tgid, conn_id, ts, fd, seq, ln, index, head, tail, lost) = f
         return DataEvent(d, flags, role, tgid, conn_id, ts, fd, seq, ln, index, head, tail, lost)
 
@@ -508,13 +511,10 @@ class Decoder:
         return H2Event(d, kind, role, tgid, conn_id, ts, fd, sid, flen, ftype, fflags, hflags, lost, agg, payload)
 
     def _summary(self, raw: bytes) -> SummaryEvent:
-        if self.native:
-            try:
-                f = _recread.summary_fields(raw, self._tail_slots, self._tail_cap, self._ring_head)
-            except ValueError as e:
-                raise DecodeError(str(e)) from None
-        else:
-            f = summary_fields(raw, self._tail_slots, self._tail_cap, self._ring_head)
+        try:
+            f = self._read_summary(raw, self._tail_slots, self._tail_cap, self._ring_head)
+        except ValueError as e:
+            raise DecodeError(str(e)) from None
         gaps = f[20 : 20 + GAP_BUCKETS]
         # all slots are copied, the valid ones are those of this phase's last writes; their
         # bytes stay in the record until read
