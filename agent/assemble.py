@@ -694,12 +694,14 @@ class Assembler:
             # The writes the kernel only counted still went through the stream:
             # skip them in the parser (which keeps Content-Length framing across
             # the gap, and stays aligned for the connection's next response), and
-            # end a read-to-close body at close.
-            unseen = s.bytes_out - ex.sampled_bytes
-            if unseen > 0:
-                p.feed_gap(unseen)
-            if s.reason == SR_CLOSE:
-                p.close()
+            # end a read-to-close body at close. A chunked body whose terminator the
+            # kernel saw at the end of its last write ends there, framing kept.
+            if not (s.flags & CF_TERMINATED and p.end_chunked()):
+                unseen = s.bytes_out - ex.sampled_bytes
+                if unseen > 0:
+                    p.feed_gap(unseen)
+                if s.reason == SR_CLOSE:
+                    p.close()
             self._drain_response(ex, p, s.resp_last_ns or s.ts_ns)
         if ex.method is None or ex.damaged:
             reason = "capture_lost" if ex.damaged else "request_unparsed"

@@ -381,6 +381,21 @@ class H1Parser:
         self._buf = b""
         self._state = _CLOSED
 
+    def end_chunked(self) -> bool:
+        """End a chunked body whose terminator was seen in bytes this parser was not fed (the
+        capture checks the end of every write for it): the message ends complete, and the
+        parser expects the next head, framing kept without a resync. False, changing nothing,
+        when the parser is not inside a chunked body."""
+        if self._state not in (_CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILER):
+            return False
+        self._buf = b""
+        self._remaining = 0
+        self._trailer_bytes = 0
+        self._head_scanned = 0
+        self._emit(EndOfMessage(True))
+        self._state = _HEAD
+        return True
+
     def expect_response_to(self, method: str) -> None:
         """Queue the method of a request on this connection (response role).
 

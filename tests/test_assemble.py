@@ -259,3 +259,41 @@ def test_one_step_reading_of_ndjson_writes_changes_no_record(picks: list[int]) -
     assert out[0] == out[1]
     if set(picks) <= {0, 1, 2, 3, 8, 9}:  # whole chunks only: the final line is read
         assert out[0][0]["gen_ai.usage.output_tokens"] == 3
+
+
+def summary_with_ring(conn: int, seq: int, reason: int, *, flags: int, writes: int, bytes_out: int, last_write: int,
+                      ring: list[tuple[int, int, bytes]], start: int = T0) -> bytes:
+    """A summary whose tail ring holds ``ring``'s ``(ts, index, write)`` slots, packed as the probe sends them."""
+    fields = [se.EV_SUMMARY, reason, flags, se.ROLE_SERVER, 4242, conn, last_write, 7, seq, start, start, 0,
+              last_write, 0, 100, bytes_out, 1, writes, 0, len(ring), *([0] * se.GAP_BUCKETS)]
+    raw = se.SUMMARY_HEADER.pack(*fields)
+    for ts, index, write in ring:
+        assert len(write) <= LAYOUT.tail_cap
+        raw += se.TAIL_SLOT_HEADER.pack(ts, len(write), index, len(write), 0) + write
+    return raw
+
+
+def test_a_stream_past_its_sampled_writes_ends_at_its_terminator_and_keeps_framing() -> None:
+    # The kernel saw the chunked terminator at the end of the last write: the stream ends
+    # there, complete, and the connection's next response is read without a resync.
+    writes = [SSE_HEAD, _chunk(_event("")), *[_chunk(_event(c)) for c in "abcdefghi"],
+              _chunk(_event("", "stop")), _chunk(b"data: [DONE]\n\n"), b"0\r\n\r\n"]
+    ts = [T0 + (i + 1) * MS for i in range(len(writes))]
+    sampled, slots = AssemblyConfig().sample_writes, AssemblyConfig().tail_slots
+    h = Harness()
+    h.feed(data(1, 1, 0, se.DIR_IN, T0, SSE_POST),
+           *[data(1, 1, i, se.DIR_OUT, ts[i], w) for i, w in enumerate(writes[:sampled])],
+           summary_with_ring(1, 1, se.SR_TERMINATED, flags=se.CF_TERMINATED, writes=len(writes),
+                             bytes_out=sum(map(len, writes)), last_write=ts[-1],
+                             ring=[(ts[i], i, writes[i]) for i in range(len(writes) - slots, len(writes))]),
+           data(1, 2, 0, se.DIR_IN, T0 + 50 * MS, GET),
+           data(1, 2, 0, se.DIR_OUT, T0 + 52 * MS, HEAD_200),
+           data(1, 2, 1, se.DIR_OUT, T0 + 53 * MS, b'{"ok":true}'))
+    first, second = h.records
+    assert first.streaming and not first.aborted and first.error_type is None
+    # two sampled outputs, two unseen mid-stream writes, five in the ring up to the last output
+    assert (first.output_events, first.finish_reasons) == (9, ("stop",))
+    assert first.time_to_first_token_s == 0.003 and first.time_per_output_token_s == 0.001
+    assert first.duration_s == 0.014
+    assert (second.method, second.path, second.status_code, second.duration_s) == ("GET", "/v1/models", 200, 0.003)
+    assert h.metrics.total("infersight.parse.resyncs") == 0 and h.lost() == 0

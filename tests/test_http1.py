@@ -644,6 +644,46 @@ def test_gap_resync_is_counted_apart_from_failures() -> None:
     assert metrics.total("infersight.parse.failures") == 0
 
 
+@pytest.mark.parametrize(
+    "fed",
+    [
+        b"10\r\ndata: {}\n\n",  # between chunks
+        b"10\r\ndata: {",  # inside a chunk's data
+        b"10\r\ndata: {}\n\n\r",  # inside a chunk's CRLF
+        b"1",  # inside a chunk-size line
+        b"0\r\nx-trailer: 1",  # inside the trailer
+    ],
+)
+def test_a_chunked_body_ended_out_of_sight_keeps_framing(fed: bytes) -> None:
+    # The capture saw the terminator in writes the parser was not fed: the body ends complete,
+    # and the connection's next response is read without a resync.
+    metrics = SelfMetrics()
+    p = H1Parser("response", metrics=metrics)
+    p.expect_response_to("POST")
+    p.feed(SSE_HEAD + fed)
+    events = drain(p)
+    assert isinstance(events[0], ResponseHead)
+    assert p.end_chunked() is True
+    assert drain(p) == [EndOfMessage(True)]
+    assert p.buffered == 0
+    p.expect_response_to("GET")
+    p.feed(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+    assert drain(p) == [rs(200, "OK", ("content-length", "2")), Body(b"ok"), EndOfMessage(True)]
+    assert metrics.total("infersight.parse.resyncs") == 0
+    assert metrics.total("infersight.parse.failures") == 0
+
+
+def test_end_chunked_outside_a_chunked_body_changes_nothing() -> None:
+    p = H1Parser("response")
+    assert p.end_chunked() is False  # before any head
+    p.expect_response_to("GET")
+    p.feed(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nab")
+    drain(p)
+    assert p.end_chunked() is False  # a Content-Length body
+    p.feed(b"cde")
+    assert drain(p) == [Body(b"cde"), EndOfMessage(True)]
+
+
 def test_gap_during_resync_keeps_its_reason() -> None:
     metrics = SelfMetrics()
     got = run("request", [CLIENT_HELLO, 500, b"\x17\x03\x03GE", 7, b"T / HTTP/1.1\r\n\r\n"], metrics=metrics)
