@@ -559,13 +559,24 @@ static PyObject *event_tuple(const Event *ev, int done) {
         Py_DECREF(reasons);
         return NULL;
     }
-    PyObject *output = ev->output ? Py_True : Py_False;
-    Py_INCREF(output);
-    if (done < 0)
-        return Py_BuildValue("(NNNNN)", output, model, reasons, in, out);
-    PyObject *d = done ? Py_True : Py_False;
-    Py_INCREF(d);
-    return Py_BuildValue("(NNNNNN)", output, d, model, reasons, in, out);
+    /* the tuple filled directly: Py_BuildValue parses its format on every call */
+    PyObject *t = PyTuple_New(done < 0 ? 5 : 6);
+    if (!t) {
+        Py_DECREF(model);
+        Py_DECREF(in);
+        Py_DECREF(out);
+        Py_DECREF(reasons);
+        return NULL;
+    }
+    Py_ssize_t i = done < 0 ? 1 : 2; /* where model goes */
+    PyTuple_SET_ITEM(t, 0, Py_NewRef(ev->output ? Py_True : Py_False));
+    if (done >= 0)
+        PyTuple_SET_ITEM(t, 1, Py_NewRef(done ? Py_True : Py_False));
+    PyTuple_SET_ITEM(t, i, model);
+    PyTuple_SET_ITEM(t, i + 1, reasons);
+    PyTuple_SET_ITEM(t, i + 2, in);
+    PyTuple_SET_ITEM(t, i + 3, out);
+    return t;
 }
 
 static PyObject *openai_event(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {

@@ -301,6 +301,8 @@ def parse_fragment(api: Api, fragment: bytes) -> EventInfo:
     output are merged. ``output`` is False when event bodies are visible and
     none carries output, None when nothing tells.
     """
+    if fragment in _DONE_WRITES and api not in _OLLAMA and api not in _TGI:
+        return _DONE_EVENT  # what the scan below finds in it, without the scan
     obj = _c_whole_event(fragment) if NATIVE_JSON else _whole_event(fragment)
     if obj is not None:
         info = _object_event(api, obj)
@@ -325,6 +327,26 @@ for _n in (1, 2):
         for _crlf in (True, False):
             _ENDINGS.setdefault(_ends + (b"\r\n" if _crlf else b""), (len(_ends), _crlf))
 _HEX_DIGITS: Final = b"0123456789abcdefABCDEF"
+
+
+def _done_writes() -> frozenset[bytes]:
+    # A write of one whole SSE [DONE] event, in each form _whole_event takes for an object:
+    # an optional chunk-size line (its digits in either case) and its CRLF, "data:" and an
+    # optional space, one or two line ends. Most streams end with one.
+    out: set[bytes] = set()
+    for space in (b"", b" "):
+        for ends, (_, crlf) in _ENDINGS.items():
+            body = b"data:" + space + b"[DONE]" + ends
+            if not crlf:
+                out.add(body)
+                continue
+            event = body[:-2]  # the line ends, the chunk's CRLF removed
+            for size in (b"%x" % len(event), b"%X" % len(event)):
+                out.add(size + b"\r\n" + body)
+    return frozenset(out)
+
+
+_DONE_WRITES: Final = _done_writes()
 
 
 def _whole_event(fragment: bytes) -> bytes | None:

@@ -468,6 +468,23 @@ def test_a_write_of_one_whole_event_is_decoded_and_reads_as_the_scan_does(api: A
         assert parse_fragment(api, write) == llm._from_text(api, write) == parse_stream_event(api, data)
 
 
+@pytest.mark.parametrize("api", list(Api))
+def test_a_write_of_one_done_event_reads_as_the_scan_does(api: Api) -> None:
+    # parse_fragment answers these writes without the scan; the answer must be the scan's
+    writes = sorted(llm._DONE_WRITES)
+    assert b"e\r\ndata: [DONE]\n\n\r\n" in writes and b"data: [DONE]\n\n" in writes
+    for write in writes:
+        assert parse_fragment(api, write) == llm._from_text(api, write), write
+        body = write.split(b"\r\n", 1)[1] if not write.startswith(b"data") else write
+        assert body.split(b"[DONE]")[0] in (b"data:", b"data: "), write
+    if api in (Api.OLLAMA_GENERATE, Api.OLLAMA_CHAT, Api.TGI_GENERATE, Api.TGI_GENERATE_STREAM):
+        assert parse_fragment(api, b"data: [DONE]\n\n") == EMPTY_EVENT  # no [DONE] in these APIs
+    else:
+        assert parse_fragment(api, b"e\r\ndata: [DONE]\n\n\r\n") == EventInfo(output=False, done=True)
+    # a chunk whose size disagrees is not one of them, and is scanned
+    assert b"f\r\ndata: [DONE]\n\n\r\n" not in llm._DONE_WRITES
+
+
 def test_writes_that_are_not_one_whole_event_are_scanned() -> None:
     event = b"data: " + j({"model": MODEL, "choices": [{"delta": {"content": "hi"}}]}) + b"\n\n"
     for write in (
