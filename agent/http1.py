@@ -27,7 +27,9 @@ or close the connection:
   ``EndOfMessage(complete=False)`` and the parser resyncs. Framing lost to a
   gap is an expected consequence of bounded capture, not a parse failure: it is
   counted as ``infersight.parse.resyncs{reason="gap"}`` and its discarded bytes
-  as ``infersight.parse.skipped.bytes{reason="gap"}``. A head cut by a gap
+  as ``infersight.parse.skipped.bytes{reason="gap"}``. A chunked body whose
+  terminator the capture saw past the gap is ended by :meth:`H1Parser.end_chunked`
+  instead, its framing kept. A head cut by a gap
   after its whole start line is still reported (with the header lines that
   were complete) and ended the same way, so a request whose headers outgrow
   the capture keeps its method and path (``infersight.parse.cut.heads``).

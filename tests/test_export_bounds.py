@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from agent.export.exporters import ExportConfig, Exporters
 from agent.export.instruments import HistogramPoint
 from agent.export.routes import (
+    K8S_LABEL_KEYS,
     MAX_VALUE_LEN,
     ROUTE_MEMO_SIZE,
     AttributeBounds,
@@ -85,6 +86,26 @@ def test_caps_fold_to_other_and_count() -> None:
     assert folded[(("attribute", "http.route"), ("reason", "cap"))] == 1
     assert folded[(("attribute", "k8s.pod.name"), ("reason", "cap"))] == 1
     assert folded[(("attribute", "http.request.method"), ("reason", "unknown"))] == 1
+
+
+def test_k8s_values_are_the_k8s_labels_in_key_order() -> None:
+    # the instruments key series on k8s_values; it must say what k8s says, folds counted alike
+    cases = [
+        {},
+        {"process.pid": 7},
+        {"k8s.pod.name": "p1", "k8s.namespace.name": "ns", "k8s.node.name": ""},
+        {"k8s.pod.name": "p2", "k8s.container.name": None, "k8s.deployment.name": "d" * (MAX_VALUE_LEN + 1)},
+        {"k8s.pod.name": "p1", "k8s.statefulset.name": 5},
+    ]
+    by_dict, by_tuple = SelfMetrics(), SelfMetrics()
+    b1 = AttributeBounds(BoundsConfig(k8s_cap=1), by_dict)
+    b2 = AttributeBounds(BoundsConfig(k8s_cap=1), by_tuple)
+    got = [b2.k8s_values(attributes) for attributes in cases]
+    labels = [b1.k8s(attributes) for attributes in cases]
+    assert got == [tuple(d[k] for k in K8S_LABEL_KEYS) for d in labels]
+    assert got[0] == ("",) * len(K8S_LABEL_KEYS)
+    assert got[3][K8S_LABEL_KEYS.index("k8s.pod.name")] == "other"
+    assert by_tuple.snapshot() == by_dict.snapshot() != []
 
 
 def test_point_labels_drop_pid_and_bound_values() -> None:

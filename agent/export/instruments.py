@@ -320,8 +320,7 @@ class MetricState:
         if r.span_kind != "server":
             return
         b = self.bounds
-        k8s = b.k8s(r.attributes)
-        kv = tuple(k8s[k] for k in _K8S)
+        kv = b.k8s_values(r.attributes)
         method = b.method(r.method)
         route = b.route(r.path)
         error = error_type(r) or ""
@@ -450,8 +449,7 @@ class MetricState:
         for a in active:
             if a.attributes.get(RPC_SYSTEM):
                 continue  # an RPC in flight is no HTTP server request (no RPC gauge in semconv)
-            k8s = b.k8s(a.attributes)
-            key = (b.method(a.method), b.route(a.path), b.model(a.request_model), *(k8s[k] for k in _K8S))
+            key = (b.method(a.method), b.route(a.path), b.model(a.request_model), *b.k8s_values(a.attributes))
             counts[key] = counts.get(key, 0.0) + 1.0
             if len(counts) > self.max_series:
                 break

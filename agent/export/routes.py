@@ -136,6 +136,8 @@ def bound_method(method: str | None) -> tuple[str, bool]:
 #: more arrive the memo starts again, counted as infersight.cache.evictions{cache=route_template}).
 ROUTE_MEMO_SIZE = 4096
 
+_NO_K8S_VALUES: tuple[str, ...] = ("",) * len(K8S_LABEL_KEYS)
+
 
 class _Cap:
     """A set of admitted values that stops growing at ``limit``; later values fold."""
@@ -268,6 +270,17 @@ class AttributeBounds:
             raw = attributes.get(key)
             out[key] = self._capped(key, str(raw), self.config.k8s_cap) if raw not in (None, "") else ""
         return out
+
+    def k8s_values(self, attributes: Mapping[str, Any]) -> tuple[str, ...]:
+        """:meth:`k8s`'s values in ``K8S_LABEL_KEYS`` order, as the metric instruments key
+        their series: no dict is built per record."""
+        if not attributes:
+            return _NO_K8S_VALUES
+        cap = self.config.k8s_cap
+        return tuple([
+            self._capped(key, str(raw), cap) if (raw := attributes.get(key)) not in (None, "") else ""
+            for key in K8S_LABEL_KEYS
+        ])
 
     def series(self, metric: str, labels: tuple[tuple[str, str], ...]) -> bool:
         """Whether a label set of a point-source metric may have its own series."""
