@@ -289,7 +289,9 @@ def new_ids() -> tuple[str, str]:
     """A new random trace id (32 hex digits) and span id (16), from one draw of 192 bits
     (two draws and two formattings cost twice as much). Neither is all zeros, which W3C
     Trace Context holds invalid."""
-    s = random.randbytes(24).hex()  # hex() of bytes formats faster than an int's f"{:048x}"
+    # randbytes() is Python code around getrandbits(); hex() of bytes formats faster than an
+    # int's f"{:048x}"
+    s = random.getrandbits(192).to_bytes(24, "big").hex()
     trace, span = s[:32], s[32:]
     if trace == _ZERO_TRACE:
         trace = _ZERO_TRACE[:31] + "1"

@@ -85,9 +85,9 @@ def test_new_ids_are_random_hex_of_w3c_lengths() -> None:
 def test_new_ids_are_never_all_zeros(monkeypatch: pytest.MonkeyPatch) -> None:
     import random
 
-    monkeypatch.setattr(random, "randbytes", lambda n: bytes(n))
+    monkeypatch.setattr(random, "getrandbits", lambda k: 0)
     assert new_ids() == ("0" * 31 + "1", "0" * 15 + "1")
-    monkeypatch.setattr(random, "randbytes", lambda n: b"\x80" + bytes(n - 1))
+    monkeypatch.setattr(random, "getrandbits", lambda k: 1 << (k - 1))
     trace, span = new_ids()
     assert trace == "8" + "0" * 31 and span == "0" * 15 + "1"
 
