@@ -89,23 +89,26 @@ def test_caps_fold_to_other_and_count() -> None:
 
 
 def test_k8s_values_are_the_k8s_labels_in_key_order() -> None:
-    # the instruments key series on k8s_values; it must say what k8s says, folds counted alike
+    # the instruments key series on k8s_values, the labels of point metrics on k8s: one
+    # capping for both, values in K8S_LABEL_KEYS order, folds counted once per value
+    assert K8S_LABEL_KEYS == ("k8s.namespace.name", "k8s.pod.name", "k8s.container.name",
+                              "k8s.deployment.name", "k8s.statefulset.name", "k8s.node.name")
     cases = [
-        {},
-        {"process.pid": 7},
-        {"k8s.pod.name": "p1", "k8s.namespace.name": "ns", "k8s.node.name": ""},
-        {"k8s.pod.name": "p2", "k8s.container.name": None, "k8s.deployment.name": "d" * (MAX_VALUE_LEN + 1)},
-        {"k8s.pod.name": "p1", "k8s.statefulset.name": 5},
+        ({}, ("", "", "", "", "", "")),
+        ({"process.pid": 7}, ("", "", "", "", "", "")),
+        ({"k8s.pod.name": "p1", "k8s.namespace.name": "ns", "k8s.node.name": ""}, ("ns", "p1", "", "", "", "")),
+        ({"k8s.pod.name": "p2", "k8s.container.name": None, "k8s.deployment.name": "d" * (MAX_VALUE_LEN + 1)},
+         ("", "other", "", "other", "", "")),
+        ({"k8s.pod.name": "p1", "k8s.statefulset.name": 5}, ("", "p1", "", "", "5", "")),
     ]
-    by_dict, by_tuple = SelfMetrics(), SelfMetrics()
-    b1 = AttributeBounds(BoundsConfig(k8s_cap=1), by_dict)
-    b2 = AttributeBounds(BoundsConfig(k8s_cap=1), by_tuple)
-    got = [b2.k8s_values(attributes) for attributes in cases]
-    labels = [b1.k8s(attributes) for attributes in cases]
-    assert got == [tuple(d[k] for k in K8S_LABEL_KEYS) for d in labels]
-    assert got[0] == ("",) * len(K8S_LABEL_KEYS)
-    assert got[3][K8S_LABEL_KEYS.index("k8s.pod.name")] == "other"
-    assert by_tuple.snapshot() == by_dict.snapshot() != []
+    m = SelfMetrics()
+    b = AttributeBounds(BoundsConfig(k8s_cap=1), m)
+    assert [b.k8s_values(attributes) for attributes, _ in cases] == [want for _, want in cases]
+    assert [b.k8s(attributes) for attributes, _ in cases] == [dict(zip(K8S_LABEL_KEYS, want, strict=True)) for _, want in cases]
+    assert {(s.labels, s.value) for s in m.snapshot() if s.name == "infersight.attributes.folded"} == {
+        ((("attribute", "k8s.deployment.name"), ("reason", "too_long")), 2.0),
+        ((("attribute", "k8s.pod.name"), ("reason", "cap")), 2.0),
+    }
 
 
 def test_point_labels_drop_pid_and_bound_values() -> None:

@@ -261,20 +261,12 @@ class AttributeBounds:
 
     def k8s(self, attributes: Mapping[str, Any]) -> dict[str, str]:
         """The bounded ``k8s.*`` label subset of a record's attributes ("" where absent)."""
-        out: dict[str, str] = {}
-        if not attributes:  # outside Kubernetes (and in tests) most records have none
-            for key in K8S_LABEL_KEYS:
-                out[key] = ""
-            return out
-        for key in K8S_LABEL_KEYS:
-            raw = attributes.get(key)
-            out[key] = self._capped(key, str(raw), self.config.k8s_cap) if raw not in (None, "") else ""
-        return out
+        return dict(zip(K8S_LABEL_KEYS, self.k8s_values(attributes), strict=True))
 
     def k8s_values(self, attributes: Mapping[str, Any]) -> tuple[str, ...]:
         """:meth:`k8s`'s values in ``K8S_LABEL_KEYS`` order, as the metric instruments key
         their series: no dict is built per record."""
-        if not attributes:
+        if not attributes:  # outside Kubernetes (and in tests) most records have none
             return _NO_K8S_VALUES
         cap = self.config.k8s_cap
         return tuple([
