@@ -25,7 +25,7 @@ fi
 debs=(
     python3-bpfcc bpfcc-tools libbpfcc linux-headers-amd64
     python3-venv python3-dev gcc make libc6-dev
-    wrk prometheus iproute2 procps kmod
+    wrk linux-perf prometheus iproute2 procps kmod
     podman runc debootstrap
 )
 missing=()
