@@ -718,7 +718,7 @@ class Assembler:
             total_writes = s.writes
             flags = s.flags
             lo = max(sample, s.writes - self.config.tail_slots)
-            ring = sorted((t for t in s.ring if lo <= t.index < s.writes), key=lambda t: t.index)
+            ring = [t for t in s.ring if lo <= t.index < s.writes]  # the decoder gives write order
             if s.writes > ex.max_sample_index + 1 and not ring and s.writes > sample:
                 self._metrics.inc("infersight.assembly.tails.missing")
         # ---- the tail ring: writes the kernel aggregated

@@ -12,8 +12,9 @@
  *           seq, len, index, head, tail, lost)
  *   summary_fields(raw, tail_slots, tail_cap, ring_head) -> (the summary
  *           header's 20 fields and 32 gap buckets, as struct unpacks them, then
- *           per ring slot read: ts_ns, len, index, start, stop, split; the slots
- *           are packed, each header followed by the cap bytes it holds)
+ *           per ring slot read: ts_ns, len, index, start, stop, split, in write
+ *           order (by index, a stable sort of the ring order they are packed in);
+ *           the slots are packed, each header followed by the cap bytes it holds)
  *
  * Both raise ValueError for a record too short for its header (or, for a data
  * record, for its head; for a summary, for its slots' headers).
@@ -151,23 +152,41 @@ static PyObject *summary_fields(PyObject *self, PyObject *const *args, Py_ssize_
         return PyErr_Format(PyExc_ValueError, "short record of type %d: %zd bytes", EV_SUMMARY, n);
     Py_ssize_t ring_count = (Py_ssize_t)u32_at(p + 100);
     Py_ssize_t count = ring_count < tail_slots ? ring_count : tail_slots;
-    /* the slots are packed: each header, then the cap bytes it holds */
+    /* the slots are packed: each header, then the cap bytes it holds; where each header lies,
+     * then put in write order (by index; the kernel packs them in ring order, which a ring
+     * that has wrapped rotates), equal indices kept in packed order */
+    Py_ssize_t on_stack[16];
+    Py_ssize_t *at = on_stack;
+    if (count > 16 && !(at = PyMem_New(Py_ssize_t, count)))
+        return PyErr_NoMemory();
     Py_ssize_t off = SUMMARY_HEADER_SIZE;
     for (Py_ssize_t s = 0; s < count; s++) {
-        if (n - off < TAIL_SLOT_HEADER_SIZE)
+        if (n - off < TAIL_SLOT_HEADER_SIZE) {
+            if (at != on_stack)
+                PyMem_Free(at);
             return PyErr_Format(PyExc_ValueError, "short record of type %d: %zd bytes", EV_SUMMARY, n);
-        Py_ssize_t cap = (Py_ssize_t)u32_at(p + off + 16);
+        }
+        Py_ssize_t cap = (Py_ssize_t)u32_at(p + off + 16), j = s;
+        uint32_t index = u32_at(p + off + 12);
+        for (; j > 0 && u32_at(p + at[j - 1] + 12) > index; j--)
+            at[j] = at[j - 1];
+        at[j] = off;
         off += TAIL_SLOT_HEADER_SIZE + (cap < tail_cap ? cap : tail_cap);
     }
     PyObject *t = PyTuple_New(SUMMARY_FIELDS + SLOT_FIELDS * count);
-    if (!t)
+    if (!t) {
+        if (at != on_stack)
+            PyMem_Free(at);
         return NULL;
+    }
     Py_ssize_t k = 0;
 #define PUT(expr)                          \
     do {                                   \
         PyObject *o_ = (expr);             \
         if (!o_) {                         \
             Py_DECREF(t);                  \
+            if (at != on_stack)            \
+                PyMem_Free(at);            \
             return NULL;                   \
         }                                  \
         PyTuple_SET_ITEM(t, k++, o_);      \
@@ -183,20 +202,21 @@ static PyObject *summary_fields(PyObject *self, PyObject *const *args, Py_ssize_
         PUT(PyLong_FromUnsignedLongLong(u64_at(p + off)));
     for (int off = 88; off < SUMMARY_HEADER_SIZE; off += 4) /* reads, writes, lost, ring_count, gaps */
         PUT(PyLong_FromUnsignedLong(u32_at(p + off)));
-    off = SUMMARY_HEADER_SIZE;
     for (Py_ssize_t s = 0; s < count; s++) {
-        const unsigned char *h = p + off;
+        const unsigned char *h = p + at[s];
         uint32_t len = u32_at(h + 8);
-        Py_ssize_t cap = (Py_ssize_t)u32_at(h + 16), start = off + TAIL_SLOT_HEADER_SIZE;
-        off = start + (cap < tail_cap ? cap : tail_cap);
+        Py_ssize_t cap = (Py_ssize_t)u32_at(h + 16), start = at[s] + TAIL_SLOT_HEADER_SIZE;
+        Py_ssize_t stop = start + (cap < tail_cap ? cap : tail_cap);
         PUT(PyLong_FromUnsignedLongLong(u64_at(h))); /* ts_ns */
         PUT(PyLong_FromUnsignedLong(len));
         PUT(PyLong_FromUnsignedLong(u32_at(h + 12))); /* index */
         PUT(PyLong_FromSsize_t(start));
-        PUT(PyLong_FromSsize_t(off)); /* stop: may lie past a cut record's end, as a slice allows */
+        PUT(PyLong_FromSsize_t(stop)); /* may lie past a cut record's end, as a slice allows */
         PUT(PyLong_FromSsize_t((Py_ssize_t)len > tail_cap ? ring_head : -1));
     }
 #undef PUT
+    if (at != on_stack)
+        PyMem_Free(at);
     return t;
 }
 

@@ -428,18 +428,24 @@ def summary_fields(raw: bytes, tail_slots: int, tail_cap: int, ring_head: int) -
     then six per ring slot read (``ts_ns, len, index``, and where its bytes lie in ``raw``:
     ``start, stop, split``): the reference of ``probes/_recread.c``'s ``summary_fields``.
 
-    The ring's slots are packed: each slot's header, then the ``cap`` bytes it holds."""
+    The ring's slots are packed: each slot's header, then the ``cap`` bytes it holds. The
+    kernel packs them in ring order, which a ring that has wrapped rotates; they are read out
+    in write order (by index; equal indices in packed order)."""
     try:
         f = SUMMARY_HEADER.unpack_from(raw)
-        out = list(f)
+        slots = []
         off = SUMMARY_HEADER.size
         for _ in range(min(f[19], tail_slots)):
             ts, ln, index, cap, _ = TAIL_SLOT_HEADER.unpack_from(raw, off)
             start = off + TAIL_SLOT_HEADER.size
             off = start + min(cap, tail_cap)
-            out += (ts, ln, index, start, off, ring_head if ln > tail_cap else -1)
+            slots.append((ts, ln, index, start, off, ring_head if ln > tail_cap else -1))
     except struct.error:
         raise DecodeError(f"short record of type {EV_SUMMARY}: {len(raw)} bytes") from None
+    slots.sort(key=lambda s: s[2])
+    out = list(f)
+    for slot in slots:
+        out += slot
     return tuple(out)
 
 
@@ -516,8 +522,8 @@ class Decoder:
         except ValueError as e:
             raise DecodeError(str(e)) from None
         gaps = f[20 : 20 + GAP_BUCKETS]
-        # all slots are copied, the valid ones are those of this phase's last writes; their
-        # bytes stay in the record until read
+        # all slots are copied, in write order; the valid ones are those of this phase's last
+        # writes. Their bytes stay in the record until read
         slots = [
             TailSlot.in_record(f[i], f[i + 1], f[i + 2], raw, f[i + 3], f[i + 4], f[i + 5])
             for i in range(20 + GAP_BUCKETS, len(f), 6)

@@ -138,6 +138,23 @@ def test_summary_ring_slots_decode_lazily_and_exactly(native: bool) -> None:
         d.decode(raw[: -5 - 10])
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["c", "python"])
+def test_a_wrapped_ring_reads_out_in_write_order(native: bool) -> None:
+    # the kernel packs slot 0 first; once the ring has wrapped, slot 0 holds a later write than
+    # the last slot (here writes 4..9 in four slots: 8, 9, 6, 7)
+    layout = se.Layout(tail_slots=4)
+    d = se.Decoder(layout, native=native)
+    fields = [se.EV_SUMMARY, se.SR_TERMINATED, 0, se.ROLE_SERVER, 42, 7, 999, 9, 3, 1, 2, 3, 4, 5, 100, 2000, 1, 10,
+              0, 4, *[0] * se.GAP_BUCKETS]
+    raw = se.SUMMARY_HEADER.pack(*fields)
+    for index, data in [(8, b"eight"), (9, b"0\r\n\r\n"), (6, b"six!"), (7, b"seven, longer")]:
+        raw += se.TAIL_SLOT_HEADER.pack(1000 + index, len(data), index, len(data), 0) + data
+    ev = d.decode(raw)
+    assert isinstance(ev, se.SummaryEvent)
+    assert [(t.index, t.ts_ns, t.head) for t in ev.ring] == [
+        (6, 1006, b"six!"), (7, 1007, b"seven, longer"), (8, 1008, b"eight"), (9, 1009, b"0\r\n\r\n")]
+
+
 # --- data and summary records read in C (probes/_recread.c) against the Python reading ---
 
 
