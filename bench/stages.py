@@ -1,6 +1,7 @@
 """Where the agent's user-space CPU goes, stage by stage, on recorded traffic.
 
-    python -m bench.stages --profile {json,sse,unary,stream} --seconds N [--chunks K] [--json]
+    python -m bench.stages --profile {json,sse,unary,stream} --seconds N [--chunks K] [--save FILE] [--json]
+    python -m bench.stages --load FILE [--json]
 
 One run records what the socket probe delivers while the benchmark server
 is under load (wrk for the HTTP/1 profiles, tritonclient for gRPC), then
@@ -14,7 +15,13 @@ run`` does with them, one stage more each time:
 - ``all``: join and exporters, as the agent runs.
 
 Each figure is CPU time (``time.process_time``) per request, the best of
-``--repeat`` replays, printed with records per request. Unlike the overhead
+``--repeat`` replays, printed with records per request.
+
+``--save FILE`` keeps the recording; ``--load FILE`` replays a kept one
+instead of recording (no server, no load, no root): two builds replaying the
+same records, one after the other, compare without a recording's own
+variation. A loaded recording's traced process is gone, so its join and
+export stages see no process to describe; compare their decode and assembly. Unlike the overhead
 benchmark, this involves no other process competing for the cores, so it
 is steady from run to run: use it to see what a change to the per-record
 path buys. The agent's live CPU per request is higher (it shares the cores
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import struct
 import sys
 import tempfile
 import threading
@@ -86,6 +94,42 @@ def record(profile: str, seconds: float, tmp: Path, work: Callable[[list[list[by
     finally:
         probe.close()
         server.stop()
+
+
+_COUNT = struct.Struct("<I")
+
+
+def save(batches: list[list[bytes]], path: Path) -> None:
+    """Write a recording: per batch its record count, then each record's length and bytes."""
+    with open(path, "wb") as f:
+        for b in batches:
+            f.write(_COUNT.pack(len(b)))
+            for raw in b:
+                f.write(_COUNT.pack(len(raw)))
+                f.write(raw)
+
+
+def load(path: Path) -> list[list[bytes]]:
+    """A recording :func:`save` wrote. Raises ValueError for a file cut short."""
+    data = Path(path).read_bytes()
+    batches: list[list[bytes]] = []
+    pos = 0
+    try:
+        while pos < len(data):
+            (n,) = _COUNT.unpack_from(data, pos)
+            pos += _COUNT.size
+            batch = []
+            for _ in range(n):
+                (size,) = _COUNT.unpack_from(data, pos)
+                pos += _COUNT.size
+                if pos + size > len(data):
+                    raise ValueError(f"{path}: a record cut short at byte {pos}")
+                batch.append(data[pos : pos + size])
+                pos += size
+            batches.append(batch)
+    except struct.error:
+        raise ValueError(f"{path}: cut short at byte {pos}") from None
+    return batches
 
 
 def replay(batches: list[list[bytes]], emit: Callable[[Request], None]) -> tuple[float, int]:
@@ -162,15 +206,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3, help="replays per stage; the best is printed")
     ap.add_argument("--chunks", type=int, default=50,
                     help="sse: token events per response (compare two counts for the cost per event)")
+    ap.add_argument("--save", type=Path, metavar="FILE", help="keep the recording in FILE")
+    ap.add_argument("--load", type=Path, metavar="FILE", help="replay FILE's recording instead of recording")
     ap.add_argument("--json", action="store_true", help="print JSON only")
     a = ap.parse_args(argv)
-    require_root()
+    if a.load and a.save:
+        ap.error("--load replays a recording: --save has nothing to keep")
     logging.basicConfig(level=logging.ERROR)
+    if a.load:
+        result: dict[str, Any] = {"loaded": str(a.load)}
+        result.update(measure(load(a.load), a.repeat))
+        print_result(result, a.json, 24)
+        return 0
+    require_root()
     tmp = Path(tempfile.mkdtemp(prefix="infersight-stages-"))
-    result: dict[str, Any] = {"profile": a.profile, "seconds": a.seconds}
+    result = {"profile": a.profile, "seconds": a.seconds}
     if a.profile == "sse":
         result["chunks"] = a.chunks
-    result.update(record(a.profile, a.seconds, tmp, lambda batches: measure(batches, a.repeat), a.chunks))
+
+    def work(batches: list[list[bytes]]) -> dict[str, Any]:
+        if a.save:
+            save(batches, a.save)
+        return measure(batches, a.repeat)
+
+    result.update(record(a.profile, a.seconds, tmp, work, a.chunks))
     print_result(result, a.json, 24)
     return 0
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from bench import stages
 from tests.harness import run_json_module
 
 
@@ -21,3 +24,28 @@ def test_replay_of_a_recording_gives_every_stage(profile: str, records_per_reque
     assert set(cpu) == {"decode", "assembly", "join", "export", "all"}
     # figures only: how they compare is a measurement (README), never a test's condition
     assert all(v > 0 for v in cpu.values()), cpu
+
+
+def test_a_recording_saved_loads_back_as_it_was(tmp_path: Path) -> None:
+    batches = [[b"\x01" * 70, b"", b"\x02abc"], [], [bytes(range(256)) * 6]]
+    path = tmp_path / "rec.bin"
+    stages.save(batches, path)
+    assert stages.load(path) == batches
+    data = path.read_bytes()
+    for cut in (len(data) - 1, 5, 2):  # inside a record, a record's length, a batch's count
+        (tmp_path / "cut.bin").write_bytes(data[:cut])
+        with pytest.raises(ValueError, match="cut short"):
+            stages.load(tmp_path / "cut.bin")
+
+
+@pytest.mark.ebpf
+@pytest.mark.slow
+def test_a_saved_recording_replays_to_the_same_requests(tmp_path: Path) -> None:
+    path = tmp_path / "json.rec"
+    live = run_json_module("bench.stages", "--profile", "json", "--seconds", "1", "--repeat", "1", "--save", str(path),
+                           "--json")
+    loaded = run_json_module("bench.stages", "--load", str(path), "--repeat", "1", "--json")
+    assert loaded["loaded"] == str(path)
+    assert live["requests"] > 100, live
+    assert (loaded["requests"], loaded["records"]) == (live["requests"], live["records"])
+    assert set(loaded["cpu_us_per_request"]) == {"decode", "assembly", "join", "export", "all"}
