@@ -155,6 +155,8 @@ static PyObject *summary_fields(PyObject *self, PyObject *const *args, Py_ssize_
     /* the slots are packed: each header, then the cap bytes it holds; where each header lies,
      * then put in write order (by index; the kernel packs them in ring order, which a ring
      * that has wrapped rotates), equal indices kept in packed order */
+    if (count > (n - SUMMARY_HEADER_SIZE) / TAIL_SLOT_HEADER_SIZE) /* more slots than fit: cut short */
+        return PyErr_Format(PyExc_ValueError, "short record of type %d: %zd bytes", EV_SUMMARY, n);
     Py_ssize_t on_stack[16];
     Py_ssize_t *at = on_stack;
     if (count > 16 && !(at = PyMem_New(Py_ssize_t, count)))

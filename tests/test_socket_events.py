@@ -238,6 +238,19 @@ def test_the_c_record_reader_reads_summary_records_as_python_does(raw: bytes, la
     assert [getattr(got, f) for f in _SUMMARY_FIELDS] == [getattr(want, f) for f in _SUMMARY_FIELDS]
 
 
+def test_a_ring_count_past_the_record_is_refused_before_any_slot_is_read() -> None:
+    if se._recread is None:
+        pytest.skip("probes/_recread.c not built (CI requires it)")
+    fields = [se.EV_SUMMARY, se.SR_CLOSE, 0, se.ROLE_SERVER, 42, 7, 999, 9, 3, 1, 2, 3, 4, 5, 100, 2000, 1, 60, 0,
+              0xFFFFFFFF, *[0] * se.GAP_BUCKETS]
+    raw = se.SUMMARY_HEADER.pack(*fields) + se.TAIL_SLOT_HEADER.pack(1, 2, 3, 0, 0)
+    # a layout allowing any number of slots: the record holds one slot header, not four billion
+    with pytest.raises(se.DecodeError) as py:
+        se.summary_fields(raw, 1 << 40, 512, 192)
+    with pytest.raises(ValueError, match=re.escape(str(py.value))):
+        se._recread.summary_fields(raw, 1 << 40, 512, 192)
+
+
 def test_the_c_record_reader_rejects_wrong_arguments() -> None:
     if se._recread is None:
         pytest.skip("probes/_recread.c not built (CI requires it)")
