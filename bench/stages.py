@@ -15,17 +15,17 @@ run`` does with them, one stage more each time:
 - ``all``: join and exporters, as the agent runs.
 
 Each figure is CPU time (``time.process_time``) per request, the best of
-``--repeat`` replays, printed with records per request.
+``--repeat`` replays, printed with records per request. Unlike the overhead
+benchmark, this involves no other process competing for the cores, so it
+is steady from run to run: use it to see what a change to the per-record
+path buys. The agent's live CPU per request is higher (it shares the cores
+with the server and the load; see README).
 
 ``--save FILE`` keeps the recording; ``--load FILE`` replays a kept one
 instead of recording (no server, no load, no root): two builds replaying the
 same records, one after the other, compare without a recording's own
 variation. A loaded recording's traced process is gone, so its join and
-export stages see no process to describe; compare their decode and assembly. Unlike the overhead
-benchmark, this involves no other process competing for the cores, so it
-is steady from run to run: use it to see what a change to the per-record
-path buys. The agent's live CPU per request is higher (it shares the cores
-with the server and the load; see README).
+export stages see no process to describe; compare their decode and assembly.
 """
 
 from __future__ import annotations
@@ -214,8 +214,12 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--load replays a recording: --save has nothing to keep")
     logging.basicConfig(level=logging.ERROR)
     if a.load:
+        try:
+            batches = load(a.load)
+        except (OSError, ValueError) as e:
+            ap.error(f"--load: {e}")
         result: dict[str, Any] = {"loaded": str(a.load)}
-        result.update(measure(load(a.load), a.repeat))
+        result.update(measure(batches, a.repeat))
         print_result(result, a.json, 24)
         return 0
     require_root()
