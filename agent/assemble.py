@@ -711,14 +711,16 @@ class Assembler:
             self._metrics.inc("infersight.assembly.client.requests.ignored")
             return
         sample = self.config.sample_writes
-        ring: list[TailSlot] = []
+        ring: tuple[TailSlot, ...] = ()
         total_writes = len(ex.writes)
         flags = 0
         if s is not None:
             total_writes = s.writes
             flags = s.flags
             lo = max(sample, s.writes - self.config.tail_slots)
-            ring = [t for t in s.ring if lo <= t.index < s.writes]  # the decoder gives write order
+            ring = s.ring  # the decoder gives write order
+            if ring and (ring[0].index < lo or ring[-1].index >= s.writes):
+                ring = tuple([t for t in ring if lo <= t.index < s.writes])
             if s.writes > ex.max_sample_index + 1 and not ring and s.writes > sample:
                 self._metrics.inc("infersight.assembly.tails.missing")
         # ---- the tail ring: writes the kernel aggregated
@@ -803,10 +805,10 @@ class Assembler:
             self._resolve_addresses(c, final=True)
         trace_id, parent = _parse_traceparent(ex.traceparent)
         new_trace, new_span = new_ids()
-        clock = self._clock.to_unix_ns
+        clock = self._clock  # its method called directly: a bound method is a call through Python
         rec = Request(
-            start_time_unix_nano=clock(ex.start_ns),
-            end_time_unix_nano=clock(max(end_ns, ex.start_ns)),
+            start_time_unix_nano=clock.to_unix_ns(ex.start_ns),
+            end_time_unix_nano=clock.to_unix_ns(max(end_ns, ex.start_ns)),
             pid=c.tgid,
             command=self._name(c.tgid),
             method=ex.method,
@@ -831,8 +833,8 @@ class Assembler:
             trace_id=trace_id or new_trace,
             span_id=new_span,
             parent_span_id=parent,
-            first_token_time_unix_nano=None if first_out is None else clock(first_out),
-            gap_histogram_log2_us=_trim(s.gaps) if s is not None and ex.streaming else (),
+            first_token_time_unix_nano=None if first_out is None else clock.to_unix_ns(first_out),
+            gap_histogram_log2_us=s.gaps if s is not None and ex.streaming else (),
         )
         self._emit(rec)
 
@@ -933,10 +935,3 @@ def _parse_traceparent(value: str | None) -> tuple[str | None, str | None]:
     if not m or m.group(1) == "ff" or set(m.group(2)) == {"0"} or set(m.group(3)) == {"0"}:
         return None, None
     return m.group(2), m.group(3)
-
-
-def _trim(gaps: tuple[int, ...]) -> tuple[int, ...]:
-    n = len(gaps)
-    while n and not gaps[n - 1]:
-        n -= 1
-    return gaps[:n]

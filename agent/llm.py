@@ -301,7 +301,7 @@ def parse_fragment(api: Api, fragment: bytes) -> EventInfo:
     output are merged. ``output`` is False when event bodies are visible and
     none carries output, None when nothing tells.
     """
-    if fragment in _DONE_WRITES and api not in _OLLAMA and api not in _TGI:
+    if len(fragment) <= _DONE_WRITE_MAX and fragment in _DONE_WRITES and api not in _OLLAMA and api not in _TGI:
         return _DONE_EVENT  # what the scan below finds in it, without the scan
     obj = _c_whole_event(fragment) if NATIVE_JSON else _whole_event(fragment)
     if obj is not None:
@@ -347,6 +347,7 @@ def _done_writes() -> frozenset[bytes]:
 
 
 _DONE_WRITES: Final = _done_writes()
+_DONE_WRITE_MAX: Final = max(len(w) for w in _DONE_WRITES)  # longer writes are not looked up (hashed)
 
 
 def _whole_event(fragment: bytes) -> bytes | None:

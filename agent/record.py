@@ -165,7 +165,8 @@ class Request:
         # "first token" span event with it (already converted to wall-clock ns).
         self.first_token_time_unix_nano: Final = first_token_time_unix_nano
         # log2 histogram of gaps between response writes, bucket i counts gaps in
-        # [2^i, 2^(i+1)) microseconds. Empty for non-streamed responses.
+        # [2^i, 2^(i+1)) microseconds, up to the last bucket counted. Empty for
+        # non-streamed responses.
         self.gap_histogram_log2_us: Final = gap_histogram_log2_us
         # Attributes added by later stages (k8s.*, gpu.*); exporters pass them on.
         self.attributes: Final = attributes

@@ -1,5 +1,7 @@
 # probes/_recread.c: the socket probe's data and summary records read in one pass.
 
+from typing import Any
+
 DATA_HEADER_SIZE: int
 SUMMARY_HEADER_SIZE: int
 TAIL_SLOT_HEADER_SIZE: int
@@ -9,4 +11,4 @@ GAP_BUCKETS: int
 def data_fields(
     raw: bytes, head_cap: int, /
 ) -> tuple[int, int, int, int, int, int, int, int, int, int, bytes, bytes, int]: ...
-def summary_fields(raw: bytes, tail_slots: int, tail_cap: int, ring_head: int, /) -> tuple[int, ...]: ...
+def summary_fields(raw: bytes, tail_slots: int, tail_cap: int, ring_head: int, /) -> tuple[Any, ...]: ...

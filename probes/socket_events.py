@@ -17,6 +17,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 try:  # data and summary records read in C (probes/_recread.c); data_fields/summary_fields: its reference
     from probes import _recread
@@ -250,6 +251,7 @@ class TailSlot:
 class SummaryEvent:
     """The end of one request phase of a connection: the kernel's timings and
     counts, and the tail ring (see ``summary_event_t`` in ``probes/sockets.h``).
+    ``gaps`` holds the gap buckets up to the last one counted (``()`` when none is).
     A plain slotted class for the reason given at :class:`TailSlot`."""
 
     __slots__ = (
@@ -423,9 +425,9 @@ def data_fields(raw: bytes, head_cap: int) -> DataFields:
     return (d, flags, role, tgid, conn_id, ts, fd, seq, ln, index, head, tail, lost)
 
 
-def summary_fields(raw: bytes, tail_slots: int, tail_cap: int, ring_head: int) -> tuple[int, ...]:
-    """A summary record's header fields and gap buckets as ``SUMMARY_HEADER`` unpacks them,
-    then six per ring slot read (``ts_ns, len, index``, and where its bytes lie in ``raw``:
+def summary_fields(raw: bytes, tail_slots: int, tail_cap: int, ring_head: int) -> tuple[Any, ...]:
+    """A summary record's header fields as ``SUMMARY_HEADER`` unpacks them (20 ints), its gap
+    buckets up to the last non-zero one (one tuple), then six per ring slot read (``ts_ns, len, index``, and where its bytes lie in ``raw``:
     ``start, stop, split``): the reference of ``probes/_recread.c``'s ``summary_fields``.
 
     The ring's slots are packed: each slot's header, then the ``cap`` bytes it holds. The
@@ -443,7 +445,12 @@ def summary_fields(raw: bytes, tail_slots: int, tail_cap: int, ring_head: int) -
     except struct.error:
         raise DecodeError(f"short record of type {EV_SUMMARY}: {len(raw)} bytes") from None
     slots.sort(key=lambda s: s[2])
-    out = list(f)
+    gaps = f[20:]
+    used = len(gaps)
+    while used and not gaps[used - 1]:
+        used -= 1
+    out: list[Any] = list(f[:20])
+    out.append(gaps[:used])
     for slot in slots:
         out += slot
     return tuple(out)
@@ -460,7 +467,7 @@ class Decoder:
         self.native = native and _recread is not None
         # bound once: compiled code would look a module's attribute up on every call
         self._read_data: Callable[[bytes, int], DataFields] = _recread.data_fields if self.native else data_fields
-        self._read_summary: Callable[[bytes, int, int, int], tuple[int, ...]] = (
+        self._read_summary: Callable[[bytes, int, int, int], tuple[Any, ...]] = (
             _recread.summary_fields if self.native else summary_fields
         )
         self._head_cap = layout.head_cap
@@ -521,12 +528,12 @@ class Decoder:
             f = self._read_summary(raw, self._tail_slots, self._tail_cap, self._ring_head)
         except ValueError as e:
             raise DecodeError(str(e)) from None
-        gaps = f[20 : 20 + GAP_BUCKETS]
+        gaps: tuple[int, ...] = f[20]
         # all slots are copied, in write order; the valid ones are those of this phase's last
         # writes. Their bytes stay in the record until read
         slots = [
             TailSlot.in_record(f[i], f[i + 1], f[i + 2], raw, f[i + 3], f[i + 4], f[i + 5])
-            for i in range(20 + GAP_BUCKETS, len(f), 6)
+            for i in range(21, len(f), 6)
         ]
         return SummaryEvent(
             reason=f[1],

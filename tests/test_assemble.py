@@ -297,3 +297,28 @@ def test_a_stream_past_its_sampled_writes_ends_at_its_terminator_and_keeps_frami
     assert first.duration_s == 0.014
     assert (second.method, second.path, second.status_code, second.duration_s) == ("GET", "/v1/models", 200, 0.003)
     assert h.metrics.total("infersight.parse.resyncs") == 0 and h.lost() == 0
+
+
+def test_ring_slots_outside_the_phases_last_writes_are_not_read() -> None:
+    # A slot whose index lies before the ring's window or past the phase's writes (a tail
+    # entry the kernel reset mid-phase) says nothing of this response: the record is the
+    # one the clean ring gives.
+    writes = [SSE_HEAD, _chunk(_event("")), *[_chunk(_event(c)) for c in "abcdefghi"],
+              _chunk(_event("", "stop")), _chunk(b"data: [DONE]\n\n"), b"0\r\n\r\n"]
+    ts = [T0 + (i + 1) * MS for i in range(len(writes))]
+    sampled, slots = AssemblyConfig().sample_writes, AssemblyConfig().tail_slots
+    clean = [(ts[i], i, writes[i]) for i in range(len(writes) - slots + 2, len(writes))]
+    stale_before = (T0 + 90 * MS, len(writes) - slots - 1, _chunk(_event("", "length")))
+    stale_after = (T0 + 91 * MS, len(writes), _chunk(_event("late", "content_filter")))
+    got = []
+    for ring in (clean, [stale_before, *clean], [*clean, stale_after], [stale_before, *clean, stale_after]):
+        h = Harness()
+        h.feed(data(1, 1, 0, se.DIR_IN, T0, SSE_POST),
+               *[data(1, 1, i, se.DIR_OUT, ts[i], w) for i, w in enumerate(writes[:sampled])],
+               summary_with_ring(1, 1, se.SR_TERMINATED, flags=se.CF_TERMINATED, writes=len(writes),
+                                 bytes_out=sum(map(len, writes)), last_write=ts[-1], ring=ring))
+        (rec,) = h.records
+        got.append((rec.output_events, rec.finish_reasons, rec.time_to_first_token_s,
+                    rec.time_per_output_token_s, rec.duration_s))
+    assert got[0] == (9, ("stop",), 0.003, 0.001, 0.014)
+    assert got[1:] == [got[0]] * 3

@@ -153,6 +153,20 @@ def test_a_wrapped_ring_reads_out_in_write_order(native: bool) -> None:
     assert isinstance(ev, se.SummaryEvent)
     assert [(t.index, t.ts_ns, t.head) for t in ev.ring] == [
         (6, 1006, b"six!"), (7, 1007, b"seven, longer"), (8, 1008, b"eight"), (9, 1009, b"0\r\n\r\n")]
+    assert ev.gaps == ()  # no gap counted: the buckets read as none
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["c", "python"])
+def test_gap_buckets_read_up_to_the_last_counted_one(native: bool) -> None:
+    d = se.Decoder(se.Layout(), native=native)
+    buckets = [0, 4, 0, 7, 1] + [0] * (se.GAP_BUCKETS - 5)
+    fields = [se.EV_SUMMARY, se.SR_TERMINATED, 0, se.ROLE_SERVER, 42, 7, 999, 9, 3, 1, 2, 3, 4, 5, 100, 2000, 1, 10,
+              0, 0, *buckets]
+    ev = d.decode(se.SUMMARY_HEADER.pack(*fields))
+    assert isinstance(ev, se.SummaryEvent) and ev.gaps == (0, 4, 0, 7, 1)
+    fields[-1] = 2  # the last bucket counted: all of them
+    ev = d.decode(se.SUMMARY_HEADER.pack(*fields))
+    assert isinstance(ev, se.SummaryEvent) and ev.gaps == (0, 4, 0, 7, 1, *[0] * (se.GAP_BUCKETS - 6), 2)
 
 
 # --- data and summary records read in C (probes/_recread.c) against the Python reading ---
