@@ -509,10 +509,34 @@ static int object_bytes(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want
     return 1;
 }
 
+/* The strings returned lately, by their bytes: a stream names the same model and finish reason
+ * in every event, and finding the str made for the last one costs less than making another.
+ * STR_CACHE_SLOTS entries of at most STR_CACHE_CHARS ASCII characters, replaced on a miss;
+ * strs are immutable, so the one object is handed to every caller. Only read with the GIL. */
+#define STR_CACHE_SLOTS 64 /* a power of 2 */
+#define STR_CACHE_CHARS 64
+static PyObject *str_cache[STR_CACHE_SLOTS];
+
+static PyObject *ascii_str(const unsigned char *p, Py_ssize_t n) {
+    if (n <= 0 || n > STR_CACHE_CHARS)
+        return PyUnicode_DecodeASCII((const char *)p, n, NULL);
+    uint32_t h = 2166136261u; /* FNV-1a */
+    for (Py_ssize_t i = 0; i < n; i++)
+        h = (h ^ p[i]) * 16777619u;
+    PyObject **slot = &str_cache[h & (STR_CACHE_SLOTS - 1)];
+    PyObject *o = *slot;
+    if (o && PyUnicode_GET_LENGTH(o) == n && memcmp(PyUnicode_1BYTE_DATA(o), p, (size_t)n) == 0)
+        return Py_NewRef(o);
+    o = PyUnicode_DecodeASCII((const char *)p, n, NULL);
+    if (o && PyUnicode_IS_COMPACT_ASCII(o))
+        Py_XSETREF(*slot, Py_NewRef(o));
+    return o;
+}
+
 static PyObject *str_or_none(const Str *s, int valid) {
     if (!valid)
         Py_RETURN_NONE;
-    return PyUnicode_DecodeASCII((const char *)s->s, s->n, NULL);
+    return ascii_str(s->s, s->n);
 }
 
 static PyObject *count_or_none(int64_t v) {
@@ -542,7 +566,7 @@ static PyObject *event_tuple(const Event *ev, int done) {
     if (!reasons)
         return NULL;
     for (int i = 0; i < ev->nreasons; i++) {
-        PyObject *s = PyUnicode_DecodeASCII((const char *)ev->reasons[i].s, ev->reasons[i].n, NULL);
+        PyObject *s = ascii_str(ev->reasons[i].s, ev->reasons[i].n);
         if (!s) {
             Py_DECREF(reasons);
             return NULL;

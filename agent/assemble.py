@@ -264,10 +264,10 @@ class Assembler:
     # ---- input -------------------------------------------------------------------
     def feed(self, raws: list[bytes]) -> None:
         """Process a batch of raw ring buffer records, in order."""
-        decode = self._decoder.decode
+        decoder = self._decoder  # its method called directly: a bound method is a call through Python
         for raw in raws:
             try:
-                ev = decode(raw)
+                ev = decoder.decode(raw)
             except DecodeError as e:
                 self._metrics.inc("infersight.parse.failures", labels=(("reason", "decode"),))
                 log.debug("undecodable record: %s", e)

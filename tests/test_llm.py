@@ -766,6 +766,23 @@ def test_the_c_json_reader_agrees_with_json(case: tuple[bytes, bool], chat: bool
         assert (fields is None) == (not isinstance(obj, dict)), doc
 
 
+@pytest.mark.skipif(not llm.NATIVE_JSON, reason="agent/_llmjson.c not built (CI requires it)")
+def test_names_the_c_reader_has_made_before_are_answered_as_their_own() -> None:
+    # agent/_llmjson.c hands out the str it made for the same bytes lately (64 entries, replaced
+    # on a miss): many names in turn, twice, some past its 64-character bound, each answered
+    # as itself, whichever entry it collides with
+    names = [f"model-{i}" for i in range(150)] + ["m" * 64, "m" * 65, "x" * 200, "a", "A"]
+    for _ in range(2):
+        for i, name in enumerate(names):
+            reason = f"reason_{i % 90}"
+            doc = json.dumps({"model": name, "choices": [{"delta": {"content": "t"}, "finish_reason": reason}]})
+            assert llm._c_openai_event(doc.encode(), True) == (True, name, (reason,), None, None)
+    # one name, twice: the same object
+    doc = b'{"model":"bench-llm","choices":[{"delta":{},"finish_reason":"stop"}]}'
+    first, second = llm._c_openai_event(doc, True), llm._c_openai_event(doc, True)
+    assert first is not None and second is not None and first[1] is second[1] and first[2][0] is second[2][0]
+
+
 # --- Ollama's own objects read in C (agent/_llmjson.c) against json ----------------------
 
 
