@@ -18,9 +18,12 @@
  * name). The caller then reads the head with its own, complete code
  * (agent/http1.py), which is also the reference these functions are tested
  * against: for every input where they return a head, it must be the same.
+ * A field line seen lately (its bytes alike) gets the pair made for it then:
+ * the same client and server send the same lines on every message.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stdint.h>
 #include <string.h>
 
 /* RFC 9110 §5.6.2 tchar */
@@ -40,6 +43,50 @@ static const char *const COMMON[] = {
 static PyObject *COMMON_OBJ[N_COMMON];
 static Py_ssize_t COMMON_LEN[N_COMMON];
 
+/* The common names whose lines come back unchanged from message to message (the same client,
+ * server and content types): their (name, value) pairs are kept, by the line's bytes, and handed
+ * out again (tuples and strs are immutable). Never credentials or per-request ids; a name
+ * missing here (COMMON grown, this not) is not kept. */
+static const unsigned char REPEATS[N_COMMON] = {
+    1, 1, 1, 1, 1, 1,
+    1, 1, 1, 1, 1, 0,
+    0, 0, 1, 1, 0,
+    1, 1, 1,
+};
+#define LINE_CACHE_SETS 128 /* a power of 2; two lines each, the latest first */
+#define LINE_CACHE_BYTES 96 /* longer lines are not kept */
+typedef struct {
+    Py_ssize_t n;
+    unsigned char line[LINE_CACHE_BYTES];
+    PyObject *pair;
+} cached_line_t;
+static cached_line_t line_cache[LINE_CACHE_SETS][2]; /* only read with the GIL */
+
+static cached_line_t *line_set(const unsigned char *p, Py_ssize_t n) {
+    uint32_t h = 2166136261u; /* FNV-1a, then mixed: its low bits alone collide often */
+    for (Py_ssize_t i = 0; i < n; i++)
+        h = (h ^ p[i]) * 16777619u;
+    h ^= h >> 16;
+    h *= 0x7feb352du;
+    h ^= h >> 15;
+    return line_cache[h & (LINE_CACHE_SETS - 1)];
+}
+
+static PyObject *cached_pair(cached_line_t *set, const unsigned char *p, Py_ssize_t n) {
+    for (int w = 0; w < 2; w++)
+        if (set[w].pair && set[w].n == n && memcmp(set[w].line, p, (size_t)n) == 0)
+            return set[w].pair;
+    return NULL;
+}
+
+static void keep_pair(cached_line_t *set, const unsigned char *p, Py_ssize_t n, PyObject *pair) {
+    Py_XDECREF(set[1].pair); /* the older line leaves; the newer moves down */
+    set[1] = set[0];
+    set[0].n = n;
+    memcpy(set[0].line, p, (size_t)n);
+    set[0].pair = Py_NewRef(pair);
+}
+
 /* Methods, likewise. */
 static const char *const METHODS[] = {"GET", "POST", "HEAD", "PUT", "DELETE", "OPTIONS", "PATCH"};
 #define N_METHODS (sizeof(METHODS) / sizeof(METHODS[0]))
@@ -58,9 +105,11 @@ static PyObject *method_str(const char *p, Py_ssize_t n) {
     return PyUnicode_DecodeASCII(p, n, NULL);
 }
 
-/* name is all tchar (ASCII): lowercase it into a str */
-static PyObject *name_str(const unsigned char *p, Py_ssize_t n) {
+/* name is all tchar (ASCII): lowercase it into a str; *common is set to its index in COMMON,
+ * or -1 */
+static PyObject *name_str(const unsigned char *p, Py_ssize_t n, int *common) {
     char small[64];
+    *common = -1;
     if (n <= (Py_ssize_t)sizeof(small)) {
         for (Py_ssize_t i = 0; i < n; i++) {
             unsigned char c = p[i];
@@ -69,6 +118,7 @@ static PyObject *name_str(const unsigned char *p, Py_ssize_t n) {
         for (size_t i = 0; i < N_COMMON; i++) {
             if (COMMON_LEN[i] == n && memcmp(COMMON[i], small, (size_t)n) == 0) {
                 Py_INCREF(COMMON_OBJ[i]);
+                *common = (int)i;
                 return COMMON_OBJ[i];
             }
         }
@@ -137,7 +187,17 @@ static PyObject *fields(const unsigned char *p, Py_ssize_t s, Py_ssize_t e) {
             v0++;
         while (v1 > v0 && (p[v1 - 1] == ' ' || p[v1 - 1] == '\t'))
             v1--;
-        PyObject *name = name_str(p + n0, n1 - n0);
+        /* the pair made for the same line lately, if its name is one whose lines repeat */
+        Py_ssize_t line_n = v1 - n0;
+        cached_line_t *set = line_n <= LINE_CACHE_BYTES ? line_set(p + n0, line_n) : NULL;
+        PyObject *seen = set ? cached_pair(set, p + n0, line_n) : NULL;
+        if (seen) {
+            PyTuple_SET_ITEM(out, k, Py_NewRef(seen));
+            k++;
+            continue;
+        }
+        int common;
+        PyObject *name = name_str(p + n0, n1 - n0, &common);
         if (!name)
             goto fail;
         PyObject *value = v1 > v0 ? PyUnicode_DecodeLatin1((const char *)p + v0, v1 - v0, NULL) : (Py_INCREF(EMPTY), EMPTY);
@@ -155,6 +215,8 @@ static PyObject *fields(const unsigned char *p, Py_ssize_t s, Py_ssize_t e) {
         PyTuple_SET_ITEM(pair, 1, value);
         PyTuple_SET_ITEM(out, k, pair);
         k++;
+        if (set && common >= 0 && REPEATS[common])
+            keep_pair(set, p + n0, line_n, pair);
     }
     return out;
 not_simple:

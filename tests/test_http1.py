@@ -933,6 +933,31 @@ def test_the_c_head_reader_takes_common_heads_and_leaves_the_rest() -> None:
         parse_request_head(b"GET", -1, 10)
 
 
+@pytest.mark.skipif(not NATIVE_HEAD, reason="agent/_httphead.c not built (CI requires it)")
+def test_the_c_head_reader_hands_out_repeated_lines_again_but_never_credentials() -> None:
+    from agent._httphead import parse_request_head
+
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: a:8000\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer sk-secret\r\ntraceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+            b"\r\nX-Custom: same\r\n\r\n")
+    first, second = parse_request_head(head, 0, 16384), parse_request_head(head, 0, 16384)
+    assert first == second and first is not None and second is not None
+    shared = [a is b for a, b in zip(first[4], second[4], strict=True)]
+    # host and content-type lines repeat from request to request; credentials, trace context
+    # and names the reader does not know are made anew each time
+    assert shared == [True, True, False, False, False]
+    assert first[4][2] == ("authorization", "Bearer sk-secret")
+    # lines differing in case or spacing, and many more lines than the reader keeps, in turn,
+    # twice: each read as itself
+    lines = [b"Host: h%d" % i for i in range(150)] + [b"HOST: h1", b"host:h1", b"Host: h1 ", b"Host:\th1"]
+    lines += [b"Content-Type: " + b"x" * 90, b"Content-Type: " + b"y" * 200]
+    for _ in range(2):
+        for line in lines:
+            got = parse_request_head(b"GET / HTTP/1.1\r\n" + line + b"\r\n\r\n", 0, 16384)
+            name, _, value = line.partition(b":")
+            assert got is not None and got[4] == ((name.decode().lower(), value.strip(b" \t").decode()),), line
+
+
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     data=_HEADS,
