@@ -33,6 +33,9 @@
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+#ifdef __SSE2__
+#include <emmintrin.h>
+#endif
 
 #define MAX_JSON_BYTES 65536 /* agent/llm.py MAX_JSON_BYTES */
 #define MAX_MODEL_CHARS 256  /* agent/llm.py _MAX_MODEL_CHARS */
@@ -95,6 +98,21 @@ static int string(Cur *c, Str *out) {
     const unsigned char *p = c->p + 1, *e = c->end;
     out->s = p;
     out->esc = out->nonascii = 0;
+#ifdef __SSE2__
+    /* sixteen bytes at a time up to the first that is not plain ASCII text: a quote, a
+     * backslash, a control (< 0x20) or beyond ASCII (>= 0x80, negative as a signed byte) */
+    const __m128i quote = _mm_set1_epi8('"'), backslash = _mm_set1_epi8('\\'), space = _mm_set1_epi8(0x20);
+    while (e - p >= 16) {
+        __m128i v = _mm_loadu_si128((const __m128i *)p);
+        int stop = _mm_movemask_epi8(_mm_or_si128(_mm_or_si128(_mm_cmpeq_epi8(v, quote), _mm_cmpeq_epi8(v, backslash)),
+                                                  _mm_cmplt_epi8(v, space)));
+        if (stop) {
+            p += __builtin_ctz((unsigned)stop);
+            break;
+        }
+        p += 16;
+    }
+#endif
     while (p < e) {
         unsigned char ch = *p;
         if (ch == '"') {

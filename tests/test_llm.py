@@ -767,6 +767,28 @@ def test_the_c_json_reader_agrees_with_json(case: tuple[bytes, bool], chat: bool
 
 
 @pytest.mark.skipif(not llm.NATIVE_JSON, reason="agent/_llmjson.c not built (CI requires it)")
+def test_the_c_reader_finds_a_strings_end_and_escapes_wherever_they_lie() -> None:
+    # agent/_llmjson.c scans strings sixteen bytes at a time: a quote, a backslash escape, a
+    # control character, DEL or UTF-8 at every position of strings up to 40 bytes long, in a
+    # value that is returned (model), one that is only checked (content) and one skipped (id)
+    specials = [b"", b'\\"', b"\\\\", b"\\n", b"\\u00e9", b"\x01", b"\x1f", b"\x7f", "é".encode(), b"\xff"]
+    for n in range(41):
+        for at in range(n + 1):
+            for sp in specials:
+                text = b"a" * at + sp + b"b" * (n - at)
+                for field in (b"model", b"content", b"id"):
+                    if field == b"content":
+                        doc = b'{"model":"m","choices":[{"delta":{"content":"' + text + b'"},"finish_reason":null}]}'
+                    else:
+                        doc = b'{"' + field + b'":"' + text + b'","choices":[{"delta":{"content":"x"}}]}'
+                    got = _c_event(Api.OPENAI_CHAT, doc)
+                    if got is not None:
+                        assert got == _json_reference(Api.OPENAI_CHAT, doc), doc
+                    elif sp == b"" or (sp == b"\\n" and field != b"model"):
+                        raise AssertionError(f"plain JSON left to json: {doc!r}")
+
+
+@pytest.mark.skipif(not llm.NATIVE_JSON, reason="agent/_llmjson.c not built (CI requires it)")
 def test_names_the_c_reader_has_made_before_are_answered_as_their_own() -> None:
     # agent/_llmjson.c hands out the str it made for the same bytes lately (64 entries, replaced
     # on a miss): many names in turn, twice, some past its 64-character bound, each answered
