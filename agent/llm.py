@@ -301,7 +301,8 @@ def parse_fragment(api: Api, fragment: bytes) -> EventInfo:
     output are merged. ``output`` is False when event bodies are visible and
     none carries output, None when nothing tells.
     """
-    if len(fragment) <= _DONE_WRITE_MAX and fragment in _DONE_WRITES and api not in _OLLAMA and api not in _TGI:
+    if (len(fragment) <= _DONE_WRITE_MAX and fragment in _DONE_WRITES
+            and api not in _OLLAMA and api not in _TGI):
         return _DONE_EVENT  # what the scan below finds in it, without the scan
     obj = _c_whole_event(fragment) if NATIVE_JSON else _whole_event(fragment)
     if obj is not None:

@@ -37,6 +37,7 @@
 #define TAIL_SLOT_HEADER_SIZE 24
 #define GAP_BUCKETS 32
 #define SUMMARY_FIELDS 21 /* the header's 20 fields, then the gap buckets as one tuple */
+#define GAPS_AT (SUMMARY_HEADER_SIZE - 4 * GAP_BUCKETS) /* summary_event_t.gaps, the header's last field */
 #define SLOT_FIELDS 6
 
 static inline uint32_t u32_at(const unsigned char *p) {
@@ -202,15 +203,15 @@ static PyObject *summary_fields(PyObject *self, PyObject *const *args, Py_ssize_
     PUT(PyLong_FromUnsignedLong(u32_at(p + 28)));     /* seq */
     for (int off = 32; off < 88; off += 8)            /* req_start .. bytes_out */
         PUT(PyLong_FromUnsignedLongLong(u64_at(p + off)));
-    for (int off = 88; off < 104; off += 4) /* reads, writes, lost, ring_count */
+    for (int off = 88; off < GAPS_AT; off += 4) /* reads, writes, lost, ring_count */
         PUT(PyLong_FromUnsignedLong(u32_at(p + off)));
     int used = GAP_BUCKETS; /* the gap buckets up to the last one counted */
-    while (used > 0 && !u32_at(p + 104 + 4 * (used - 1)))
+    while (used > 0 && !u32_at(p + GAPS_AT + 4 * (used - 1)))
         used--;
     PyObject *gaps = PyTuple_New(used);
     if (gaps) {
         for (int i = 0; i < used; i++) {
-            PyObject *o = PyLong_FromUnsignedLong(u32_at(p + 104 + 4 * i));
+            PyObject *o = PyLong_FromUnsignedLong(u32_at(p + GAPS_AT + 4 * i));
             if (!o) {
                 Py_CLEAR(gaps);
                 break;

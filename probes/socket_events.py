@@ -427,8 +427,9 @@ def data_fields(raw: bytes, head_cap: int) -> DataFields:
 
 def summary_fields(raw: bytes, tail_slots: int, tail_cap: int, ring_head: int) -> tuple[Any, ...]:
     """A summary record's header fields as ``SUMMARY_HEADER`` unpacks them (20 ints), its gap
-    buckets up to the last non-zero one (one tuple), then six per ring slot read (``ts_ns, len, index``, and where its bytes lie in ``raw``:
-    ``start, stop, split``): the reference of ``probes/_recread.c``'s ``summary_fields``.
+    buckets up to the last non-zero one (one tuple), then six per ring slot read (``ts_ns,
+    len, index``, and where its bytes lie in ``raw``: ``start, stop, split``): the reference
+    of ``probes/_recread.c``'s ``summary_fields``.
 
     The ring's slots are packed: each slot's header, then the ``cap`` bytes it holds. The
     kernel packs them in ring order, which a ring that has wrapped rotates; they are read out
