@@ -11,7 +11,8 @@
  *   data_fields(raw, head_cap) -> (dir, flags, role, tgid, conn_id, ts_ns, fd,
  *           seq, len, index, head, tail, lost)
  *   summary_fields(raw, tail_slots, tail_cap, ring_head) -> (the summary
- *           header's 20 fields and 32 gap buckets, as struct unpacks them, then
+ *           header's 20 fields as struct unpacks them, its gap buckets up to the
+ *           last counted one as one tuple, then
  *           per ring slot read: ts_ns, len, index, start, stop, split, in write
  *           order (by index, a stable sort of the ring order they are packed in);
  *           the slots are packed, each header followed by the cap bytes it holds)
