@@ -14,6 +14,20 @@
  *   whole_event(fragment)     -> bytes | None
  *   sse_chunk_event(write)    -> bytes | None
  *   ndjson_chunk_event(write) -> bytes | None
+ *   ring_walk(raw, fields, at, lo, hi, sample, seen, output_seen, chat)
+ *       -> (kept, first_index, first_ts, unseen_mid, outputs, first_output_ts,
+ *           last_output_ts, model, finish_reasons, input_tokens, output_tokens) | None
+ *
+ * ring_walk reads a summary's tail ring as agent/assemble.py _walk_ring does
+ * for the chat (chat=True) and completions APIs: `fields` holds six ints per
+ * slot from index `at` on (ts_ns, len, index, start, stop, split, in write
+ * order, as probes/_recread.c summary_fields gives them), the bytes lying in
+ * `raw`. It keeps the slots whose index is in [lo, hi), walks them and
+ * returns what the walk found, with what the slots it read say merged in the
+ * order read (the first model, the finish reasons in turn, the last counts);
+ * -1 for the first index and time of an empty ring. None when a slot it
+ * reads is not one whole event (or [DONE], or the chunked terminator) this
+ * module decides: the Python walk then reads the ring instead.
  *
  * `data` is what agent/llm.py would decode (ASCII whitespace around it is
  * stripped here, as there). The answer is the one agent/llm.py gives for
@@ -621,6 +635,42 @@ static PyObject *event_tuple(const Event *ev, int done) {
     return t;
 }
 
+/* An OpenAI-compatible object in p[0:n] (stripped here, as bytes.strip() does) read into *ev:
+ * 1 when read, 0 when not decided here. */
+static int openai_read(const unsigned char *p, Py_ssize_t n, int chat, Event *ev) {
+    if (n > MAX_JSON_BYTES)
+        return 0;
+    const unsigned char *e = p + n;
+    while (p < e && space(*p))
+        p++;
+    while (e > p && space(e[-1]))
+        e--;
+    if (p == e || *p != '{')
+        return 0;
+    Cur c = {p, e};
+    memset(ev, 0, sizeof *ev);
+    ev->input_tokens = ev->output_tokens = -1;
+    int more;
+    Str k;
+    open_(&c, '}', &more);
+    while (more) {
+        if (key(&c, &k) < 0 || k.esc)
+            return 0;
+        int r;
+        if (is(&k, "model"))
+            r = model_value(&c, 1, &ev->model, &ev->model_valid);
+        else if (is(&k, "choices"))
+            r = choices_value(&c, 1, chat, ev);
+        else if (is(&k, "usage"))
+            r = usage_value(&c, 1, ev);
+        else
+            r = value(&c, 1);
+        if (r < 0 || next(&c, '}', &more) < 0)
+            return 0;
+    }
+    return c.p == c.end;
+}
+
 static PyObject *openai_event(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     Cur c;
@@ -629,27 +679,7 @@ static PyObject *openai_event(PyObject *self, PyObject *const *args, Py_ssize_t 
     int ok = event_args(args, nargs, &c, &chat, &ev);
     if (ok < 0)
         return NULL;
-    if (ok == 0)
-        Py_RETURN_NONE;
-    int more;
-    Str k;
-    open_(&c, '}', &more);
-    while (more) {
-        if (key(&c, &k) < 0 || k.esc)
-            Py_RETURN_NONE;
-        int r;
-        if (is(&k, "model"))
-            r = model_value(&c, 1, &ev.model, &ev.model_valid);
-        else if (is(&k, "choices"))
-            r = choices_value(&c, 1, chat, &ev);
-        else if (is(&k, "usage"))
-            r = usage_value(&c, 1, &ev);
-        else
-            r = value(&c, 1);
-        if (r < 0 || next(&c, '}', &more) < 0)
-            Py_RETURN_NONE;
-    }
-    if (c.p != c.end)
+    if (ok == 0 || !openai_read(c.p, c.end - c.p, chat, &ev))
         Py_RETURN_NONE;
     return event_tuple(&ev, -1);
 }
@@ -775,16 +805,11 @@ static Py_ssize_t size_line(const unsigned char *f, Py_ssize_t n, long long *siz
     return i + 2;
 }
 
-static PyObject *whole_event(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    (void)self;
-    if (nargs != 1 || !PyBytes_Check(args[0])) {
-        PyErr_SetString(PyExc_TypeError, "expected one bytes argument");
-        return NULL;
-    }
-    Py_ssize_t n = PyBytes_GET_SIZE(args[0]);
-    const unsigned char *f = (const unsigned char *)PyBytes_AS_STRING(args[0]);
+/* Where the object of a fragment holding exactly one whole event starts, *len set to its
+ * length; -1 for anything else (whole_event's reading). */
+static Py_ssize_t whole_event_at(const unsigned char *f, Py_ssize_t n, Py_ssize_t *len) {
     if (n > MAX_JSON_BYTES)
-        Py_RETURN_NONE;
+        return -1;
     long long size = -1;
     Py_ssize_t pos = size_line(f, n, &size), body = pos;
     if (n - pos >= 5 && memcmp(f + pos, "data:", 5) == 0) {
@@ -793,23 +818,229 @@ static PyObject *whole_event(PyObject *self, PyObject *const *args, Py_ssize_t n
             pos++;
     }
     if (pos >= n || f[pos] != '{')
-        Py_RETURN_NONE;
+        return -1;
     const unsigned char *lf = memchr(f + pos, '\n', (size_t)(n - pos));
     if (!lf)
-        Py_RETURN_NONE;
+        return -1;
     const unsigned char *cr = memchr(f + pos, '\r', (size_t)(lf - (f + pos)));
     Py_ssize_t end = (cr ? cr : lf) - f;
     if (end - pos < 2 || f[end - 1] != '}')
-        Py_RETURN_NONE;
+        return -1;
     for (size_t i = 0; i < sizeof(ENDINGS) / sizeof(ENDINGS[0]); i++) {
         if (ENDINGS[i].n == n - end && memcmp(f + end, ENDINGS[i].s, (size_t)ENDINGS[i].n) == 0) {
             int whole = size < 0 ? !ENDINGS[i].crlf : ENDINGS[i].crlf && size == end + ENDINGS[i].ends - body;
             if (!whole)
-                Py_RETURN_NONE;
-            return PyBytes_FromStringAndSize((const char *)f + pos, end - pos);
+                return -1;
+            *len = end - pos;
+            return pos;
         }
     }
-    Py_RETURN_NONE;
+    return -1;
+}
+
+static PyObject *whole_event(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 1 || !PyBytes_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "expected one bytes argument");
+        return NULL;
+    }
+    const unsigned char *f = (const unsigned char *)PyBytes_AS_STRING(args[0]);
+    Py_ssize_t len, at = whole_event_at(f, PyBytes_GET_SIZE(args[0]), &len);
+    if (at < 0)
+        Py_RETURN_NONE;
+    return PyBytes_FromStringAndSize((const char *)f + at, len);
+}
+
+/* A write of one whole SSE [DONE] event, as agent/llm.py _DONE_WRITES lists them: "data:", an
+ * optional space, "[DONE]" and one of ENDINGS; with the chunk's CRLF among them, after a
+ * chunk-size line giving the event's size in hex (no leading zero, lower or upper case), and
+ * with none without. */
+static int done_write(const unsigned char *f, Py_ssize_t n) {
+    if (n > 64)
+        return 0;
+    long long size = -1;
+    Py_ssize_t pos = size_line(f, n, &size); /* "data:" is no size line: 't' follows "da" */
+    if (pos) {
+        char lower[24], upper[24];
+        int digits = (int)pos - 2;
+        snprintf(lower, sizeof lower, "%llx", size);
+        snprintf(upper, sizeof upper, "%llX", size);
+        if ((int)strlen(lower) != digits ||
+            (memcmp(f, lower, (size_t)digits) != 0 && memcmp(f, upper, (size_t)digits) != 0))
+            return 0;
+    } else {
+        size = -1;
+    }
+    Py_ssize_t body = pos;
+    if (n - pos < 5 || memcmp(f + pos, "data:", 5) != 0)
+        return 0;
+    pos += 5;
+    if (pos < n && f[pos] == ' ')
+        pos++;
+    if (n - pos < 6 || memcmp(f + pos, "[DONE]", 6) != 0)
+        return 0;
+    pos += 6;
+    for (size_t i = 0; i < sizeof(ENDINGS) / sizeof(ENDINGS[0]); i++) {
+        if (ENDINGS[i].n == n - pos && memcmp(f + pos, ENDINGS[i].s, (size_t)ENDINGS[i].n) == 0)
+            return size < 0 ? !ENDINGS[i].crlf : ENDINGS[i].crlf && size == n - 2 - body;
+    }
+    return 0;
+}
+
+/* ---- the tail ring of a streamed response ------------------------------------------ */
+
+typedef struct {
+    long long ts, len, index, start, stop, split;
+} Slot;
+
+/* What one ring slot shows, as agent/assemble.py _fragment reads it for the chat (chat=1) and
+ * completions APIs: 1 output, 0 none, -1 not decided here; *ev filled when *read is set. */
+static int slot_output(const unsigned char *raw, Py_ssize_t n, const Slot *t, int chat, Event *ev, int *read) {
+    *read = 0;
+    if (t->split >= 0)
+        return -1; /* a long write's head and tail: left to Python */
+    Py_ssize_t start = t->start < n ? (Py_ssize_t)t->start : n;
+    Py_ssize_t stop = t->stop < n ? (Py_ssize_t)t->stop : n;
+    if (stop < start)
+        stop = start;
+    const unsigned char *f = raw + start;
+    Py_ssize_t m = stop - start;
+    if (t->len <= 7) { /* the chunked terminator alone: "0" once CR and LF are stripped */
+        Py_ssize_t a = 0, b = m;
+        while (a < b && (f[a] == '\r' || f[a] == '\n'))
+            a++;
+        while (b > a && (f[b - 1] == '\r' || f[b - 1] == '\n'))
+            b--;
+        if (b - a == 1 && f[a] == '0')
+            return 0;
+    }
+    if (done_write(f, m)) {
+        memset(ev, 0, sizeof *ev);
+        ev->input_tokens = ev->output_tokens = -1;
+        *read = 1;
+        return 0; /* [DONE]: no output */
+    }
+    Py_ssize_t len, at = whole_event_at(f, m, &len);
+    if (at < 0 || !openai_read(f + at, len, chat, ev))
+        return -1;
+    *read = 1;
+    return ev->output ? 1 : 0;
+}
+
+static int slot_read(PyObject *fields, Py_ssize_t i, Slot *t) {
+    long long *v[6] = {&t->ts, &t->len, &t->index, &t->start, &t->stop, &t->split};
+    for (int j = 0; j < 6; j++) {
+        *v[j] = PyLong_AsLongLong(PyTuple_GET_ITEM(fields, i + j));
+        if (*v[j] == -1 && PyErr_Occurred())
+            return -1;
+    }
+    return 0;
+}
+
+/* ring_walk(raw, fields, at, lo, hi, sample, seen, backward_if_seen, chat): see the module's
+ * header. */
+static PyObject *ring_walk(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 9 || !PyBytes_Check(args[0]) || !PyTuple_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "ring_walk(raw, fields, at, lo, hi, sample, seen, output_seen, chat)");
+        return NULL;
+    }
+    long long a[6];
+    for (int i = 0; i < 6; i++) {
+        a[i] = PyLong_AsLongLong(args[2 + i]);
+        if (a[i] == -1 && PyErr_Occurred())
+            return NULL;
+    }
+    long long at = a[0], lo = a[1], hi = a[2], sample = a[3], seen = a[4];
+    int output_seen = (int)a[5];
+    int chat = PyObject_IsTrue(args[8]);
+    if (chat < 0)
+        return NULL;
+    const unsigned char *raw = (const unsigned char *)PyBytes_AS_STRING(args[0]);
+    Py_ssize_t n = PyBytes_GET_SIZE(args[0]);
+    PyObject *fields = args[1];
+    Py_ssize_t nf = PyTuple_GET_SIZE(fields);
+    if (at < 0 || at > nf || (nf - at) % 6)
+        return PyErr_Format(PyExc_ValueError, "ring_walk(): %zd fields, slots from %lld", nf, at);
+    Slot ring[64];
+    Py_ssize_t kept = 0;
+    for (Py_ssize_t i = (Py_ssize_t)at; i < nf; i += 6) { /* the slots of the phase's last writes */
+        Slot t;
+        if (slot_read(fields, i, &t) < 0)
+            return NULL;
+        if (t.index < lo || t.index >= hi)
+            continue;
+        if (kept == 64)
+            Py_RETURN_NONE;
+        ring[kept++] = t;
+    }
+    long long unseen_mid = 0;
+    if (hi > sample) {
+        long long first = kept ? ring[0].index : hi;
+        long long from = sample > seen ? sample : seen;
+        unseen_mid = first - from > 0 ? first - from : 0;
+    }
+    /* Walk as _finish does: back from the end to the last write with output once output was
+     * seen (or writes went unseen), else forward over every slot. What each read slot says is
+     * merged in the order read: the first model, finish reasons in turn, the last counts. */
+    long long outputs = 0, first_out = -1, last_out = -1, in_tok = -1, out_tok = -1;
+    Str model = {0};
+    int have_model = 0;
+    Str reasons[64 * MAX_REASONS];
+    int nreasons = 0;
+    int backward = output_seen || unseen_mid;
+    for (Py_ssize_t k = 0; k < kept; k++) {
+        Py_ssize_t i = backward ? kept - 1 - k : k;
+        Event ev;
+        int read;
+        int out = slot_output(raw, n, &ring[i], chat, &ev, &read);
+        if (out < 0)
+            Py_RETURN_NONE;
+        if (read) {
+            if (!have_model && ev.model_valid && ev.model.n > 0) {
+                model = ev.model;
+                have_model = 1;
+            }
+            for (int r = 0; r < ev.nreasons; r++)
+                reasons[nreasons++] = ev.reasons[r];
+            if (ev.input_tokens >= 0)
+                in_tok = ev.input_tokens;
+            if (ev.output_tokens >= 0)
+                out_tok = ev.output_tokens;
+        }
+        if (out) {
+            if (backward) {
+                outputs = i + 1;
+                last_out = ring[i].ts;
+                first_out = ring[0].ts;
+                break;
+            }
+            outputs++;
+            if (first_out < 0)
+                first_out = ring[i].ts;
+            last_out = ring[i].ts;
+        }
+    }
+    PyObject *rs = PyTuple_New(nreasons);
+    if (!rs)
+        return NULL;
+    for (int r = 0; r < nreasons; r++) {
+        PyObject *o = ascii_str(reasons[r].s, reasons[r].n);
+        if (!o) {
+            Py_DECREF(rs);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(rs, r, o);
+    }
+    PyObject *m = have_model ? ascii_str(model.s, model.n) : Py_NewRef(Py_None);
+    if (!m) {
+        Py_DECREF(rs);
+        return NULL;
+    }
+#define OPT(v) ((v) < 0 ? Py_NewRef(Py_None) : PyLong_FromLongLong(v))
+    return Py_BuildValue("(nLLLLNNNNNN)", kept, kept ? ring[0].index : -1LL, kept ? ring[0].ts : -1LL, unseen_mid,
+                         outputs, OPT(first_out), OPT(last_out), m, rs, OPT(in_tok), OPT(out_tok));
+#undef OPT
 }
 
 /* The JSON object of a response write that is exactly one chunk holding exactly one whole
@@ -886,6 +1117,8 @@ static PyMethodDef methods[] = {
      "ollama_event(data, chat) -> (output, done, model, finish_reasons, input_tokens, output_tokens) | None"},
     {"request_fields", (PyCFunction)(void (*)(void))request_fields, METH_FASTCALL,
      "request_fields(data) -> (model, stream) | None"},
+    {"ring_walk", (PyCFunction)(void (*)(void))ring_walk, METH_FASTCALL,
+     "ring_walk(raw, fields, at, lo, hi, sample, seen, output_seen, chat) -> tuple | None"},
     {NULL, NULL, 0, NULL},
 };
 

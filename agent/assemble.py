@@ -57,6 +57,7 @@ from probes.socket_events import (
     DIR_IN,
     PK_EXEC,
     PK_EXIT,
+    RING_FIELDS_AT,
     ROLE_CLIENT,
     ROLE_SERVER,
     SR_CLOSE,
@@ -232,12 +233,16 @@ class Assembler:
         metrics: SelfMetrics = SELF_METRICS,
         on_proc_event: Callable[[ProcEvent], None] | None = None,
         whole_event_writes: bool = True,
+        native_ring: bool = True,
     ) -> None:
         """``whole_event_writes``: read a response write that is one chunk holding one whole SSE
         event or NDJSON line in one step, where agent/_llmjson.c is built (False: always through
-        the HTTP/1 and SSE or NDJSON parsers, the reading the tests compare it against)."""
+        the HTTP/1 and SSE or NDJSON parsers, the reading the tests compare it against).
+        ``native_ring``: read a decoded summary's tail ring in C, where agent/_llmjson.c is
+        built (False: always with :meth:`_walk_ring`, its reference)."""
         self.config = config
         self._whole_event_writes = whole_event_writes and llm.NATIVE_JSON
+        self._native_ring = native_ring and llm.NATIVE_JSON
         self._emit = emit
         self._clock = clock
         self._decoder = decoder
@@ -568,6 +573,10 @@ class Assembler:
         api = ex.api
         if api is None:
             output: bool | None = True  # generic SSE/NDJSON: every event is output
+        elif not truncated and (got := llm.openai_event(api, data)) is not None:
+            # what parse_stream_event would say, without its EventInfo
+            self._merge_fields(ex, got[1], got[2], got[3], got[4])
+            output = got[0]
         else:
             info = llm.parse_stream_event(api, data, truncated)
             self._merge_info(ex, info)
@@ -711,44 +720,38 @@ class Assembler:
             self._metrics.inc("infersight.assembly.client.requests.ignored")
             return
         sample = self.config.sample_writes
-        ring: tuple[TailSlot, ...] = ()
         total_writes = len(ex.writes)
         flags = 0
+        # ---- the tail ring: writes the kernel aggregated
+        ring_n = 0
+        ring_first_ts = 0
+        walked: tuple[int, int, int | None, int | None] | None = None
         if s is not None:
             total_writes = s.writes
             flags = s.flags
             lo = max(sample, s.writes - self.config.tail_slots)
-            ring = s.ring  # the decoder gives write order
-            if ring and (ring[0].index < lo or ring[-1].index >= s.writes):
-                ring = tuple([t for t in ring if lo <= t.index < s.writes])
-            if s.writes > ex.max_sample_index + 1 and not ring and s.writes > sample:
+            api = ex.api
+            if self._native_ring and api is not None and s.fields:
+                # the ring read in C, straight from the record; None leaves it to the walk below
+                got = llm.ring_walk(api, s.raw, s.fields, RING_FIELDS_AT, lo, s.writes, sample,
+                                    ex.max_sample_index + 1, ex.first_output_ns is not None)
+                if got is not None:
+                    ring_n, _, ring_first_ts, unseen, outputs, first, last, model, reasons, tin, tout = got
+                    walked = (unseen, outputs, first, last)
+                    self._merge_fields(ex, model, reasons, tin, tout)
+            if walked is None:
+                ring = s.ring  # the decoder gives write order
+                if ring and (ring[0].index < lo or ring[-1].index >= s.writes):
+                    ring = tuple([t for t in ring if lo <= t.index < s.writes])
+                if ring:
+                    ring_n = len(ring)
+                    ring_first_ts = ring[0].ts_ns
+                walked = self._walk_ring(ex, ring, total_writes)
+            if s.writes > ex.max_sample_index + 1 and not ring_n and s.writes > sample:
                 self._metrics.inc("infersight.assembly.tails.missing")
-        # ---- the tail ring: writes the kernel aggregated
-        unseen_mid = 0
-        if total_writes > sample:
-            first_ring = ring[0].index if ring else total_writes
-            unseen_mid = max(0, first_ring - max(sample, ex.max_sample_index + 1))
-        ring_first_output: int | None = None
-        ring_last_output: int | None = None
-        ring_outputs = 0
-        if ex.first_output_ns is not None or unseen_mid:
-            # Walk back from the end: the last writes carry finish reason and
-            # usage; once a write with output is found, the ones before it are
-            # mid-stream writes, taken as one output event each (as the unseen
-            # middle is). Parsing every tail costs more than the answer needs.
-            for i in range(len(ring) - 1, -1, -1):
-                if self._fragment(ex, ring[i]):
-                    ring_outputs = i + 1
-                    ring_last_output = ring[i].ts_ns
-                    ring_first_output = ring[0].ts_ns
-                    break
         else:
-            for t in ring:
-                if self._fragment(ex, t):
-                    ring_outputs += 1
-                    if ring_first_output is None:
-                        ring_first_output = t.ts_ns
-                    ring_last_output = t.ts_ns
+            walked = self._walk_ring(ex, (), total_writes)
+        unseen_mid, ring_outputs, ring_first_output, ring_last_output = walked
         # ---- completion and end time
         complete = ex.complete or bool(flags & CF_TERMINATED) or next_request
         if s is not None and not complete and s.reason in (SR_TERMINATED, SR_NEXT_REQUEST):
@@ -784,9 +787,9 @@ class Assembler:
                     self._metrics.inc("infersight.assembly.ttft.unresolved")
             if ring_last_output is not None:
                 last_out = ring_last_output
-            elif unseen_mid and ring:
+            elif unseen_mid and ring_n:
                 # the last output write went unseen; the first write after it bounds it
-                last_out = ring[0].ts_ns
+                last_out = ring_first_ts
             if first_out is not None:
                 ttft_ns = first_out - ex.start_ns
                 if last_out is not None and output_events and output_events >= 2:
@@ -837,6 +840,57 @@ class Assembler:
             gap_histogram_log2_us=s.gaps if s is not None and ex.streaming else (),
         )
         self._emit(rec)
+
+    def _walk_ring(
+        self, ex: Exchange, ring: tuple[TailSlot, ...], total_writes: int
+    ) -> tuple[int, int, int | None, int | None]:
+        """The writes between the sampled ones and ``ring`` (the slots of the phase's last
+        writes, in write order) that went unseen, the output writes the walk counts in
+        ``ring``, and the times of its first and last; what the slots read say is merged into
+        ``ex``. agent/_llmjson.c ``ring_walk`` reads the ring the same way (the tests compare)."""
+        sample = self.config.sample_writes
+        unseen_mid = 0
+        if total_writes > sample:
+            first_ring = ring[0].index if ring else total_writes
+            unseen_mid = max(0, first_ring - max(sample, ex.max_sample_index + 1))
+        ring_first_output: int | None = None
+        ring_last_output: int | None = None
+        ring_outputs = 0
+        if ex.first_output_ns is not None or unseen_mid:
+            # Walk back from the end: the last writes carry finish reason and
+            # usage; once a write with output is found, the ones before it are
+            # mid-stream writes, taken as one output event each (as the unseen
+            # middle is). Parsing every tail costs more than the answer needs.
+            for i in range(len(ring) - 1, -1, -1):
+                if self._fragment(ex, ring[i]):
+                    ring_outputs = i + 1
+                    ring_last_output = ring[i].ts_ns
+                    ring_first_output = ring[0].ts_ns
+                    break
+        else:
+            for t in ring:
+                if self._fragment(ex, t):
+                    ring_outputs += 1
+                    if ring_first_output is None:
+                        ring_first_output = t.ts_ns
+                    ring_last_output = t.ts_ns
+        return unseen_mid, ring_outputs, ring_first_output, ring_last_output
+
+    @staticmethod
+    def _merge_fields(
+        ex: Exchange, model: str | None, reasons: tuple[str, ...], input_tokens: int | None,
+        output_tokens: int | None,
+    ) -> None:
+        """:meth:`_merge_info` for what the C ring walk read (its merge of the slots read)."""
+        if model and ex.resp_model is None:
+            ex.resp_model = model
+        for r in reasons:
+            if r not in ex.finish_reasons and len(ex.finish_reasons) < 16:
+                ex.finish_reasons.append(r)
+        if input_tokens is not None:
+            ex.input_tokens = input_tokens
+        if output_tokens is not None:
+            ex.output_tokens = output_tokens
 
     def _fragment(self, ex: Exchange, t: TailSlot) -> bool:
         """Classify one tail-ring write; True when it carries output."""

@@ -37,6 +37,7 @@ try:  # OpenAI-compatible and Ollama bodies read in C (agent/_llmjson.c); json a
     from agent._llmjson import ollama_event as _c_ollama_event
     from agent._llmjson import openai_event as _c_openai_event
     from agent._llmjson import request_fields as _c_request_fields
+    from agent._llmjson import ring_walk as _c_ring_walk
     from agent._llmjson import sse_chunk_event as _c_sse_chunk_event
     from agent._llmjson import whole_event as _c_whole_event
 
@@ -54,12 +55,14 @@ __all__ = [
     "classify",
     "merge_events",
     "ndjson_chunk_event",
+    "openai_event",
     "operation_name",
     "parse_fragment",
     "parse_request_body",
     "parse_response_body",
     "parse_stream_event",
     "path_model",
+    "ring_walk",
     "sse_chunk_event",
 ]
 
@@ -310,6 +313,30 @@ def parse_fragment(api: Api, fragment: bytes) -> EventInfo:
         if info is not None:
             return info
     return _from_text(api, _tail(fragment))
+
+
+def openai_event(api: Api, data: bytes) -> tuple[bool, str | None, tuple[str, ...], int | None, int | None] | None:
+    """What one whole OpenAI-compatible chat or completions object in ``data`` says, as
+    :func:`parse_stream_event` reads it untruncated (output, model, finish reasons, input and
+    output tokens), read in C; None for other APIs, where agent/_llmjson.c is not built, or
+    where it does not decide (parse_stream_event then reads ``data``)."""
+    if NATIVE_JSON and api in _OPENAI_OBJECTS:
+        return _c_openai_event(data, api is Api.OPENAI_CHAT)
+    return None
+
+
+RingWalk = tuple[int, int, int, int, int, int | None, int | None, str | None, tuple[str, ...], int | None,
+                 int | None]
+
+
+def ring_walk(api: Api, raw: bytes, fields: tuple[Any, ...], at: int, lo: int, hi: int, sample: int,
+              seen: int, output_seen: bool) -> RingWalk | None:
+    """A summary's tail ring read in C for the OpenAI-compatible chat and completions APIs
+    (agent/_llmjson.c ``ring_walk``, which says what it returns); None for other APIs, where
+    the module is not built, or where a slot is not one it decides."""
+    if NATIVE_JSON and api in _OPENAI_OBJECTS:
+        return _c_ring_walk(raw, fields, at, lo, hi, sample, seen, output_seen, api is Api.OPENAI_CHAT)
+    return None
 
 
 # One whole write of one event: an optional chunk-size line (1-8 hex digits, CRLF), one SSE

@@ -108,6 +108,9 @@ class Layout:
 DATA_HEADER = struct.Struct("<BBBBIQQIIIIIIII")
 SUMMARY_HEADER = struct.Struct("<BBBBIQQIIQQQQQQQIIII32I")
 TAIL_SLOT_HEADER = struct.Struct("<QIIII")
+#: where the ring's slots begin in :func:`summary_fields`' answer: after the header's 20
+#: fields and the gap buckets' tuple
+RING_FIELDS_AT = 21
 CONN_EVENT = struct.Struct("<BBBBIQQIi28sI")
 PROC_EVENT = struct.Struct("<BBHIIIQ16s")
 H2_HEADER = struct.Struct("<BBBBIQQIIIIBBBBI")
@@ -252,24 +255,31 @@ class SummaryEvent:
     """The end of one request phase of a connection: the kernel's timings and
     counts, and the tail ring (see ``summary_event_t`` in ``probes/sockets.h``).
     ``gaps`` holds the gap buckets up to the last one counted (``()`` when none is).
-    A plain slotted class for the reason given at :class:`TailSlot`."""
+    A plain slotted class for the reason given at :class:`TailSlot`.
+
+    A decoded summary keeps its record (``raw``) and the fields read from it (``fields``, the
+    ring's slots as six ints each from :data:`RING_FIELDS_AT` on): its ``ring`` is made from
+    them when first read, and a C reader of the ring (``agent/_llmjson.c`` ``ring_walk``) can
+    walk the slots without it."""
 
     __slots__ = (
+        "_ring",
         "bytes_in",
         "bytes_out",
         "conn_id",
         "eof_ns",
         "fd",
+        "fields",
         "flags",
         "gaps",
         "lost",
+        "raw",
         "reads",
         "reason",
         "req_last_ns",
         "req_start_ns",
         "resp_first_ns",
         "resp_last_ns",
-        "ring",
         "role",
         "seq",
         "tgid",
@@ -299,7 +309,9 @@ class SummaryEvent:
         writes: int,
         lost: int,
         gaps: tuple[int, ...],
-        ring: tuple[TailSlot, ...],
+        ring: tuple[TailSlot, ...] | None = None,
+        raw: bytes = b"",
+        fields: tuple[Any, ...] = (),
     ) -> None:
         self.reason = reason
         self.flags = flags
@@ -320,7 +332,22 @@ class SummaryEvent:
         self.writes = writes
         self.lost = lost
         self.gaps = gaps
-        self.ring = ring
+        self._ring = ring
+        self.raw = raw
+        self.fields = fields
+
+    @property
+    def ring(self) -> tuple[TailSlot, ...]:
+        """The tail ring's slots, in write order (see ``summary_event_t``)."""
+        ring = self._ring
+        if ring is None:
+            f = self.fields
+            raw = self.raw
+            ring = self._ring = tuple([
+                TailSlot.in_record(f[i], f[i + 1], f[i + 2], raw, f[i + 3], f[i + 4], f[i + 5])
+                for i in range(RING_FIELDS_AT, len(f), 6)
+            ])
+        return ring
 
     def __repr__(self) -> str:
         return (
@@ -530,12 +557,8 @@ class Decoder:
         except ValueError as e:
             raise DecodeError(str(e)) from None
         gaps: tuple[int, ...] = f[20]
-        # all slots are copied, in write order; the valid ones are those of this phase's last
-        # writes. Their bytes stay in the record until read
-        slots = [
-            TailSlot.in_record(f[i], f[i + 1], f[i + 2], raw, f[i + 3], f[i + 4], f[i + 5])
-            for i in range(21, len(f), 6)
-        ]
+        # all slots are read, in write order; the valid ones are those of this phase's last
+        # writes. They stay in the fields, their bytes in the record, until read
         return SummaryEvent(
             reason=f[1],
             flags=f[2],
@@ -556,5 +579,6 @@ class Decoder:
             writes=f[17],
             lost=f[18],
             gaps=gaps,
-            ring=tuple(slots),
+            raw=raw,
+            fields=f,
         )

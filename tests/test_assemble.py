@@ -10,6 +10,7 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent import llm
 from agent.assemble import Assembler, AssemblyConfig
 from agent.clock import Clock
 from agent.record import Request
@@ -322,3 +323,114 @@ def test_ring_slots_outside_the_phases_last_writes_are_not_read() -> None:
                     rec.time_per_output_token_s, rec.duration_s))
     assert got[0] == (9, ("stop",), 0.003, 0.001, 0.014)
     assert got[1:] == [got[0]] * 3
+
+
+# --- the tail ring read in C (agent/_llmjson.c ring_walk) and by _walk_ring --------------------
+
+def _completion(text: str, finish: str | None = None) -> bytes:
+    obj = {"id": "c", "object": "text_completion", "model": "m", "choices": [
+        {"index": 0, "text": text, "finish_reason": finish}]}
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+def _usage(chat: bool, prompt: int, completion: int, model: str = "m") -> bytes:
+    obj = {"id": "c", "model": model, "choices": [], "usage": {"prompt_tokens": prompt,
+                                                              "completion_tokens": completion}}
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+def _ring_pieces(chat: bool) -> list[bytes]:
+    ev = _event if chat else _completion
+    return [
+        _chunk(ev("a")), _chunk(ev("")), _chunk(ev("", "stop")), _chunk(ev("", "length")),
+        _chunk(ev("z", "stop")), _chunk(_usage(chat, 5, 7)), _chunk(_usage(chat, 6, 9, "m2")),
+        _chunk(ev("b").replace(b'"m"', b'"m3"')), _chunk(ev("b").replace(b'"m"', b'""')),
+        _chunk(b"data: [DONE]\n\n"), b"E\r\ndata:[DONE]\n\n\r\n", b"0e\r\ndata: [DONE]\n\n\r\n",
+        b"data: [DONE]\n\n", b"data: [DONE]\r\n\r\n", b"0\r\n\r\n", b"\r\n0\r\n\r\n", b"0\r\n",
+        _chunk(ev("b"))[:25], _chunk(ev("c") + ev("d")), _chunk(b": keep-alive\n\n"),
+        _chunk(ev("\u00e9")), _chunk(ev("q").replace(b'"content"', b'"cont\\u0065nt"')),
+        _chunk(b"data: " + b"x" * 3000 + b"\n\n"), _chunk(ev("y" * 700)), _chunk(ev("", "bad reason!")),
+        _chunk(ev("", "stop").replace(b"data: ", b"data:")), _chunk(ev("r").replace(b"\n\n", b"\r\n\r\n")),
+    ]
+
+
+def _packed_ring(ring: list[tuple[int, int, bytes]]) -> bytes:
+    """Ring slots as the probe packs them: a write longer than the tail capture keeps its
+    first ring_head bytes and its end."""
+    out = b""
+    for ts, index, write in ring:
+        kept = write
+        if len(write) > LAYOUT.tail_cap:
+            kept = write[: LAYOUT.ring_head] + write[len(write) - (LAYOUT.tail_cap - LAYOUT.ring_head):]
+        out += se.TAIL_SLOT_HEADER.pack(ts, len(write), index, len(kept), 0) + kept
+    return out
+
+
+def _ring_record(chat: bool, sampled: list[bytes], unseen: int, ring_writes: list[bytes], stale: bool,
+                 reason: int, native: bool) -> tuple[dict | None, list]:
+    post = SSE_POST if chat else SSE_POST.replace(b"/v1/chat/completions", b"/v1/completions")
+    h = Harness()
+    h.asm = Assembler(AssemblyConfig(idle_check_s=1.0), h.records.append, clock=_CLOCK,
+                      decoder=se.Decoder(LAYOUT), process_name=lambda pid: "server",
+                      conn_alive=lambda pid, fd, cid: True, metrics=h.metrics, native_ring=native)
+    writes = [SSE_HEAD, *sampled]
+    total = len(writes) + unseen + len(ring_writes)
+    first_ring = total - len(ring_writes)
+    ring = [(T0 + (first_ring + i + 1) * MS, first_ring + i, w) for i, w in enumerate(ring_writes)]
+    if stale:  # slots of an earlier window and past the phase's writes
+        ring = [(T0 + 90 * MS, max(0, first_ring - 9), _chunk(_event("old", "length"))), *ring,
+                (T0 + 91 * MS, total, _chunk(_event("late", "content_filter")))]
+    fields = [se.EV_SUMMARY, reason, se.CF_TERMINATED if reason == se.SR_TERMINATED else 0, se.ROLE_SERVER, 4242,
+              1, T0 + (total + 1) * MS, 7, 1, T0, T0, 0, T0 + total * MS, 0, 100, 5000, 1, total, 0, len(ring),
+              *([0] * se.GAP_BUCKETS)]
+    h.feed(data(1, 1, 0, se.DIR_IN, T0, post),
+           *[data(1, 1, i, se.DIR_OUT, T0 + (i + 1) * MS, w) for i, w in enumerate(writes)],
+           se.SUMMARY_HEADER.pack(*fields) + _packed_ring(ring))
+    if not h.records:
+        return None, h.metrics.snapshot()
+    (rec,) = h.records
+    d = rec.to_dict()
+    for k in ("trace_id", "span_id"):
+        d.pop(k)
+    return d, h.metrics.snapshot()
+
+
+@given(st.booleans(), st.lists(st.integers(0, 4), max_size=3), st.integers(0, 3),
+       st.lists(st.integers(0, 26), max_size=8), st.booleans(),
+       st.sampled_from([se.SR_TERMINATED, se.SR_NEXT_REQUEST, se.SR_CLOSE]))
+@settings(max_examples=400, deadline=None)
+def test_the_ring_read_in_c_gives_the_record_the_python_walk_gives(
+        chat: bool, sampled: list[int], unseen: int, ring: list[int], stale: bool, reason: int) -> None:
+    pieces = _ring_pieces(chat)
+    args = (chat, [pieces[i] for i in sampled], unseen, [pieces[i] for i in ring], stale, reason)
+    assert _ring_record(*args, native=True) == _ring_record(*args, native=False)
+
+
+def test_the_ring_read_in_c_decides_common_streams_and_leaves_the_rest() -> None:
+    pieces = _ring_pieces(True)
+    raw = se.SUMMARY_HEADER.pack(*([se.EV_SUMMARY] + [0] * 18 + [3] + [0] * se.GAP_BUCKETS))
+    fields_of = se.Decoder(LAYOUT)
+
+    def walk(writes: list[bytes], output_seen: bool, first: int = 20) -> tuple | None:
+        # the ring's writes from index `first` on, after four sampled ones
+        rec = raw[:] + _packed_ring([(T0 + i, first + i, w) for i, w in enumerate(writes)])
+        rec = rec[:100] + len(writes).to_bytes(4, "little") + rec[104:]
+        s = fields_of.decode(rec)
+        assert isinstance(s, se.SummaryEvent) and len(s.ring) == len(writes)
+        return llm.ring_walk(llm.Api.OPENAI_CHAT, s.raw, s.fields, se.RING_FIELDS_AT, 0, 100, 4, 4, output_seen)
+
+    if not llm.NATIVE_JSON:
+        assert walk(pieces[:1], True) is None
+        return
+    # the end of a stream (its last output, the finish reason, usage, [DONE], the terminator)
+    # after 16 unseen writes: read back to the last output, the writes before it all output
+    got = walk([pieces[1], pieces[0], pieces[2], pieces[5], pieces[9], pieces[14]], True)
+    assert got == (6, 20, T0, 16, 2, T0, T0 + 1, "m", ("stop",), 5, 7)
+    # no output seen yet and none unseen: every slot read forward, the first model kept, the last counts
+    got = walk([pieces[1], pieces[7], pieces[6], pieces[4]], False, first=4)
+    assert got == (4, 4, T0, 0, 2, T0 + 1, T0 + 3, "m", ("stop",), 6, 9)
+    # a slot that is not one whole event leaves the ring to Python, wherever it lies
+    for odd in (pieces[17], pieces[18], pieces[19], pieces[22]):
+        assert walk([pieces[0], odd, pieces[9]], False) is None
+    # other APIs are read in Python
+    assert llm.ring_walk(llm.Api.OLLAMA_CHAT, raw, (), se.RING_FIELDS_AT, 0, 1, 4, 4, True) is None

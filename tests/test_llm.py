@@ -753,6 +753,12 @@ def test_the_c_json_reader_agrees_with_json(case: tuple[bytes, bool], chat: bool
     got = _c_event(api, doc)
     if got is not None:
         assert got == ref, doc
+    # assembly's reading of a whole event says what parse_stream_event says, where it answers
+    quick = llm.openai_event(api, doc)
+    assert (quick is None) == (llm._c_openai_event(doc, chat) is None), doc
+    if quick is not None:
+        info = llm.parse_stream_event(api, doc)
+        assert quick == (info.output, info.model, info.finish_reasons, info.input_tokens, info.output_tokens), doc
     obj = llm._load_complete(doc)
     fields = llm._c_request_fields(doc)
     if fields is not None:
