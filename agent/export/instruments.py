@@ -281,6 +281,14 @@ class MetricState:
         for inst in INSTRUMENTS:
             b = tuple(sorted(float(x) for x in overrides.get(inst.name, inst.buckets)))
             self._series[inst.name] = _Series(replace(inst, buckets=b), b)
+        # the series each record counts in, looked up once
+        self._rpc = self._series[RPC_DURATION.name]
+        self._http = self._series[HTTP_DURATION.name]
+        self._aborted = self._series[ABORTED.name]
+        self._genai = self._series[GENAI_DURATION.name]
+        self._ttft = self._series[GENAI_TTFT.name]
+        self._tpot = self._series[GENAI_TPOT.name]
+        self._tokens = self._series[GENAI_TOKENS.name]
         self._active_source: ActiveSource | None = None
         self._point_sources: list[PointSource] = []
         self._source_failed: set[str] = set()
@@ -347,22 +355,22 @@ class MetricState:
         with self._lock:
             self.generation += 1
             if system is not None:
-                self._observe(RPC_DURATION, labels, dur * 1000.0, exemplar, t)
+                self._observe(self._rpc, labels, dur * 1000.0, exemplar, t)
             else:
-                self._observe(HTTP_DURATION, labels, dur, exemplar, t)
+                self._observe(self._http, labels, dur, exemplar, t)
             if r.aborted:
-                self._add(ABORTED, (method, route, op, model, *kv), 1.0)
+                self._add(self._aborted, (method, route, op, model, *kv), 1.0)
             if not is_genai:
                 return
-            self._observe(GENAI_DURATION, (op, model, error, *kv), dur, exemplar, t)
+            self._observe(self._genai, (op, model, error, *kv), dur, exemplar, t)
             if r.time_to_first_token_s is not None:
-                self._observe(GENAI_TTFT, (op, model, *kv), r.time_to_first_token_s, exemplar, t)
+                self._observe(self._ttft, (op, model, *kv), r.time_to_first_token_s, exemplar, t)
             if r.time_per_output_token_s is not None:
-                self._observe(GENAI_TPOT, (op, model, *kv), r.time_per_output_token_s, exemplar, t)
+                self._observe(self._tpot, (op, model, *kv), r.time_per_output_token_s, exemplar, t)
             if r.input_tokens is not None:
-                self._observe(GENAI_TOKENS, (op, model, "input", *kv), float(r.input_tokens), exemplar, t)
+                self._observe(self._tokens, (op, model, "input", *kv), float(r.input_tokens), exemplar, t)
             if r.output_tokens is not None:
-                self._observe(GENAI_TOKENS, (op, model, "output", *kv), float(r.output_tokens), exemplar, t)
+                self._observe(self._tokens, (op, model, "output", *kv), float(r.output_tokens), exemplar, t)
 
     def _key(
         self, s: _Series, table: Mapping[tuple[str, ...], object], labels: tuple[str, ...]
@@ -373,9 +381,8 @@ class MetricState:
         return tuple(OTHER if v else "" for v in labels)
 
     def _observe(
-        self, inst: Instrument, labels: tuple[str, ...], value: float, ex: SpanRef | None, t_ns: int
+        self, s: _Series, labels: tuple[str, ...], value: float, ex: SpanRef | None, t_ns: int
     ) -> None:
-        s = self._series[inst.name]
         h = s.hist.get(labels)
         if h is None:  # a new series, unless the cap folds it into one that exists
             labels = self._key(s, s.hist, labels)
@@ -392,8 +399,7 @@ class MetricState:
         if ex is not None:
             h.exemplars[i] = ExemplarData(value, ex.trace_id, ex.span_id, t_ns)
 
-    def _add(self, inst: Instrument, labels: tuple[str, ...], n: float) -> None:
-        s = self._series[inst.name]
+    def _add(self, s: _Series, labels: tuple[str, ...], n: float) -> None:
         v = s.scalar.get(labels)
         if v is None:  # a new series, unless the cap folds it into one that exists
             labels = self._key(s, s.scalar, labels)
