@@ -14,20 +14,21 @@
  *   whole_event(fragment)     -> bytes | None
  *   sse_chunk_event(write)    -> bytes | None
  *   ndjson_chunk_event(write) -> bytes | None
- *   ring_walk(raw, fields, at, lo, hi, sample, seen, output_seen, chat)
+ *   ring_walk(raw, slots, lo, hi, sample, seen, output_seen, chat)
  *       -> (kept, first_index, first_ts, unseen_mid, outputs, first_output_ts,
  *           last_output_ts, model, finish_reasons, input_tokens, output_tokens) | None
  *
  * ring_walk reads a summary's tail ring as agent/assemble.py _walk_ring does
- * for the chat (chat=True) and completions APIs: `fields` holds six ints per
- * slot from index `at` on (ts_ns, len, index, start, stop, split, in write
- * order, as probes/_recread.c summary_fields gives them), the bytes lying in
- * `raw`. It keeps the slots whose index is in [lo, hi), walks them and
- * returns what the walk found, with what the slots it read say merged in the
- * order read (the first model, the finish reasons in turn, the last counts);
- * -1 for the first index and time of an empty ring. None when a slot it
- * reads is not one whole event (or [DONE], or the chunked terminator) this
- * module decides: the Python walk then reads the ring instead.
+ * for the chat (chat=True) and completions APIs: `slots` holds six
+ * little-endian 64-bit ints per slot (ts_ns, len, index, start, stop, split,
+ * in write order, as probes/_recread.c summary_fields gives them), the bytes
+ * lying in `raw`. It keeps the slots whose index is in [lo, hi), walks them
+ * and returns what the walk found, with what the slots it read say merged in
+ * the order read (the first model, the finish reasons in turn, the last
+ * counts); -1 for the first index and 0 for the first time of an empty ring.
+ * None when a slot it reads is not one whole event (or [DONE], or the
+ * chunked terminator) this module decides: the Python walk then reads the
+ * ring instead.
  *
  * `data` is what agent/llm.py would decode (ASCII whitespace around it is
  * stripped here, as there). The answer is the one agent/llm.py gives for
@@ -889,13 +890,16 @@ static int done_write(const unsigned char *f, Py_ssize_t n) {
 
 /* ---- the tail ring of a streamed response ------------------------------------------ */
 
+/* one slot as probes/_recread.c summary_fields packs it: six little-endian 64-bit ints */
 typedef struct {
-    long long ts, len, index, start, stop, split;
+    uint64_t ts;
+    int64_t len, index, start, stop, split;
 } Slot;
 
 /* What one ring slot shows, as agent/assemble.py _fragment reads it for the chat (chat=1) and
  * completions APIs: 1 output, 0 none, -1 not decided here; *ev filled when *read is set. */
-static int slot_output(const unsigned char *raw, Py_ssize_t n, const Slot *t, int chat, Event *ev, int *read) {
+static int slot_output(const unsigned char *raw, Py_ssize_t n, const Slot *t, int chat, Event *ev,
+                       int *read) {
     *read = 0;
     if (t->split >= 0)
         return -1; /* a long write's head and tail: left to Python */
@@ -927,47 +931,35 @@ static int slot_output(const unsigned char *raw, Py_ssize_t n, const Slot *t, in
     return ev->output ? 1 : 0;
 }
 
-static int slot_read(PyObject *fields, Py_ssize_t i, Slot *t) {
-    long long *v[6] = {&t->ts, &t->len, &t->index, &t->start, &t->stop, &t->split};
-    for (int j = 0; j < 6; j++) {
-        *v[j] = PyLong_AsLongLong(PyTuple_GET_ITEM(fields, i + j));
-        if (*v[j] == -1 && PyErr_Occurred())
-            return -1;
-    }
-    return 0;
-}
-
-/* ring_walk(raw, fields, at, lo, hi, sample, seen, backward_if_seen, chat): see the module's
- * header. */
+/* ring_walk(raw, slots, lo, hi, sample, seen, output_seen, chat): see the module's header. */
 static PyObject *ring_walk(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 9 || !PyBytes_Check(args[0]) || !PyTuple_Check(args[1])) {
-        PyErr_SetString(PyExc_TypeError, "ring_walk(raw, fields, at, lo, hi, sample, seen, output_seen, chat)");
+    if (nargs != 8 || !PyBytes_Check(args[0]) || !PyBytes_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "ring_walk(raw, slots, lo, hi, sample, seen, output_seen, chat)");
         return NULL;
     }
-    long long a[6];
-    for (int i = 0; i < 6; i++) {
+    long long a[5];
+    for (int i = 0; i < 5; i++) {
         a[i] = PyLong_AsLongLong(args[2 + i]);
         if (a[i] == -1 && PyErr_Occurred())
             return NULL;
     }
-    long long at = a[0], lo = a[1], hi = a[2], sample = a[3], seen = a[4];
-    int output_seen = (int)a[5];
-    int chat = PyObject_IsTrue(args[8]);
+    long long lo = a[0], hi = a[1], sample = a[2], seen = a[3];
+    int output_seen = a[4] != 0;
+    int chat = PyObject_IsTrue(args[7]);
     if (chat < 0)
         return NULL;
     const unsigned char *raw = (const unsigned char *)PyBytes_AS_STRING(args[0]);
     Py_ssize_t n = PyBytes_GET_SIZE(args[0]);
-    PyObject *fields = args[1];
-    Py_ssize_t nf = PyTuple_GET_SIZE(fields);
-    if (at < 0 || at > nf || (nf - at) % 6)
-        return PyErr_Format(PyExc_ValueError, "ring_walk(): %zd fields, slots from %lld", nf, at);
+    Py_ssize_t ns = PyBytes_GET_SIZE(args[1]);
+    if (ns % (Py_ssize_t)sizeof(Slot))
+        return PyErr_Format(PyExc_ValueError, "ring_walk(): %zd bytes of slots", ns);
+    const char *sp = PyBytes_AS_STRING(args[1]);
     Slot ring[64];
     Py_ssize_t kept = 0;
-    for (Py_ssize_t i = (Py_ssize_t)at; i < nf; i += 6) { /* the slots of the phase's last writes */
+    for (Py_ssize_t off = 0; off < ns; off += (Py_ssize_t)sizeof(Slot)) { /* the phase's last writes */
         Slot t;
-        if (slot_read(fields, i, &t) < 0)
-            return NULL;
+        memcpy(&t, sp + off, sizeof t);
         if (t.index < lo || t.index >= hi)
             continue;
         if (kept == 64)
@@ -983,7 +975,9 @@ static PyObject *ring_walk(PyObject *self, PyObject *const *args, Py_ssize_t nar
     /* Walk as _finish does: back from the end to the last write with output once output was
      * seen (or writes went unseen), else forward over every slot. What each read slot says is
      * merged in the order read: the first model, finish reasons in turn, the last counts. */
-    long long outputs = 0, first_out = -1, last_out = -1, in_tok = -1, out_tok = -1;
+    long long outputs = 0, in_tok = -1, out_tok = -1;
+    uint64_t first_out = 0, last_out = 0;
+    int any_out = 0;
     Str model = {0};
     int have_model = 0;
     Str reasons[64 * MAX_REASONS];
@@ -1013,34 +1007,54 @@ static PyObject *ring_walk(PyObject *self, PyObject *const *args, Py_ssize_t nar
                 outputs = i + 1;
                 last_out = ring[i].ts;
                 first_out = ring[0].ts;
+                any_out = 1;
                 break;
             }
             outputs++;
-            if (first_out < 0)
+            if (!any_out)
                 first_out = ring[i].ts;
             last_out = ring[i].ts;
+            any_out = 1;
         }
     }
-    PyObject *rs = PyTuple_New(nreasons);
-    if (!rs)
+    PyObject *t = PyTuple_New(11);
+    if (!t)
         return NULL;
-    for (int r = 0; r < nreasons; r++) {
+    PyObject *rs = PyTuple_New(nreasons);
+    PyTuple_SET_ITEM(t, 8, rs);
+    for (int r = 0; rs && r < nreasons; r++) {
         PyObject *o = ascii_str(reasons[r].s, reasons[r].n);
         if (!o) {
-            Py_DECREF(rs);
+            Py_DECREF(t);
             return NULL;
         }
         PyTuple_SET_ITEM(rs, r, o);
     }
-    PyObject *m = have_model ? ascii_str(model.s, model.n) : Py_NewRef(Py_None);
-    if (!m) {
-        Py_DECREF(rs);
+    PyObject *items[] = {
+        PyLong_FromSsize_t(kept),
+        PyLong_FromLongLong(kept ? ring[0].index : -1),
+        PyLong_FromUnsignedLongLong(kept ? ring[0].ts : 0),
+        PyLong_FromLongLong(unseen_mid),
+        PyLong_FromLongLong(outputs),
+        any_out ? PyLong_FromUnsignedLongLong(first_out) : Py_NewRef(Py_None),
+        any_out ? PyLong_FromUnsignedLongLong(last_out) : Py_NewRef(Py_None),
+        have_model ? ascii_str(model.s, model.n) : Py_NewRef(Py_None),
+    };
+    int failed = !rs;
+    for (int i = 0; i < 8; i++) {
+        if (!items[i])
+            failed = 1;
+        PyTuple_SET_ITEM(t, i, items[i]); /* a NULL item is skipped by the tuple's dealloc */
+    }
+    PyObject *in = in_tok < 0 ? Py_NewRef(Py_None) : PyLong_FromLongLong(in_tok);
+    PyObject *out = out_tok < 0 ? Py_NewRef(Py_None) : PyLong_FromLongLong(out_tok);
+    PyTuple_SET_ITEM(t, 9, in);
+    PyTuple_SET_ITEM(t, 10, out);
+    if (failed || !in || !out) {
+        Py_DECREF(t);
         return NULL;
     }
-#define OPT(v) ((v) < 0 ? Py_NewRef(Py_None) : PyLong_FromLongLong(v))
-    return Py_BuildValue("(nLLLLNNNNNN)", kept, kept ? ring[0].index : -1LL, kept ? ring[0].ts : -1LL, unseen_mid,
-                         outputs, OPT(first_out), OPT(last_out), m, rs, OPT(in_tok), OPT(out_tok));
-#undef OPT
+    return t;
 }
 
 /* The JSON object of a response write that is exactly one chunk holding exactly one whole
@@ -1118,7 +1132,7 @@ static PyMethodDef methods[] = {
     {"request_fields", (PyCFunction)(void (*)(void))request_fields, METH_FASTCALL,
      "request_fields(data) -> (model, stream) | None"},
     {"ring_walk", (PyCFunction)(void (*)(void))ring_walk, METH_FASTCALL,
-     "ring_walk(raw, fields, at, lo, hi, sample, seen, output_seen, chat) -> tuple | None"},
+     "ring_walk(raw, slots, lo, hi, sample, seen, output_seen, chat) -> tuple | None"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -57,7 +57,6 @@ from probes.socket_events import (
     DIR_IN,
     PK_EXEC,
     PK_EXIT,
-    RING_FIELDS_AT,
     ROLE_CLIENT,
     ROLE_SERVER,
     SR_CLOSE,
@@ -731,10 +730,10 @@ class Assembler:
             flags = s.flags
             lo = max(sample, s.writes - self.config.tail_slots)
             api = ex.api
-            if self._native_ring and api is not None and s.fields:
+            if self._native_ring and api is not None and s.slots:
                 # the ring read in C, straight from the record; None leaves it to the walk below
-                got = llm.ring_walk(api, s.raw, s.fields, RING_FIELDS_AT, lo, s.writes, sample,
-                                    ex.max_sample_index + 1, ex.first_output_ns is not None)
+                got = llm.ring_walk(api, s.raw, s.slots, lo, s.writes, sample, ex.max_sample_index + 1,
+                                    ex.first_output_ns is not None)
                 if got is not None:
                     ring_n, _, ring_first_ts, unseen, outputs, first, last, model, reasons, tin, tout = got
                     walked = (unseen, outputs, first, last)

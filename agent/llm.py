@@ -315,7 +315,9 @@ def parse_fragment(api: Api, fragment: bytes) -> EventInfo:
     return _from_text(api, _tail(fragment))
 
 
-def openai_event(api: Api, data: bytes) -> tuple[bool, str | None, tuple[str, ...], int | None, int | None] | None:
+def openai_event(
+    api: Api, data: bytes
+) -> tuple[bool, str | None, tuple[str, ...], int | None, int | None] | None:
     """What one whole OpenAI-compatible chat or completions object in ``data`` says, as
     :func:`parse_stream_event` reads it untruncated (output, model, finish reasons, input and
     output tokens), read in C; None for other APIs, where agent/_llmjson.c is not built, or
@@ -329,13 +331,13 @@ RingWalk = tuple[int, int, int, int, int, int | None, int | None, str | None, tu
                  int | None]
 
 
-def ring_walk(api: Api, raw: bytes, fields: tuple[Any, ...], at: int, lo: int, hi: int, sample: int,
-              seen: int, output_seen: bool) -> RingWalk | None:
+def ring_walk(api: Api, raw: bytes, slots: bytes, lo: int, hi: int, sample: int, seen: int,
+              output_seen: bool) -> RingWalk | None:
     """A summary's tail ring read in C for the OpenAI-compatible chat and completions APIs
     (agent/_llmjson.c ``ring_walk``, which says what it returns); None for other APIs, where
     the module is not built, or where a slot is not one it decides."""
     if NATIVE_JSON and api in _OPENAI_OBJECTS:
-        return _c_ring_walk(raw, fields, at, lo, hi, sample, seen, output_seen, api is Api.OPENAI_CHAT)
+        return _c_ring_walk(raw, slots, lo, hi, sample, seen, output_seen, api is Api.OPENAI_CHAT)
     return None
 
 

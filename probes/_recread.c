@@ -12,10 +12,11 @@
  *           seq, len, index, head, tail, lost)
  *   summary_fields(raw, tail_slots, tail_cap, ring_head) -> (the summary
  *           header's 20 fields as struct unpacks them, its gap buckets up to the
- *           last counted one as one tuple, then
- *           per ring slot read: ts_ns, len, index, start, stop, split, in write
- *           order (by index, a stable sort of the ring order they are packed in);
- *           the slots are packed, each header followed by the cap bytes it holds)
+ *           last counted one as one tuple, then the ring slots read as one bytes
+ *           object: per slot six little-endian 64-bit ints (ts_ns unsigned, then
+ *           len, index, start, stop, split signed), in write order (by index, a stable sort of the ring
+ *           order they are packed in); in the record the slots are packed, each
+ *           header followed by the cap bytes it holds)
  *
  * Both raise ValueError for a record too short for its header (or, for a data
  * record, for its head; for a summary, for its slots' headers).
@@ -177,7 +178,7 @@ static PyObject *summary_fields(PyObject *self, PyObject *const *args, Py_ssize_
         at[j] = off;
         off += TAIL_SLOT_HEADER_SIZE + (cap < tail_cap ? cap : tail_cap);
     }
-    PyObject *t = PyTuple_New(SUMMARY_FIELDS + SLOT_FIELDS * count);
+    PyObject *t = PyTuple_New(SUMMARY_FIELDS + 1);
     if (!t) {
         if (at != on_stack)
             PyMem_Free(at);
@@ -221,18 +222,28 @@ static PyObject *summary_fields(PyObject *self, PyObject *const *args, Py_ssize_
         }
     }
     PUT(gaps);
-    for (Py_ssize_t s = 0; s < count; s++) {
-        const unsigned char *h = p + at[s];
-        uint32_t len = u32_at(h + 8);
-        Py_ssize_t cap = (Py_ssize_t)u32_at(h + 16), start = at[s] + TAIL_SLOT_HEADER_SIZE;
-        Py_ssize_t stop = start + (cap < tail_cap ? cap : tail_cap);
-        PUT(PyLong_FromUnsignedLongLong(u64_at(h))); /* ts_ns */
-        PUT(PyLong_FromUnsignedLong(len));
-        PUT(PyLong_FromUnsignedLong(u32_at(h + 12))); /* index */
-        PUT(PyLong_FromSsize_t(start));
-        PUT(PyLong_FromSsize_t(stop)); /* may lie past a cut record's end, as a slice allows */
-        PUT(PyLong_FromSsize_t((Py_ssize_t)len > tail_cap ? ring_head : -1));
+    /* the slots: six little-endian 64-bit ints each, in one bytes object (no int object per field) */
+    PyObject *slots = PyBytes_FromStringAndSize(NULL, SLOT_FIELDS * 8 * count);
+    if (slots) {
+        int64_t *v = (int64_t *)PyBytes_AS_STRING(slots);
+        for (Py_ssize_t s = 0; s < count; s++, v += SLOT_FIELDS) {
+            const unsigned char *h = p + at[s];
+            uint32_t len = u32_at(h + 8);
+            Py_ssize_t cap = (Py_ssize_t)u32_at(h + 16), start = at[s] + TAIL_SLOT_HEADER_SIZE;
+            int64_t f[SLOT_FIELDS] = {
+                0, /* ts_ns, unsigned: copied below */
+                len,
+                u32_at(h + 12), /* index */
+                start,
+                /* stop: may lie past a cut record's end, as a slice allows */
+                start + (cap < tail_cap ? cap : tail_cap),
+                (Py_ssize_t)len > tail_cap ? ring_head : -1,
+            };
+            memcpy(f, h, 8);
+            memcpy(v, f, sizeof f);
+        }
     }
+    PUT(slots);
 #undef PUT
     if (at != on_stack)
         PyMem_Free(at);

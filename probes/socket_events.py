@@ -108,9 +108,9 @@ class Layout:
 DATA_HEADER = struct.Struct("<BBBBIQQIIIIIIII")
 SUMMARY_HEADER = struct.Struct("<BBBBIQQIIQQQQQQQIIII32I")
 TAIL_SLOT_HEADER = struct.Struct("<QIIII")
-#: where the ring's slots begin in :func:`summary_fields`' answer: after the header's 20
-#: fields and the gap buckets' tuple
-RING_FIELDS_AT = 21
+#: one ring slot in :func:`summary_fields`' answer: ts_ns, len, index, and where its bytes lie
+#: in the record (start, stop, split)
+SLOT_FIELDS = struct.Struct("<Q5q")
 CONN_EVENT = struct.Struct("<BBBBIQQIi28sI")
 PROC_EVENT = struct.Struct("<BBHIIIQ16s")
 H2_HEADER = struct.Struct("<BBBBIQQIIIIBBBBI")
@@ -257,10 +257,10 @@ class SummaryEvent:
     ``gaps`` holds the gap buckets up to the last one counted (``()`` when none is).
     A plain slotted class for the reason given at :class:`TailSlot`.
 
-    A decoded summary keeps its record (``raw``) and the fields read from it (``fields``, the
-    ring's slots as six ints each from :data:`RING_FIELDS_AT` on): its ``ring`` is made from
-    them when first read, and a C reader of the ring (``agent/_llmjson.c`` ``ring_walk``) can
-    walk the slots without it."""
+    A decoded summary keeps its record (``raw``) and its ring's slots as
+    :func:`summary_fields` reads them (``slots``, :data:`SLOT_FIELDS` each): its ``ring`` is
+    made from them when first read, and a C reader of the ring (``agent/_llmjson.c``
+    ``ring_walk``) walks the slots without it."""
 
     __slots__ = (
         "_ring",
@@ -269,7 +269,6 @@ class SummaryEvent:
         "conn_id",
         "eof_ns",
         "fd",
-        "fields",
         "flags",
         "gaps",
         "lost",
@@ -282,6 +281,7 @@ class SummaryEvent:
         "resp_last_ns",
         "role",
         "seq",
+        "slots",
         "tgid",
         "ts_ns",
         "writes",
@@ -311,7 +311,7 @@ class SummaryEvent:
         gaps: tuple[int, ...],
         ring: tuple[TailSlot, ...] | None = None,
         raw: bytes = b"",
-        fields: tuple[Any, ...] = (),
+        slots: bytes = b"",
     ) -> None:
         self.reason = reason
         self.flags = flags
@@ -334,18 +334,17 @@ class SummaryEvent:
         self.gaps = gaps
         self._ring = ring
         self.raw = raw
-        self.fields = fields
+        self.slots = slots
 
     @property
     def ring(self) -> tuple[TailSlot, ...]:
         """The tail ring's slots, in write order (see ``summary_event_t``)."""
         ring = self._ring
         if ring is None:
-            f = self.fields
             raw = self.raw
             ring = self._ring = tuple([
-                TailSlot.in_record(f[i], f[i + 1], f[i + 2], raw, f[i + 3], f[i + 4], f[i + 5])
-                for i in range(RING_FIELDS_AT, len(f), 6)
+                TailSlot.in_record(ts, ln, index, raw, start, stop, split)
+                for ts, ln, index, start, stop, split in SLOT_FIELDS.iter_unpack(self.slots)
             ])
         return ring
 
@@ -454,9 +453,9 @@ def data_fields(raw: bytes, head_cap: int) -> DataFields:
 
 def summary_fields(raw: bytes, tail_slots: int, tail_cap: int, ring_head: int) -> tuple[Any, ...]:
     """A summary record's header fields as ``SUMMARY_HEADER`` unpacks them (20 ints), its gap
-    buckets up to the last non-zero one (one tuple), then six per ring slot read (``ts_ns,
-    len, index``, and where its bytes lie in ``raw``: ``start, stop, split``): the reference
-    of ``probes/_recread.c``'s ``summary_fields``.
+    buckets up to the last non-zero one (one tuple), then the ring slots read as one bytes
+    object, :data:`SLOT_FIELDS` each (``ts_ns, len, index``, and where the slot's bytes lie in
+    ``raw``: ``start, stop, split``): the reference of ``probes/_recread.c``'s ``summary_fields``.
 
     The ring's slots are packed: each slot's header, then the ``cap`` bytes it holds. The
     kernel packs them in ring order, which a ring that has wrapped rotates; they are read out
@@ -477,11 +476,7 @@ def summary_fields(raw: bytes, tail_slots: int, tail_cap: int, ring_head: int) -
     used = len(gaps)
     while used and not gaps[used - 1]:
         used -= 1
-    out: list[Any] = list(f[:20])
-    out.append(gaps[:used])
-    for slot in slots:
-        out += slot
-    return tuple(out)
+    return (*f[:20], gaps[:used], b"".join(SLOT_FIELDS.pack(*slot) for slot in slots))
 
 
 class Decoder:
@@ -580,5 +575,5 @@ class Decoder:
             lost=f[18],
             gaps=gaps,
             raw=raw,
-            fields=f,
+            slots=f[21],
         )

@@ -380,9 +380,9 @@ def _ring_record(chat: bool, sampled: list[bytes], unseen: int, ring_writes: lis
     if stale:  # slots of an earlier window and past the phase's writes
         ring = [(T0 + 90 * MS, max(0, first_ring - 9), _chunk(_event("old", "length"))), *ring,
                 (T0 + 91 * MS, total, _chunk(_event("late", "content_filter")))]
-    fields = [se.EV_SUMMARY, reason, se.CF_TERMINATED if reason == se.SR_TERMINATED else 0, se.ROLE_SERVER, 4242,
-              1, T0 + (total + 1) * MS, 7, 1, T0, T0, 0, T0 + total * MS, 0, 100, 5000, 1, total, 0, len(ring),
-              *([0] * se.GAP_BUCKETS)]
+    flags = se.CF_TERMINATED if reason == se.SR_TERMINATED else 0
+    fields = [se.EV_SUMMARY, reason, flags, se.ROLE_SERVER, 4242, 1, T0 + (total + 1) * MS, 7, 1, T0, T0, 0,
+              T0 + total * MS, 0, 100, 5000, 1, total, 0, len(ring), *([0] * se.GAP_BUCKETS)]
     h.feed(data(1, 1, 0, se.DIR_IN, T0, post),
            *[data(1, 1, i, se.DIR_OUT, T0 + (i + 1) * MS, w) for i, w in enumerate(writes)],
            se.SUMMARY_HEADER.pack(*fields) + _packed_ring(ring))
@@ -417,7 +417,7 @@ def test_the_ring_read_in_c_decides_common_streams_and_leaves_the_rest() -> None
         rec = rec[:100] + len(writes).to_bytes(4, "little") + rec[104:]
         s = fields_of.decode(rec)
         assert isinstance(s, se.SummaryEvent) and len(s.ring) == len(writes)
-        return llm.ring_walk(llm.Api.OPENAI_CHAT, s.raw, s.fields, se.RING_FIELDS_AT, 0, 100, 4, 4, output_seen)
+        return llm.ring_walk(llm.Api.OPENAI_CHAT, s.raw, s.slots, 0, 100, 4, 4, output_seen)
 
     if not llm.NATIVE_JSON:
         assert walk(pieces[:1], True) is None
@@ -433,4 +433,4 @@ def test_the_ring_read_in_c_decides_common_streams_and_leaves_the_rest() -> None
     for odd in (pieces[17], pieces[18], pieces[19], pieces[22]):
         assert walk([pieces[0], odd, pieces[9]], False) is None
     # other APIs are read in Python
-    assert llm.ring_walk(llm.Api.OLLAMA_CHAT, raw, (), se.RING_FIELDS_AT, 0, 1, 4, 4, True) is None
+    assert llm.ring_walk(llm.Api.OLLAMA_CHAT, raw, b"", 0, 1, 4, 4, True) is None

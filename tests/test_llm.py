@@ -758,7 +758,8 @@ def test_the_c_json_reader_agrees_with_json(case: tuple[bytes, bool], chat: bool
     assert (quick is None) == (llm._c_openai_event(doc, chat) is None), doc
     if quick is not None:
         info = llm.parse_stream_event(api, doc)
-        assert quick == (info.output, info.model, info.finish_reasons, info.input_tokens, info.output_tokens), doc
+        want = (info.output, info.model, info.finish_reasons, info.input_tokens, info.output_tokens)
+        assert quick == want, doc
     obj = llm._load_complete(doc)
     fields = llm._c_request_fields(doc)
     if fields is not None:
