@@ -342,11 +342,10 @@ class MetricState:
                 b.grpc_status(grpc_status_code(r)),
                 b.rpc("server.port", r.server_port),
                 error,
-                *kv,
-            )
+            ) + kv
         else:
             status = str(r.status_code) if r.status_code is not None else ""
-            labels = (method, route, status, error, *kv)
+            labels = (method, route, status, error) + kv
         is_genai = r.operation is not None or r.request_model is not None
         model = b.model(r.request_model) if is_genai else ""
         op = (r.operation or "")[:64]
@@ -359,18 +358,19 @@ class MetricState:
             else:
                 self._observe(self._http, labels, dur, exemplar, t)
             if r.aborted:
-                self._add(self._aborted, (method, route, op, model, *kv), 1.0)
+                self._add(self._aborted, (method, route, op, model) + kv, 1.0)
             if not is_genai:
                 return
-            self._observe(self._genai, (op, model, error, *kv), dur, exemplar, t)
+            self._observe(self._genai, (op, model, error) + kv, dur, exemplar, t)
+            om = (op, model) + kv
             if r.time_to_first_token_s is not None:
-                self._observe(self._ttft, (op, model, *kv), r.time_to_first_token_s, exemplar, t)
+                self._observe(self._ttft, om, r.time_to_first_token_s, exemplar, t)
             if r.time_per_output_token_s is not None:
-                self._observe(self._tpot, (op, model, *kv), r.time_per_output_token_s, exemplar, t)
+                self._observe(self._tpot, om, r.time_per_output_token_s, exemplar, t)
             if r.input_tokens is not None:
-                self._observe(self._tokens, (op, model, "input", *kv), float(r.input_tokens), exemplar, t)
+                self._observe(self._tokens, (op, model, "input") + kv, float(r.input_tokens), exemplar, t)
             if r.output_tokens is not None:
-                self._observe(self._tokens, (op, model, "output", *kv), float(r.output_tokens), exemplar, t)
+                self._observe(self._tokens, (op, model, "output") + kv, float(r.output_tokens), exemplar, t)
 
     def _key(
         self, s: _Series, table: Mapping[tuple[str, ...], object], labels: tuple[str, ...]
