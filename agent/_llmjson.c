@@ -1093,9 +1093,11 @@ static PyObject *chunk_event(PyObject *const *args, Py_ssize_t nargs, int sse) {
     }
     if (pos >= n || f[pos] != '{')
         Py_RETURN_NONE;
-    Py_ssize_t end = pos;
-    while (end < n && f[end] != '\r' && f[end] != '\n')
-        end++;
+    /* the object's line ends at its first CR or LF (memchr: a byte-at-a-time scan cost as much
+     * as reading the object) */
+    const unsigned char *lf = memchr(f + pos, '\n', (size_t)(n - pos));
+    const unsigned char *cr = memchr(f + pos, '\r', (size_t)((lf ? lf : f + n) - (f + pos)));
+    Py_ssize_t end = cr ? cr - f : lf ? lf - f : n;
     if (end >= n || end - pos < 2 || f[end - 1] != '}')
         Py_RETURN_NONE;
     for (const Ending *e = sse ? SSE_ENDINGS : NDJSON_ENDINGS; e->s; e++) {

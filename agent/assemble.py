@@ -476,7 +476,9 @@ class Assembler:
                     self._metrics.inc("infersight.assembly.pipelined")
                     continue
                 ex.method = e.method
-                ex.path = e.target.split("?", 1)[0]
+                target = e.target
+                q = target.find("?")
+                ex.path = target if q < 0 else target[:q]
                 ex.traceparent = http1.header(e.headers, "traceparent")
                 ex.api = llm.classify(e.method, ex.path)
                 self._set_active(c, ex)

@@ -809,13 +809,16 @@ def _parse_fields_slowly(block: bytes) -> Headers | None:
 
 def _transfer_coding(headers: Headers) -> str | None:
     """The final transfer coding, lowercased, or None without Transfer-Encoding."""
-    present = False
-    for k, _ in headers:
+    present = 0
+    value = ""
+    for k, v in headers:
         if k == "transfer-encoding":
-            present = True
-            break
+            present += 1
+            value = v
     if not present:  # most responses: no list built
         return None
+    if present == 1 and value == "chunked":  # what streaming servers send
+        return value
     codings = [c.strip().lower() for k, v in headers if k == "transfer-encoding" for c in v.split(",")]
     codings = [c for c in codings if c]
     return codings[-1] if codings else None

@@ -143,6 +143,9 @@ def classify(method: str, path: str) -> Api | None:
     """The LLM API a request calls, or None. Only POST is an LLM call; the query is ignored."""
     if method != "POST":
         return None
+    api = _EXACT_PATHS.get(path)  # the path as servers are called: nothing to take off it
+    if api is not None:
+        return api
     p = _path_only(path)
     api = _EXACT_PATHS.get(p)
     if api is not None:
@@ -323,7 +326,7 @@ def openai_event(
     output tokens), read in C; None for other APIs, where agent/_llmjson.c is not built, or
     where it does not decide (parse_stream_event then reads ``data``)."""
     if NATIVE_JSON and api in _OPENAI_OBJECTS:
-        return _c_openai_event(data, api is Api.OPENAI_CHAT)
+        return _c_openai_event(data, api is _CHAT)
     return None
 
 
@@ -337,7 +340,7 @@ def ring_walk(api: Api, raw: bytes, slots: bytes, lo: int, hi: int, sample: int,
     (agent/_llmjson.c ``ring_walk``, which says what it returns); None for other APIs, where
     the module is not built, or where a slot is not one it decides."""
     if NATIVE_JSON and api in _OPENAI_OBJECTS:
-        return _c_ring_walk(raw, slots, lo, hi, sample, seen, output_seen, api is Api.OPENAI_CHAT)
+        return _c_ring_walk(raw, slots, lo, hi, sample, seen, output_seen, api is _CHAT)
     return None
 
 
@@ -450,13 +453,14 @@ def parse_response_body(api: Api, prefix: bytes, suffix: bytes | None = None) ->
 #: The APIs whose objects agent/_llmjson.c reads: OpenAI-compatible chunks and bodies, and
 #: (with :data:`_OLLAMA`) Ollama's own NDJSON lines and bodies.
 _OPENAI_OBJECTS: Final = (Api.OPENAI_CHAT, Api.OPENAI_COMPLETIONS)
+_CHAT: Final = Api.OPENAI_CHAT  # a Final constant: compiled, `Api.OPENAI_CHAT` is two lookups
 
 
 def _c_object_event(api: Api, s: bytes) -> EventInfo | None:
     """What agent/_llmjson.c reads in ``s``; None where it does not decide (or is not built)."""
     if NATIVE_JSON:
         if api in _OPENAI_OBJECTS:
-            got = _c_openai_event(s, api is Api.OPENAI_CHAT)
+            got = _c_openai_event(s, api is _CHAT)
             if got is not None:
                 return EventInfo(got[0], False, got[1], got[2], got[3], got[4])
         elif api in _OLLAMA:
