@@ -35,6 +35,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Final
 
 from agent import http1, llm
 from agent.clock import Clock
@@ -75,7 +76,7 @@ from probes.socket_events import (
 log = logging.getLogger(__name__)
 
 _TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
-LOST = "infersight.requests.lost"
+LOST: Final = "infersight.requests.lost"
 
 
 @dataclass(frozen=True)

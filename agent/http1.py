@@ -244,9 +244,17 @@ _MAX_CHUNK_SIZE = 1 << 40  # larger sizes are not real traffic: treat as a frami
 _MAX_PENDING_METHODS = 128  # pipelined requests awaiting a response
 
 # States.
-(_HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILER, _TO_CLOSE, _RESYNC, _UPGRADED, _CLOSED) = (
-    range(10)
-)
+# (Final: compiled, each is a constant, not a lookup in the module's globals)
+_HEAD: Final = 0
+_LENGTH: Final = 1
+_CHUNK_SIZE: Final = 2
+_CHUNK_DATA: Final = 3
+_CHUNK_CRLF: Final = 4
+_TRAILER: Final = 5
+_TO_CLOSE: Final = 6
+_RESYNC: Final = 7
+_UPGRADED: Final = 8
+_CLOSED: Final = 9
 
 
 class H1Parser:

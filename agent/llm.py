@@ -44,6 +44,7 @@ try:  # OpenAI-compatible and Ollama bodies read in C (agent/_llmjson.c); json a
     NATIVE_JSON = True
 except ImportError:  # not built: every body is decoded with json
     NATIVE_JSON = False
+_NATIVE: Final = NATIVE_JSON  # Final: compiled, a constant rather than a lookup per record
 
 __all__ = [
     "EMPTY_EVENT",
@@ -258,7 +259,7 @@ def parse_request_body(api: Api, prefix: bytes, suffix: bytes | None = None) -> 
     model: str | None = None
     stream: bool | None = None
     whole = False
-    fields = _c_request_fields(prefix) if NATIVE_JSON and suffix is None else None
+    fields = _c_request_fields(prefix) if _NATIVE and suffix is None else None
     obj = _load_complete(prefix) if suffix is None and fields is None else None
     if fields is not None:
         whole = True
@@ -310,7 +311,7 @@ def parse_fragment(api: Api, fragment: bytes) -> EventInfo:
     if (len(fragment) <= _DONE_WRITE_MAX and fragment in _DONE_WRITES
             and api not in _OLLAMA and api not in _TGI):
         return _DONE_EVENT  # what the scan below finds in it, without the scan
-    obj = _c_whole_event(fragment) if NATIVE_JSON else _whole_event(fragment)
+    obj = _c_whole_event(fragment) if _NATIVE else _whole_event(fragment)
     if obj is not None:
         info = _object_event(api, obj)
         if info is not None:
@@ -325,7 +326,7 @@ def openai_event(
     :func:`parse_stream_event` reads it untruncated (output, model, finish reasons, input and
     output tokens), read in C; None for other APIs, where agent/_llmjson.c is not built, or
     where it does not decide (parse_stream_event then reads ``data``)."""
-    if NATIVE_JSON and api in _OPENAI_OBJECTS:
+    if _NATIVE and api in _OPENAI_OBJECTS:
         return _c_openai_event(data, api is _CHAT)
     return None
 
@@ -339,7 +340,7 @@ def ring_walk(api: Api, raw: bytes, slots: bytes, lo: int, hi: int, sample: int,
     """A summary's tail ring read in C for the OpenAI-compatible chat and completions APIs
     (agent/_llmjson.c ``ring_walk``, which says what it returns); None for other APIs, where
     the module is not built, or where a slot is not one it decides."""
-    if NATIVE_JSON and api in _OPENAI_OBJECTS:
+    if _NATIVE and api in _OPENAI_OBJECTS:
         return _c_ring_walk(raw, slots, lo, hi, sample, seen, output_seen, api is _CHAT)
     return None
 
@@ -425,12 +426,12 @@ def sse_chunk_event(write: bytes) -> bytes | None:
     """The JSON object of a response write that is exactly one chunk (a size line, its data
     and CRLF) holding exactly one whole SSE ``data:`` event; None for anything else, and always
     None where agent/_llmjson.c is not built (agent/assemble.py then parses the write)."""
-    return _c_sse_chunk_event(write) if NATIVE_JSON else None
+    return _c_sse_chunk_event(write) if _NATIVE else None
 
 
 def ndjson_chunk_event(write: bytes) -> bytes | None:
     """As :func:`sse_chunk_event`, for one whole NDJSON line (an object and its LF or CRLF)."""
-    return _c_ndjson_chunk_event(write) if NATIVE_JSON else None
+    return _c_ndjson_chunk_event(write) if _NATIVE else None
 
 
 def parse_response_body(api: Api, prefix: bytes, suffix: bytes | None = None) -> EventInfo:
@@ -458,7 +459,7 @@ _CHAT: Final = Api.OPENAI_CHAT  # a Final constant: compiled, `Api.OPENAI_CHAT` 
 
 def _c_object_event(api: Api, s: bytes) -> EventInfo | None:
     """What agent/_llmjson.c reads in ``s``; None where it does not decide (or is not built)."""
-    if NATIVE_JSON:
+    if _NATIVE:
         if api in _OPENAI_OBJECTS:
             got = _c_openai_event(s, api is _CHAT)
             if got is not None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 try:  # data and summary records read in C (probes/_recread.c); data_fields/summary_fields: its reference
     from probes import _recread
@@ -25,50 +25,50 @@ except ImportError:  # not built: the Python reading below
     _recread = None  # type: ignore[assignment]
 
 # Constants mirrored from sockets.h (checked by tests/test_socket_events.py).
-EV_DATA = 1
-EV_SUMMARY = 2
-EV_CONN = 3
-EV_PROC = 4
-EV_H2 = 5
+EV_DATA: Final = 1
+EV_SUMMARY: Final = 2
+EV_CONN: Final = 3
+EV_PROC: Final = 4
+EV_H2: Final = 5
 
-DIR_IN = 0
-DIR_OUT = 1
-ROLE_SERVER = 1
-ROLE_CLIENT = 2
+DIR_IN: Final = 0
+DIR_OUT: Final = 1
+ROLE_SERVER: Final = 1
+ROLE_CLIENT: Final = 2
 
-DF_TAIL_ONLY = 1
-DF_NO_PAYLOAD = 2
-DF_VECTORED = 4
+DF_TAIL_ONLY: Final = 1
+DF_NO_PAYLOAD: Final = 2
+DF_VECTORED: Final = 4
 
-SR_TERMINATED = 1
-SR_NEXT_REQUEST = 2
-SR_CLOSE = 3
+SR_TERMINATED: Final = 1
+SR_NEXT_REQUEST: Final = 2
+SR_CLOSE: Final = 3
 
-CF_PEER_EOF = 1
-CF_WRITE_ERR = 2
-CF_READ_ERR = 4
-CF_TERMINATED = 8
-CF_FOREIGN = 16
+CF_PEER_EOF: Final = 1
+CF_WRITE_ERR: Final = 2
+CF_READ_ERR: Final = 4
+CF_TERMINATED: Final = 8
+CF_FOREIGN: Final = 16
 
-CS_ACCEPT = 0
-CS_CONNECT = 1
-CS_PEERNAME = 2
-CS_SOCKNAME = 3
+CS_ACCEPT: Final = 0
+CS_CONNECT: Final = 1
+CS_PEERNAME: Final = 2
+CS_SOCKNAME: Final = 3
 
-PK_EXEC = 1
-PK_FORK = 2
-PK_EXIT = 3
-PK_LISTEN = 4
-PK_TLS = 5
+PK_EXEC: Final = 1
+PK_FORK: Final = 2
+PK_EXIT: Final = 3
+PK_LISTEN: Final = 4
+PK_TLS: Final = 5
 
-H2K_FRAME = 1
-H2K_MORE = 2
-H2K_RAW = 3
-H2_PREFACE_TYPE = 0xFF  # an H2K_FRAME record holding the client preface's 24 bytes
+H2K_FRAME: Final = 1
+H2K_MORE: Final = 2
+H2K_RAW: Final = 3
+H2_PREFACE_TYPE: Final = 0xFF  # an H2K_FRAME record holding the client preface's 24 bytes
 
-H2F_JOINED = 1
-H2F_AGG = 2
-H2F_AGG_MISSING = 4
+H2F_JOINED: Final = 1
+H2F_AGG: Final = 2
+H2F_AGG_MISSING: Final = 4
 
 COUNTER_NAMES = (
     "requests",
@@ -90,7 +90,7 @@ COUNTER_NAMES = (
     "lost_h2",
     "h2_stream_full",
 )
-GAP_BUCKETS = 32
+GAP_BUCKETS: Final = 32
 
 
 @dataclass(frozen=True)
