@@ -72,9 +72,9 @@ MAX_JSON_BYTES: Final = 65536
 #: Pattern scans read at most this many bytes of one input (the start of a
 #: prefix, the end of a suffix or fragment).
 MAX_SCAN_BYTES: Final = 65536
-_MAX_MODEL_CHARS = 256
-_MAX_FINISH_REASONS = 8
-_MAX_TOKENS = 1 << 40  # larger counts are not real
+_MAX_MODEL_CHARS: Final = 256
+_MAX_FINISH_REASONS: Final = 8
+_MAX_TOKENS: Final = 1 << 40  # larger counts are not real
 
 
 class Api(StrEnum):
@@ -90,7 +90,7 @@ class Api(StrEnum):
     TRITON_INFER = "triton.infer"
 
 
-_EXACT_PATHS: dict[str, Api] = {
+_EXACT_PATHS: Final[dict[str, Api]] = {
     "/v1/chat/completions": Api.OPENAI_CHAT,
     "/v1/completions": Api.OPENAI_COMPLETIONS,
     "/v1/embeddings": Api.OPENAI_EMBEDDINGS,
@@ -99,20 +99,20 @@ _EXACT_PATHS: dict[str, Api] = {
     "/generate": Api.TGI_GENERATE,
     "/generate_stream": Api.TGI_GENERATE_STREAM,
 }
-_TRITON_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/[^/]+)?/(generate_stream|generate|infer)")
-_TRITON_APIS = {
+_TRITON_PATH: Final = re.compile(r"/v2/models/([^/]+)(?:/versions/[^/]+)?/(generate_stream|generate|infer)")
+_TRITON_APIS: Final = {
     "generate": Api.TRITON_GENERATE,
     "generate_stream": Api.TRITON_GENERATE_STREAM,
     "infer": Api.TRITON_INFER,
 }
-_OPERATIONS: dict[Api, str] = {
+_OPERATIONS: Final[dict[Api, str]] = {
     Api.OPENAI_CHAT: "chat",
     Api.OLLAMA_CHAT: "chat",
     Api.OPENAI_COMPLETIONS: "text_completion",
     Api.OPENAI_EMBEDDINGS: "embeddings",
 }
 # APIs whose streaming is fixed by the route, not by the body.
-_ROUTE_STREAMING: dict[Api, bool] = {
+_ROUTE_STREAMING: Final[dict[Api, bool]] = {
     Api.OPENAI_EMBEDDINGS: False,
     Api.TGI_GENERATE: False,
     Api.TGI_GENERATE_STREAM: True,
@@ -121,7 +121,7 @@ _ROUTE_STREAMING: dict[Api, bool] = {
     Api.TRITON_INFER: False,
 }
 # Defaults when a complete body has no "stream" key.
-_STREAM_DEFAULTS: dict[Api, bool] = {
+_STREAM_DEFAULTS: Final[dict[Api, bool]] = {
     Api.OPENAI_CHAT: False,
     Api.OPENAI_COMPLETIONS: False,
     Api.OLLAMA_GENERATE: True,  # Ollama streams unless told "stream": false
@@ -210,7 +210,7 @@ class EventInfo(Value):
 
 
 EMPTY_EVENT: Final = EventInfo()
-_DONE_EVENT = EventInfo(output=False, done=True)
+_DONE_EVENT: Final = EventInfo(output=False, done=True)
 
 
 def merge_events(first: EventInfo, later: EventInfo) -> EventInfo:
@@ -578,7 +578,7 @@ def _count(v: object) -> int | None:
     return None
 
 
-_REASON_CHARS = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+_REASON_CHARS: Final = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 
 def _add_reason(reasons: list[str], v: object) -> None:
@@ -644,7 +644,7 @@ _FIELD = re.compile(
 )
 _LIST_STRING = re.compile(rb'\s*"(.?)', re.DOTALL)  # the first character of a list's first string
 _FLAT_OBJECT = re.compile(rb"\{[^{}]*\}")  # an object without nested objects, wholly visible
-_MODEL = re.compile(rb'"model"\s*:\s*"((?:[^"\\\x00-\x1f]|\\.){1,512})"')
+_MODEL: Final = re.compile(rb'"model"\s*:\s*"((?:[^"\\\x00-\x1f]|\\.){1,512})"')
 _STREAM = re.compile(rb'"stream"\s*:\s*(true|false)(?![A-Za-z0-9_])')
 _DONE_MARK = re.compile(rb"(?:^|data: ?)\[DONE\]", re.MULTILINE)
 
@@ -671,8 +671,8 @@ _OUTPUT_LISTS: dict[Api, frozenset[bytes]] = {
 _NO_KEYS: frozenset[bytes] = frozenset()
 _INPUT_KEYS = frozenset((b"prompt_tokens", b"prompt_eval_count"))
 _OUTPUT_KEYS = frozenset((b"completion_tokens", b"eval_count", b"generated_tokens"))
-_OLLAMA = (Api.OLLAMA_GENERATE, Api.OLLAMA_CHAT)
-_TGI = (Api.TGI_GENERATE, Api.TGI_GENERATE_STREAM)
+_OLLAMA: Final = (Api.OLLAMA_GENERATE, Api.OLLAMA_CHAT)
+_TGI: Final = (Api.TGI_GENERATE, Api.TGI_GENERATE_STREAM)
 
 
 def _from_text(api: Api, s: bytes) -> EventInfo:

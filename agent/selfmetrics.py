@@ -16,13 +16,14 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Final
 
 Labels = tuple[tuple[str, str], ...]
 
 #: Compiled (``agent.native``), adding to a float field is a few C statements, and no other
 #: thread runs until they are done: the GIL changes hands between bytecodes, and compiled code
 #: has none. As plain Python it is three bytecodes another thread may fall between.
-_ADD_IS_ATOMIC = __file__.endswith(".so")
+_ADD_IS_ATOMIC: Final = __file__.endswith(".so")
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,11 +31,11 @@ from agent.values import Value
 
 __all__ = ["SSEEvent", "SSEParser"]
 
-_EOL = re.compile(rb"\r\n|\r|\n")
+_EOL: Final = re.compile(rb"\r\n|\r|\n")
 # What an inference server writes per token: one `data` line and the blank line, LF or CRLF.
-_SIMPLE_EVENT = re.compile(rb"data: ?([^\r\n]*)(?:\n\n|\r\n\r\n)")
-_BOM = b"\xef\xbb\xbf"
-_MAX_FIELD_TEXT = 256  # event type and id are labels, not payloads
+_SIMPLE_EVENT: Final = re.compile(rb"data: ?([^\r\n]*)(?:\n\n|\r\n\r\n)")
+_BOM: Final = b"\xef\xbb\xbf"
+_MAX_FIELD_TEXT: Final = 256  # event type and id are labels, not payloads
 
 
 class SSEEvent(Value):

@@ -28,19 +28,19 @@ import re
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from agent.selfmetrics import SELF_METRICS, SelfMetrics
 
-OTHER = "other"
-OTHER_METHOD = "_OTHER"
-FOLDED = "infersight.attributes.folded"
+OTHER: Final = "other"
+OTHER_METHOD: Final = "_OTHER"
+FOLDED: Final = "infersight.attributes.folded"
 
 # RFC 9110 section 9 methods plus PATCH (RFC 5789): the set semconv names.
-KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
+KNOWN_METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
 
 #: The ``k8s.*`` attributes that become metric labels (all others stay on spans only).
-K8S_LABEL_KEYS: tuple[str, ...] = (
+K8S_LABEL_KEYS: Final[tuple[str, ...]] = (
     "k8s.namespace.name",
     "k8s.pod.name",
     "k8s.container.name",
@@ -50,11 +50,11 @@ K8S_LABEL_KEYS: tuple[str, ...] = (
 )
 
 # The highest gRPC status code defined (UNAUTHENTICATED); grpc/doc/statuscodes.md.
-MAX_GRPC_STATUS = 16
+MAX_GRPC_STATUS: Final = 16
 
 # Raw values longer than this are folded before any other work: a label value
 # is an index key in every backend, and a 10 kB "model name" is an attack.
-MAX_VALUE_LEN = 256
+MAX_VALUE_LEN: Final = 256
 MAX_PATH_LEN = 2048
 # A route deeper than this keeps its first segments and ends in "/{...}".
 MAX_SEGMENTS = 8
@@ -134,9 +134,9 @@ def bound_method(method: str | None) -> tuple[str, bool]:
 
 #: Request paths whose route template is remembered (a server sees a handful; when
 #: more arrive the memo starts again, counted as infersight.cache.evictions{cache=route_template}).
-ROUTE_MEMO_SIZE = 4096
+ROUTE_MEMO_SIZE: Final = 4096
 
-_NO_K8S_VALUES: tuple[str, ...] = ("",) * len(K8S_LABEL_KEYS)
+_NO_K8S_VALUES: Final[tuple[str, ...]] = ("",) * len(K8S_LABEL_KEYS)
 
 
 class _Cap:
