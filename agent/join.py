@@ -55,7 +55,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from agent.record import ActiveRequest, Request
 from agent.selfmetrics import SELF_METRICS, BoundCounter, SelfMetrics
@@ -67,27 +67,27 @@ from collectors.nvml import GpuDevice, MetricPoint, prometheus_name
 
 log = logging.getLogger(__name__)
 
-FAILURES = "infersight.join.failures"
-K8S_MISSING = "infersight.join.k8s.missing"
-GPU_MISSING = "infersight.join.gpu.missing"
-GPU_SOURCE = "infersight.join.gpu.source"
-PIDS_DROPPED = "infersight.join.pids.dropped"
-PODS_DROPPED = "infersight.join.pods.dropped"
-CUDA_TARGETS = "infersight.join.cuda.targets"
+FAILURES: Final = "infersight.join.failures"
+K8S_MISSING: Final = "infersight.join.k8s.missing"
+GPU_MISSING: Final = "infersight.join.gpu.missing"
+GPU_SOURCE: Final = "infersight.join.gpu.source"
+PIDS_DROPPED: Final = "infersight.join.pids.dropped"
+PODS_DROPPED: Final = "infersight.join.pods.dropped"
+CUDA_TARGETS: Final = "infersight.join.cuda.targets"
 
 # ---- the attributes (docs/join.md describes each) ------------------------------------------
-A_UUIDS = "gpu.uuids"
-A_GPU_SOURCE = "gpu.source"
-A_UTIL_MEAN = "gpu.window.utilization.mean"
-A_SAMPLES = "gpu.window.samples"
-A_POD_MEMORY_PEAK = "gpu.window.pod.memory.peak"
-A_POD_SM_SHARE = "gpu.window.pod.sm_share"
-A_ENERGY = "gpu.window.pod.energy"
-A_CUDA_LAUNCHES = "gpu.window.cuda.launches"
-A_CUDA_GRAPH_LAUNCHES = "gpu.window.cuda.graph_launches"
-A_CUDA_MEMCPY = "gpu.window.cuda.memcpy.bytes"
-A_CUDA_SYNC = "gpu.window.cuda.sync.seconds"
-A_CUDA_SPAN = "gpu.window.cuda.span.seconds"
+A_UUIDS: Final = "gpu.uuids"
+A_GPU_SOURCE: Final = "gpu.source"
+A_UTIL_MEAN: Final = "gpu.window.utilization.mean"
+A_SAMPLES: Final = "gpu.window.samples"
+A_POD_MEMORY_PEAK: Final = "gpu.window.pod.memory.peak"
+A_POD_SM_SHARE: Final = "gpu.window.pod.sm_share"
+A_ENERGY: Final = "gpu.window.pod.energy"
+A_CUDA_LAUNCHES: Final = "gpu.window.cuda.launches"
+A_CUDA_GRAPH_LAUNCHES: Final = "gpu.window.cuda.graph_launches"
+A_CUDA_MEMCPY: Final = "gpu.window.cuda.memcpy.bytes"
+A_CUDA_SYNC: Final = "gpu.window.cuda.sync.seconds"
+A_CUDA_SPAN: Final = "gpu.window.cuda.span.seconds"
 
 #: DCGM profiling field → the window attribute holding its mean over the pod's GPUs (data, not code).
 DCGM_WINDOW_ATTRIBUTES: Mapping[str, str] = MappingProxyType({
