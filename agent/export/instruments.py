@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from agent.export.routes import K8S_LABEL_KEYS, OTHER, AttributeBounds, label_name, point_labels
 from agent.export.rpc import (
@@ -45,6 +45,7 @@ from agent.record import ActiveRequest, Request
 from agent.selfmetrics import SELF_METRICS, SelfMetrics
 
 log = logging.getLogger(__name__)
+_bisect_left: Final = bisect.bisect_left  # Final: compiled, no module attribute lookup per call
 
 # Buckets fit LLM serving. Request durations reach minutes (long generations,
 # reasoning models); vLLM's own e2e buckets go to 7680 s. TTFT starts at 1 ms
@@ -390,12 +391,14 @@ class MetricState:
             if h is None:
                 h = s.hist[labels] = _Histogram(len(s.buckets))
         # Prometheus buckets are upper-inclusive (le): a value equal to a bound belongs to it.
-        i = bisect.bisect_left(s.buckets, value)
+        i = _bisect_left(s.buckets, value)
         h.counts[i] += 1
         h.count += 1
         h.sum += value
-        h.min = min(h.min, value)
-        h.max = max(h.max, value)
+        if value < h.min:  # compared as floats, where min() and max() are generic calls
+            h.min = value
+        if value > h.max:
+            h.max = value
         if ex is not None:
             h.exemplars[i] = ExemplarData(value, ex.trace_id, ex.span_id, t_ns)
 
