@@ -901,8 +901,8 @@ typedef struct {
 static int slot_output(const unsigned char *raw, Py_ssize_t n, const Slot *t, int chat, Event *ev,
                        int *read) {
     *read = 0;
-    if (t->split >= 0)
-        return -1; /* a long write's head and tail: left to Python */
+    if (t->split >= 0 || t->start < 0 || t->stop < 0)
+        return -1; /* a long write's head and tail (or slots not from the record reader): left to Python */
     Py_ssize_t start = t->start < n ? (Py_ssize_t)t->start : n;
     Py_ssize_t stop = t->stop < n ? (Py_ssize_t)t->stop : n;
     if (stop < start)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -434,3 +435,11 @@ def test_the_ring_read_in_c_decides_common_streams_and_leaves_the_rest() -> None
         assert walk([pieces[0], odd, pieces[9]], False) is None
     # other APIs are read in Python
     assert llm.ring_walk(llm.Api.OLLAMA_CHAT, raw, b"", 0, 1, 4, 4, True) is None
+    # slots that do not describe the record are refused or left to Python, never read out of it
+    rec = raw + _packed_ring([(T0, 20, pieces[0])])
+    for start, stop in ((-5, 40), (10, -1), (len(rec) + 100, len(rec) + 300), (200, 100)):
+        slots = se.SLOT_FIELDS.pack(T0, 40, 20, start, stop, -1)
+        got = llm.ring_walk(llm.Api.OPENAI_CHAT, rec, slots, 0, 100, 4, 4, True)
+        assert got is None or got[4] == 0, (start, stop)
+    with pytest.raises(ValueError):
+        llm.ring_walk(llm.Api.OPENAI_CHAT, rec, b"\0" * 47, 0, 100, 4, 4, True)
