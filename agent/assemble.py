@@ -883,7 +883,8 @@ class Assembler:
         ex: Exchange, model: str | None, reasons: tuple[str, ...], input_tokens: int | None,
         output_tokens: int | None,
     ) -> None:
-        """:meth:`_merge_info` for what the C ring walk read (its merge of the slots read)."""
+        """:meth:`_merge_info` for the fields the C readers answer with (a streamed event's, or
+        the ring walk's merge of the slots it read), with no EventInfo made."""
         if model and ex.resp_model is None:
             ex.resp_model = model
         for r in reasons:

@@ -224,6 +224,9 @@ class PidResolver:
         self._last_hit: tuple[int, int] | None = None  # the cache's most recent key
         # pid -> (start time, or None for no such process, monotonic time it was read)
         self._starts: OrderedDict[int, tuple[int | None, float]] = OrderedDict()
+        # the last answer given from the cache, (pid, answer, monotonic time it stays good until):
+        # most records come from the process before, and this needs neither the lock nor a key
+        self._memo: tuple[int, ContainerRef | None, float] | None = None
         metrics.describe(
             "infersight.cache.evictions", "counter", "Entries evicted from a bounded cache, by cache."
         )
@@ -231,16 +234,24 @@ class PidResolver:
     def resolve(self, pid: int) -> ContainerRef | None:
         """The container of ``pid`` now, or None (not a container, or the process is gone)."""
         now = self._clock()
+        memo = self._memo
+        if memo is not None and memo[0] == pid and now < memo[2]:
+            return memo[1]  # what the cache answered, within the time it holds for
         config = self._config
         with self._lock:
             # the common case, in one lock: a process asked about within the recheck time
             seen = self._starts.get(pid)
             if seen is not None and now - seen[1] < config.start_recheck_s:
                 known = seen[0]
+                until = seen[1] + config.start_recheck_s
                 if known is None:
+                    self._memo = (pid, None, until)
                     return None
                 hit, ref = self._cached((pid, known), now)
                 if hit:
+                    if ref is None:  # a negative answer holds for its own time too
+                        until = min(until, self._cache[(pid, known)][1] + config.negative_ttl_s)
+                    self._memo = (pid, ref, until)
                     return ref
         if seen is not None and now - seen[1] < config.start_recheck_s:
             start: int | None = seen[0]

@@ -268,6 +268,37 @@ def test_resolver_serves_hits_from_cache_and_rechecks_negatives_after_ttl(tmp_pa
     assert resolver.resolve(50) == ref
 
 
+def test_the_resolvers_last_answer_holds_no_longer_than_the_cache_would(tmp_path: Path) -> None:
+    # The answer given last is given again without the lock, but only while the cache would
+    # give it: a negative answer until its own time, a process's until its start is read again.
+    now = [0.0]
+    resolver = PidResolver(PidResolverConfig(negative_ttl_s=0.5, start_recheck_s=10.0), proc=str(tmp_path),
+                           metrics=SelfMetrics(), clock=lambda: now[0])
+    _write_proc(tmp_path, 60, "0::/system.slice/containerd.service\n", start=11)
+    _write_proc(tmp_path, 61, f"0::/kubepods/pod{UID}/{CID_A}\n", start=12)
+    assert resolver.resolve(60) is None
+    now[0] = 0.1
+    assert resolver.resolve(60) is None  # from the cache, and remembered
+    (tmp_path / "60" / "cgroup").write_text(f"0::/kubepods/besteffort/pod{UID}/{CID_C}\n")
+    now[0] = 0.4
+    assert resolver.resolve(60) is None  # the negative answer still holds
+    now[0] = 0.6
+    assert resolver.resolve(60) == ContainerRef(CID_C, "unknown", UID, "besteffort")  # its time is over
+    # another process in between: each is answered as itself
+    for t in (0.7, 0.8, 0.9):
+        now[0] = t
+        ref = resolver.resolve(61)
+        assert ref is not None and ref.container_id == CID_A
+        assert resolver.resolve(60) == ContainerRef(CID_C, "unknown", UID, "besteffort")
+    # the same PID, a new process in another container: seen once the start time is read again
+    _write_proc(tmp_path, 60, f"0::/kubepods/pod{UID}/{CID_A}\n", start=99)
+    now[0] = 9.9
+    assert resolver.resolve(60) == ContainerRef(CID_C, "unknown", UID, "besteffort")
+    now[0] = 10.7
+    ref = resolver.resolve(60)
+    assert ref is not None and ref.container_id == CID_A
+
+
 # --- real cgroups -------------------------------------------------------------------------------
 
 UNIFIED = Path("/sys/fs/cgroup/unified")
