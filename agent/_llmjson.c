@@ -520,14 +520,8 @@ static int usage_value(Cur *c, int depth, Event *ev) {
 
 static inline int space(unsigned char ch) { return ch == ' ' || (ch >= '\t' && ch <= '\r'); }
 
-/* the bytes argument, stripped as bytes.strip() does; 0 when it is not an object to read */
-static int object_bytes(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want, Cur *c) {
-    if (nargs != want || !PyBytes_Check(args[0])) {
-        PyErr_Format(PyExc_TypeError, "expected %zd arguments, the first bytes", want);
-        return -1;
-    }
-    Py_ssize_t n = PyBytes_GET_SIZE(args[0]);
-    const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(args[0]);
+/* p[0:n] stripped as bytes.strip() does, in *c; 0 when it is not an object to read */
+static int object_at(const unsigned char *p, Py_ssize_t n, Cur *c) {
     if (n > MAX_JSON_BYTES)
         return 0;
     const unsigned char *e = p + n;
@@ -540,6 +534,15 @@ static int object_bytes(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want
     c->p = p;
     c->end = e;
     return 1;
+}
+
+/* the bytes argument, as object_at reads it; -1 with an exception set for bad arguments */
+static int object_bytes(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want, Cur *c) {
+    if (nargs != want || !PyBytes_Check(args[0])) {
+        PyErr_Format(PyExc_TypeError, "expected %zd arguments, the first bytes", want);
+        return -1;
+    }
+    return object_at((const unsigned char *)PyBytes_AS_STRING(args[0]), PyBytes_GET_SIZE(args[0]), c);
 }
 
 /* The strings returned lately, by their bytes: a stream names the same model and finish reason
@@ -639,16 +642,9 @@ static PyObject *event_tuple(const Event *ev, int done) {
 /* An OpenAI-compatible object in p[0:n] (stripped here, as bytes.strip() does) read into *ev:
  * 1 when read, 0 when not decided here. */
 static int openai_read(const unsigned char *p, Py_ssize_t n, int chat, Event *ev) {
-    if (n > MAX_JSON_BYTES)
+    Cur c;
+    if (!object_at(p, n, &c))
         return 0;
-    const unsigned char *e = p + n;
-    while (p < e && space(*p))
-        p++;
-    while (e > p && space(e[-1]))
-        e--;
-    if (p == e || *p != '{')
-        return 0;
-    Cur c = {p, e};
     memset(ev, 0, sizeof *ev);
     ev->input_tokens = ev->output_tokens = -1;
     int more;
