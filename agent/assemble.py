@@ -65,7 +65,6 @@ from probes.socket_events import (
     SR_TERMINATED,
     ConnEvent,
     DataEvent,
-    DecodeError,
     Decoder,
     H2Event,
     ProcEvent,
@@ -267,16 +266,11 @@ class Assembler:
         )
 
     # ---- input -------------------------------------------------------------------
-    def feed(self, raws: list[bytes]) -> None:
-        """Process a batch of raw ring buffer records, in order."""
-        decoder = self._decoder  # its method called directly: a bound method is a call through Python
-        for raw in raws:
-            try:
-                ev = decoder.decode(raw)
-            except DecodeError as e:
-                self._metrics.inc("infersight.parse.failures", labels=(("reason", "decode"),))
-                log.debug("undecodable record: %s", e)
-                continue
+    def feed(self, batch: bytes) -> int:
+        """Process a batch of ring buffer records (packed: ``probes.socket_events.pack``), in
+        order. Returns the number of records it held (a cut last one included)."""
+        evs = self._decoder.decode_batch(batch)
+        for ev in evs:
             if isinstance(ev, DataEvent):
                 self._on_data(ev)
             elif isinstance(ev, SummaryEvent):
@@ -285,8 +279,12 @@ class Assembler:
                 self._on_h2(ev)
             elif isinstance(ev, ConnEvent):
                 self._on_conn(ev)
-            else:
+            elif isinstance(ev, ProcEvent):
                 self._on_proc(ev)
+            else:
+                self._metrics.inc("infersight.parse.failures", labels=(("reason", "decode"),))
+                log.debug("undecodable record: %s", ev)
+        return len(evs)
 
     def next_seed_id(self) -> int:
         return next(self._seed_ids)

@@ -41,6 +41,7 @@ from probes.socket_events import (
     ROLE_SERVER,
     Decoder,
     ProcEvent,
+    unpack,
 )
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ class Pipeline:
     def __init__(
         self,
         config: PipelineConfig,
-        probe_factory: Callable[[Callable[[list[bytes]], None]], CaptureProbe],
+        probe_factory: Callable[[Callable[[bytes], None]], CaptureProbe],
         sinks: Sequence[Sink],
         *,
         stages: Sequence[Stage] = (),
@@ -112,7 +113,7 @@ class Pipeline:
         self._metrics = metrics
         self._emitted = metrics.counter("infersight.records.emitted")
         self._decoder = layout_decoder or Decoder()
-        self._queue: queue.Queue[list[bytes] | Callable[[], None]] = queue.Queue(config.queue_batches)
+        self._queue: queue.Queue[bytes | Callable[[], None]] = queue.Queue(config.queue_batches)
         self._proc_events: queue.Queue[ProcEvent | None] = queue.Queue(4096)
         self._stop = threading.Event()
         self._drained = threading.Event()  # the drain thread took its last records
@@ -218,7 +219,8 @@ class Pipeline:
         return set(self._targets)
 
     # ---- threads -----------------------------------------------------------------
-    def _enqueue(self, batch: list[bytes]) -> None:
+    def _enqueue(self, batch: bytes) -> None:
+        """One drained batch of records (packed: probes.socket_events.pack) to assembly."""
         # blocking put: back-pressure goes to the kernel ring buffer, where loss is counted
         while True:
             try:
@@ -227,7 +229,7 @@ class Pipeline:
             except queue.Full:
                 self._metrics.inc("infersight.queue.full", labels=(("queue", "raw_to_assembly"),))
                 if not any(t.is_alive() for t in self._threads if t.name == "infersight-assembly"):
-                    self._metrics.inc("infersight.queue.dropped", len(batch), (("queue", "raw_to_assembly"),))
+                    self._metrics.inc("infersight.queue.dropped", len(unpack(batch)), (("queue", "raw_to_assembly"),))
                     return
 
     def _drain_loop(self) -> None:
@@ -268,8 +270,7 @@ class Pipeline:
                 if callable(item):
                     item()
                 else:
-                    self.assembler.feed(item)
-                    self._metrics.inc("infersight.events.received", len(item))
+                    self._metrics.inc("infersight.events.received", self.assembler.feed(item))
             now = time.monotonic()
             if now >= next_stats:
                 next_stats = now + self.config.stats_interval_s

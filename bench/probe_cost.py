@@ -51,7 +51,7 @@ def measure(profile: str, seconds: float, tmp: Path, exit_args: bool | None = No
     from probes.sockets import SocketProbe, SocketProbeConfig
 
     drained = [0]
-    probe = SocketProbe(SocketProbeConfig(exit_args=exit_args), on_records=lambda b: drained.__setitem__(0, drained[0] + len(b)))
+    probe = SocketProbe(SocketProbeConfig(exit_args=exit_args), on_records=lambda _: None)
     server = Server(profile, 50, otel=False)
     stop = threading.Event()
     previous = STATS.read_text().strip()
@@ -63,7 +63,7 @@ def measure(profile: str, seconds: float, tmp: Path, exit_args: bool | None = No
 
         def drain() -> None:
             while not stop.is_set():
-                probe.drain(50)
+                drained[0] += probe.drain(50)
 
         t = threading.Thread(target=drain, name="drain")
         t.start()

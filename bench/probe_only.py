@@ -21,12 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pid", type=int, required=True)
     ap.add_argument("--syscall-args", choices=SYSCALL_ARGS, default="auto")
     a = ap.parse_args(argv)
-    seen = [0]
-
-    def discard(batch: list[bytes]) -> None:
-        seen[0] += len(batch)
-
-    probe = SocketProbe(SocketProbeConfig(exit_args=exit_args_option(a.syscall_args)), on_records=discard)
+    seen = 0
+    probe = SocketProbe(SocketProbeConfig(exit_args=exit_args_option(a.syscall_args)), on_records=lambda _: None)
     probe.add_target(a.pid)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -35,12 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     probe.start_h2()
     h2_told = False
     while not stop.is_set():
-        probe.drain(50)
+        seen += probe.drain(50)
         if not h2_told and probe.h2_ready.is_set():
             print("HTTP/2 capture ready", flush=True)
             h2_told = True
     probe.close()
-    print(f"records drained: {seen[0]}", file=sys.stderr)
+    print(f"records drained: {seen}", file=sys.stderr)
     return 0
 
 

@@ -49,14 +49,14 @@ from agent.export.exporters import ExportConfig, Exporters
 from agent.pipeline import Pipeline, PipelineConfig
 from agent.record import Request
 from bench import print_result, require_root
-from probes.socket_events import Decoder
+from probes.socket_events import Decoder, pack, unpack
 from probes.sockets import SocketProbe, SocketProbeConfig
 
 HTTP1 = ("json", "sse")
 GRPC = ("unary", "stream")
 
 
-def record(profile: str, seconds: float, tmp: Path, work: Callable[[list[list[bytes]]], Any],
+def record(profile: str, seconds: float, tmp: Path, work: Callable[[list[bytes]], Any],
            chunks: int = 50) -> Any:
     """Run the profile's server and load with the probe attached; call ``work(batches)`` while the
     server still runs (the join reads its /proc entry). ``chunks``: token events per streamed
@@ -64,8 +64,8 @@ def record(profile: str, seconds: float, tmp: Path, work: Callable[[list[list[by
     from bench.grpc import Clients, GrpcServer
     from bench.overhead import Server, run_wrk
 
-    batches: list[list[bytes]] = []
-    probe = SocketProbe(SocketProbeConfig(), on_records=lambda b: batches.append(list(b)))
+    batches: list[bytes] = []  # as drained: packed (probes.socket_events.pack)
+    probe = SocketProbe(SocketProbeConfig(), on_records=batches.append)
     server: Any = Server(profile, chunks, otel=False) if profile in HTTP1 else GrpcServer()
     try:
         probe.add_target(server.proc.pid)
@@ -99,20 +99,23 @@ def record(profile: str, seconds: float, tmp: Path, work: Callable[[list[list[by
 _COUNT = struct.Struct("<I")
 
 
-def save(batches: list[list[bytes]], path: Path) -> None:
-    """Write a recording: per batch its record count, then each record's length and bytes."""
+def save(batches: list[bytes], path: Path) -> None:
+    """Write a recording of drained batches: per batch its record count, then each record's
+    length and bytes."""
     with open(path, "wb") as f:
-        for b in batches:
+        for packed in batches:
+            b = unpack(packed)
             f.write(_COUNT.pack(len(b)))
             for raw in b:
                 f.write(_COUNT.pack(len(raw)))
                 f.write(raw)
 
 
-def load(path: Path) -> list[list[bytes]]:
-    """A recording :func:`save` wrote. Raises ValueError for a file cut short."""
+def load(path: Path) -> list[bytes]:
+    """A recording :func:`save` wrote, its batches packed as drained. Raises ValueError for a
+    file cut short."""
     data = Path(path).read_bytes()
-    batches: list[list[bytes]] = []
+    batches: list[bytes] = []
     pos = 0
     try:
         while pos < len(data):
@@ -126,13 +129,13 @@ def load(path: Path) -> list[list[bytes]]:
                     raise ValueError(f"{path}: a record cut short at byte {pos}")
                 batch.append(data[pos : pos + size])
                 pos += size
-            batches.append(batch)
+            batches.append(pack(batch))
     except struct.error:
         raise ValueError(f"{path}: cut short at byte {pos}") from None
     return batches
 
 
-def replay(batches: list[list[bytes]], emit: Callable[[Request], None]) -> tuple[float, int]:
+def replay(batches: list[bytes], emit: Callable[[Request], None]) -> tuple[float, int]:
     """CPU seconds to feed every batch to a fresh assembler, and the requests it emitted."""
     n = 0
 
@@ -157,7 +160,7 @@ def replay(batches: list[list[bytes]], emit: Callable[[Request], None]) -> tuple
     return time.process_time() - t, n
 
 
-def measure(batches: list[list[bytes]], repeat: int) -> dict[str, Any]:
+def measure(batches: list[bytes], repeat: int) -> dict[str, Any]:
     opts = resolve_run_options(build_parser().parse_args(["run", "--prometheus-port", "0"]))
     sources = start_gpu_sources(opts)
     join = build_join(opts, sources)
@@ -171,15 +174,14 @@ def measure(batches: list[list[bytes]], repeat: int) -> dict[str, Any]:
             "export": Pipeline(PipelineConfig(), _no_probe, [exporters])._emit,
             "all": Pipeline(PipelineConfig(), _no_probe, [exporters], stages=[join] if join else [])._emit,
         }
-        records = sum(len(b) for b in batches)
+        records = sum(len(unpack(b)) for b in batches)
         decoder = Decoder(SocketProbeConfig().layout)
         best: dict[str, float] = {}
         requests = 0
         for _ in range(repeat):
             t = time.process_time()
             for b in batches:
-                for raw in b:
-                    decoder.decode(raw)
+                decoder.decode_batch(b)
             best["decode"] = min(best.get("decode", float("inf")), time.process_time() - t)
             for name, emit in stages.items():
                 cpu, requests = replay(batches, emit)
@@ -195,7 +197,7 @@ def measure(batches: list[list[bytes]], repeat: int) -> dict[str, Any]:
     }
 
 
-def _no_probe(_on_records: Callable[[list[bytes]], None]) -> Any:
+def _no_probe(_on_records: Callable[[bytes], None]) -> Any:
     raise RuntimeError("replay only: the pipeline here never starts a probe")
 
 

@@ -8,18 +8,24 @@
  * and with the slicing of its Python reading, which is their reference (tests
  * compare the two on generated records) and runs when this module is not built.
  *
- *   data_fields(raw, head_cap) -> (dir, flags, role, tgid, conn_id, ts_ns, fd,
- *           seq, len, index, head, tail, lost)
- *   summary_fields(raw, tail_slots, tail_cap, ring_head) -> (the summary
- *           header's 20 fields as struct unpacks them, its gap buckets up to the
- *           last counted one as one tuple, then the ring slots read as one bytes
- *           object: per slot six little-endian 64-bit ints (ts_ns unsigned, then
- *           len, index, start, stop, split signed), in write order (by index, a stable sort of the ring
- *           order they are packed in); in the record the slots are packed, each
- *           header followed by the cap bytes it holds)
+ * Both read the record buf[off:off + size] (a record of a drained batch, see
+ * probes/_ringdrain.c, or a record on its own at offset 0):
+ *
+ *   data_fields(buf, off, size, head_cap) -> (dir, flags, role, tgid, conn_id,
+ *           ts_ns, fd, seq, len, index, head, tail, lost)
+ *   summary_fields(buf, off, size, tail_slots, tail_cap, ring_head) -> (the
+ *           summary header's 20 fields as struct unpacks them, its gap buckets
+ *           up to the last counted one as one tuple, then the ring slots read
+ *           as one bytes object: per slot six little-endian 64-bit ints (ts_ns
+ *           unsigned, then len, index, start, stop, split signed; start and
+ *           stop index buf, stop at most the record's end), in write order (by
+ *           index, a stable sort of the ring order they are packed in); in the
+ *           record the slots are packed, each header followed by the cap bytes
+ *           it holds)
  *
  * Both raise ValueError for a record too short for its header (or, for a data
- * record, for its head; for a summary, for its slots' headers).
+ * record, for its head; for a summary, for its slots' headers) and for a
+ * record that does not lie within buf.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -54,17 +60,18 @@ static inline uint64_t u64_at(const unsigned char *p) {
     return v;
 }
 
-/* raw[start:stop] as Python slices it: both ends clamped to the record */
-static PyObject *slice(const char *p, Py_ssize_t n, Py_ssize_t start, Py_ssize_t stop) {
-    if (start > n)
-        start = n;
-    if (stop > n)
-        stop = n;
+/* buf[start:stop], both ends clamped to the record's end */
+static PyObject *slice(const char *p, Py_ssize_t end, Py_ssize_t start, Py_ssize_t stop) {
+    if (start > end)
+        start = end;
+    if (stop > end)
+        stop = end;
     if (stop < start)
         stop = start;
     return PyBytes_FromStringAndSize(p + start, stop - start);
 }
 
+/* buf, off, size, then want - 3 more sizes; checks that the record lies within buf */
 static int read_args(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want, const char *name,
                      Py_ssize_t *ints) {
     if (nargs != want) {
@@ -80,19 +87,24 @@ static int read_args(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want, c
         if (ints[i - 1] == -1 && PyErr_Occurred())
             return -1;
         if (ints[i - 1] < 0) {
-            PyErr_Format(PyExc_ValueError, "%s(): a negative size", name);
+            PyErr_Format(PyExc_ValueError, "%s(): a negative offset or size", name);
             return -1;
         }
+    }
+    if (ints[0] > PyBytes_GET_SIZE(args[0]) || ints[1] > PyBytes_GET_SIZE(args[0]) - ints[0]) {
+        PyErr_Format(PyExc_ValueError, "%s(): a record past its batch's end", name);
+        return -1;
     }
     return 0;
 }
 
 static PyObject *data_fields(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    Py_ssize_t head_cap;
-    if (read_args(args, nargs, 2, "data_fields", &head_cap) < 0)
+    Py_ssize_t sizes[3]; /* off, size, head_cap */
+    if (read_args(args, nargs, 4, "data_fields", sizes) < 0)
         return NULL;
-    const char *raw = PyBytes_AS_STRING(args[0]);
-    Py_ssize_t n = PyBytes_GET_SIZE(args[0]);
+    Py_ssize_t head_cap = sizes[2];
+    const char *raw = PyBytes_AS_STRING(args[0]) + sizes[0]; /* the record */
+    Py_ssize_t n = sizes[1];
     const unsigned char *p = (const unsigned char *)raw;
     if (n < DATA_HEADER_SIZE)
         return PyErr_Format(PyExc_ValueError, "short record of type %d: %zd bytes", EV_DATA, n);
@@ -145,12 +157,11 @@ static PyObject *data_fields(PyObject *self, PyObject *const *args, Py_ssize_t n
 }
 
 static PyObject *summary_fields(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    Py_ssize_t sizes[3]; /* tail_slots, tail_cap, ring_head */
-    if (read_args(args, nargs, 4, "summary_fields", sizes) < 0)
+    Py_ssize_t sizes[5]; /* off, size, tail_slots, tail_cap, ring_head */
+    if (read_args(args, nargs, 6, "summary_fields", sizes) < 0)
         return NULL;
-    Py_ssize_t tail_slots = sizes[0], tail_cap = sizes[1], ring_head = sizes[2];
-    const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(args[0]);
-    Py_ssize_t n = PyBytes_GET_SIZE(args[0]);
+    Py_ssize_t base = sizes[0], n = sizes[1], tail_slots = sizes[2], tail_cap = sizes[3], ring_head = sizes[4];
+    const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(args[0]) + base; /* the record */
     if (n < SUMMARY_HEADER_SIZE)
         return PyErr_Format(PyExc_ValueError, "short record of type %d: %zd bytes", EV_SUMMARY, n);
     Py_ssize_t ring_count = (Py_ssize_t)u32_at(p + 100);
@@ -230,13 +241,13 @@ static PyObject *summary_fields(PyObject *self, PyObject *const *args, Py_ssize_
             const unsigned char *h = p + at[s];
             uint32_t len = u32_at(h + 8);
             Py_ssize_t cap = (Py_ssize_t)u32_at(h + 16), start = at[s] + TAIL_SLOT_HEADER_SIZE;
+            Py_ssize_t stop = start + (cap < tail_cap ? cap : tail_cap);
             int64_t f[SLOT_FIELDS] = {
                 0, /* ts_ns, unsigned: copied below */
                 len,
                 u32_at(h + 12), /* index */
-                start,
-                /* stop: may lie past a cut record's end, as a slice allows */
-                start + (cap < tail_cap ? cap : tail_cap),
+                base + start,
+                base + (stop < n ? stop : n), /* a cut record's last slot: to its end */
                 (Py_ssize_t)len > tail_cap ? ring_head : -1,
             };
             memcpy(f, h, 8);
@@ -252,9 +263,9 @@ static PyObject *summary_fields(PyObject *self, PyObject *const *args, Py_ssize_
 
 static PyMethodDef methods[] = {
     {"data_fields", (PyCFunction)(void (*)(void))data_fields, METH_FASTCALL,
-     "data_fields(raw, head_cap) -> tuple"},
+     "data_fields(buf, off, size, head_cap) -> tuple"},
     {"summary_fields", (PyCFunction)(void (*)(void))summary_fields, METH_FASTCALL,
-     "summary_fields(raw, tail_slots, tail_cap, ring_head) -> tuple"},
+     "summary_fields(buf, off, size, tail_slots, tail_cap, ring_head) -> tuple"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -9,6 +9,8 @@ DF_TAIL_ONLY: int
 GAP_BUCKETS: int
 
 def data_fields(
-    raw: bytes, head_cap: int, /
+    buf: bytes, off: int, size: int, head_cap: int, /
 ) -> tuple[int, int, int, int, int, int, int, int, int, int, bytes, bytes, int]: ...
-def summary_fields(raw: bytes, tail_slots: int, tail_cap: int, ring_head: int, /) -> tuple[Any, ...]: ...
+def summary_fields(
+    buf: bytes, off: int, size: int, tail_slots: int, tail_cap: int, ring_head: int, /
+) -> tuple[Any, ...]: ...

@@ -15,7 +15,7 @@ without root.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -115,6 +115,8 @@ CONN_EVENT = struct.Struct("<BBBBIQQIi28sI")
 PROC_EVENT = struct.Struct("<BBHIIIQ16s")
 H2_HEADER = struct.Struct("<BBBBIQQIIIIBBBBI")
 H2_AGG = struct.Struct("<QQQIIII")
+#: a record's size, before its bytes in a batch (:func:`pack`)
+BATCH_SIZE = struct.Struct("<I")
 
 
 class DataEvent:
@@ -257,9 +259,10 @@ class SummaryEvent:
     ``gaps`` holds the gap buckets up to the last one counted (``()`` when none is).
     A plain slotted class for the reason given at :class:`TailSlot`.
 
-    A decoded summary keeps its record (``raw``) and its ring's slots as
-    :func:`summary_fields` reads them (``slots``, :data:`SLOT_FIELDS` each): its ``ring`` is
-    made from them when first read, and a C reader of the ring (``agent/_llmjson.c``
+    A decoded summary keeps the bytes its record lies in (``raw``: the record, or the batch
+    holding it) and its ring's slots as :func:`summary_fields` reads them (``slots``,
+    :data:`SLOT_FIELDS` each, their offsets into ``raw``): its ``ring`` is made from them when
+    first read, and a C reader of the ring (``agent/_llmjson.c``
     ``ring_walk``) walks the slots without it."""
 
     __slots__ = (
@@ -431,46 +434,71 @@ class DecodeError(ValueError):
 DataFields = tuple[int, int, int, int, int, int, int, int, int, int, bytes, bytes, int]
 
 
-def data_fields(raw: bytes, head_cap: int) -> DataFields:
-    """A data record's fields: the reference of ``probes/_recread.c``'s ``data_fields``."""
-    try:
-        (_, d, flags, role, tgid, conn_id, ts, fd, seq, ln, index, head_len, tail_len, lost, _) = (
-            DATA_HEADER.unpack_from(raw)
-        )
-    except struct.error:
-        raise DecodeError(f"short record of type {EV_DATA}: {len(raw)} bytes") from None
-    base = DATA_HEADER.size
+def pack(records: Iterable[bytes]) -> bytes:
+    """Records as one batch, the form the probe's drain hands them on in: each record's size
+    as a little-endian u32, then its bytes (``probes/_ringdrain.c`` builds the same)."""
+    return b"".join([b for r in records for b in (BATCH_SIZE.pack(len(r)), r)])
+
+
+def unpack(batch: bytes) -> list[bytes]:
+    """A batch's records, each as its own bytes (a cut last record: what the batch holds of it)."""
+    out = []
+    off = 0
+    while off + BATCH_SIZE.size <= len(batch):
+        (size,) = BATCH_SIZE.unpack_from(batch, off)
+        off += BATCH_SIZE.size
+        out.append(batch[off : off + size])
+        off += size
+    return out
+
+
+def data_fields(buf: bytes, off: int, size: int, head_cap: int) -> DataFields:
+    """The fields of the data record ``buf[off:off + size]``: the reference of
+    ``probes/_recread.c``'s ``data_fields``."""
+    if size < DATA_HEADER.size:
+        raise DecodeError(f"short record of type {EV_DATA}: {size} bytes")
+    (_, d, flags, role, tgid, conn_id, ts, fd, seq, ln, index, head_len, tail_len, lost, _) = (
+        DATA_HEADER.unpack_from(buf, off)
+    )
+    end = off + size
+    base = off + DATA_HEADER.size
     if flags & DF_TAIL_ONLY:
         head = b""
-        tail = raw[base : base + tail_len]
+        tail = buf[base : min(base + tail_len, end)]
     else:
-        head = raw[base : base + head_len]
-        tail = raw[base + head_cap : base + head_cap + tail_len] if tail_len else b""
-        if len(head) != head_len:
+        if base + head_len > end:
             raise DecodeError("data record shorter than its head_len")
+        head = buf[base : base + head_len]
+        at = min(base + head_cap, end)
+        tail = buf[at : min(at + tail_len, end)] if tail_len else b""
     return (d, flags, role, tgid, conn_id, ts, fd, seq, ln, index, head, tail, lost)
 
 
-def summary_fields(raw: bytes, tail_slots: int, tail_cap: int, ring_head: int) -> tuple[Any, ...]:
-    """A summary record's header fields as ``SUMMARY_HEADER`` unpacks them (20 ints), its gap
-    buckets up to the last non-zero one (one tuple), then the ring slots read as one bytes
-    object, :data:`SLOT_FIELDS` each (``ts_ns, len, index``, and where the slot's bytes lie in
-    ``raw``: ``start, stop, split``): the reference of ``probes/_recread.c``'s ``summary_fields``.
+def summary_fields(buf: bytes, off: int, size: int, tail_slots: int, tail_cap: int,
+                   ring_head: int) -> tuple[Any, ...]:
+    """The summary record ``buf[off:off + size]``: its header fields as ``SUMMARY_HEADER``
+    unpacks them (20 ints), its gap buckets up to the last non-zero one (one tuple), then the
+    ring slots read as one bytes object, :data:`SLOT_FIELDS` each (``ts_ns, len, index``, and
+    where the slot's bytes lie in ``buf``: ``start, stop, split``, ``stop`` at most the
+    record's end): the reference of ``probes/_recread.c``'s ``summary_fields``.
 
     The ring's slots are packed: each slot's header, then the ``cap`` bytes it holds. The
     kernel packs them in ring order, which a ring that has wrapped rotates; they are read out
     in write order (by index; equal indices in packed order)."""
-    try:
-        f = SUMMARY_HEADER.unpack_from(raw)
-        slots = []
-        off = SUMMARY_HEADER.size
-        for _ in range(min(f[19], tail_slots)):
-            ts, ln, index, cap, _ = TAIL_SLOT_HEADER.unpack_from(raw, off)
-            start = off + TAIL_SLOT_HEADER.size
-            off = start + min(cap, tail_cap)
-            slots.append((ts, ln, index, start, off, ring_head if ln > tail_cap else -1))
-    except struct.error:
-        raise DecodeError(f"short record of type {EV_SUMMARY}: {len(raw)} bytes") from None
+    end = off + size
+    short = DecodeError(f"short record of type {EV_SUMMARY}: {size} bytes")
+    if size < SUMMARY_HEADER.size:
+        raise short
+    f = SUMMARY_HEADER.unpack_from(buf, off)
+    slots = []
+    at = off + SUMMARY_HEADER.size
+    for _ in range(min(f[19], tail_slots)):
+        if end - at < TAIL_SLOT_HEADER.size:
+            raise short
+        ts, ln, index, cap, _ = TAIL_SLOT_HEADER.unpack_from(buf, at)
+        start = at + TAIL_SLOT_HEADER.size
+        at = start + min(cap, tail_cap)
+        slots.append((ts, ln, index, start, min(at, end), ring_head if ln > tail_cap else -1))
     slots.sort(key=lambda s: s[2])
     gaps = f[20:]
     used = len(gaps)
@@ -489,8 +517,10 @@ class Decoder:
         self.layout = layout
         self.native = native and _recread is not None
         # bound once: compiled code would look a module's attribute up on every call
-        self._read_data: Callable[[bytes, int], DataFields] = _recread.data_fields if self.native else data_fields
-        self._read_summary: Callable[[bytes, int, int, int], tuple[Any, ...]] = (
+        self._read_data: Callable[[bytes, int, int, int], DataFields] = (
+            _recread.data_fields if self.native else data_fields
+        )
+        self._read_summary: Callable[[bytes, int, int, int, int, int], tuple[Any, ...]] = (
             _recread.summary_fields if self.native else summary_fields
         )
         self._head_cap = layout.head_cap
@@ -500,60 +530,87 @@ class Decoder:
 
     def decode(self, raw: bytes) -> Event:
         """Decode one record. Raises DecodeError for a short or unknown record."""
-        if not raw:
-            raise DecodeError("empty record")
-        kind = raw[0]
-        try:
-            if kind == EV_DATA:
-                return self._data(raw)
-            if kind == EV_SUMMARY:
-                return self._summary(raw)
-            if kind == EV_CONN:
-                (_, role, addr_len, source, tgid, conn_id, ts, fd, listen_fd, addr, _) = CONN_EVENT.unpack_from(raw)
-                return ConnEvent(source, role, tgid, conn_id, ts, fd, listen_fd, addr[:addr_len])
-            if kind == EV_H2:
-                return self._h2(raw)
-            if kind == EV_PROC:
-                (_, pk, _, tgid, pid, ppid, ts, comm) = PROC_EVENT.unpack_from(raw)
-                return ProcEvent(pk, tgid, pid, ppid, ts, comm.split(b"\0", 1)[0].decode("utf-8", "replace"))
-        except struct.error as e:
-            raise DecodeError(f"short record of type {kind}: {len(raw)} bytes") from e
+        return self.decode_at(raw, 0, len(raw))
+
+    def decode_batch(self, batch: bytes) -> list[Event | DecodeError]:
+        """A batch's records (:func:`pack`), in order: each decoded, or the DecodeError that
+        refused it (a cut last record included)."""
+        out: list[Event | DecodeError] = []
+        end = len(batch)
+        off = 0
+        while off < end:
+            if end - off < 4:
+                out.append(DecodeError("a record's size cut short"))
+                break
+            size = batch[off] | batch[off + 1] << 8 | batch[off + 2] << 16 | batch[off + 3] << 24
+            off += 4
+            try:
+                out.append(self.decode_at(batch, off, size))
+            except DecodeError as e:
+                out.append(e)
+            off += size
+        return out
+
+    def decode_at(self, buf: bytes, off: int, size: int) -> Event:
+        """Decode the record ``buf[off:off + size]`` (one of a batch's: :func:`pack`). Raises
+        DecodeError for a short or unknown record. A summary's event keeps ``buf``."""
+        if size <= 0 or off + size > len(buf):
+            raise DecodeError("empty record" if size <= 0 else "record past its batch's end")
+        kind = buf[off]
+        if kind == EV_DATA:
+            return self._data(buf, off, size)
+        if kind == EV_SUMMARY:
+            return self._summary(buf, off, size)
+        if kind == EV_CONN:
+            if size < CONN_EVENT.size:
+                raise DecodeError(f"short record of type {kind}: {size} bytes")
+            (_, role, addr_len, source, tgid, conn_id, ts, fd, listen_fd, addr, _) = CONN_EVENT.unpack_from(buf, off)
+            return ConnEvent(source, role, tgid, conn_id, ts, fd, listen_fd, addr[:addr_len])
+        if kind == EV_H2:
+            return self._h2(buf, off, size)
+        if kind == EV_PROC:
+            if size < PROC_EVENT.size:
+                raise DecodeError(f"short record of type {kind}: {size} bytes")
+            (_, pk, _, tgid, pid, ppid, ts, comm) = PROC_EVENT.unpack_from(buf, off)
+            return ProcEvent(pk, tgid, pid, ppid, ts, comm.split(b"\0", 1)[0].decode("utf-8", "replace"))
         raise DecodeError(f"unknown record type {kind}")
 
-    def _data(self, raw: bytes) -> DataEvent:
+    def _data(self, buf: bytes, off: int, size: int) -> DataEvent:
         try:
-            f = self._read_data(raw, self._head_cap)
+            f = self._read_data(buf, off, size, self._head_cap)
         except ValueError as e:  # the C reader's refusal, or the Python one's DecodeError
             raise DecodeError(str(e)) from None
         (d, flags, role, tgid, conn_id, ts, fd, seq, ln, index, head, tail, lost) = f
         return DataEvent(d, flags, role, tgid, conn_id, ts, fd, seq, ln, index, head, tail, lost)
 
-    def _h2(self, raw: bytes) -> H2Event:
+    def _h2(self, buf: bytes, off: int, size: int) -> H2Event:
+        base = H2_HEADER.size + 2 * H2_AGG.size
+        if size < base:
+            raise DecodeError(f"short record of type {EV_H2}: {size} bytes")
         (_, d, kind, role, tgid, conn_id, ts, fd, sid, flen, cap, ftype, fflags, hflags, _, lost) = (
-            H2_HEADER.unpack_from(raw)
+            H2_HEADER.unpack_from(buf, off)
         )
         agg = None
         if hflags & H2F_AGG:
-            a_in = H2_AGG.unpack_from(raw, H2_HEADER.size)
-            a_out = H2_AGG.unpack_from(raw, H2_HEADER.size + H2_AGG.size)
+            a_in = H2_AGG.unpack_from(buf, off + H2_HEADER.size)
+            a_out = H2_AGG.unpack_from(buf, off + H2_HEADER.size + H2_AGG.size)
             agg = (
                 H2Agg(a_in[0], a_in[1], a_in[2], a_in[3], a_in[4], bool(a_in[5])),
                 H2Agg(a_out[0], a_out[1], a_out[2], a_out[3], a_out[4], bool(a_out[5])),
             )
-        base = H2_HEADER.size + 2 * H2_AGG.size
-        if cap > self.layout.h2_cap or len(raw) < base + cap:
+        if cap > self.layout.h2_cap or size < base + cap:
             raise DecodeError("h2 record shorter than its cap")
-        payload = raw[base : base + cap]
+        payload = buf[off + base : off + base + cap]
         return H2Event(d, kind, role, tgid, conn_id, ts, fd, sid, flen, ftype, fflags, hflags, lost, agg, payload)
 
-    def _summary(self, raw: bytes) -> SummaryEvent:
+    def _summary(self, buf: bytes, off: int, size: int) -> SummaryEvent:
         try:
-            f = self._read_summary(raw, self._tail_slots, self._tail_cap, self._ring_head)
+            f = self._read_summary(buf, off, size, self._tail_slots, self._tail_cap, self._ring_head)
         except ValueError as e:
             raise DecodeError(str(e)) from None
         gaps: tuple[int, ...] = f[20]
         # all slots are read, in write order; the valid ones are those of this phase's last
-        # writes. They stay in the fields, their bytes in the record, until read
+        # writes. They stay in the fields, their bytes in the batch, until read
         return SummaryEvent(
             reason=f[1],
             flags=f[2],
@@ -574,6 +631,6 @@ class Decoder:
             writes=f[17],
             lost=f[18],
             gaps=gaps,
-            raw=raw,
+            raw=buf,
             slots=f[21],
         )

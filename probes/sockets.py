@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.selfmetrics import SELF_METRICS, SelfMetrics
-from probes.socket_events import COUNTER_NAMES, DATA_HEADER, Layout
+from probes.socket_events import BATCH_SIZE, COUNTER_NAMES, DATA_HEADER, Layout
 
 try:  # records taken from the ring buffer in C (probes/_ringdrain.c); else a ctypes callback
     from probes import _ringdrain
@@ -265,7 +265,7 @@ class SocketProbe:
         self,
         config: SocketProbeConfig = SocketProbeConfig(),
         *,
-        on_records: Callable[[list[bytes]], None],
+        on_records: Callable[[bytes], None],
         metrics: SelfMetrics = SELF_METRICS,
     ) -> None:
         from bcc import BPF
@@ -273,7 +273,7 @@ class SocketProbe:
         self.config = config
         self._metrics = metrics
         self._on_records = on_records
-        self._batch: list[bytes] = []
+        self._batch: list[bytes] = []  # the ctypes callback's: each record's size, then its bytes
         # connections user space put into / took out of the map (for the eviction count)
         self.seeded = 0
         self.deleted = 0
@@ -307,19 +307,21 @@ class SocketProbe:
         events = self.bpf[self._t("events")]
         self._consume: int | None = None
         if config.native_drain and _ringdrain is not None:
-            # the C callback appends each record to self._batch (which lives as long as the
-            # probe, and so as long as the ring buffer); one C call drains them all
+            # the C callback packs each record into the batch that one C call, draining them
+            # all, returns
             from bcc import libbcc
 
             cb_type = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int)
             self._cb: Any = cb_type(_ringdrain.callback_address())
-            self.bpf._open_ring_buffer(events.map_fd, self._cb, ctypes.c_void_p(id(self._batch)))
+            self.bpf._open_ring_buffer(events.map_fd, self._cb, None)
             self._consume = ctypes.cast(libbcc.lib.bpf_consume_ringbuf, ctypes.c_void_p).value
         else:
             batch_append = self._batch.append
             string_at = ctypes.string_at
+            size_of = BATCH_SIZE.pack
 
             def _cb(_ctx: Any, data: Any, size: int) -> int:
+                batch_append(size_of(size))
                 batch_append(string_at(data, size))
                 return 0
 
@@ -537,7 +539,8 @@ class SocketProbe:
     def drain(self, timeout_ms: int) -> int:
         """Wait ``timeout_ms`` (after a drain that found nothing: up to the idle wait, until
         the kernel forces a wakeup), then take every record in the ring buffer and pass them,
-        as one batch, to ``on_records``. Returns the number of records."""
+        as one batch (packed: ``probes.socket_events.pack``), to ``on_records``. Returns the
+        number of records."""
         # A plain sleep, not ring_buffer_poll: the kernel reports a ring buffer
         # readable for as long as it holds data (level-triggered), so under a
         # steady load the poll returns at once, every time, and the timed drain
@@ -549,15 +552,16 @@ class SocketProbe:
         else:
             time.sleep(timeout_ms / 1000)
         if self._consume is not None:
-            _ringdrain.consume(self._consume, self.bpf._ringbuf_manager)
+            rc, packed = _ringdrain.consume(self._consume, self.bpf._ringbuf_manager)
+            n = max(rc, 0)
         else:
             self.bpf.ring_buffer_consume()
-        batch = self._batch
-        n = len(batch)
-        self._idle = n == 0
-        if n:
-            self._on_records(batch[:])
-            batch.clear()
+            n = len(self._batch) // 2
+            packed = b"".join(self._batch)
+            self._batch.clear()
+        self._idle = not packed
+        if packed:
+            self._on_records(packed)
         return n
 
     def counters(self) -> dict[str, int]:

@@ -50,7 +50,7 @@ class Harness:
                              conn_alive=lambda pid, fd, cid: self.alive, metrics=self.metrics)
 
     def feed(self, *raws: bytes) -> None:
-        self.asm.feed(list(raws))
+        self.asm.feed(se.pack(raws))
 
     def lost(self, reason: str | None = None) -> float:
         if reason is None:

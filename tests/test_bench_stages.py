@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from bench import stages
+from probes.socket_events import pack, unpack
 from tests.harness import run_json_module
 
 
@@ -27,10 +28,12 @@ def test_replay_of_a_recording_gives_every_stage(profile: str, records_per_reque
 
 
 def test_a_recording_saved_loads_back_as_it_was(tmp_path: Path) -> None:
-    batches = [[b"\x01" * 70, b"", b"\x02abc"], [], [bytes(range(256)) * 6]]
+    records = [[b"\x01" * 70, b"", b"\x02abc"], [], [bytes(range(256)) * 6]]
+    batches = [pack(b) for b in records]  # as the probe's drain hands them on
     path = tmp_path / "rec.bin"
     stages.save(batches, path)
     assert stages.load(path) == batches
+    assert [unpack(b) for b in stages.load(path)] == records
     data = path.read_bytes()
     for cut in (len(data) - 1, 5, 2):  # inside a record, a record's length, a batch's count
         (tmp_path / "cut.bin").write_bytes(data[:cut])

@@ -33,6 +33,7 @@ from probes.socket_events import (
     H2K_RAW,
     Decoder,
     H2Event,
+    unpack,
 )
 from probes.sockets import SocketProbe, SocketProbeConfig
 from tests.harness import REPO, wait_for
@@ -96,7 +97,7 @@ class Peer:
 @pytest.fixture(scope="module")
 def probe() -> Iterator[tuple[SocketProbe, list[bytes]]]:
     records: list[bytes] = []
-    p = SocketProbe(SocketProbeConfig(), on_records=records.extend)
+    p = SocketProbe(SocketProbeConfig(), on_records=lambda b: records.extend(unpack(b)))
     assert p.wait_h2(), "HTTP/2 capture did not load"
     yield p, records
     p.close()
@@ -207,7 +208,7 @@ def test_no_h2_mode_before_the_walk_is_loaded(tmp_path: Path) -> None:
     """Until the HTTP/2 module is in place a preface does not switch a
     connection (its records would have nowhere to go): it stays non-HTTP/1."""
     records: list[bytes] = []
-    p = SocketProbe(SocketProbeConfig(), on_records=records.extend)
+    p = SocketProbe(SocketProbeConfig(), on_records=lambda b: records.extend(unpack(b)))
     try:
         assert p.wait_h2()
         p.bpf[b"h2_ready"][ctypes.c_int(0)] = ctypes.c_uint32(0)  # as before the load finished

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from agent.targets import TargetConfig
-from probes.socket_events import PK_LISTEN, Decoder, ProcEvent
+from probes.socket_events import PK_LISTEN, Decoder, ProcEvent, unpack
 from probes.sockets import SocketProbe, SocketProbeConfig
 from tests.harness import running_agent
 
@@ -40,7 +40,7 @@ def make_idle(p: SocketProbe) -> None:
 @pytest.fixture
 def long_wait() -> Iterator[tuple[SocketProbe, list[bytes]]]:
     records: list[bytes] = []
-    p = SocketProbe(SocketProbeConfig(idle_wait_s=60.0), on_records=records.extend)
+    p = SocketProbe(SocketProbeConfig(idle_wait_s=60.0), on_records=lambda b: records.extend(unpack(b)))
     try:
         yield p, records
     finally:

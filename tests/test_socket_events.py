@@ -111,6 +111,36 @@ def test_decode_round_trip(native: bool) -> None:
         d.decode(hdr[:10])
 
 
+def _conn(fd: int) -> bytes:
+    return se.CONN_EVENT.pack(se.EV_CONN, se.ROLE_SERVER, 16, se.CS_ACCEPT, 42, 7, 123, fd, 3, b"\x02" * 28, 0)
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["c", "python"])
+def test_a_batch_decodes_record_by_record_and_a_bad_one_loses_nothing_else(native: bool) -> None:
+    d = se.Decoder(se.Layout(), native=native)
+    data = se.DATA_HEADER.pack(se.EV_DATA, se.DIR_IN, 0, 1, 42, 7, 123, 9, 3, 5, 0, 5, 0, 0, 0) + b"hello"
+    proc = se.PROC_EVENT.pack(se.EV_PROC, se.PK_EXEC, 0, 42, 42, 1, 5, b"vllm")
+    records = [_conn(9), data, b"", b"\x09junk", data[:20], proc, _conn(10)]
+    batch = se.pack(records)
+    assert se.unpack(batch) == records
+    evs = d.decode_batch(batch)
+    assert len(evs) == len(records)
+    # an empty, an unknown and a cut record are refused, each alone
+    assert [type(e).__name__ for e in evs] == [
+        "ConnEvent", "DataEvent", "DecodeError", "DecodeError", "DecodeError", "ProcEvent", "ConnEvent"]
+    assert [getattr(e, "fd", None) for e in evs] == [9, 9, None, None, None, None, 10]
+    data_ev = evs[1]
+    assert isinstance(data_ev, se.DataEvent) and data_ev.head == b"hello"  # not the bytes after it
+    # a batch cut inside its last record, or inside a record's size: the records before it decode
+    for cut in (len(batch) - 3, len(batch) - len(records[-1]) - 2):
+        evs = d.decode_batch(batch[:cut])
+        assert len(evs) == len(records)
+        assert isinstance(evs[-2], se.ProcEvent) and isinstance(evs[-1], se.DecodeError)
+    assert d.decode_batch(b"") == []
+    # a record's size past the batch's end
+    assert [type(e).__name__ for e in d.decode_batch(se.BATCH_SIZE.pack(1000) + _conn(1))] == ["DecodeError"]
+
+
 @pytest.mark.parametrize("native", [True, False], ids=["c", "python"])
 def test_summary_ring_slots_decode_lazily_and_exactly(native: bool) -> None:
     layout = se.Layout()
@@ -234,20 +264,57 @@ _SUMMARY_FIELDS = ("reason", "flags", "role", "tgid", "conn_id", "ts_ns", "fd", 
                    "gaps", "ring")
 
 
+@st.composite
+def _in_batch(draw: st.DrawFn, records: st.SearchStrategy[bytes]) -> tuple[bytes, bytes, int]:
+    """A record, and a batch holding it at some offset with other bytes before and after it
+    (which a reader must not take for the record's)."""
+    raw = draw(records)
+    before, after = draw(st.binary(max_size=24)), draw(st.binary(max_size=700))
+    return raw, before + raw + after, len(before)
+
+
+_DATA_FIELDS = ("dir", "flags", "role", "tgid", "conn_id", "ts_ns", "fd", "seq", "len", "index", "head", "tail", "lost")
+
+
 @pytest.mark.skipif(se._recread is None, reason="probes/_recread.c not built (CI requires it)")
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(raw=_summary_records(), layout=st.sampled_from([(8, 512, 192), (4, 128, 64), (0, 512, 192)]))
-def test_the_c_record_reader_reads_summary_records_as_python_does(raw: bytes, layout: tuple[int, int, int]) -> None:
-    assert _read(se._recread.summary_fields, raw, *layout) == _read(se.summary_fields, raw, *layout)
-    c, py = se.Decoder(se.Layout(tail_slots=layout[0], tail_cap=layout[1], ring_head=layout[2]), native=True), \
-        se.Decoder(se.Layout(tail_slots=layout[0], tail_cap=layout[1], ring_head=layout[2]), native=False)
+@given(rec=_in_batch(_data_records()), head_cap=st.sampled_from([2048, 256, 0]))
+def test_the_c_record_reader_reads_data_records_as_python_does(rec: tuple[bytes, bytes, int], head_cap: int) -> None:
+    raw, batch, off = rec
+    want = _read(se.data_fields, raw, 0, len(raw), head_cap)
+    # in a batch, the same record reads the same, in C and in Python
+    assert _read(se._recread.data_fields, batch, off, len(raw), head_cap) == want
+    assert _read(se.data_fields, batch, off, len(raw), head_cap) == want
+    layout = se.Layout(head_cap=head_cap)
+    c, py = se.Decoder(layout, native=True), se.Decoder(layout, native=False)
+    try:
+        ev = py.decode(raw)
+    except se.DecodeError as e:
+        with pytest.raises(se.DecodeError, match=re.escape(str(e))):
+            c.decode_at(batch, off, len(raw))
+        return
+    got = c.decode_at(batch, off, len(raw))
+    assert isinstance(got, se.DataEvent) and isinstance(ev, se.DataEvent)
+    assert [getattr(got, f) for f in _DATA_FIELDS] == [getattr(ev, f) for f in _DATA_FIELDS]
+
+
+@pytest.mark.skipif(se._recread is None, reason="probes/_recread.c not built (CI requires it)")
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rec=_in_batch(_summary_records()), layout=st.sampled_from([(8, 512, 192), (4, 128, 64), (0, 512, 192)]))
+def test_the_c_record_reader_reads_summary_records_as_python_does(rec: tuple[bytes, bytes, int],
+                                                                   layout: tuple[int, int, int]) -> None:
+    raw, batch, off = rec
+    assert _read(se._recread.summary_fields, batch, off, len(raw), *layout) == \
+        _read(se.summary_fields, batch, off, len(raw), *layout)
+    lay = se.Layout(tail_slots=layout[0], tail_cap=layout[1], ring_head=layout[2])
+    c, py = se.Decoder(lay, native=True), se.Decoder(lay, native=False)
     try:
         want = py.decode(raw)
     except se.DecodeError as e:
         with pytest.raises(se.DecodeError, match=re.escape(str(e))):
-            c.decode(raw)
+            c.decode_at(batch, off, len(raw))
         return
-    got = c.decode(raw)
+    got = c.decode_at(batch, off, len(raw))  # the record read within a batch, as on its own
     assert isinstance(got, se.SummaryEvent) and isinstance(want, se.SummaryEvent)
     assert [getattr(got, f) for f in _SUMMARY_FIELDS] == [getattr(want, f) for f in _SUMMARY_FIELDS]
 
@@ -260,17 +327,21 @@ def test_a_ring_count_past_the_record_is_refused_before_any_slot_is_read() -> No
     raw = se.SUMMARY_HEADER.pack(*fields) + se.TAIL_SLOT_HEADER.pack(1, 2, 3, 0, 0)
     # a layout allowing any number of slots: the record holds one slot header, not four billion
     with pytest.raises(se.DecodeError) as py:
-        se.summary_fields(raw, 1 << 40, 512, 192)
+        se.summary_fields(raw, 0, len(raw), 1 << 40, 512, 192)
     with pytest.raises(ValueError, match=re.escape(str(py.value))):
-        se._recread.summary_fields(raw, 1 << 40, 512, 192)
+        se._recread.summary_fields(raw, 0, len(raw), 1 << 40, 512, 192)
 
 
 def test_the_c_record_reader_rejects_wrong_arguments() -> None:
     if se._recread is None:
         pytest.skip("probes/_recread.c not built (CI requires it)")
     with pytest.raises(TypeError):
-        se._recread.data_fields("not bytes", 10)  # type: ignore[arg-type]
+        se._recread.data_fields("not bytes", 0, 9, 10)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
-        se._recread.summary_fields(b"", 1, 2)  # type: ignore[call-arg]
+        se._recread.summary_fields(b"", 0, 0, 1, 2)  # type: ignore[call-arg]
     with pytest.raises(ValueError):
-        se._recread.data_fields(b"x" * 100, -1)
+        se._recread.data_fields(b"x" * 100, 0, 100, -1)
+    with pytest.raises(ValueError, match="past its batch's end"):  # a record that is not all in the batch
+        se._recread.data_fields(b"x" * 100, 50, 51, 10)
+    with pytest.raises(ValueError, match="past its batch's end"):
+        se._recread.summary_fields(b"x" * 300, 301, 0, 8, 512, 192)
