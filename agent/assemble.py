@@ -268,23 +268,29 @@ class Assembler:
     # ---- input -------------------------------------------------------------------
     def feed(self, batch: bytes) -> int:
         """Process a batch of ring buffer records (packed: ``probes.socket_events.pack``), in
-        order. Returns the number of records it held (a cut last one included)."""
-        evs = self._decoder.decode_batch(batch)
-        for ev in evs:
-            if isinstance(ev, DataEvent):
-                self._on_data(ev)
-            elif isinstance(ev, SummaryEvent):
-                self._on_summary(ev)
-            elif isinstance(ev, H2Event):
-                self._on_h2(ev)
-            elif isinstance(ev, ConnEvent):
-                self._on_conn(ev)
-            elif isinstance(ev, ProcEvent):
-                self._on_proc(ev)
-            else:
-                self._metrics.inc("infersight.parse.failures", labels=(("reason", "decode"),))
-                log.debug("undecodable record: %s", ev)
-        return len(evs)
+        order, a few records read at a time. Returns the number of records it held (a cut last
+        one included)."""
+        decoder = self._decoder  # its method called directly: a bound method is a call through Python
+        n = off = 0
+        end = len(batch)
+        while off < end:
+            evs, off = decoder.decode_some(batch, off)
+            n += len(evs)
+            for ev in evs:
+                if isinstance(ev, DataEvent):
+                    self._on_data(ev)
+                elif isinstance(ev, SummaryEvent):
+                    self._on_summary(ev)
+                elif isinstance(ev, H2Event):
+                    self._on_h2(ev)
+                elif isinstance(ev, ConnEvent):
+                    self._on_conn(ev)
+                elif isinstance(ev, ProcEvent):
+                    self._on_proc(ev)
+                else:
+                    self._metrics.inc("infersight.parse.failures", labels=(("reason", "decode"),))
+                    log.debug("undecodable record: %s", ev)
+        return n
 
     def next_seed_id(self) -> int:
         return next(self._seed_ids)

@@ -26,6 +26,17 @@
  * Both raise ValueError for a record too short for its header (or, for a data
  * record, for its head; for a summary, for its slots' headers) and for a
  * record that does not lie within buf.
+ *
+ *   read_batch(batch, off, count, head_cap, tail_slots, tail_cap, ring_head)
+ *           -> (list, next_off)
+ *       up to `count` records of a drained batch (probes/socket_events.py
+ *       pack) from its offset `off`, record by record: data_fields' tuple for
+ *       a data record, summary_fields' for a summary, (kind, off, size) for
+ *       any other record, and for a record refused the message of the
+ *       ValueError refusing it (a str); and the offset after them. One call
+ *       for a few records: per record, a call with its arguments made and
+ *       read cost more than the reading (and the few records' objects, made
+ *       at once, are still in cache when assembly reads them).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -98,13 +109,8 @@ static int read_args(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want, c
     return 0;
 }
 
-static PyObject *data_fields(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    Py_ssize_t sizes[3]; /* off, size, head_cap */
-    if (read_args(args, nargs, 4, "data_fields", sizes) < 0)
-        return NULL;
-    Py_ssize_t head_cap = sizes[2];
-    const char *raw = PyBytes_AS_STRING(args[0]) + sizes[0]; /* the record */
-    Py_ssize_t n = sizes[1];
+/* the data record raw[0:n] */
+static PyObject *data_read(const char *raw, Py_ssize_t n, Py_ssize_t head_cap) {
     const unsigned char *p = (const unsigned char *)raw;
     if (n < DATA_HEADER_SIZE)
         return PyErr_Format(PyExc_ValueError, "short record of type %d: %zd bytes", EV_DATA, n);
@@ -156,12 +162,10 @@ static PyObject *data_fields(PyObject *self, PyObject *const *args, Py_ssize_t n
     return t;
 }
 
-static PyObject *summary_fields(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    Py_ssize_t sizes[5]; /* off, size, tail_slots, tail_cap, ring_head */
-    if (read_args(args, nargs, 6, "summary_fields", sizes) < 0)
-        return NULL;
-    Py_ssize_t base = sizes[0], n = sizes[1], tail_slots = sizes[2], tail_cap = sizes[3], ring_head = sizes[4];
-    const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(args[0]) + base; /* the record */
+/* the summary record buf[base:base + n] (its slots' offsets index buf) */
+static PyObject *summary_read(const char *buf, Py_ssize_t base, Py_ssize_t n, Py_ssize_t tail_slots,
+                              Py_ssize_t tail_cap, Py_ssize_t ring_head) {
+    const unsigned char *p = (const unsigned char *)buf + base; /* the record */
     if (n < SUMMARY_HEADER_SIZE)
         return PyErr_Format(PyExc_ValueError, "short record of type %d: %zd bytes", EV_SUMMARY, n);
     Py_ssize_t ring_count = (Py_ssize_t)u32_at(p + 100);
@@ -261,7 +265,90 @@ static PyObject *summary_fields(PyObject *self, PyObject *const *args, Py_ssize_
     return t;
 }
 
+static PyObject *data_fields(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    Py_ssize_t sizes[3]; /* off, size, head_cap */
+    if (read_args(args, nargs, 4, "data_fields", sizes) < 0)
+        return NULL;
+    return data_read(PyBytes_AS_STRING(args[0]) + sizes[0], sizes[1], sizes[2]);
+}
+
+static PyObject *summary_fields(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    Py_ssize_t sizes[5]; /* off, size, tail_slots, tail_cap, ring_head */
+    if (read_args(args, nargs, 6, "summary_fields", sizes) < 0)
+        return NULL;
+    return summary_read(PyBytes_AS_STRING(args[0]), sizes[0], sizes[1], sizes[2], sizes[3], sizes[4]);
+}
+
+/* A record refused: the reader's ValueError, as its message (any other error stays raised). */
+static PyObject *refusal(void) {
+    if (!PyErr_ExceptionMatches(PyExc_ValueError))
+        return NULL;
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyObject *msg = value ? PyObject_Str(value) : NULL;
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(tb);
+    return msg;
+}
+
+static PyObject *read_batch(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    Py_ssize_t v[6]; /* off, count, head_cap, tail_slots, tail_cap, ring_head */
+    if (nargs != 7 || !PyBytes_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "read_batch(batch, off, count, head_cap, tail_slots, tail_cap, ring_head)");
+        return NULL;
+    }
+    for (int i = 0; i < 6; i++) {
+        v[i] = PyLong_AsSsize_t(args[1 + i]);
+        if (v[i] == -1 && PyErr_Occurred())
+            return NULL;
+        if (v[i] < 0)
+            return PyErr_Format(PyExc_ValueError, "read_batch(): a negative offset, count or size");
+    }
+    const char *buf = PyBytes_AS_STRING(args[0]);
+    Py_ssize_t end = PyBytes_GET_SIZE(args[0]), off = v[0] < end ? v[0] : end;
+    PyObject *out = PyList_New(0);
+    if (!out)
+        return NULL;
+    for (Py_ssize_t k = 0; k < v[1] && off < end; k++) {
+        PyObject *item;
+        if (end - off < 4) {
+            item = PyUnicode_FromString("a record's size cut short");
+            off = end;
+        } else {
+            Py_ssize_t size = (Py_ssize_t)u32_at((const unsigned char *)buf + off);
+            off += 4;
+            if (size == 0) {
+                item = PyUnicode_FromString("empty record");
+            } else if (size > end - off) {
+                item = PyUnicode_FromString("record past its batch's end");
+            } else {
+                int kind = (unsigned char)buf[off];
+                if (kind == EV_DATA)
+                    item = data_read(buf + off, size, v[2]);
+                else if (kind == EV_SUMMARY)
+                    item = summary_read(buf, off, size, v[3], v[4], v[5]);
+                else
+                    item = Py_BuildValue("(inn)", kind, off, size);
+                if (!item)
+                    item = refusal();
+            }
+            off = size > end - off ? end : off + size;
+        }
+        if (!item || PyList_Append(out, item) < 0) {
+            Py_XDECREF(item);
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_DECREF(item);
+    }
+    return Py_BuildValue("(Nn)", out, off);
+}
+
 static PyMethodDef methods[] = {
+    {"read_batch", (PyCFunction)(void (*)(void))read_batch, METH_FASTCALL,
+     "read_batch(batch, off, count, head_cap, tail_slots, tail_cap, ring_head) -> (list, int)"},
     {"data_fields", (PyCFunction)(void (*)(void))data_fields, METH_FASTCALL,
      "data_fields(buf, off, size, head_cap) -> tuple"},
     {"summary_fields", (PyCFunction)(void (*)(void))summary_fields, METH_FASTCALL,

@@ -14,3 +14,6 @@ def data_fields(
 def summary_fields(
     buf: bytes, off: int, size: int, tail_slots: int, tail_cap: int, ring_head: int, /
 ) -> tuple[Any, ...]: ...
+def read_batch(
+    batch: bytes, off: int, count: int, head_cap: int, tail_slots: int, tail_cap: int, ring_head: int, /
+) -> tuple[list[Any], int]: ...

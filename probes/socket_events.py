@@ -17,7 +17,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, cast
 
 try:  # data and summary records read in C (probes/_recread.c); data_fields/summary_fields: its reference
     from probes import _recread
@@ -115,6 +115,9 @@ CONN_EVENT = struct.Struct("<BBBBIQQIi28sI")
 PROC_EVENT = struct.Struct("<BBHIIIQ16s")
 H2_HEADER = struct.Struct("<BBBBIQQIIIIBBBBI")
 H2_AGG = struct.Struct("<QQQIIII")
+#: records read from a batch at a time: their objects, made at once, are still in cache when
+#: assembly takes them (made for a whole batch, hundreds of records, they are not)
+READ_AHEAD: Final = 32
 #: a record's size, before its bytes in a batch (:func:`pack`)
 BATCH_SIZE = struct.Struct("<I")
 
@@ -507,6 +510,42 @@ def summary_fields(buf: bytes, off: int, size: int, tail_slots: int, tail_cap: i
     return (*f[:20], gaps[:used], b"".join(SLOT_FIELDS.pack(*slot) for slot in slots))
 
 
+def read_batch(batch: bytes, off: int, count: int, head_cap: int, tail_slots: int, tail_cap: int,
+               ring_head: int) -> tuple[list[Any], int]:
+    """Up to ``count`` records of a batch (:func:`pack`) from its offset ``off``, record by
+    record: :func:`data_fields`' tuple for a data record, :func:`summary_fields`' for a
+    summary, ``(kind, off, size)`` for any other record, and for a record refused the message
+    of the DecodeError refusing it (a str); and the offset after them: the reference of
+    ``probes/_recread.c``'s ``read_batch``."""
+    out: list[Any] = []
+    end = len(batch)
+    off = min(off, end)
+    while len(out) < count and off < end:
+        if end - off < BATCH_SIZE.size:
+            out.append("a record's size cut short")
+            off = end
+            break
+        (size,) = BATCH_SIZE.unpack_from(batch, off)
+        off += BATCH_SIZE.size
+        if size == 0:
+            out.append("empty record")
+        elif size > end - off:
+            out.append("record past its batch's end")
+        else:
+            kind = batch[off]
+            try:
+                if kind == EV_DATA:
+                    out.append(data_fields(batch, off, size, head_cap))
+                elif kind == EV_SUMMARY:
+                    out.append(summary_fields(batch, off, size, tail_slots, tail_cap, ring_head))
+                else:
+                    out.append((kind, off, size))
+            except DecodeError as e:
+                out.append(str(e))
+        off = min(off + size, end)
+    return out, off
+
+
 class Decoder:
     """Turns raw ring buffer records into events, for one capture layout.
 
@@ -523,6 +562,9 @@ class Decoder:
         self._read_summary: Callable[[bytes, int, int, int, int, int], tuple[Any, ...]] = (
             _recread.summary_fields if self.native else summary_fields
         )
+        self._read_batch: Callable[[bytes, int, int, int, int, int, int], tuple[list[Any], int]] = (
+            _recread.read_batch if self.native else read_batch
+        )
         self._head_cap = layout.head_cap
         self._tail_slots = layout.tail_slots
         self._tail_cap = layout.tail_cap
@@ -536,20 +578,34 @@ class Decoder:
         """A batch's records (:func:`pack`), in order: each decoded, or the DecodeError that
         refused it (a cut last record included)."""
         out: list[Event | DecodeError] = []
-        end = len(batch)
         off = 0
-        while off < end:
-            if end - off < 4:
-                out.append(DecodeError("a record's size cut short"))
-                break
-            size = batch[off] | batch[off + 1] << 8 | batch[off + 2] << 16 | batch[off + 3] << 24
-            off += 4
-            try:
-                out.append(self.decode_at(batch, off, size))
-            except DecodeError as e:
-                out.append(e)
-            off += size
+        while off < len(batch):
+            evs, off = self.decode_some(batch, off)
+            out.extend(evs)
         return out
+
+    def decode_some(self, batch: bytes, off: int) -> tuple[list[Event | DecodeError], int]:
+        """The next few records of a batch from its offset ``off`` (at most :data:`READ_AHEAD`),
+        each decoded or the DecodeError that refused it, and the offset after them."""
+        out: list[Event | DecodeError] = []
+        fields, off = self._read_batch(batch, off, READ_AHEAD, self._head_cap, self._tail_slots, self._tail_cap,
+                                       self._ring_head)
+        for f in fields:
+            if isinstance(f, str):
+                out.append(DecodeError(f))
+                continue
+            n = len(f)
+            if n == 13:  # data_fields': unpacked as that tuple type (compiled, an Any's unpacking iterates)
+                (d, flags, role, tgid, conn_id, ts, fd, seq, ln, index, head, tail, lost) = cast(DataFields, f)
+                out.append(DataEvent(d, flags, role, tgid, conn_id, ts, fd, seq, ln, index, head, tail, lost))
+            elif n == 22:  # summary_fields'
+                out.append(self._summary_event(f, batch))
+            else:
+                try:
+                    out.append(self.decode_at(batch, f[1], f[2]))
+                except DecodeError as e:
+                    out.append(e)
+        return out, off
 
     def decode_at(self, buf: bytes, off: int, size: int) -> Event:
         """Decode the record ``buf[off:off + size]`` (one of a batch's: :func:`pack`). Raises
@@ -608,6 +664,10 @@ class Decoder:
             f = self._read_summary(buf, off, size, self._tail_slots, self._tail_cap, self._ring_head)
         except ValueError as e:
             raise DecodeError(str(e)) from None
+        return self._summary_event(f, buf)
+
+    @staticmethod
+    def _summary_event(f: tuple[Any, ...], buf: bytes) -> SummaryEvent:
         gaps: tuple[int, ...] = f[20]
         # all slots are read, in write order; the valid ones are those of this phase's last
         # writes. They stay in the fields, their bytes in the batch, until read

@@ -319,6 +319,49 @@ def test_the_c_record_reader_reads_summary_records_as_python_does(rec: tuple[byt
     assert [getattr(got, f) for f in _SUMMARY_FIELDS] == [getattr(want, f) for f in _SUMMARY_FIELDS]
 
 
+def _fields(ev: object) -> object:
+    """An event's fields (DecodeError: its message), to compare decoders by."""
+    if isinstance(ev, se.DecodeError):
+        return ("refused", str(ev))
+    if isinstance(ev, se.DataEvent):
+        return [getattr(ev, f) for f in _DATA_FIELDS]
+    if isinstance(ev, se.SummaryEvent):
+        return [getattr(ev, f) for f in _SUMMARY_FIELDS]
+    return ev
+
+
+@st.composite
+def _batches(draw: st.DrawFn) -> bytes:
+    records = draw(st.lists(st.one_of(_data_records(), _summary_records(), st.just(_conn(5)),
+                                      st.just(b""), st.binary(max_size=40)), max_size=8))
+    batch = se.pack(records)
+    return batch[: draw(st.integers(0, len(batch)))] if draw(st.integers(0, 4)) == 4 else batch
+
+
+@pytest.mark.skipif(se._recread is None, reason="probes/_recread.c not built (CI requires it)")
+@settings(max_examples=800, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batch=_batches(), layout=st.sampled_from([(2048, 8, 512, 192), (256, 4, 128, 64)]))
+def test_the_c_batch_reader_reads_a_batch_as_python_does(batch: bytes, layout: tuple[int, int, int, int]) -> None:
+    for off, count in ((0, 1 << 20), (0, 1), (0, 3), (5, 2), (len(batch) + 1, 4)):  # any start and count
+        want = se.read_batch(batch, off, count, *layout)
+        assert se._recread.read_batch(batch, off, count, *layout) == want
+        assert len(want[0]) <= count and want[1] >= min(off, len(batch))
+    lay = se.Layout(head_cap=layout[0], tail_slots=layout[1], tail_cap=layout[2], ring_head=layout[3])
+    c, py = se.Decoder(lay, native=True), se.Decoder(lay, native=False)
+    got = c.decode_batch(batch)
+    assert [_fields(e) for e in got] == [_fields(e) for e in py.decode_batch(batch)]
+    # and record by record, each on its own, as the batch reads it
+    records = se.unpack(batch)
+    assert len(got) == len(records) + (0 < len(batch) - sum(4 + len(r) for r in records) < 4)
+    for raw, ev in zip(records, got, strict=False):
+        try:
+            alone = py.decode(raw)
+        except se.DecodeError as e:
+            alone = e
+        if not (isinstance(ev, se.DecodeError) and str(ev) == "record past its batch's end"):  # a cut last one
+            assert _fields(alone) == _fields(ev)
+
+
 def test_a_ring_count_past_the_record_is_refused_before_any_slot_is_read() -> None:
     if se._recread is None:
         pytest.skip("probes/_recread.c not built (CI requires it)")
