@@ -229,7 +229,8 @@ def cmd_run(ns: argparse.Namespace) -> int:
     gc.freeze()
     deadline = None if opts["duration"] is None else time.monotonic() + float(opts["duration"])
     while not stop.is_set():
-        timeout = 0.5 if deadline is None else max(0.0, min(0.5, deadline - time.monotonic()))
+        # a signal ends the wait at once (its handler sets `stop`); the timeout only bounds it
+        timeout = 5.0 if deadline is None else max(0.0, min(5.0, deadline - time.monotonic()))
         stop.wait(timeout)
         if deadline is not None and time.monotonic() >= deadline:
             break

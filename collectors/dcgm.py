@@ -281,14 +281,14 @@ class DcgmCollector:
         wait = 0.0
         while not self._stop.wait(wait):
             if not self._up and time.monotonic() < self._retry_at:
-                wait = min(self.config.period_s, self._retry_at - time.monotonic())
+                wait = self._retry_at - time.monotonic()  # nothing to do before the retry
                 continue
             if not self._up and self._failures:
                 self._metrics.inc(RETRIES, labels=(("source", "dcgm"),))
             self.sample_now()
             wait = self.config.period_s
             if not self._up:
-                wait = min(self.config.period_s, max(0.01, self._retry_at - time.monotonic()))
+                wait = max(0.01, self._retry_at - time.monotonic())
 
     def _scrape(self) -> bool:
         with self._lock:

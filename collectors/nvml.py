@@ -569,8 +569,8 @@ class NvmlCollector:
             except Exception:
                 log.exception("unexpected error in the NVML sampler")
             wait = period
-            if not self._up:
-                wait = min(period, max(0.01, self._retry_at - time.monotonic()))
+            if not self._up:  # nothing to do before the retry: no wakeup until then
+                wait = max(0.01, self._retry_at - time.monotonic())
 
     def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Call NVML; a fatal error becomes :class:`_Fatal`, others propagate."""
@@ -894,8 +894,8 @@ class NvmlCollector:
                 event_set = None
             if event_set is None:
                 self._events_idle.set()
-                if generation < 0:
-                    self._stop.wait(timeout_ms / 1000)
+                if generation < 0:  # NVML is down: it comes up no sooner than the sampler's retry
+                    self._stop.wait(max(timeout_ms / 1000, self._retry_at - time.monotonic() + 0.05))
                     continue
                 event_set, built_for = self._build_event_set()
                 if event_set is None:
