@@ -35,7 +35,7 @@ RUN_OPTIONS: dict[str, tuple[Any, str]] = {
     "sample_ratio": (1.0, "fraction of ordinary requests exported as spans (errors, aborts, slow: always)"),
     "slow_threshold": (30.0, "requests slower than this many seconds are always exported as spans"),
     "buckets": ("", "histogram bounds by instrument, as JSON: '{\"gen_ai.server.time_to_first_token\": [0.01, 0.1, 1]}'"),
-    "ringbuf_pages": (256, "kernel ring buffer size in 4 KiB pages (power of 2)"),
+    "ringbuf_pages": (1024, "kernel ring buffer size in 4 KiB pages (power of 2)"),
     "max_conns": (16384, "connections tracked in the kernel (LRU)"),
     "trace_clients": (False, "also record requests the targets make (client spans)"),
     "tls": (False, "capture HTTPS plaintext with uprobes on the OpenSSL the targets map"),

@@ -95,8 +95,9 @@ class SocketProbeConfig:
     """Entries of the LRU map of tail rings (concurrent long responses)."""
     max_inflight: int = 8192
     """Threads inside a traced syscall at once."""
-    ringbuf_pages: int = 256
-    """Ring buffer size in pages (power of 2)."""
+    ringbuf_pages: int = 1024
+    """Ring buffer size in pages (power of 2): 4 MiB, over 0.1 s (the agent's drain period) of
+    records from 10,000 JSON or 2,500 streamed requests a second, with room to spare."""
     wakeup_every: int = 256
     """Records between forced wakeups; the rest are drained on a timer."""
     idle_wait_s: float = 0.25

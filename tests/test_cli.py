@@ -67,7 +67,7 @@ def test_option_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert opts["port"] == (8000,)  # YAML over default
     assert opts["comm"] == ("vllm", "ollama")
     assert opts["pid"] == (42,)
-    assert opts["ringbuf_pages"] == 256  # default
+    assert opts["ringbuf_pages"] == 1024  # default
 
 
 def test_unknown_yaml_option_is_a_clear_error(tmp_path: Path) -> None:
