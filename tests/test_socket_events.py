@@ -276,6 +276,31 @@ def _in_batch(draw: st.DrawFn, records: st.SearchStrategy[bytes]) -> tuple[bytes
 _DATA_FIELDS = ("dir", "flags", "role", "tgid", "conn_id", "ts_ns", "fd", "seq", "len", "index", "head", "tail", "lost")
 
 
+def _fields(ev: object) -> object:
+    """An event's fields (DecodeError: its message), to compare decoders by."""
+    if isinstance(ev, se.DecodeError):
+        return ("refused", str(ev))
+    if isinstance(ev, se.DataEvent):
+        return [getattr(ev, f) for f in _DATA_FIELDS]
+    if isinstance(ev, se.SummaryEvent):
+        return [getattr(ev, f) for f in _SUMMARY_FIELDS]
+    return ev
+
+
+def _reads_alike_in_a_batch(layout: se.Layout, raw: bytes, batch: bytes, off: int) -> None:
+    """The C decoder reads the record inside the batch as the Python one reads it alone (or
+    refuses it with the same message)."""
+    c, py = se.Decoder(layout, native=True), se.Decoder(layout, native=False)
+    try:
+        want = py.decode(raw)
+    except se.DecodeError as e:
+        with pytest.raises(se.DecodeError, match=re.escape(str(e))):
+            c.decode_at(batch, off, len(raw))
+        return
+    got = c.decode_at(batch, off, len(raw))
+    assert type(got) is type(want) and _fields(got) == _fields(want)
+
+
 @pytest.mark.skipif(se._recread is None, reason="probes/_recread.c not built (CI requires it)")
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(rec=_in_batch(_data_records()), head_cap=st.sampled_from([2048, 256, 0]))
@@ -285,17 +310,7 @@ def test_the_c_record_reader_reads_data_records_as_python_does(rec: tuple[bytes,
     # in a batch, the same record reads the same, in C and in Python
     assert _read(se._recread.data_fields, batch, off, len(raw), head_cap) == want
     assert _read(se.data_fields, batch, off, len(raw), head_cap) == want
-    layout = se.Layout(head_cap=head_cap)
-    c, py = se.Decoder(layout, native=True), se.Decoder(layout, native=False)
-    try:
-        ev = py.decode(raw)
-    except se.DecodeError as e:
-        with pytest.raises(se.DecodeError, match=re.escape(str(e))):
-            c.decode_at(batch, off, len(raw))
-        return
-    got = c.decode_at(batch, off, len(raw))
-    assert isinstance(got, se.DataEvent) and isinstance(ev, se.DataEvent)
-    assert [getattr(got, f) for f in _DATA_FIELDS] == [getattr(ev, f) for f in _DATA_FIELDS]
+    _reads_alike_in_a_batch(se.Layout(head_cap=head_cap), raw, batch, off)
 
 
 @pytest.mark.skipif(se._recread is None, reason="probes/_recread.c not built (CI requires it)")
@@ -307,27 +322,7 @@ def test_the_c_record_reader_reads_summary_records_as_python_does(rec: tuple[byt
     assert _read(se._recread.summary_fields, batch, off, len(raw), *layout) == \
         _read(se.summary_fields, batch, off, len(raw), *layout)
     lay = se.Layout(tail_slots=layout[0], tail_cap=layout[1], ring_head=layout[2])
-    c, py = se.Decoder(lay, native=True), se.Decoder(lay, native=False)
-    try:
-        want = py.decode(raw)
-    except se.DecodeError as e:
-        with pytest.raises(se.DecodeError, match=re.escape(str(e))):
-            c.decode_at(batch, off, len(raw))
-        return
-    got = c.decode_at(batch, off, len(raw))  # the record read within a batch, as on its own
-    assert isinstance(got, se.SummaryEvent) and isinstance(want, se.SummaryEvent)
-    assert [getattr(got, f) for f in _SUMMARY_FIELDS] == [getattr(want, f) for f in _SUMMARY_FIELDS]
-
-
-def _fields(ev: object) -> object:
-    """An event's fields (DecodeError: its message), to compare decoders by."""
-    if isinstance(ev, se.DecodeError):
-        return ("refused", str(ev))
-    if isinstance(ev, se.DataEvent):
-        return [getattr(ev, f) for f in _DATA_FIELDS]
-    if isinstance(ev, se.SummaryEvent):
-        return [getattr(ev, f) for f in _SUMMARY_FIELDS]
-    return ev
+    _reads_alike_in_a_batch(lay, raw, batch, off)
 
 
 @st.composite
