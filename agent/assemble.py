@@ -3,7 +3,8 @@
 The kernel (probes/sockets.bpf.c) splits each connection into request phases
 and sends, per phase: the request-direction syscalls (bounded head and tail of
 each), the first ``sample_writes`` response writes, and for longer responses a
-summary with counts, times and the last writes' tails. This module feeds those
+summary with counts, times and the last writes' tails (with the first write past
+the samples, once the last writes no longer include it). This module feeds those
 captures through the sans-IO parsers (http1, sse, ndjson) and the LLM API
 extraction (llm), and builds the record.
 
@@ -18,7 +19,9 @@ Timing definitions (README "Timing definitions"):
 
 Output events are counted exactly over the sampled writes and the tail ring;
 writes between the two, which the kernel only counted, are taken as one output
-event each (servers write one stream event per write).
+event each (servers write one stream event per write). When no sampled write
+carried output, the first write past the samples, which the summary keeps, is
+read as one more sample before that count.
 
 Accounting: every request phase the kernel counted ends as exactly one of: a
 record, or a counted loss (``infersight.requests.lost`` by reason).
@@ -82,7 +85,7 @@ LOST: Final = "infersight.requests.lost"
 class AssemblyConfig:
     """Bounds of request assembly."""
 
-    sample_writes: int = 4
+    sample_writes: int = 3
     """Response writes per request the probe sends in full (must match the probe)."""
     tail_slots: int = 8
     """Tail ring size of the probe (must match the probe)."""
@@ -736,6 +739,9 @@ class Assembler:
             total_writes = s.writes
             flags = s.flags
             lo = max(sample, s.writes - self.config.tail_slots)
+            if (ex.streaming and ex.first_output_ns is None and lo > sample
+                    and ex.max_sample_index + 1 == sample and s.slots):
+                self._late_sample(ex, s, sample)
             api = ex.api
             if self._native_ring and api is not None and s.slots:
                 # the ring read in C, straight from the record; None leaves it to the walk below
@@ -846,6 +852,19 @@ class Assembler:
             gap_histogram_log2_us=s.gaps if s is not None and ex.streaming else (),
         )
         self._emit(rec)
+
+    def _late_sample(self, ex: Exchange, s: SummaryEvent, sample: int) -> None:
+        """No sampled write carried output and the ring has moved on: the write the summary
+        keeps from just past the samples (index ``sample``) is read as one more sample, where a
+        stream that opens with events carrying no output has its first."""
+        ring = s.ring  # write order: the kept write, if there, comes first
+        if not ring or ring[0].index != sample:
+            return
+        t = ring[0]
+        ex.max_sample_index = sample
+        if self._fragment(ex, t):
+            ex.events_output += 1
+            ex.first_output_ns = ex.last_output_ns = t.ts_ns
 
     def _walk_ring(
         self, ex: Exchange, ring: tuple[TailSlot, ...], total_writes: int

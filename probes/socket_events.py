@@ -566,7 +566,8 @@ class Decoder:
             _recread.read_batch if self.native else read_batch
         )
         self._head_cap = layout.head_cap
-        self._tail_slots = layout.tail_slots
+        # a summary holds the ring's slots, and the first write past the samples (probes/sockets.h)
+        self._summary_slots = layout.tail_slots + 1
         self._tail_cap = layout.tail_cap
         self._ring_head = layout.ring_head
 
@@ -588,7 +589,7 @@ class Decoder:
         """The next few records of a batch from its offset ``off`` (at most :data:`READ_AHEAD`),
         each decoded or the DecodeError that refused it, and the offset after them."""
         out: list[Event | DecodeError] = []
-        fields, off = self._read_batch(batch, off, READ_AHEAD, self._head_cap, self._tail_slots, self._tail_cap,
+        fields, off = self._read_batch(batch, off, READ_AHEAD, self._head_cap, self._summary_slots, self._tail_cap,
                                        self._ring_head)
         for f in fields:
             if isinstance(f, str):
@@ -661,7 +662,7 @@ class Decoder:
 
     def _summary(self, buf: bytes, off: int, size: int) -> SummaryEvent:
         try:
-            f = self._read_summary(buf, off, size, self._tail_slots, self._tail_cap, self._ring_head)
+            f = self._read_summary(buf, off, size, self._summary_slots, self._tail_cap, self._ring_head)
         except ValueError as e:
             raise DecodeError(str(e)) from None
         return self._summary_event(f, buf)

@@ -68,7 +68,7 @@ def ctypes_structs(layout: Layout) -> dict[str, type[ctypes.Structure]]:
             ("lost", ctypes.c_uint32),
             ("ring_count", ctypes.c_uint32),
             ("gaps", ctypes.c_uint32 * GAP_BUCKETS),
-            ("ring", TailSlot * layout.tail_slots),
+            ("ring", TailSlot * (layout.tail_slots + 1)),
         ]
 
     class ConnEvent(ctypes.Structure):

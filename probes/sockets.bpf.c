@@ -6,7 +6,8 @@
  *     and for the first SAMPLE_WRITES response-direction syscalls of a phase;
  *   - EV_SUMMARY when a long response ends (chunked terminator, next request,
  *     or close): counts, times, a log2 histogram of gaps between writes, and
- *     the last TAIL_SLOTS writes' last TAIL_CAP bytes (usage, finish reason);
+ *     the last TAIL_SLOTS writes' last TAIL_CAP bytes (usage, finish reason),
+ *     with the first write past the samples once the ring has moved on;
  *   - EV_CONN on accept/connect, EV_PROC on exec/fork/exit/listen (and on a
  *     TLS handshake whose plaintext is not captured).
  *   An HTTP/2 connection (the client preface, or a first whole frame) leaves the
@@ -238,13 +239,22 @@ static __always_inline void send_summary(struct conn_t *c, u64 key, u32 tgid, u3
     s->lost = c->lost;
     __builtin_memcpy(s->gaps, c->gaps, sizeof(s->gaps));
     u32 ring = 0;
+    u32 first = 0;
     u64 packed = 0;
     if (c->phase == PH_RESP && c->writes > SAMPLE_WRITES) {
         struct tails_t *t = tails.lookup(&key);
         if (t) {
             ring = c->writes - SAMPLE_WRITES;
-            if (ring > TAIL_SLOTS)
+            if (ring > TAIL_SLOTS) {
                 ring = TAIL_SLOTS;
+                /* the ring no longer holds the first write past the samples: it goes first */
+                u64 n = t->first.cap;
+                CLAMP(n, TAIL_CAP);
+                n += offsetof(struct tail_slot_t, data);
+                bpf_probe_read_kernel((u8 *)s->ring, n, &t->first);
+                packed = n;
+                first = 1;
+            }
             /* the ring goes out packed: each slot's header and the cap bytes it holds, one
              * after another (a slot's unused bytes would be most of the record); one copy per
              * slot, written out, since a loop loses the bound the verifier needs */
@@ -253,7 +263,7 @@ static __always_inline void send_summary(struct conn_t *c, u64 key, u32 tgid, u3
         struct tail_slot_t *slot = &t->slot[(I) % TAIL_SLOTS];                         \
         u64 n = slot->cap;                                                             \
         CLAMP(n, TAIL_CAP);                                                            \
-        CLAMP(packed, (TAIL_SLOTS - 1) * sizeof(struct tail_slot_t));                  \
+        CLAMP(packed, TAIL_SLOTS * sizeof(struct tail_slot_t));                        \
         n += offsetof(struct tail_slot_t, data);                                       \
         bpf_probe_read_kernel((u8 *)s->ring + packed, n, slot);                        \
         packed += n;                                                                   \
@@ -265,7 +275,7 @@ static __always_inline void send_summary(struct conn_t *c, u64 key, u32 tgid, u3
 #undef PACK_SLOT
         }
     }
-    s->ring_count = ring;
+    s->ring_count = ring + first;
     u64 size = offsetof(struct summary_event_t, ring) + packed;
     CLAMP(size, sizeof(*s));
     emit(s, size, C_LOST_SUMMARY, c);
@@ -559,6 +569,8 @@ static __always_inline void on_data(void *ctx, u64 pid_tgid, struct conn_t *c, s
         bpf_probe_read_kernel(ts->data, n, ev->payload);
     }
     ts->cap = n;
+    if (idx == SAMPLE_WRITES)
+        bpf_probe_read_kernel(&t->first, sizeof(t->first), ts);
     /* chunked terminator "0\r\n\r\n" at the end of the write (alone, or after
      * the previous chunk's CRLF) ends the response now */
     if (n >= 5) {

@@ -133,11 +133,12 @@ struct summary_event_t {
     u32 reads;          /* request-direction syscalls in the phase */
     u32 writes;         /* response-direction syscalls in the phase */
     u32 lost;
-    u32 ring_count;     /* valid entries in ring[] (the last writes with index >= SAMPLE_WRITES) */
+    u32 ring_count;     /* valid entries in ring[]: the last writes with index >= SAMPLE_WRITES, and
+                         * when these no longer include it, the write at SAMPLE_WRITES */
     u32 gaps[GAP_BUCKETS];
     /* In the record, ring_count slots packed: each slot's header (up to data) followed by its
      * cap bytes, the next slot's header right after them. The array is the largest case. */
-    struct tail_slot_t ring[TAIL_SLOTS];
+    struct tail_slot_t ring[TAIL_SLOTS + 1];
 };
 
 /* EV_CONN sources */

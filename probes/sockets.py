@@ -83,8 +83,11 @@ class SocketProbeConfig:
     """Bytes captured from the end of a syscall's data (power of 2)."""
     tail_slots: int = 8
     """Last response writes of a long stream kept in the kernel (power of 2)."""
-    sample_writes: int = 4
-    """Response writes per request sent to user space in full (the rest are aggregated)."""
+    sample_writes: int = 3
+    """Response writes per request sent to user space in full (the rest are aggregated). Three
+    hold a stream's head, a first event that may carry no output (a role), and the first
+    token; the next write goes in the summary as well once the tail ring has moved past it,
+    for the streams whose first output comes later."""
     req_capture: int = 16384
     """Request bytes captured per request before only tails of later reads are sent."""
     max_targets: int = 1024

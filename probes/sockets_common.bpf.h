@@ -24,7 +24,7 @@
 #define MAX_INFLIGHT 8192
 #endif
 #ifndef SAMPLE_WRITES
-#define SAMPLE_WRITES 4
+#define SAMPLE_WRITES 3
 #endif
 #ifndef REQ_CAPTURE
 #define REQ_CAPTURE 16384
@@ -110,6 +110,10 @@ struct conn_t {
 
 struct tails_t {
     struct tail_slot_t slot[TAIL_SLOTS];
+    /* the first write past the samples (index SAMPLE_WRITES), kept after the ring moves on:
+     * where a stream whose first events carry no output (a role, an empty delta) has its
+     * first output, read only then */
+    struct tail_slot_t first;
 };
 
 struct args_t {

@@ -293,7 +293,7 @@ def test_a_stream_past_its_sampled_writes_ends_at_its_terminator_and_keeps_frami
            data(1, 2, 1, se.DIR_OUT, T0 + 53 * MS, b'{"ok":true}'))
     first, second = h.records
     assert first.streaming and not first.aborted and first.error_type is None
-    # two sampled outputs, two unseen mid-stream writes, five in the ring up to the last output
+    # the sampled outputs, the unseen mid-stream writes, five in the ring up to the last output
     assert (first.output_events, first.finish_reasons) == (9, ("stop",))
     assert first.time_to_first_token_s == 0.003 and first.time_per_output_token_s == 0.001
     assert first.duration_s == 0.014
@@ -324,6 +324,65 @@ def test_ring_slots_outside_the_phases_last_writes_are_not_read() -> None:
                     rec.time_per_output_token_s, rec.duration_s))
     assert got[0] == (9, ("stop",), 0.003, 0.001, 0.014)
     assert got[1:] == [got[0]] * 3
+
+
+def _opening_without_output(kept: bytes | None, third: bytes = _chunk(_event(""))) -> tuple[Request, SelfMetrics]:
+    """A 30-token stream after a role event and ``third`` (sampled writes 1 and 2), as the
+    probe sends it: the sampled writes, then a summary holding the write past the samples
+    (index 3) when ``kept`` is given, and the ring of the last writes."""
+    sampled, slots = AssemblyConfig().sample_writes, AssemblyConfig().tail_slots
+    assert sampled == 3
+    role = _chunk(b"data: " + json.dumps({"model": "m", "choices": [
+        {"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]}).encode() + b"\n\n")
+    writes = [SSE_HEAD, role, third, *[_chunk(_event(f"t{i}")) for i in range(30)],
+              _chunk(_event("", "stop")), _chunk(b"data: [DONE]\n\n"), b"0\r\n\r\n"]
+    ts = [T0 + (i + 1) * MS for i in range(len(writes))]
+    ring = [(ts[i], i, writes[i]) for i in range(len(writes) - slots, len(writes))]
+    if kept is not None:
+        ring.insert(0, (ts[sampled], sampled, kept))
+    h = Harness()
+    h.feed(data(1, 1, 0, se.DIR_IN, T0, SSE_POST),
+           *[data(1, 1, i, se.DIR_OUT, ts[i], w) for i, w in enumerate(writes[:sampled])],
+           summary_with_ring(1, 1, se.SR_TERMINATED, flags=se.CF_TERMINATED, writes=len(writes),
+                             bytes_out=sum(map(len, writes)), last_write=ts[-1], ring=ring))
+    (rec,) = h.records
+    return rec, h.metrics
+
+
+def test_a_first_output_past_the_samples_is_read_from_the_write_the_summary_keeps() -> None:
+    # head, role, an empty delta: no sampled write carries output; the first token is write 3,
+    # which the summary keeps after the ring has moved on
+    rec, metrics = _opening_without_output(_chunk(_event("t0")))
+    assert rec.output_events == 30 and rec.finish_reasons == ("stop",)
+    assert rec.time_to_first_token_s == 0.004  # write 3, 4 ms after the request's first byte
+    assert rec.time_per_output_token_s == 0.001
+    assert metrics.total("infersight.assembly.ttft.unresolved") == 0
+    # without the kept write the first output is unknown: counted, never guessed
+    rec, metrics = _opening_without_output(None)
+    assert rec.output_events == 30 and rec.time_to_first_token_s is None and rec.time_per_output_token_s is None
+    assert metrics.total("infersight.assembly.ttft.unresolved") == 1
+
+
+def test_a_kept_write_without_output_leaves_the_first_output_unresolved() -> None:
+    # a third event without output: the first token came later still, among the unseen writes
+    rec, metrics = _opening_without_output(_chunk(_event("")))
+    assert rec.time_to_first_token_s is None and rec.output_events == 29
+    assert metrics.total("infersight.assembly.ttft.unresolved") == 1
+
+
+def test_the_kept_write_is_not_read_once_a_sample_carried_output() -> None:
+    # the first token was sampled (write 2): the kept write is one unseen mid-stream write like
+    # the others, whatever it holds (here a finish reason it would otherwise add)
+    token = _chunk(_event("t"))
+    plain, _ = _opening_without_output(None, third=token)
+    kept, _ = _opening_without_output(_chunk(_event("", "length")), third=token)
+    assert plain.time_to_first_token_s == 0.003 and plain.output_events == 31
+    assert plain.finish_reasons == kept.finish_reasons == ("stop",)
+    def fields(r: Request) -> tuple:
+        return (r.output_events, r.time_to_first_token_s, r.time_per_output_token_s, r.finish_reasons,
+                r.duration_s, r.response_model, r.aborted, r.error_type)
+
+    assert fields(kept) == fields(plain)
 
 
 # --- the tail ring read in C (agent/_llmjson.c ring_walk) and by _walk_ring --------------------
@@ -368,7 +427,7 @@ def _packed_ring(ring: list[tuple[int, int, bytes]]) -> bytes:
 
 
 def _ring_record(chat: bool, sampled: list[bytes], unseen: int, ring_writes: list[bytes], stale: bool,
-                 reason: int, native: bool) -> tuple[dict | None, list]:
+                 reason: int, native: bool, kept: bytes | None = None) -> tuple[dict | None, list]:
     post = SSE_POST if chat else SSE_POST.replace(b"/v1/chat/completions", b"/v1/completions")
     h = Harness()
     h.asm = Assembler(AssemblyConfig(idle_check_s=1.0), h.records.append, clock=_CLOCK,
@@ -381,6 +440,8 @@ def _ring_record(chat: bool, sampled: list[bytes], unseen: int, ring_writes: lis
     if stale:  # slots of an earlier window and past the phase's writes
         ring = [(T0 + 90 * MS, max(0, first_ring - 9), _chunk(_event("old", "length"))), *ring,
                 (T0 + 91 * MS, total, _chunk(_event("late", "content_filter")))]
+    if kept is not None and unseen:  # the write past the samples, kept apart from the ring
+        ring = [(T0 + (len(writes) + 1) * MS, len(writes), kept), *ring]
     flags = se.CF_TERMINATED if reason == se.SR_TERMINATED else 0
     fields = [se.EV_SUMMARY, reason, flags, se.ROLE_SERVER, 4242, 1, T0 + (total + 1) * MS, 7, 1, T0, T0, 0,
               T0 + total * MS, 0, 100, 5000, 1, total, 0, len(ring), *([0] * se.GAP_BUCKETS)]
@@ -396,15 +457,17 @@ def _ring_record(chat: bool, sampled: list[bytes], unseen: int, ring_writes: lis
     return d, h.metrics.snapshot()
 
 
-@given(st.booleans(), st.lists(st.integers(0, 4), max_size=3), st.integers(0, 3),
+@given(st.booleans(), st.lists(st.integers(0, 4), max_size=AssemblyConfig().sample_writes - 1), st.integers(0, 3),
        st.lists(st.integers(0, 26), max_size=8), st.booleans(),
-       st.sampled_from([se.SR_TERMINATED, se.SR_NEXT_REQUEST, se.SR_CLOSE]))
+       st.sampled_from([se.SR_TERMINATED, se.SR_NEXT_REQUEST, se.SR_CLOSE]), st.none() | st.integers(0, 26))
 @settings(max_examples=400, deadline=None)
 def test_the_ring_read_in_c_gives_the_record_the_python_walk_gives(
-        chat: bool, sampled: list[int], unseen: int, ring: list[int], stale: bool, reason: int) -> None:
+        chat: bool, sampled: list[int], unseen: int, ring: list[int], stale: bool, reason: int,
+        kept: int | None) -> None:
     pieces = _ring_pieces(chat)
     args = (chat, [pieces[i] for i in sampled], unseen, [pieces[i] for i in ring], stale, reason)
-    assert _ring_record(*args, native=True) == _ring_record(*args, native=False)
+    k = None if kept is None else pieces[kept]
+    assert _ring_record(*args, native=True, kept=k) == _ring_record(*args, native=False, kept=k)
 
 
 def test_the_ring_read_in_c_decides_common_streams_and_leaves_the_rest() -> None:

@@ -13,7 +13,7 @@ from tests.harness import run_json_module
 
 @pytest.mark.ebpf
 @pytest.mark.slow
-@pytest.mark.parametrize(("profile", "records_per_request"), [("json", 3), ("unary", 5), ("sse", 6)])
+@pytest.mark.parametrize(("profile", "records_per_request"), [("json", 3), ("unary", 5), ("sse", 5)])
 def test_replay_of_a_recording_gives_every_stage(profile: str, records_per_request: int) -> None:
     extra = ["--chunks", "10"] if profile == "sse" else []
     out = run_json_module("bench.stages", "--profile", profile, "--seconds", "1", "--repeat", "1", *extra, "--json")

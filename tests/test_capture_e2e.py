@@ -514,6 +514,37 @@ def test_vectored_syscalls_and_sendfile(raw: Server, exit_args: bool) -> None:
         assert after.status_code == 200 and after.error_type is None
 
 
+@pytest.mark.parametrize("lead", [2, 3])
+def test_a_stream_opening_with_events_without_output(raw: Server, lead: int) -> None:
+    """Servers open a stream with a role event, some with an empty delta after it: the first
+    token then comes after the probe's sampled writes. The summary keeps the write just past
+    them: with two such events the first token is that write, and TTFT is its time, far past
+    the tail ring; with three it is not kept, and TTFT is null and counted unresolved, never a
+    guess. Either way the output events are counted."""
+    sampled = SocketProbeConfig().sample_writes
+    assert sampled == 3  # the head, two events without output, then the kept write
+    with running_agent(TargetConfig(pids=(raw.pid,))) as a:
+        mark = a.mark()
+        t_mark = len(raw.timings())
+        unresolved = a.metrics.total("infersight.assembly.ttft.unresolved")
+        with httpx.Client(base_url=raw.url, timeout=30) as c:
+            text = c.post("/v1/chat/completions", json={
+                "model": "lead", "max_tokens": 30, "lead": lead, "tpot_s": 0.002}).text
+        assert text.count("data:") == lead + 30 + 1
+        (rec,) = a.wait_records(mark, 1)
+        (entry,) = raw.timings()[t_mark:]
+        ttft, tpot, duration = _stream_timings(entry)
+        assert rec.streaming and rec.output_events == 30 and rec.response_model == "lead"
+        assert abs(rec.duration_s - duration) <= TOL
+        if lead == 2:
+            assert rec.time_to_first_token_s is not None and abs(rec.time_to_first_token_s - ttft) <= TOL
+            assert rec.time_per_output_token_s is not None and abs(rec.time_per_output_token_s - tpot) <= TOL
+            assert a.metrics.total("infersight.assembly.ttft.unresolved") == unresolved
+        else:
+            assert rec.time_to_first_token_s is None and rec.time_per_output_token_s is None
+            assert a.metrics.total("infersight.assembly.ttft.unresolved") == unresolved + 1
+
+
 def test_client_spans_for_requests_a_target_makes(demo: Server, tmp_path: Path) -> None:
     """With client tracing on, a traced process's outgoing requests become client records."""
     script = tmp_path / "client.py"

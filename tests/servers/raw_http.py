@@ -6,7 +6,8 @@ syscalls the uvicorn and aiohttp servers do not: it reads requests with
 
 Routes:
 - ``POST /v1/chat/completions``: an OpenAI-style SSE stream of ``max_tokens``
-  chunks (chunked encoding), each chunk one ``sendmsg`` of three iovecs;
+  chunks (chunked encoding), each chunk one ``sendmsg`` of three iovecs, after
+  ``lead`` events without output (a role, then empty deltas; none by default);
 - ``GET /file``: a file sent with ``sendfile`` after a ``sendmsg`` head.
 
 Writes timing lines like agent.demo_server to INFERSIGHT_DEMO_TIMINGS.
@@ -71,6 +72,13 @@ def serve(conn: socket.socket, path_file: str) -> None:
             n = int(opts.get("max_tokens", 5))
             conn.sendmsg([b"HTTP/1.1 200 OK\r\n", b"content-type: text/event-stream\r\n",
                           b"transfer-encoding: chunked\r\n\r\n"])
+            for i in range(int(opts.get("lead", 0))):
+                time.sleep(float(opts.get("tpot_s", 0.002)))
+                data = b"data: " + json.dumps({"model": opts.get("model", "raw"), "choices": [
+                    {"index": 0, "delta": {"content": ""} if i else {"role": "assistant"},
+                     "finish_reason": None}]}).encode() + b"\n\n"
+                entry["chunks"].append(["lead", time.monotonic_ns()])
+                conn.sendmsg([b"%x\r\n" % len(data), data, b"\r\n"])
             for i in range(n):
                 time.sleep(float(opts.get("tpot_s", 0.002)))
                 data = b"data: " + json.dumps({"model": opts.get("model", "raw"), "choices": [
