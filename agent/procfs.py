@@ -169,11 +169,36 @@ def read_tcp_table(pid: int, proc: str = "/proc") -> dict[int, SockInfo]:
     return out
 
 
-def listening_ports(pid: int, proc: str = "/proc") -> set[int]:
-    fds = socket_fds(pid, proc)
-    if not fds:
-        return set()
-    return listening_in(read_tcp_table(pid, proc), fds)
+def netns(pid: int, proc: str = "/proc") -> str | None:
+    """The process's network namespace (``net:[inode]``), or None when it cannot be read."""
+    try:
+        return os.readlink(f"{proc}/{pid}/ns/net")
+    except OSError:
+        return None
+
+
+def listening_sockets(pid: int, proc: str = "/proc") -> dict[int, int]:
+    """inode → port of the listening TCP sockets (IPv4 and IPv6) in ``pid``'s network
+    namespace. Reads only the listening rows' port and inode: cheaper than
+    :func:`read_tcp_table` on a host with many connections."""
+    out: dict[int, int] = {}
+    for name in ("tcp", "tcp6"):
+        try:
+            with open(f"{proc}/{pid}/net/{name}") as f:
+                next(f, None)
+                for line in f:
+                    parts = line.split()
+                    if len(parts) < 10 or parts[3] != "0A":  # TCP_LISTEN
+                        continue
+                    try:
+                        inode = int(parts[9])
+                        if inode:
+                            out[inode] = int(parts[1].rpartition(":")[2], 16)
+                    except ValueError:
+                        continue
+        except OSError:
+            continue
+    return out
 
 
 def listening_in(table: dict[int, SockInfo], fds: dict[int, int]) -> set[int]:

@@ -73,7 +73,9 @@ class TargetSelector:
             names.append(arg)
         return names
 
-    def matches(self, pid: int) -> bool:
+    def matches(self, pid: int, listeners: dict[str, dict[int, int]] | None = None) -> bool:
+        """Whether ``pid`` is a target. ``listeners``: listening sockets by network namespace
+        (:func:`procfs.listening_sockets`), filled and reused over one scan."""
         if pid == self.self_pid or pid <= 1:
             return False
         cfg = self.config
@@ -85,10 +87,21 @@ class TargetSelector:
             if any(w in n for w in words for n in names):
                 return True
         ports = cfg.ports if not cfg.discover else cfg.default_ports
-        if ports:
-            if procfs.listening_ports(pid, self.proc) & set(ports):
-                return True
+        if ports and self._listens_on(pid, ports, listeners):
+            return True
         return False
+
+    def _listens_on(self, pid: int, ports: tuple[int, ...], listeners: dict[str, dict[int, int]] | None) -> bool:
+        ns = procfs.netns(pid, self.proc) if listeners is not None else None
+        table = listeners.get(ns) if listeners is not None and ns is not None else None
+        if table is None:
+            table = procfs.listening_sockets(pid, self.proc)
+            if listeners is not None and ns is not None:
+                listeners[ns] = table
+        wanted = {inode for inode, port in table.items() if port in ports}
+        if not wanted:
+            return False  # nothing in its namespace listens on them: its file descriptors are not read
+        return not wanted.isdisjoint(procfs.socket_fds(pid, self.proc).values())
 
     def scan(self) -> set[int]:
         """All processes that are targets now."""
@@ -100,7 +113,9 @@ class TargetSelector:
             found |= roots | (procfs.descendants(roots, self.proc) - {self.self_pid})
         if cfg.pids and not cfg.ports and not cfg.comms:
             return found
+        # a namespace's listening sockets are read once a scan, not once per process in it
+        listeners: dict[str, dict[int, int]] = {}
         for pid in procfs.pids(self.proc):
-            if pid not in found and self.matches(pid):
+            if pid not in found and self.matches(pid, listeners):
                 found.add(pid)
         return found
