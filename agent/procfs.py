@@ -87,17 +87,54 @@ def ppid(pid: int, proc: str = "/proc") -> int | None:
         return None
 
 
+def children(pid: int, proc: str = "/proc") -> list[int] | None:
+    """The process's children, from its threads' ``children`` files; ``[]`` once it is gone,
+    None where the kernel has no such file (built without ``CONFIG_PROC_CHILDREN``)."""
+    base = f"{proc}/{pid}/task"
+    try:
+        tids = os.listdir(base)
+    except OSError:
+        return []
+    out: list[int] = []
+    for tid in tids:
+        try:
+            with open(f"{base}/{tid}/children", "rb") as f:
+                out.extend(int(c) for c in f.read().split())
+        except FileNotFoundError:
+            if os.path.isdir(f"{base}/{tid}"):
+                return None  # the thread is there, the file is not
+        except (OSError, ValueError):
+            continue  # the thread exited meanwhile
+    return out
+
+
 def descendants(roots: set[int], proc: str = "/proc") -> set[int]:
-    """Every live process below ``roots`` (children, grandchildren, ...)."""
-    children: dict[int, list[int]] = {}
-    for pid in pids(proc):
-        parent = ppid(pid, proc)
-        if parent is not None:
-            children.setdefault(parent, []).append(pid)
+    """Every live process below ``roots`` (children, grandchildren, ...): read from the
+    roots' and their children's ``children`` files, or where the kernel has none, from every
+    process's parent."""
     out: set[int] = set()
     todo = list(roots)
     while todo:
-        for child in children.get(todo.pop(), ()):
+        kids = children(todo.pop(), proc)
+        if kids is None:
+            return _descendants_by_parent(roots, proc)
+        for child in kids:
+            if child not in out:
+                out.add(child)
+                todo.append(child)
+    return out
+
+
+def _descendants_by_parent(roots: set[int], proc: str) -> set[int]:
+    by_parent: dict[int, list[int]] = {}
+    for pid in pids(proc):
+        parent = ppid(pid, proc)
+        if parent is not None:
+            by_parent.setdefault(parent, []).append(pid)
+    out: set[int] = set()
+    todo = list(roots)
+    while todo:
+        for child in by_parent.get(todo.pop(), ()):
             if child not in out:
                 out.add(child)
                 todo.append(child)
@@ -187,8 +224,10 @@ def listening_sockets(pid: int, proc: str = "/proc") -> dict[int, int]:
             with open(f"{proc}/{pid}/net/{name}") as f:
                 next(f, None)
                 for line in f:
+                    if " 0A " not in line:  # the state column, TCP_LISTEN (nothing else is "0A" alone)
+                        continue
                     parts = line.split()
-                    if len(parts) < 10 or parts[3] != "0A":  # TCP_LISTEN
+                    if len(parts) < 10 or parts[3] != "0A":
                         continue
                     try:
                         inode = int(parts[9])

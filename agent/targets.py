@@ -92,16 +92,18 @@ class TargetSelector:
         return False
 
     def _listens_on(self, pid: int, ports: tuple[int, ...], listeners: dict[str, dict[int, int]] | None) -> bool:
+        fds = procfs.socket_fds(pid, self.proc)
+        if not fds:
+            # no socket: its namespace's table is not read (reading /proc/PID/net/tcp walks the
+            # kernel's whole TCP hash table, milliseconds even when it holds nothing)
+            return False
         ns = procfs.netns(pid, self.proc) if listeners is not None else None
         table = listeners.get(ns) if listeners is not None and ns is not None else None
         if table is None:
             table = procfs.listening_sockets(pid, self.proc)
             if listeners is not None and ns is not None:
                 listeners[ns] = table
-        wanted = {inode for inode, port in table.items() if port in ports}
-        if not wanted:
-            return False  # nothing in its namespace listens on them: its file descriptors are not read
-        return not wanted.isdisjoint(procfs.socket_fds(pid, self.proc).values())
+        return any(table.get(inode) in ports for inode in fds.values())
 
     def scan(self) -> set[int]:
         """All processes that are targets now."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from agent import procfs
 from agent.targets import TargetConfig, TargetSelector
 
@@ -64,10 +66,21 @@ def test_discovery_finds_listeners_by_namespace_and_known_servers_by_name(tmp_pa
     assert procfs.netns(100, str(tmp_path)) == ns_a and procfs.netns(300, str(tmp_path)) is None
 
 
-def test_given_pids_take_their_descendants(tmp_path: Path) -> None:
-    _proc(tmp_path, 100, "python3", ns="net:[1]", sockets=(1111,), tcp=_row4(8000, "0A", 1111))
-    _proc(tmp_path, 101, "worker", ns="net:[1]")
-    (tmp_path / "101" / "stat").write_text("101 (worker) S 100 101 101 0 -1 0\n")
-    (tmp_path / "100" / "stat").write_text("100 (python3) S 1 100 100 0 -1 0\n")
+@pytest.mark.parametrize("children_files", [True, False], ids=["children-files", "parents"])
+def test_given_pids_take_their_descendants(tmp_path: Path, children_files: bool) -> None:
+    # 100 runs two threads; its thread 105 forked 101, which forked 102; 103 is another tree.
+    # Read from the children files where the kernel has them (CONFIG_PROC_CHILDREN), else
+    # from every process's parent.
+    tree = {100: (1, {100: [], 105: [101]}), 101: (105, {101: [102]}), 102: (101, {102: []}), 103: (1, {103: []})}
+    for pid, (parent, threads) in tree.items():
+        _proc(tmp_path, pid, "python3", ns="net:[1]")
+        (tmp_path / str(pid) / "stat").write_text(f"{pid} (python3) S {100 if parent == 105 else parent} {pid} 0\n")
+        for tid, kids in threads.items():
+            (tmp_path / str(pid) / "task" / str(tid)).mkdir(parents=True)
+            if children_files:
+                (tmp_path / str(pid) / "task" / str(tid) / "children").write_text("".join(f"{k} " for k in kids))
     sel = TargetSelector(TargetConfig(pids=(100,)), proc=str(tmp_path), self_pid=1)
-    assert sel.scan() == {100, 101}
+    assert sel.scan() == {100, 101, 102}
+    assert procfs.children(100, str(tmp_path)) == ([101] if children_files else None)
+    assert procfs.children(999, str(tmp_path)) == []  # gone
+    assert procfs.descendants({101}, str(tmp_path)) == {102}
