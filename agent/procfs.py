@@ -112,29 +112,21 @@ def descendants(roots: set[int], proc: str = "/proc") -> set[int]:
     """Every live process below ``roots`` (children, grandchildren, ...): read from the
     roots' and their children's ``children`` files, or where the kernel has none, from every
     process's parent."""
+    by_parent: dict[int, list[int]] | None = None
     out: set[int] = set()
     todo = list(roots)
     while todo:
-        kids = children(todo.pop(), proc)
-        if kids is None:
-            return _descendants_by_parent(roots, proc)
+        pid = todo.pop()
+        kids = children(pid, proc) if by_parent is None else by_parent.get(pid, [])
+        if kids is None:  # no children files: every process's parent instead, from the roots again
+            by_parent = {}
+            for p in pids(proc):
+                parent = ppid(p, proc)
+                if parent is not None:
+                    by_parent.setdefault(parent, []).append(p)
+            out, todo = set(), list(roots)
+            continue
         for child in kids:
-            if child not in out:
-                out.add(child)
-                todo.append(child)
-    return out
-
-
-def _descendants_by_parent(roots: set[int], proc: str) -> set[int]:
-    by_parent: dict[int, list[int]] = {}
-    for pid in pids(proc):
-        parent = ppid(pid, proc)
-        if parent is not None:
-            by_parent.setdefault(parent, []).append(pid)
-    out: set[int] = set()
-    todo = list(roots)
-    while todo:
-        for child in by_parent.get(todo.pop(), ()):
             if child not in out:
                 out.add(child)
                 todo.append(child)
