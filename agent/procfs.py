@@ -13,7 +13,7 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 TCP_ESTABLISHED = 1
@@ -173,27 +173,34 @@ def _addr6(hexaddr: str) -> str:
     return socket.inet_ntop(socket.AF_INET6, raw)
 
 
-def read_tcp_table(pid: int, proc: str = "/proc") -> dict[int, SockInfo]:
-    """inode → socket info for the TCP sockets of ``pid``'s network namespace."""
-    out: dict[int, SockInfo] = {}
+def _tcp_rows(pid: int, proc: str) -> Iterator[tuple[Callable[[str], str], str]]:
+    """The rows of ``pid``'s network namespace's TCP tables (IPv4, then IPv6), each with the
+    function that reads its addresses; a table that cannot be read is skipped."""
     for name, conv in (("tcp", _addr4), ("tcp6", _addr6)):
         try:
             with open(f"{proc}/{pid}/net/{name}") as f:
-                next(f, None)
+                next(f, None)  # the column names
                 for line in f:
-                    parts = line.split()
-                    if len(parts) < 10:
-                        continue
-                    try:
-                        la, lp = parts[1].split(":")
-                        ra, rp = parts[2].split(":")
-                        inode = int(parts[9])
-                        if inode == 0:
-                            continue
-                        out[inode] = SockInfo(conv(la), int(lp, 16), conv(ra), int(rp, 16), int(parts[3], 16))
-                    except (ValueError, OSError):
-                        continue
+                    yield conv, line
         except OSError:
+            continue
+
+
+def read_tcp_table(pid: int, proc: str = "/proc") -> dict[int, SockInfo]:
+    """inode → socket info for the TCP sockets of ``pid``'s network namespace."""
+    out: dict[int, SockInfo] = {}
+    for conv, line in _tcp_rows(pid, proc):
+        parts = line.split()
+        if len(parts) < 10:
+            continue
+        try:
+            la, lp = parts[1].split(":")
+            ra, rp = parts[2].split(":")
+            inode = int(parts[9])
+            if inode == 0:
+                continue
+            out[inode] = SockInfo(conv(la), int(lp, 16), conv(ra), int(rp, 16), int(parts[3], 16))
+        except (ValueError, OSError):
             continue
     return out
 
@@ -211,23 +218,17 @@ def listening_sockets(pid: int, proc: str = "/proc") -> dict[int, int]:
     namespace. Reads only the listening rows' port and inode: cheaper than
     :func:`read_tcp_table` on a host with many connections."""
     out: dict[int, int] = {}
-    for name in ("tcp", "tcp6"):
+    for _, line in _tcp_rows(pid, proc):
+        if " 0A " not in line:  # the state column, TCP_LISTEN (nothing else is "0A" alone)
+            continue
+        parts = line.split()
+        if len(parts) < 10 or parts[3] != "0A":
+            continue
         try:
-            with open(f"{proc}/{pid}/net/{name}") as f:
-                next(f, None)
-                for line in f:
-                    if " 0A " not in line:  # the state column, TCP_LISTEN (nothing else is "0A" alone)
-                        continue
-                    parts = line.split()
-                    if len(parts) < 10 or parts[3] != "0A":
-                        continue
-                    try:
-                        inode = int(parts[9])
-                        if inode:
-                            out[inode] = int(parts[1].rpartition(":")[2], 16)
-                    except ValueError:
-                        continue
-        except OSError:
+            inode = int(parts[9])
+            if inode:
+                out[inode] = int(parts[1].rpartition(":")[2], 16)
+        except ValueError:
             continue
     return out
 
