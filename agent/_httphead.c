@@ -20,6 +20,9 @@
  * against: for every input where they return a head, it must be the same.
  * A field line seen lately (its bytes alike) gets the pair made for it then:
  * the same client and server send the same lines on every message.
+ *
+ * request_fields and response_fields (below) accept the same heads and return only
+ * what frames the body and the one field the agent reads from each, making no pair at all.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -391,6 +394,174 @@ out:
     return result;
 }
 
+/* ---- the framing fields alone, for a head whose other fields nobody reads ----
+ *
+ *   request_fields(buf, pos, limit)  -> (end, method, target, length, traceparent) | None
+ *   response_fields(buf, pos, limit) -> (end, status, length, content_type) | None
+ *
+ * The same heads as parse_request_head and parse_response_head accept, read without making
+ * a pair per field line: only what frames the body and the one field the caller reads (its
+ * first value, stripped as in `fields`, or None). `length` is the body's Content-Length (0
+ * for a request without one), or -1 for a response whose only Transfer-Encoding is
+ * "chunked". None also when the framing is anything else, which the caller leaves to the
+ * complete reading: a request with Transfer-Encoding, a response with neither field, any
+ * other coding, both fields, Content-Length repeated or not 1 to 18 digits. */
+typedef struct {
+    int n_length, n_te;
+    Py_ssize_t len0, len1, te0, te1; /* the last Content-Length and Transfer-Encoding values */
+    Py_ssize_t want0, want1;         /* the wanted field's first value; want0 < 0: none */
+} framing_t;
+
+static int name_is(const unsigned char *p, Py_ssize_t n, const char *lower, Py_ssize_t ln) {
+    if (n != ln)
+        return 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned char c = p[i];
+        if ((c >= 'A' && c <= 'Z' ? c + 32 : c) != (unsigned char)lower[i])
+            return 0;
+    }
+    return 1;
+}
+
+/* Field lines in p[s:e), each ending in LF, accepted as `fields` accepts them; 0 when one is
+ * not the simple form. */
+static int scan_fields(const unsigned char *p, Py_ssize_t s, Py_ssize_t e, const char *want, framing_t *f) {
+    Py_ssize_t want_n = (Py_ssize_t)strlen(want);
+    f->n_length = f->n_te = 0;
+    f->len0 = f->len1 = f->te0 = f->te1 = 0;
+    f->want0 = f->want1 = -1;
+    Py_ssize_t i = s;
+    while (i < e) {
+        Py_ssize_t n0 = i;
+        while (i < e && TCHAR[p[i]])
+            i++;
+        if (i == n0 || i >= e || p[i] != ':')
+            return 0;
+        Py_ssize_t n1 = i;
+        i++;
+        Py_ssize_t v0 = i;
+        while (i < e && p[i] != '\r' && p[i] != '\n')
+            i++;
+        Py_ssize_t v1 = i;
+        if (i < e && p[i] == '\r')
+            i++;
+        if (i >= e || p[i] != '\n')
+            return 0;
+        i++;
+        while (v0 < v1 && (p[v0] == ' ' || p[v0] == '\t'))
+            v0++;
+        while (v1 > v0 && (p[v1 - 1] == ' ' || p[v1 - 1] == '\t'))
+            v1--;
+        Py_ssize_t n = n1 - n0;
+        if (name_is(p + n0, n, "content-length", 14)) {
+            f->n_length++;
+            f->len0 = v0;
+            f->len1 = v1;
+        } else if (name_is(p + n0, n, "transfer-encoding", 17)) {
+            f->n_te++;
+            f->te0 = v0;
+            f->te1 = v1;
+        } else if (f->want0 < 0 && name_is(p + n0, n, want, want_n)) {
+            f->want0 = v0;
+            f->want1 = v1;
+        }
+    }
+    return 1;
+}
+
+/* 1 to 18 ASCII digits in p[a:b) into *out; 0 otherwise */
+static int digits(const unsigned char *p, Py_ssize_t a, Py_ssize_t b, Py_ssize_t *out) {
+    if (b <= a || b - a > 18)
+        return 0;
+    long long v = 0;
+    for (Py_ssize_t i = a; i < b; i++) {
+        if (p[i] < '0' || p[i] > '9')
+            return 0;
+        v = v * 10 + (p[i] - '0');
+    }
+    *out = (Py_ssize_t)v;
+    return 1;
+}
+
+static PyObject *wanted(const unsigned char *p, const framing_t *f) {
+    if (f->want0 < 0)
+        Py_RETURN_NONE;
+    if (f->want1 == f->want0)
+        return Py_NewRef(EMPTY);
+    return PyUnicode_DecodeLatin1((const char *)p + f->want0, f->want1 - f->want0, NULL);
+}
+
+static PyObject *framing_fields(PyObject *const *args, Py_ssize_t nargs, const char *fname, int request) {
+    input_t in;
+    if (get_input(args, nargs, fname, &in) < 0)
+        return NULL;
+    const unsigned char *p = in.p;
+    PyObject *result = NULL;
+    const unsigned char *nl = in.pos < in.lim ? memchr(p + in.pos, '\n', (size_t)(in.lim - in.pos)) : NULL;
+    if (!nl)
+        goto none;
+    Py_ssize_t line_end = nl - p;
+    Py_ssize_t m1 = 0, t0 = 0, t1 = 0, v = 0, r0 = 0, r1 = 0;
+    int status = 0;
+    if (request ? !request_line(p, in.pos, line_end, &m1, &t0, &t1, &v)
+                : !status_line(p, in.pos, line_end, &status, &v, &r0, &r1))
+        goto none;
+    Py_ssize_t end = 0;
+    Py_ssize_t at = head_end(p, line_end, in.lim, &end);
+    if (at < 0)
+        goto none;
+    framing_t f;
+    if (!scan_fields(p, line_end + 1, at + 1, request ? "traceparent" : "content-type", &f))
+        goto none;
+    Py_ssize_t length = 0;
+    if (f.n_te) {
+        if (request || f.n_te != 1 || f.n_length || f.te1 - f.te0 != 7 || memcmp(p + f.te0, "chunked", 7) != 0)
+            goto none;
+        length = -1;
+    } else if (f.n_length > 1 || (f.n_length == 1 && !digits(p, f.len0, f.len1, &length))) {
+        goto none;
+    } else if (!f.n_length && !request) {
+        goto none; /* read to close */
+    }
+    PyObject *item[5] = {PyLong_FromSsize_t(end), NULL, NULL, NULL, NULL};
+    int k_n = request ? 5 : 4;
+    if (request) {
+        item[1] = method_str((const char *)p + in.pos, m1 - in.pos);
+        item[2] = PyUnicode_DecodeUTF8((const char *)p + t0, t1 - t0, "replace");
+        item[3] = PyLong_FromSsize_t(length);
+        item[4] = wanted(p, &f);
+    } else {
+        item[1] = PyLong_FromLong(status);
+        item[2] = PyLong_FromSsize_t(length);
+        item[3] = wanted(p, &f);
+    }
+    int ok = 1;
+    for (int k = 0; k < k_n; k++)
+        ok = ok && item[k] != NULL;
+    result = ok ? PyTuple_New(k_n) : NULL;
+    if (!result) {
+        for (int k = 0; k < k_n; k++)
+            Py_XDECREF(item[k]);
+        goto out;
+    }
+    for (int k = 0; k < k_n; k++)
+        PyTuple_SET_ITEM(result, k, item[k]);
+    goto out;
+none:
+    result = Py_NewRef(Py_None);
+out:
+    release(&in);
+    return result;
+}
+
+static PyObject *request_fields(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    return framing_fields(args, nargs, "request_fields", 1);
+}
+
+static PyObject *response_fields(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    return framing_fields(args, nargs, "response_fields", 0);
+}
+
 static PyObject *parse_request_head(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     return parse_head(args, nargs, "parse_request_head", 1);
 }
@@ -404,6 +575,10 @@ static PyMethodDef methods[] = {
      "parse_request_head(buf, pos, limit) -> (end, method, target, version, fields) | None"},
     {"parse_response_head", (PyCFunction)(void (*)(void))parse_response_head, METH_FASTCALL,
      "parse_response_head(buf, pos, limit) -> (end, version, status, reason, fields) | None"},
+    {"request_fields", (PyCFunction)(void (*)(void))request_fields, METH_FASTCALL,
+     "request_fields(buf, pos, limit) -> (end, method, target, length, traceparent) | None"},
+    {"response_fields", (PyCFunction)(void (*)(void))response_fields, METH_FASTCALL,
+     "response_fields(buf, pos, limit) -> (end, status, length, content_type) | None"},
     {NULL, NULL, 0, NULL},
 };
 

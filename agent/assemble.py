@@ -236,13 +236,17 @@ class Assembler:
         on_proc_event: Callable[[ProcEvent], None] | None = None,
         whole_event_writes: bool = True,
         native_ring: bool = True,
+        native_heads: bool = True,
     ) -> None:
         """``whole_event_writes``: read a response write that is one chunk holding one whole SSE
         event or NDJSON line in one step, where agent/_llmjson.c is built (False: always through
         the HTTP/1 and SSE or NDJSON parsers, the reading the tests compare it against).
         ``native_ring``: read a decoded summary's tail ring in C, where agent/_llmjson.c is
-        built (False: always with :meth:`_walk_ring`, its reference)."""
+        built (False: always with :meth:`_walk_ring`, its reference). ``native_heads``: read
+        HTTP/1 heads with agent/_httphead.c, a whole request or a framed response's head
+        without the parser's events (False: always with the parser's Python reading)."""
         self.config = config
+        self._native_heads = native_heads
         self._whole_event_writes = whole_event_writes and llm.NATIVE_JSON
         self._native_ring = native_ring and llm.NATIVE_JSON
         self._emit = emit
@@ -431,7 +435,7 @@ class Assembler:
                 if ev.index != 0:
                     ex.damaged = True  # the request's first read was lost
                 if c.req_parser is None:
-                    c.req_parser = http1.H1Parser("request", metrics=self._metrics)
+                    c.req_parser = http1.H1Parser("request", metrics=self._metrics, native_head=self._native_heads)
                 if c.server_port is None or c.client_addr is None:
                     self._resolve_addresses(c)
             elif ex.done:
@@ -462,6 +466,14 @@ class Assembler:
     def _feed_request(self, c: Conn, ex: Exchange, ev: DataEvent) -> None:
         p = c.req_parser
         assert p is not None
+        if ex.method is None and not ev.tail and len(ev.head) == ev.len and not ev.flags & DF_NO_PAYLOAD:
+            # a whole request read at once (the common case): its head without the parser's events
+            got = p.take_request_head(ev.head)
+            if got is not None:
+                self._request_head(c, ex, got[0], got[1], got[2])
+                if got[3]:
+                    self._request_body(ex, got[3])
+                return
         if ev.flags & DF_NO_PAYLOAD:
             p.feed_gap(ev.len)
         else:
@@ -472,7 +484,6 @@ class Assembler:
                 p.feed_gap(gap)
             if ev.tail:
                 p.feed(ev.tail)
-        cap = self.config.max_body_capture
         while True:
             e = p.next_event()
             if e is http1.NEED_DATA:
@@ -483,24 +494,31 @@ class Assembler:
                     # shared with the first; it is parsed on the next phase's data
                     self._metrics.inc("infersight.assembly.pipelined")
                     continue
-                ex.method = e.method
-                target = e.target
-                q = target.find("?")
-                ex.path = target if q < 0 else target[:q]
-                ex.traceparent = http1.header(e.headers, "traceparent")
-                ex.api = llm.classify(e.method, ex.path)
-                self._set_active(c, ex)
+                self._request_head(c, ex, e.method, e.target, http1.header(e.headers, "traceparent"))
             elif isinstance(e, http1.Body):
-                if ex.req_gap:
-                    ex.req_suffix = (ex.req_suffix + e.data)[-1024:]
-                elif len(ex.req_prefix) < cap:
-                    ex.req_prefix += e.data[: cap - len(ex.req_prefix)]
+                self._request_body(ex, e.data)
             elif isinstance(e, http1.BodyGap):
                 ex.req_gap = True
 
+    def _request_head(self, c: Conn, ex: Exchange, method: str, target: str, traceparent: str | None) -> None:
+        ex.method = method
+        q = target.find("?")
+        ex.path = path = target if q < 0 else target[:q]
+        ex.traceparent = traceparent
+        ex.api = llm.classify(method, path)
+        self._set_active(c, ex)
+
+    def _request_body(self, ex: Exchange, data: bytes) -> None:
+        if ex.req_gap:
+            ex.req_suffix = (ex.req_suffix + data)[-1024:]
+        else:
+            cap = self.config.max_body_capture
+            if len(ex.req_prefix) < cap:
+                ex.req_prefix += data[: cap - len(ex.req_prefix)]
+
     def _feed_response(self, c: Conn, ex: Exchange, ev: DataEvent) -> None:
         if c.resp_parser is None:
-            c.resp_parser = http1.H1Parser("response", metrics=self._metrics)
+            c.resp_parser = http1.H1Parser("response", metrics=self._metrics, native_head=self._native_heads)
         p = c.resp_parser
         if ev.index == 0 or not ex.writes:
             p.expect_response_to(ex.method or "GET")
@@ -511,6 +529,17 @@ class Assembler:
         if ev.flags & DF_NO_PAYLOAD:
             p.feed_gap(ev.len)
             self._drain_response(ex, p, ts)
+        elif (
+            not ex.resp_head_seen
+            and not ev.tail
+            and len(ev.head) == ev.len
+            and (got := p.take_response_head(ev.head)) is not None
+        ):
+            # the head of a framed response (the common case), without the parser's events
+            self._response_head(ex, got[1], got[2])
+            if got[0] < len(ev.head):
+                p.feed(ev.head[got[0]:])
+                self._drain_response(ex, p, ts)
         elif (
             self._whole_event_writes
             and not ev.tail
@@ -545,15 +574,7 @@ class Assembler:
             if isinstance(e, http1.ResponseHead):
                 if e.status < 200 and e.status != 101:
                     continue  # informational: the final response follows
-                ex.status = e.status
-                ex.resp_head_seen = True
-                ctype = (http1.header(e.headers, "content-type") or "").lower()
-                if "text/event-stream" in ctype:
-                    ex.stream = SSEParser()
-                    ex.streaming = True
-                elif "ndjson" in ctype or "jsonlines" in ctype:
-                    ex.stream = NDJSONParser()
-                    ex.streaming = True
+                self._response_head(ex, e.status, http1.header(e.headers, "content-type"))
             elif isinstance(e, http1.Body):
                 if ex.stream is not None:
                     self._stream_events(ex, ex.stream.feed(e.data), ts)
@@ -573,6 +594,19 @@ class Assembler:
                         ex.end_ns = ts
             elif isinstance(e, http1.Upgrade):
                 ex.complete = True
+
+    @staticmethod
+    def _response_head(ex: Exchange, status: int, content_type: str | None) -> None:
+        ex.status = status
+        ex.resp_head_seen = True
+        if content_type:
+            ctype = content_type.lower()
+            if "text/event-stream" in ctype:
+                ex.stream = SSEParser()
+                ex.streaming = True
+            elif "ndjson" in ctype or "jsonlines" in ctype:
+                ex.stream = NDJSONParser()
+                ex.streaming = True
 
     def _stream_events(self, ex: Exchange, events: list, ts: int) -> None:
         for se in events:

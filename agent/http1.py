@@ -68,6 +68,8 @@ from agent.values import Value
 try:  # the common head read in C (agent/_httphead.c); the reading below is its reference
     from agent._httphead import parse_request_head as _c_request_head
     from agent._httphead import parse_response_head as _c_response_head
+    from agent._httphead import request_fields as _c_request_fields
+    from agent._httphead import response_fields as _c_response_fields
 
     NATIVE_HEAD = True
 except ImportError:  # not built: every head is read by the Python below
@@ -422,6 +424,62 @@ class H1Parser:
         """Between the chunks of a chunked body, nothing buffered or pending: a whole chunk fed
         now would leave the parser as it is, after one :class:`Body` event."""
         return self._state == _CHUNK_SIZE and not self._buf and not self._events
+
+    def take_request_head(self, data: bytes) -> tuple[str, str, str | None, bytes] | None:
+        """A whole request at the start of ``data``, read without events: its method, target,
+        first ``traceparent`` value (or None) and the body bytes ``data`` holds after the head.
+
+        The parser is left as feeding ``data`` and taking its events would leave it: between
+        messages, or inside the body when ``data`` ends before its Content-Length. None,
+        changing nothing, for anything else, which :meth:`feed` reads instead: a parser not
+        between messages (bytes held, events not taken), a head other than the common form
+        (agent/_httphead.c), a Transfer-Encoding, an invalid Content-Length, or bytes past
+        the body's end (a pipelined request). :meth:`feed` is the reference it is tested
+        against."""
+        if not (self._native and self._request and self._state == _HEAD and not self._buf
+                and not self._head_scanned and not self._events):
+            return None
+        got = _c_request_fields(data, 0, self._max_head)
+        if got is None:
+            return None
+        end, method, target, length, traceparent = got
+        avail = len(data) - end
+        if avail > length:
+            return None
+        if avail < length:
+            self._remaining = length - avail
+            self._state = _LENGTH
+        return method, target, traceparent, data[end:]
+
+    def take_response_head(self, data: bytes) -> tuple[int, int, str | None] | None:
+        """A response head at the start of ``data``, read without events: the index just past
+        it, the status and the first ``content-type`` value (or None). The parser then
+        expects the body (chunked, or of its Content-Length), with the method queued for it
+        (:meth:`expect_response_to`) taken; feed it the rest of ``data``.
+
+        None, changing nothing, where :meth:`feed` has more to say: a parser not between
+        messages, a head other than the common form, an informational, 204 or 304 status, an
+        answer to HEAD or CONNECT, a body read to the connection's close, a coding other
+        than chunked alone, both framings, or a Content-Length that is 0 or invalid."""
+        if not (self._native and not self._request and self._state == _HEAD and not self._buf
+                and not self._head_scanned and not self._events):
+            return None
+        got = _c_response_fields(data, 0, self._max_head)
+        if got is None:
+            return None
+        end, status, length, ctype = got
+        methods = self._methods
+        method = methods[0] if methods else None
+        if status < 200 or status == 204 or status == 304 or length == 0 or method == "HEAD" or method == "CONNECT":
+            return None
+        if methods:
+            methods.pop(0)
+        if length < 0:
+            self._state = _CHUNK_SIZE
+        else:
+            self._remaining = length
+            self._state = _LENGTH
+        return end, status, ctype
 
     @property
     def buffered(self) -> int:

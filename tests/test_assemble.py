@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent import llm
+from agent import http1, llm
 from agent.assemble import Assembler, AssemblyConfig
 from agent.clock import Clock
 from agent.record import Request
@@ -261,6 +261,69 @@ def test_one_step_reading_of_ndjson_writes_changes_no_record(picks: list[int]) -
     assert out[0] == out[1]
     if set(picks) <= {0, 1, 2, 3, 8, 9}:  # whole chunks only: the final line is read
         assert out[0][0]["gen_ai.usage.output_tokens"] == 3
+
+
+REQUESTS = [
+    SSE_POST, OLLAMA_POST, GET,
+    b"POST /v1/chat/completions?api-version=1 HTTP/1.1\r\nHost: x\r\nTraceparent: 00-0af7651916cd43dd8448eb211c80319c"
+    b"-b7ad6b7169203331-01\r\nContent-Length: 28\r\n\r\n" + b'{"model":"m","stream":true}\n',
+    b"POST /v1/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1c\r\n" + b'{"model":"m","stream":true}\n'
+    b"\r\n0\r\n\r\n",  # chunked: read by the parser
+    b"POST /v1/embeddings HTTP/1.1\r\ncontent-length: 16\r\ncontent-length: 16\r\n\r\n" + b'{"model":"e","x"',
+]
+RESPONSES = [
+    [SSE_HEAD, _chunk(_event("a")), _chunk(_event("b", "stop")), b"0\r\n\r\n"],
+    [SSE_HEAD + _chunk(_event("a")), _chunk(_event("b", "stop")) + b"0\r\n\r\n"],
+    [NDJSON_HEAD, _chunk(_line("a")), _chunk(_line("", done=True)), b"0\r\n\r\n"],
+    [HEAD_200 + b'{"a":"b"}ok'],
+    [HEAD_200, b'{"a":"b"}ok'],
+    [b"HTTP/1.1 200 OK\r\nContent-Type: Application/JSON\r\nContent-Length: 30\r\n\r\n",
+     b'{"model":"m","usage":{"prompt_',
+     ],
+    [b"HTTP/1.1 100 Continue\r\n\r\n", SSE_HEAD, _chunk(_event("a")), b"0\r\n\r\n"],
+    [b"HTTP/1.1 204 No Content\r\n\r\n"],
+    [b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n", b"data: x\n\n"],  # read to close
+]
+
+
+def _record_heads(request: bytes, cut: int, writes: list[bytes], native: bool) -> tuple[dict, list]:
+    """The record of an exchange whose request is read in two reads (cut at ``cut``; one when
+    0), with its heads read in C (a whole request, a framed response's head, taken without
+    the parser's events) or by the parser's Python reading."""
+    h = Harness()
+    h.asm = Assembler(AssemblyConfig(idle_check_s=1.0), h.records.append, clock=_CLOCK,
+                      decoder=se.Decoder(LAYOUT), process_name=lambda pid: "server",
+                      conn_alive=lambda pid, fd, cid: True, metrics=h.metrics, native_heads=native)
+    reads = [request[:cut], request[cut:]] if 0 < cut < len(request) else [request]
+    raws = [data(1, 1, i, se.DIR_IN, T0 + i * MS, r) for i, r in enumerate(reads)]
+    t = T0 + 10 * MS
+    raws += [data(1, 1, i, se.DIR_OUT, t + i * MS, w) for i, w in enumerate(writes)]
+    raws.append(summary(1, 1, se.SR_CLOSE, writes=len(writes), last_write=t + len(writes) * MS))
+    h.feed(*raws)
+    assert len(h.records) == 1, h.metrics.snapshot()
+    d = h.records[0].to_dict()
+    for k in ("trace_id", "span_id"):
+        d.pop(k)
+    return d, h.metrics.snapshot()
+
+
+@pytest.mark.skipif(not http1.NATIVE_HEAD, reason="agent/_httphead.c not built (CI requires it)")
+@given(st.sampled_from(range(len(REQUESTS))), st.integers(0, 200), st.sampled_from(range(len(RESPONSES))))
+@settings(max_examples=300, deadline=None)
+def test_heads_read_in_c_give_the_record_the_parser_gives(req: int, cut: int, resp: int) -> None:
+    out = [_record_heads(REQUESTS[req], cut, RESPONSES[resp], native) for native in (True, False)]
+    assert out[0] == out[1]
+
+
+@pytest.mark.skipif(not http1.NATIVE_HEAD, reason="agent/_httphead.c not built (CI requires it)")
+def test_a_whole_request_and_a_framed_head_read_in_c_make_the_whole_record() -> None:
+    rec, _ = _record_heads(REQUESTS[3], 0, RESPONSES[1], True)
+    assert (rec["http.request.method"], rec["url.path"], rec["http.response.status_code"]) == (
+        "POST", "/v1/chat/completions", 200)
+    assert rec["parent_span_id"] == "b7ad6b7169203331"
+    assert rec["gen_ai.request.model"] == "m" and rec["streaming"] is True
+    assert rec["output_events"] == 2 and rec["gen_ai.response.finish_reasons"] == ["stop"]
+    assert rec["time_to_first_token_s"] == pytest.approx(0.010)
 
 
 def summary_with_ring(conn: int, seq: int, reason: int, *, flags: int, writes: int, bytes_out: int, last_write: int,

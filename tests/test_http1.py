@@ -973,3 +973,162 @@ def test_the_c_head_reader_agrees_with_the_python_reading(
     reference = run(role, [data], native=False, **kw)  # type: ignore[arg-type]
     assert run(role, [data], native=True, **kw) == reference  # type: ignore[arg-type]
     assert run(role, _split(data, cuts), native=True, **kw) == reference  # type: ignore[arg-type]
+
+
+# --- a whole request, or a framed response's head, read without events (take_*_head) -------
+
+_FRAMING = [
+    b"Content-Length: %d", b"content-length:%d ", b"CONTENT-LENGTH:\t%d\t", b"Content-Length: %d, %d",
+    b"Content-Length: +%d", b"Content-Length: 0%d", b"Content-Length: %d0000000000000000000",
+    b"Transfer-Encoding: chunked", b"Transfer-Encoding: Chunked", b"transfer-encoding: gzip, chunked",
+    b"Transfer-Encoding: gzip", b"Transfer-Encoding:  chunked ", b"Content-Type: text/event-stream",
+    b"content-type: application/x-ndjson; charset=utf-8", b"Content-Type:", b"TraceParent:  a b ", b"traceparent:",
+    b"traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+]
+_BODIES = st.one_of(st.binary(max_size=30), st.sampled_from([b"5\r\nhello\r\n0\r\n\r\n", b"0\r\n\r\n", b"data: x\n\n"]))
+_AFTER = st.sampled_from([b"", b"", b"", b"GET / HTTP/1.1\r\n\r\n", b"HTTP/1.1 200 OK\r\n\r\n", b"x", b"\r\n"])
+
+
+_REQUEST_STARTS = st.sampled_from([b"POST /v1/chat/completions?x=1 HTTP/1.1\r\n", b"GET / HTTP/1.0\n",
+                                   b"M-SEARCH * HTTP/1.1\r\n", b"POST /api/generate HTTP/1.1\r\n"])
+_STATUS_STARTS = st.sampled_from([b"HTTP/1.1 200 OK\r\n", b"HTTP/1.1 204 No Content\r\n", b"HTTP/1.0 304\r\n",
+                                  b"HTTP/1.1 100 Continue\r\n", b"HTTP/1.1 101 Switching\r\n",
+                                  b"HTTP/1.1 404 Not Found\n", b"HTTP/1.0 200\r\n"])
+
+
+@st.composite
+def _framed_messages(draw: st.DrawFn) -> tuple[str, bytes]:
+    """A role and a message for it: a start line, header fields framing a body (or not, or
+    wrongly), the body and what may follow."""
+    role = draw(st.sampled_from(["request", "response"]))
+    body = draw(_BODIES)
+    common = _REQUEST_STARTS if role == "request" else _STATUS_STARTS
+    # (each choice by a drawn number: generation leans to the first choices and to the bounds)
+    start = draw({6: _GOOD_START, 7: _REQUEST_LINE, 8: _STATUS_LINE}.get(draw(st.integers(0, 9)), common))
+    fields = []
+    for _ in range(draw(st.sampled_from([1, 1, 1, 1, 0, 2]))):  # framing, mostly once
+        template = _FRAMING[draw(st.sampled_from([0, 0, 7, 7, *range(len(_FRAMING))]))]
+        n = max(0, len(body) + draw(st.sampled_from([0, 0, 0, -3, -1, 1, 2])))
+        line = template % ((n,) * template.count(b"%d"))
+        fields.append(line + draw(_EOL if draw(st.integers(0, 9)) == 7 else _GOOD_EOL))
+    for _ in range(draw(st.integers(0, 3))):  # other fields, mostly well formed
+        fields.insert(draw(st.integers(0, len(fields))), draw(_FIELD if draw(st.integers(0, 9)) == 7 else _GOOD_FIELD))
+    end = draw(st.sampled_from([b"\r\n", b"\r\n", b"\r\n", b"\n", b""]))
+    return role, start + b"".join(fields) + end + body + draw(_AFTER)
+
+
+def _take_and_feed_agree(role: str, data: bytes, more: list[bytes], methods: list[str], max_head: int) -> bool:
+    """``take_*_head`` against feeding ``data`` to the Python reading: the same head, the same
+    events, then the same events for every later feed and at close, and the same counts.
+    True when the head was taken."""
+    m_fast, m_ref = SelfMetrics(), SelfMetrics()
+    fast = H1Parser(role, max_head_bytes=max_head, metrics=m_fast)  # type: ignore[arg-type]
+    ref = H1Parser(role, max_head_bytes=max_head, metrics=m_ref, native_head=False)  # type: ignore[arg-type]
+    for m in methods:
+        fast.expect_response_to(m)
+        ref.expect_response_to(m)
+    ref.feed(data)
+    expected = drain(ref)
+    taken = False
+    if role == "request":
+        got = fast.take_request_head(data)
+        if got is None:
+            fast.feed(data)
+            assert drain(fast) == expected
+        else:
+            taken = True
+            method, target, traceparent, body = got
+            head = expected[0]
+            assert isinstance(head, RequestHead) and (head.method, head.target) == (method, target)
+            assert header(head.headers, "traceparent") == traceparent
+            rest = [ev for ev in merged(expected[1:]) if ev != EndOfMessage(True)]
+            assert rest == ([Body(body)] if body else [])
+            assert drain(fast) == []
+    else:
+        got_r = fast.take_response_head(data)
+        if got_r is None:
+            fast.feed(data)
+            assert drain(fast) == expected
+        else:
+            taken = True
+            end, status, ctype = got_r
+            head = expected[0]
+            assert isinstance(head, ResponseHead) and head.status == status
+            assert header(head.headers, "content-type") == ctype
+            fast.feed(data[end:])
+            assert merged(drain(fast)) == merged(expected[1:])
+    for piece in more:
+        fast.feed(piece)
+        ref.feed(piece)
+        assert merged(drain(fast)) == merged(drain(ref))
+    fast.close()
+    ref.close()
+    assert merged(drain(fast)) == merged(drain(ref))
+    assert m_fast.snapshot() == m_ref.snapshot()
+    return taken
+
+
+@pytest.mark.skipif(not NATIVE_HEAD, reason="agent/_httphead.c not built (CI requires it)")
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    case=st.one_of(_framed_messages(), st.tuples(st.sampled_from(["request", "response"]), _HEADS)),
+    more=st.lists(st.one_of(_BODIES, _AFTER, _framed_messages().map(lambda m: m[1])), max_size=3),
+    max_head=st.sampled_from([64, 16384, 16384]),
+    methods=st.lists(st.sampled_from(["GET", "HEAD", "POST", "POST", "CONNECT"]), max_size=2),
+)
+def test_a_head_taken_without_events_reads_as_feeding_it(
+    case: tuple[str, bytes], more: list[bytes], max_head: int, methods: list[str]
+) -> None:
+    _take_and_feed_agree(case[0], case[1], more, methods, max_head)
+
+
+@pytest.mark.skipif(not NATIVE_HEAD, reason="agent/_httphead.c not built (CI requires it)")
+def test_common_heads_are_taken_and_the_rest_left_to_feeding() -> None:
+    post = b"POST /v1/chat/completions?a=b HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\ntraceparent: t1\r\n" \
+           b"TRACEPARENT: t2\r\n\r\n"
+    p = H1Parser("request", metrics=SelfMetrics())
+    assert p.take_request_head(post + b"abcd") == ("POST", "/v1/chat/completions?a=b", "t1", b"abcd")
+    assert p.take_request_head(b"GET / HTTP/1.1\r\n\r\n") == ("GET", "/", None, b"")
+    # a body cut short: the parser is left inside it
+    assert p.take_request_head(post + b"ab") == ("POST", "/v1/chat/completions?a=b", "t1", b"ab")
+    assert p.take_request_head(b"GET / HTTP/1.1\r\n\r\n") is None
+    p.feed(b"cd")
+    assert merged(drain(p)) == [Body(b"cd"), EndOfMessage(True)]
+    sse = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+    q = H1Parser("response", metrics=SelfMetrics())
+    q.expect_response_to("POST")
+    assert q.take_response_head(sse) == (len(sse), 200, "text/event-stream")
+    assert q.at_chunk_start()
+    for role, method, message in [
+        ("request", "", post + b"abcde"),  # a pipelined request follows
+        ("request", "", b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"),
+        ("request", "", b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx"),
+        ("request", "", b"POST / HTTP/1.1\r\nContent-Length: x\r\n\r\n"),
+        ("request", "", b"\r\nGET / HTTP/1.1\r\n\r\n"),
+        ("request", "", b"GET / HTTP/1.1\r\nA: b\r\n c\r\n\r\n"),
+        ("response", "HEAD", sse),
+        ("response", "CONNECT", sse),
+        ("response", "GET", b"HTTP/1.1 204 No Content\r\n\r\n"),
+        ("response", "GET", b"HTTP/1.1 100 Continue\r\n\r\n"),
+        ("response", "GET", b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"),
+        ("response", "GET", b"HTTP/1.1 200 OK\r\n\r\nread to close"),
+        ("response", "GET", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n"),
+        ("response", "GET", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"),
+    ]:
+        assert not _take_and_feed_agree(role, message, [], [method] if method else [], 16384), message
+    # a parser that holds bytes or events is not between messages
+    r = H1Parser("request", metrics=SelfMetrics())
+    r.feed(b"GET / HTTP/1.1\r\n")
+    assert r.take_request_head(b"\r\n") is None
+    r.feed(b"\r\n")
+    assert r.take_request_head(b"GET / HTTP/1.1\r\n\r\n") is None  # its events not yet taken
+    drain(r)
+    assert r.take_request_head(b"GET / HTTP/1.1\r\n\r\n") is not None
+    assert H1Parser("request", native_head=False).take_request_head(b"GET / HTTP/1.1\r\n\r\n") is None
+    # the common forms, against feeding them
+    assert _take_and_feed_agree("request", post + b"abcd", [b"GET / HTTP/1.1\r\n\r\n"], [], 16384)
+    assert _take_and_feed_agree("response", sse + b"5\r\nhello\r\n", [b"0\r\n\r\n"], ["POST"], 16384)
+    assert _take_and_feed_agree("response", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nab", [b"cde"], ["GET"], 16384)
+    # the method taken with the head: the next response answers the next one (HEAD: no body)
+    assert _take_and_feed_agree("response", sse + b"0\r\n\r\n", [b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"],
+                                ["GET", "HEAD"], 16384)
