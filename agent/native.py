@@ -23,7 +23,10 @@ message head in one pass, where the Python parser makes a dozen calls into ``re`
 and ``bytes``. It reads only the common form and returns None for anything
 else; ``agent/http1.py`` then reads the head itself, and its Python reading
 is also used whenever the extension is not built. Tests compare the two on
-generated heads. ``agent/_llmjson.c`` reads OpenAI-compatible JSON bodies in one
+generated heads. A whole request, or a response head framed by chunked coding or a
+Content-Length, is also read with only its framing fields and the one field the
+assembler takes (``H1Parser.take_request_head``, ``take_response_head``), without
+the parser's events; tests hold that to feeding the same bytes. ``agent/_llmjson.c`` reads OpenAI-compatible JSON bodies in one
 validating pass for the few fields ``agent/llm.py`` takes from them, leaving
 anything unusual to ``json``; tests hold it to ``json`` on generated documents.
 ``probes/_ringdrain.c`` takes the ring buffer's records into a list in one call,
