@@ -159,6 +159,39 @@ static Py_ssize_t head_end(const unsigned char *p, Py_ssize_t from, Py_ssize_t l
     return -1;
 }
 
+/* One field line at p[i:e), ending in LF: its name is p[n0:n1), its value p[v0:v1) with
+ * spaces and tabs stripped at both ends. */
+typedef struct {
+    Py_ssize_t n0, n1, v0, v1;
+} field_t;
+
+/* The field line at p[i:]: the index past it, or -1 when it is not the simple form
+ * (`token ":" value`, ending in CRLF or LF, no CR inside). */
+static Py_ssize_t field_line(const unsigned char *p, Py_ssize_t i, Py_ssize_t e, field_t *f) {
+    f->n0 = i;
+    while (i < e && TCHAR[p[i]])
+        i++;
+    if (i == f->n0 || i >= e || p[i] != ':')
+        return -1;
+    f->n1 = i;
+    i++;
+    Py_ssize_t v0 = i;
+    while (i < e && p[i] != '\r' && p[i] != '\n')
+        i++;
+    Py_ssize_t v1 = i;
+    if (i < e && p[i] == '\r')
+        i++;
+    if (i >= e || p[i] != '\n')
+        return -1;
+    while (v0 < v1 && (p[v0] == ' ' || p[v0] == '\t'))
+        v0++;
+    while (v1 > v0 && (p[v1 - 1] == ' ' || p[v1 - 1] == '\t'))
+        v1--;
+    f->v0 = v0;
+    f->v1 = v1;
+    return i + 1;
+}
+
 /* Field lines in p[s:e) (each ending in LF) to a tuple of pairs; NULL with no
  * exception set when a line is not the simple form. */
 static PyObject *fields(const unsigned char *p, Py_ssize_t s, Py_ssize_t e) {
@@ -170,40 +203,25 @@ static PyObject *fields(const unsigned char *p, Py_ssize_t s, Py_ssize_t e) {
         return NULL;
     Py_ssize_t k = 0, i = s;
     while (i < e) {
-        Py_ssize_t n0 = i;
-        while (i < e && TCHAR[p[i]])
-            i++;
-        if (i == n0 || i >= e || p[i] != ':')
-            goto not_simple;
-        Py_ssize_t n1 = i;
-        i++;
-        Py_ssize_t v0 = i;
-        while (i < e && p[i] != '\r' && p[i] != '\n')
-            i++;
-        Py_ssize_t v1 = i;
-        if (i < e && p[i] == '\r')
-            i++;
-        if (i >= e || p[i] != '\n')
-            goto not_simple;
-        i++;
-        while (v0 < v1 && (p[v0] == ' ' || p[v0] == '\t'))
-            v0++;
-        while (v1 > v0 && (p[v1 - 1] == ' ' || p[v1 - 1] == '\t'))
-            v1--;
+        field_t f;
+        i = field_line(p, i, e, &f);
+        if (i < 0)
+            goto fail;
         /* the pair made for the same line lately, if its name is one whose lines repeat */
-        Py_ssize_t line_n = v1 - n0;
-        cached_line_t *set = line_n <= LINE_CACHE_BYTES ? line_set(p + n0, line_n) : NULL;
-        PyObject *seen = set ? cached_pair(set, p + n0, line_n) : NULL;
+        Py_ssize_t line_n = f.v1 - f.n0;
+        cached_line_t *set = line_n <= LINE_CACHE_BYTES ? line_set(p + f.n0, line_n) : NULL;
+        PyObject *seen = set ? cached_pair(set, p + f.n0, line_n) : NULL;
         if (seen) {
             PyTuple_SET_ITEM(out, k, Py_NewRef(seen));
             k++;
             continue;
         }
         int common;
-        PyObject *name = name_str(p + n0, n1 - n0, &common);
+        PyObject *name = name_str(p + f.n0, f.n1 - f.n0, &common);
         if (!name)
             goto fail;
-        PyObject *value = v1 > v0 ? PyUnicode_DecodeLatin1((const char *)p + v0, v1 - v0, NULL) : (Py_INCREF(EMPTY), EMPTY);
+        PyObject *value = f.v1 > f.v0 ? PyUnicode_DecodeLatin1((const char *)p + f.v0, f.v1 - f.v0, NULL)
+                                      : (Py_INCREF(EMPTY), EMPTY);
         if (!value) {
             Py_DECREF(name);
             goto fail;
@@ -219,13 +237,10 @@ static PyObject *fields(const unsigned char *p, Py_ssize_t s, Py_ssize_t e) {
         PyTuple_SET_ITEM(out, k, pair);
         k++;
         if (set && common >= 0 && REPEATS[common])
-            keep_pair(set, p + n0, line_n, pair);
+            keep_pair(set, p + f.n0, line_n, pair);
     }
     return out;
-not_simple:
-    Py_DECREF(out);
-    return NULL;
-fail:
+fail: /* not the simple form (no exception set), or an error (set) */
     Py_DECREF(out);
     return NULL;
 }
@@ -336,6 +351,45 @@ static int status_line(const unsigned char *p, Py_ssize_t pos, Py_ssize_t line_e
     return r == line_end || r + 1 == line_end;
 }
 
+/* Where a head's parts lie: its start line's (method, target and version, or version, status
+ * and reason) and its field lines, p[line_end + 1:at + 1); `end` is just past its empty line. */
+typedef struct {
+    Py_ssize_t line_end, m1, t0, t1, v, r0, r1, at, end;
+    int status;
+} head_t;
+
+/* The head at in->p[in->pos:], of either kind: 1 with *h filled when its start line is the
+ * simple form and it ends within the limit, else 0. */
+static int find_head(const input_t *in, int request, head_t *h) {
+    const unsigned char *p = in->p;
+    const unsigned char *nl = in->pos < in->lim ? memchr(p + in->pos, '\n', (size_t)(in->lim - in->pos)) : NULL;
+    if (!nl)
+        return 0;
+    memset(h, 0, sizeof *h);
+    h->line_end = nl - p;
+    if (request ? !request_line(p, in->pos, h->line_end, &h->m1, &h->t0, &h->t1, &h->v)
+                : !status_line(p, in->pos, h->line_end, &h->status, &h->v, &h->r0, &h->r1))
+        return 0;
+    h->at = head_end(p, h->line_end, in->lim, &h->end);
+    return h->at >= 0;
+}
+
+/* A tuple of the n items, which it takes; NULL, and every item released, when one is NULL
+ * (its error set) or the tuple cannot be made. */
+static PyObject *tuple_of(PyObject **item, int n) {
+    int ok = 1;
+    for (int k = 0; k < n; k++)
+        ok = ok && item[k] != NULL;
+    PyObject *t = ok ? PyTuple_New(n) : NULL;
+    for (int k = 0; k < n; k++) {
+        if (t)
+            PyTuple_SET_ITEM(t, k, item[k]);
+        else
+            Py_XDECREF(item[k]);
+    }
+    return t;
+}
+
 /* One head at buf[pos:], either kind: the tuple, None when not the simple case,
  * NULL with an exception set on error. */
 static PyObject *parse_head(PyObject *const *args, Py_ssize_t nargs, const char *fname, int request) {
@@ -344,47 +398,28 @@ static PyObject *parse_head(PyObject *const *args, Py_ssize_t nargs, const char 
         return NULL;
     const unsigned char *p = in.p;
     PyObject *result = NULL;
-    const unsigned char *nl = in.pos < in.lim ? memchr(p + in.pos, '\n', (size_t)(in.lim - in.pos)) : NULL;
-    if (!nl)
+    head_t h;
+    if (!find_head(&in, request, &h))
         goto none;
-    Py_ssize_t line_end = nl - p;
-    Py_ssize_t m1 = 0, t0 = 0, t1 = 0, v = 0, r0 = 0, r1 = 0;
-    int status = 0;
-    if (request ? !request_line(p, in.pos, line_end, &m1, &t0, &t1, &v)
-                : !status_line(p, in.pos, line_end, &status, &v, &r0, &r1))
-        goto none;
-    Py_ssize_t end = 0;
-    Py_ssize_t at = head_end(p, line_end, in.lim, &end);
-    if (at < 0)
-        goto none;
-    PyObject *fl = fields(p, line_end + 1, at + 1);
+    PyObject *fl = fields(p, h.line_end + 1, h.at + 1);
     if (!fl) {
         if (PyErr_Occurred())
             goto out;
         goto none;     /* a field line not of the simple form */
     }
     /* request: (end, method, target, version, fields); response: (end, version, status, reason, fields) */
-    PyObject *item[5] = {PyLong_FromSsize_t(end), NULL, NULL, NULL, fl};
+    PyObject *item[5] = {PyLong_FromSsize_t(h.end), NULL, NULL, NULL, fl};
     if (request) {
-        item[1] = method_str((const char *)p + in.pos, m1 - in.pos);
-        item[2] = PyUnicode_DecodeUTF8((const char *)p + t0, t1 - t0, "replace");
-        item[3] = version(p + v);
+        item[1] = method_str((const char *)p + in.pos, h.m1 - in.pos);
+        item[2] = PyUnicode_DecodeUTF8((const char *)p + h.t0, h.t1 - h.t0, "replace");
+        item[3] = version(p + h.v);
     } else {
-        item[1] = version(p + v);
-        item[2] = PyLong_FromLong(status);
-        item[3] = r1 > r0 ? PyUnicode_DecodeLatin1((const char *)p + r0, r1 - r0, NULL) : (Py_INCREF(EMPTY), EMPTY);
+        item[1] = version(p + h.v);
+        item[2] = PyLong_FromLong(h.status);
+        item[3] = h.r1 > h.r0 ? PyUnicode_DecodeLatin1((const char *)p + h.r0, h.r1 - h.r0, NULL)
+                              : (Py_INCREF(EMPTY), EMPTY);
     }
-    int ok = 1;
-    for (int k = 0; k < 5; k++)
-        ok = ok && item[k] != NULL;
-    result = ok ? PyTuple_New(5) : NULL;
-    if (!result) {
-        for (int k = 0; k < 5; k++)
-            Py_XDECREF(item[k]);
-        goto out;
-    }
-    for (int k = 0; k < 5; k++)
-        PyTuple_SET_ITEM(result, k, item[k]);
+    result = tuple_of(item, 5);
     goto out;
 none:
     result = Py_None;
@@ -427,43 +462,25 @@ static int name_is(const unsigned char *p, Py_ssize_t n, const char *lower, Py_s
  * not the simple form. */
 static int scan_fields(const unsigned char *p, Py_ssize_t s, Py_ssize_t e, const char *want, framing_t *f) {
     Py_ssize_t want_n = (Py_ssize_t)strlen(want);
-    f->n_length = f->n_te = 0;
-    f->len0 = f->len1 = f->te0 = f->te1 = 0;
+    memset(f, 0, sizeof *f);
     f->want0 = f->want1 = -1;
-    Py_ssize_t i = s;
-    while (i < e) {
-        Py_ssize_t n0 = i;
-        while (i < e && TCHAR[p[i]])
-            i++;
-        if (i == n0 || i >= e || p[i] != ':')
+    for (Py_ssize_t i = s; i < e;) {
+        field_t l;
+        i = field_line(p, i, e, &l);
+        if (i < 0)
             return 0;
-        Py_ssize_t n1 = i;
-        i++;
-        Py_ssize_t v0 = i;
-        while (i < e && p[i] != '\r' && p[i] != '\n')
-            i++;
-        Py_ssize_t v1 = i;
-        if (i < e && p[i] == '\r')
-            i++;
-        if (i >= e || p[i] != '\n')
-            return 0;
-        i++;
-        while (v0 < v1 && (p[v0] == ' ' || p[v0] == '\t'))
-            v0++;
-        while (v1 > v0 && (p[v1 - 1] == ' ' || p[v1 - 1] == '\t'))
-            v1--;
-        Py_ssize_t n = n1 - n0;
-        if (name_is(p + n0, n, "content-length", 14)) {
+        Py_ssize_t n = l.n1 - l.n0;
+        if (name_is(p + l.n0, n, "content-length", 14)) {
             f->n_length++;
-            f->len0 = v0;
-            f->len1 = v1;
-        } else if (name_is(p + n0, n, "transfer-encoding", 17)) {
+            f->len0 = l.v0;
+            f->len1 = l.v1;
+        } else if (name_is(p + l.n0, n, "transfer-encoding", 17)) {
             f->n_te++;
-            f->te0 = v0;
-            f->te1 = v1;
-        } else if (f->want0 < 0 && name_is(p + n0, n, want, want_n)) {
-            f->want0 = v0;
-            f->want1 = v1;
+            f->te0 = l.v0;
+            f->te1 = l.v1;
+        } else if (f->want0 < 0 && name_is(p + l.n0, n, want, want_n)) {
+            f->want0 = l.v0;
+            f->want1 = l.v1;
         }
     }
     return 1;
@@ -497,21 +514,10 @@ static PyObject *framing_fields(PyObject *const *args, Py_ssize_t nargs, const c
         return NULL;
     const unsigned char *p = in.p;
     PyObject *result = NULL;
-    const unsigned char *nl = in.pos < in.lim ? memchr(p + in.pos, '\n', (size_t)(in.lim - in.pos)) : NULL;
-    if (!nl)
-        goto none;
-    Py_ssize_t line_end = nl - p;
-    Py_ssize_t m1 = 0, t0 = 0, t1 = 0, v = 0, r0 = 0, r1 = 0;
-    int status = 0;
-    if (request ? !request_line(p, in.pos, line_end, &m1, &t0, &t1, &v)
-                : !status_line(p, in.pos, line_end, &status, &v, &r0, &r1))
-        goto none;
-    Py_ssize_t end = 0;
-    Py_ssize_t at = head_end(p, line_end, in.lim, &end);
-    if (at < 0)
-        goto none;
+    head_t h;
     framing_t f;
-    if (!scan_fields(p, line_end + 1, at + 1, request ? "traceparent" : "content-type", &f))
+    if (!find_head(&in, request, &h)
+        || !scan_fields(p, h.line_end + 1, h.at + 1, request ? "traceparent" : "content-type", &f))
         goto none;
     Py_ssize_t length = 0;
     if (f.n_te) {
@@ -523,29 +529,18 @@ static PyObject *framing_fields(PyObject *const *args, Py_ssize_t nargs, const c
     } else if (!f.n_length && !request) {
         goto none; /* read to close */
     }
-    PyObject *item[5] = {PyLong_FromSsize_t(end), NULL, NULL, NULL, NULL};
-    int k_n = request ? 5 : 4;
     if (request) {
-        item[1] = method_str((const char *)p + in.pos, m1 - in.pos);
-        item[2] = PyUnicode_DecodeUTF8((const char *)p + t0, t1 - t0, "replace");
-        item[3] = PyLong_FromSsize_t(length);
-        item[4] = wanted(p, &f);
+        PyObject *item[5] = {
+            PyLong_FromSsize_t(h.end), method_str((const char *)p + in.pos, h.m1 - in.pos),
+            PyUnicode_DecodeUTF8((const char *)p + h.t0, h.t1 - h.t0, "replace"), PyLong_FromSsize_t(length),
+            wanted(p, &f),
+        };
+        result = tuple_of(item, 5);
     } else {
-        item[1] = PyLong_FromLong(status);
-        item[2] = PyLong_FromSsize_t(length);
-        item[3] = wanted(p, &f);
+        PyObject *item[4] = {PyLong_FromSsize_t(h.end), PyLong_FromLong(h.status), PyLong_FromSsize_t(length),
+                             wanted(p, &f)};
+        result = tuple_of(item, 4);
     }
-    int ok = 1;
-    for (int k = 0; k < k_n; k++)
-        ok = ok && item[k] != NULL;
-    result = ok ? PyTuple_New(k_n) : NULL;
-    if (!result) {
-        for (int k = 0; k < k_n; k++)
-            Py_XDECREF(item[k]);
-        goto out;
-    }
-    for (int k = 0; k < k_n; k++)
-        PyTuple_SET_ITEM(result, k, item[k]);
     goto out;
 none:
     result = Py_NewRef(Py_None);
