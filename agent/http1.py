@@ -12,6 +12,11 @@ turns such a stream into events::
     while (ev := p.next_event()) is not NEED_DATA:
         ...
 
+A request read whole, or a response head framed by chunked coding or a
+Content-Length, can also be read in one C call without events
+(:meth:`H1Parser.take_request_head`, :meth:`H1Parser.take_response_head`), where
+only its framing and one field matter; the parser is left as feeding it would leave it.
+
 Differences from an endpoint parser (h11), all because nothing here can answer
 or close the connection:
 
@@ -436,8 +441,7 @@ class H1Parser:
         (agent/_httphead.c), a Transfer-Encoding, an invalid Content-Length, or bytes past
         the body's end (a pipelined request). :meth:`feed` is the reference it is tested
         against."""
-        if not (self._native and self._request and self._state == _HEAD and not self._buf
-                and not self._head_scanned and not self._events):
+        if not (self._native and self._request and self._between_messages()):
             return None
         got = _c_request_fields(data, 0, self._max_head)
         if got is None:
@@ -461,8 +465,7 @@ class H1Parser:
         messages, a head other than the common form, an informational, 204 or 304 status, an
         answer to HEAD or CONNECT, a body read to the connection's close, a coding other
         than chunked alone, both framings, or a Content-Length that is 0 or invalid."""
-        if not (self._native and not self._request and self._state == _HEAD and not self._buf
-                and not self._head_scanned and not self._events):
+        if not (self._native and not self._request and self._between_messages()):
             return None
         got = _c_response_fields(data, 0, self._max_head)
         if got is None:
@@ -480,6 +483,10 @@ class H1Parser:
             self._remaining = length
             self._state = _LENGTH
         return end, status, ctype
+
+    def _between_messages(self) -> bool:
+        """Expecting a head, with nothing held, half-read or waiting to be taken."""
+        return self._state == _HEAD and not self._buf and not self._head_scanned and not self._events
 
     @property
     def buffered(self) -> int:
