@@ -182,7 +182,8 @@ class Pipeline:
             start_h2()
         for name, fn in (("drain", self._drain_loop), ("assembly", self._assembly_loop),
                          ("discovery", self._discovery_loop)):
-            t = threading.Thread(target=fn, name=f"infersight-{name}", daemon=True)
+            t = threading.Thread(target=_named, args=(f"infersight-{name}", fn), name=f"infersight-{name}",
+                                 daemon=True)
             t.start()
             self._threads.append(t)
 
@@ -530,3 +531,9 @@ class Pipeline:
         m.set("infersight.requests.lost", k["unreported"], (("reason", "unreported"),))
         ru = resource.getrusage(resource.RUSAGE_SELF)
         m.set("infersight.process.cpu.seconds", ru.ru_utime + ru.ru_stime)
+
+
+def _named(name: str, fn: Callable[[], None]) -> None:
+    """Run ``fn`` in a thread the kernel shows as ``name`` (bench.threads reads them apart)."""
+    procfs.name_thread(name)
+    fn()
