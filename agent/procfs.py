@@ -266,14 +266,8 @@ class SocketTable:
         self.max_entries = max_entries
         self._tables: dict[str, tuple[float, dict[int, SockInfo]]] = {}
 
-    def _netns(self, pid: int) -> str:
-        try:
-            return os.readlink(f"{self.proc}/{pid}/ns/net")
-        except OSError:
-            return f"pid:{pid}"
-
     def lookup(self, pid: int, inode: int) -> SockInfo | None:
-        ns = self._netns(pid)
+        ns = netns(pid, self.proc) or f"pid:{pid}"
         entry = self._tables.get(ns)
         if entry is not None and inode in entry[1]:
             return entry[1][inode]
