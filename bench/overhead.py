@@ -63,17 +63,32 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def thread_stats(pid: int) -> dict[int, tuple[str, int, int]]:
+    """Each thread of ``pid``: its kernel name, its scheduler time (ns) and its voluntary
+    context switches (a thread that ends while being read is left out)."""
+    out: dict[int, tuple[str, int, int]] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        base = f"/proc/{pid}/task/{tid}"
+        try:
+            with open(f"{base}/comm") as f:
+                name = f.read().strip()
+            with open(f"{base}/schedstat") as f:
+                ns = int(f.read().split()[0])
+            switches = 0
+            with open(f"{base}/status") as f:
+                for line in f:
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        switches = int(line.split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        out[int(tid)] = (name, ns, switches)
+    return out
+
+
 def thread_cpu_seconds(pid: int) -> float:
     """CPU time of all of a process's threads, from the scheduler's nanosecond counts
     (``/proc/PID/stat`` counts clock ticks: too coarse for an idle process)."""
-    total = 0
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                total += int(f.read().split()[0])
-        except (OSError, ValueError, IndexError):
-            pass  # a thread that ended while being read
-    return total / 1e9
+    return sum(ns for _, ns, _ in thread_stats(pid).values()) / 1e9
 
 
 def wait_http(url: str, timeout: float = 20.0) -> None:

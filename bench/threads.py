@@ -19,7 +19,6 @@ the rest) next to ``bench.stages``'s replay.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -27,29 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import print_result, require_root
-from bench.overhead import Agent, Server, run_wrk
-
-
-def thread_stats(pid: int) -> dict[int, tuple[str, int, int]]:
-    """Each thread of ``pid``: its kernel name, its scheduler time (ns) and its voluntary
-    context switches (a thread that ends while being read is left out)."""
-    out: dict[int, tuple[str, int, int]] = {}
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        base = f"/proc/{pid}/task/{tid}"
-        try:
-            with open(f"{base}/comm") as f:
-                name = f.read().strip()
-            with open(f"{base}/schedstat") as f:
-                ns = int(f.read().split()[0])
-            switches = 0
-            with open(f"{base}/status") as f:
-                for line in f:
-                    if line.startswith("voluntary_ctxt_switches:"):
-                        switches = int(line.split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        out[int(tid)] = (name, ns, switches)
-    return out
+from bench.overhead import Agent, Server, run_wrk, thread_stats
 
 
 def per_thread(before: dict[int, tuple[str, int, int]], after: dict[int, tuple[str, int, int]], seconds: float,
