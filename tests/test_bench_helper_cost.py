@@ -1,0 +1,44 @@
+"""bench/helper_cost.py: the kernel's charge for each call the probe makes on a streamed write."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench.helper_cost import PER_WRITE, VARIANTS, per_write_ns
+from tests.harness import run_json_module
+
+
+def test_the_per_write_sum_counts_each_call_as_often_as_the_probe_makes_it() -> None:
+    over = {"hash_lookup": 1.0, "task_pt_regs": 2.0, "tail_call": 3.0, "lru_hash_lookup": 4.0,
+            "ktime_get_ns": 5.0, "probe_read_user_256": 6.0, "probe_read_user_1": 100.0,
+            "probe_read_kernel_256": 100.0}
+    assert per_write_ns(over) == 1 + 2 + 3 + 2 * 4 + 5 + 6
+    # a kernel without the registers helper: the probe saves the arguments at entry instead
+    del over["task_pt_regs"]
+    assert per_write_ns(over) == 1 + 3 + 2 * 4 + 5 + 6
+
+
+def test_every_call_counted_per_write_has_its_program() -> None:
+    assert set(PER_WRITE) <= set(VARIANTS)
+    assert VARIANTS["filter_only"] == ""
+    # each variant is the filter-only program plus its own statements
+    assert all(stmt for name, stmt in VARIANTS.items() if name != "filter_only")
+
+
+@pytest.mark.ebpf
+def test_each_call_is_measured_under_the_same_filter() -> None:
+    before = Path("/proc/sys/kernel/bpf_stats_enabled").read_text()
+    out = run_json_module("bench.helper_cost", "--calls", "20000", "--repeat", "1", "--json")
+    assert Path("/proc/sys/kernel/bpf_stats_enabled").read_text() == before  # put back
+    assert out["runs_counted"] >= 20000, out  # every getppid call of the run reached its program
+    assert set(out["ns_per_run"]) == set(VARIANTS), out
+    assert all(ns > 0 for ns in out["ns_per_run"].values()), out
+    over = out["ns_over_filter"]
+    # a lookup, a clock read and a copy each cost something over the bare filter
+    for name in ("hash_lookup", "lru_hash_lookup", "ktime_get_ns", "probe_read_user_1", "probe_read_user_256",
+                 "probe_read_kernel_256"):
+        assert over[name] > 0, (name, out)
+    assert out["per_write_calls_ns"] == pytest.approx(per_write_ns(over), abs=0.2), out
+    assert out["unavailable"] == {} or list(out["unavailable"]) == ["task_pt_regs"], out
