@@ -17,6 +17,16 @@ process's tgid, from an array); a call's cost is its program's run time less
 the filter-only program's. Each variant runs R times; the lowest run time is
 kept.
 
+The programs' run time leaves out what attaching costs every syscall. So it
+also times ``getppid`` calls three ways (``syscall``): with no program
+attached, with an empty program on ``write``'s exit (``slow_path_ns``: once
+any syscall tracepoint is attached, every syscall of every process takes the
+kernel's slow path, which looks for tracepoints at its entry and exit), and
+with an empty program on ``getppid``'s own exit (``dispatch_ns``: the
+tracepoint's dispatch to a program, paid by each traced syscall). A syscall
+tracepoint attached elsewhere on the node (another agent) puts the slow path
+into the first figure too.
+
 Printed: per variant, nanoseconds per run and over the filter-only program,
 and ``per_write_calls_ns``: those calls' costs summed as the probe makes them
 on one streamed write (one hash lookup, the registers, a tail call, two LRU
@@ -24,7 +34,8 @@ lookups, a clock read, one user-memory read of 256 bytes). Compare it with
 ``bench.probe_cost``'s nanoseconds per ``sys_exit_write`` run under a
 streaming load: what the calls leave is the probe's own code and its misses
 in cache. A user-memory read's cost hardly depends on its size (the 1- and
-256-byte variants): it is a fixed charge per read.
+256-byte variants): it is a fixed charge per read. ``get_current_task``, a
+helper that only returns a pointer, prices a call into the kernel itself.
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ import argparse
 import ctypes
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +93,7 @@ VARIANTS: dict[str, str] = {
     "lru_hash_lookup": "struct scratch_t *v = conns.lookup(&key64); s->d[0] = v ? v->d[0] : 2;",
     "task_pt_regs": "u64 *r = (u64 *)bpf_task_pt_regs(bpf_get_current_task_btf()); s->d[0] = r[13];",
     "tail_call": "next.call(args, 0);",
+    "get_current_task": "s->d[0] = bpf_get_current_task() ? 1 : 2;",  # a helper call that does nothing
     "ktime_get_ns": "*(u64 *)s->d = bpf_ktime_get_ns();",
     "probe_read_user_1": "struct scratch_t *w = seen.lookup(&z); if (w) bpf_probe_read_user(w->d, 1, (void *)*buf);",
     f"probe_read_user_{READ_BYTES}": "struct scratch_t *w = seen.lookup(&z);"
@@ -134,6 +147,40 @@ def run_variant(name: str, calls: int, buf: Any) -> tuple[float, int, bytes]:
     return ((ns1 - ns0) / runs if runs else float("nan")), runs, seen
 
 
+def getppid_ns(calls: int) -> float:
+    """Wall time per getppid call from this process, the best of three loops of ``calls``."""
+    getppid = os.getppid
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            getppid()
+        best = min(best, (time.perf_counter() - t0) / calls * 1e9)
+    return best
+
+
+def dispatch(calls: int) -> dict[str, float]:
+    """What a syscall pays once syscall tracepoints are attached, by timing getppid calls: with
+    nothing attached, with an empty program on another syscall's exit (every syscall then takes
+    the kernel's slow path, which looks for tracepoints at entry and exit), and with an empty
+    program on getppid's own exit (the tracepoint's dispatch to its program as well)."""
+    from bcc import BPF
+
+    def with_program(text: str) -> float:
+        bpf = BPF(text=text)
+        try:
+            getppid_ns(min(calls, 20_000))
+            return getppid_ns(calls)
+        finally:
+            bpf.cleanup()
+
+    bare = getppid_ns(calls)
+    slow = with_program("TRACEPOINT_PROBE(syscalls, sys_exit_write) { return 0; }")
+    traced = with_program("TRACEPOINT_PROBE(syscalls, sys_exit_getppid) { return 0; }")
+    return {"getppid_ns": round(bare, 1), "slow_path_ns": round(slow - bare, 1),
+            "dispatch_ns": round(traced - slow, 1)}
+
+
 def measure(calls: int, repeat: int) -> dict[str, Any]:
     """Each variant's run time (lowest of ``repeat``), its cost over the filter, and the per-write sum."""
     buf = ctypes.create_string_buffer(bytes(range(256)) * 2)
@@ -161,6 +208,7 @@ def measure(calls: int, repeat: int) -> dict[str, Any]:
         STATS.write_text(previous)
     if seen[:READ_BYTES] != buf.raw[:READ_BYTES]:
         raise RuntimeError("the user-memory read variant did not read the buffer it was given")
+    syscall = dispatch(calls)
     base = best["filter_only"]
     over = {name: round(ns - base, 1) for name, ns in best.items() if name != "filter_only"}
     return {
@@ -172,6 +220,7 @@ def measure(calls: int, repeat: int) -> dict[str, Any]:
         "per_write_calls": dict(PER_WRITE),
         "per_write_calls_ns": round(per_write_ns(over), 1),
         "unavailable": unavailable,
+        "syscall": syscall,
     }
 
 

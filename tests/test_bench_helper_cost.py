@@ -42,3 +42,7 @@ def test_each_call_is_measured_under_the_same_filter() -> None:
         assert over[name] > 0, (name, out)
     assert out["per_write_calls_ns"] == pytest.approx(per_write_ns(over), abs=0.2), out
     assert out["unavailable"] == {} or list(out["unavailable"]) == ["task_pt_regs"], out
+    # attaching costs every syscall the slow path, and a traced one the dispatch to its program
+    syscall = out["syscall"]
+    assert syscall["getppid_ns"] > 0, syscall
+    assert syscall["slow_path_ns"] > 0 and syscall["dispatch_ns"] > 0, syscall
