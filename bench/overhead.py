@@ -1,10 +1,13 @@
 """What tracing costs the server, measured in one run.
 
-    python -m bench.overhead --profile {json,sse} --seconds N [--rounds R] [--json]
+    python -m bench.overhead --profile {json,sse} --seconds N [--rounds R] [--agent-cpus LIST] [--json]
 
 Rounds interleave three ways of serving the same uvicorn app, loaded by wrk
 over loopback (server pinned to CPU 0, wrk to CPU 1; the agent is not pinned,
-so its CPU competes with both, as on a real node):
+so its CPU competes with both, as on a node whose server shares its cores;
+``--agent-cpus 1`` keeps the agent and the probe-only drain off the server's
+core, as on a node that gives the server cores of its own, such as a
+Kubernetes node with the static CPU manager policy and a Guaranteed pod):
 
 - untraced: no agent running;
 - traced: ``infersight run --pid SERVER`` attached (a fresh agent per round);
@@ -135,7 +138,8 @@ class Server:
 
 
 class Agent:
-    def __init__(self, pid: int, log: Path, probe_only: bool = False, syscall_args: str = "auto") -> None:
+    def __init__(self, pid: int, log: Path, probe_only: bool = False, syscall_args: str = "auto",
+                 cpus: str | None = None) -> None:
         self.prom = free_port()
         self.log = log
         self.t0 = time.monotonic()
@@ -144,6 +148,8 @@ class Agent:
                 "--prometheus-host", "127.0.0.1", "--syscall-args", syscall_args]
         if probe_only:
             argv = [sys.executable, "-m", "bench.probe_only", "--pid", str(pid), "--syscall-args", syscall_args]
+        if cpus:
+            argv = ["taskset", "-c", cpus, *argv]
         self.proc = subprocess.Popen(argv, cwd=REPO, stdout=self._logf, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while "attached to" not in log.read_text():
@@ -185,9 +191,9 @@ def run_wrk(port: int, profile: str, seconds: float, conns: int, tmp: Path) -> t
 
 
 def traced_cpu(server: Server, profile: str, seconds: float, conns: int, tmp: Path, name: str,
-               syscall_args: str) -> tuple[float, int]:
+               syscall_args: str, cpus: str | None = None) -> tuple[float, int]:
     """Agent CPU seconds and requests completed for one traced run of ``server``."""
-    agent = Agent(server.proc.pid, tmp / f"{name}.log", syscall_args=syscall_args)
+    agent = Agent(server.proc.pid, tmp / f"{name}.log", syscall_args=syscall_args, cpus=cpus)
     try:
         c0 = cpu_seconds(agent.proc.pid)
         n = run_wrk(server.port, profile, seconds, conns, tmp)[1]
@@ -209,7 +215,8 @@ def line_fit(points: list[tuple[float, float]]) -> tuple[float, float]:
 
 
 def bench(profile: str, seconds: float, rounds: int, conns: int, chunks: int,
-          syscall_args: str = "auto", sweep: tuple[int, ...] = (), idle_seconds: float = 5.0) -> dict[str, Any]:
+          syscall_args: str = "auto", sweep: tuple[int, ...] = (), idle_seconds: float = 5.0,
+          agent_cpus: str | None = None) -> dict[str, Any]:
     if not shutil.which("wrk"):
         raise SystemExit("wrk is not installed (apt-get install wrk)")
     tmp = Path(tempfile.mkdtemp(prefix="infersight-bench-"))
@@ -219,6 +226,7 @@ def bench(profile: str, seconds: float, rounds: int, conns: int, chunks: int,
     startups: list[float] = []
     idle_ms_per_s = float("nan")
     process_startups: list[float] = []
+    agent_affinity: set[int] = set()
     accuracy = {"wrk_completed": 0, "kernel_requests": 0, "records": 0, "lost": 0, "events_lost": 0}
     if profile != "sse":
         sweep = ()
@@ -237,7 +245,8 @@ def bench(profile: str, seconds: float, rounds: int, conns: int, chunks: int,
                 run_wrk(plain.port, profile, 1, conns, tmp)
                 run_wrk(otel.port, profile, 1, conns, tmp)
             rps["untraced"].append(run_wrk(plain.port, profile, seconds, conns, tmp)[0])
-            agent = Agent(plain.proc.pid, tmp / f"agent-{r}.log", syscall_args=syscall_args)
+            agent = Agent(plain.proc.pid, tmp / f"agent-{r}.log", syscall_args=syscall_args, cpus=agent_cpus)
+            agent_affinity.update(os.sched_getaffinity(agent.proc.pid))
             startups.append(agent.startup_s)
             process_startups.append(agent.process_startup_s)
             if r == 0:
@@ -266,14 +275,17 @@ def bench(profile: str, seconds: float, rounds: int, conns: int, chunks: int,
             accuracy["lost"] += int(delta("infersight_requests_lost_total"))
             accuracy["events_lost"] += int(delta("infersight_events_lost_total"))
             # the kernel probe alone, user space discarding: the kernel-side share of the cost
-            bare = Agent(plain.proc.pid, tmp / f"probe-{r}.log", probe_only=True, syscall_args=syscall_args)
+            bare = Agent(plain.proc.pid, tmp / f"probe-{r}.log", probe_only=True, syscall_args=syscall_args,
+                         cpus=agent_cpus)
+            agent_affinity.update(os.sched_getaffinity(bare.proc.pid))
             rps["probe_only"].append(run_wrk(plain.port, profile, seconds, conns, tmp)[0])
             bare.stop()
             rps["otel_asgi"].append(run_wrk(otel.port, profile, seconds, conns, tmp)[0])
             for c, server in swept.items():
                 if r == 0:
                     run_wrk(server.port, profile, 1, conns, tmp)
-                cpu, n = traced_cpu(server, profile, seconds, conns, tmp, f"agent-{c}-chunks-{r}", syscall_args)
+                cpu, n = traced_cpu(server, profile, seconds, conns, tmp, f"agent-{c}-chunks-{r}", syscall_args,
+                                    agent_cpus)
                 sweep_cpu[c] += cpu
                 sweep_requests[c] += n
     finally:
@@ -301,6 +313,7 @@ def bench(profile: str, seconds: float, rounds: int, conns: int, chunks: int,
         "seconds": seconds,
         "rounds": rounds,
         "connections": conns,
+        "agent_cpus": sorted(agent_affinity),
         "requests_per_s": {k: round(v, 1) for k, v in med.items()},
         "requests_per_s_each_round": rps,
         "ratio_traced_to_untraced": round(med["traced"] / med["untraced"], 4),
@@ -333,16 +346,24 @@ def main(argv: list[str] | None = None) -> int:
                          "CPU per chunk ('' for none)")
     ap.add_argument("--syscall-args", choices=SYSCALL_ARGS, default="auto",
                     help="passed to the agent and the probe-only run (agent option --syscall-args)")
+    ap.add_argument("--agent-cpus", metavar="LIST",
+                    help="CPUs for the agent and the probe-only drain (taskset -c LIST, e.g. 1: wrk's core); "
+                         "not pinned by default")
     ap.add_argument("--json", action="store_true", help="print JSON only")
     a = ap.parse_args(argv)
     require_root()
+    if a.agent_cpus is not None:
+        if not shutil.which("taskset"):
+            ap.error("--agent-cpus needs taskset (util-linux)")
+        if subprocess.run(["taskset", "-c", a.agent_cpus, "true"], capture_output=True).returncode != 0:
+            ap.error(f"--agent-cpus: taskset does not accept the CPU list {a.agent_cpus!r} here")
     sweep = a.sweep_chunks
     if any(c < 1 for c in sweep):
         ap.error("--sweep-chunks: stream lengths must be at least 1")
     if a.idle_seconds <= 0:
         ap.error("--idle-seconds must be positive")
     result = bench(a.profile, a.seconds, a.rounds, a.connections, a.chunks, a.syscall_args, sweep,
-                   a.idle_seconds)
+                   a.idle_seconds, a.agent_cpus)
     print_result(result, a.json, 32)
     return 0
 

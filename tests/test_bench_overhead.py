@@ -3,6 +3,8 @@ one short streamed run through its command line, with real eBPF and wrk."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from bench.overhead import line_fit
@@ -31,9 +33,11 @@ def test_line_fit_needs_two_distinct_lengths() -> None:
 @pytest.mark.slow
 def test_streamed_profile_reports_the_marginal_cost_per_chunk() -> None:
     out = run_json_module("bench.overhead", "--profile", "sse", "--seconds", "1", "--rounds", "1",
-                          "--connections", "2", "--chunks", "5", "--sweep-chunks", "5,40", "--idle-seconds", "2", "--json",
-                          timeout=300)
+                          "--connections", "2", "--chunks", "5", "--sweep-chunks", "5,40", "--idle-seconds", "2",
+                          "--agent-cpus", "1", "--json", timeout=300)
     assert out["accounted"] is True, out["accuracy"]
+    # the agent and the probe-only drain ran on wrk's core alone, off the server's
+    assert out["agent_cpus"] == [1], out["agent_cpus"]
     # an attached agent does a little periodic work even with no traffic: measured, not zero
     assert 0 < out["agent_idle_cpu_ms_per_s"] < 100, out["agent_idle_cpu_ms_per_s"]
     assert out["accuracy"]["records"] > 0
@@ -47,3 +51,15 @@ def test_streamed_profile_reports_the_marginal_cost_per_chunk() -> None:
     assert fixed + slope * 43 == pytest.approx(by_chunks["40"], abs=0.05)
     # the average per chunk divides the whole cost of a request by its 8 chunks
     assert out["agent_cpu_us_per_chunk"] == pytest.approx(by_chunks["5"] / 8, abs=0.01)
+
+
+def test_a_cpu_list_taskset_refuses_is_an_error_before_any_run(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.overhead import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--agent-cpus", "4096", "--seconds", "1"])
+    if os.geteuid() != 0:
+        assert "run it as root" in str(e.value.code)
+    else:
+        assert e.value.code == 2
+        assert "--agent-cpus: taskset does not accept the CPU list '4096'" in capsys.readouterr().err
