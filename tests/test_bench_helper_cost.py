@@ -27,8 +27,21 @@ def test_every_call_counted_per_write_has_its_program() -> None:
     assert all(stmt for name, stmt in VARIANTS.items() if name != "filter_only")
 
 
+def tracepoint_programs_elsewhere() -> bool:
+    """Whether another process holds a BPF tracepoint program (one attached to a syscall tracepoint
+    puts every syscall on the slow path before the benchmark attaches anything)."""
+    for fdinfo in Path("/proc").glob("[0-9]*/fdinfo/*"):
+        try:
+            if "prog_type:\t5\n" in fdinfo.read_text():
+                return True
+        except OSError:
+            continue
+    return False
+
+
 @pytest.mark.ebpf
 def test_each_call_is_measured_under_the_same_filter() -> None:
+    others = tracepoint_programs_elsewhere()
     before = Path("/proc/sys/kernel/bpf_stats_enabled").read_text()
     out = run_json_module("bench.helper_cost", "--calls", "20000", "--repeat", "1", "--json")
     assert Path("/proc/sys/kernel/bpf_stats_enabled").read_text() == before  # put back
@@ -45,4 +58,6 @@ def test_each_call_is_measured_under_the_same_filter() -> None:
     # attaching costs every syscall the slow path, and a traced one the dispatch to its program
     syscall = out["syscall"]
     assert syscall["getppid_ns"] > 0, syscall
-    assert syscall["slow_path_ns"] > 0 and syscall["dispatch_ns"] > 0, syscall
+    assert syscall["dispatch_ns"] > 0, syscall
+    if not others:  # else the slow path was already on when the bare calls were timed
+        assert syscall["slow_path_ns"] > 0, syscall
