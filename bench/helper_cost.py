@@ -45,12 +45,11 @@ import ctypes
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from bench import print_result, require_root
+from bench.probe_cost import STATS, program_run
 
-STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
 PROGRAM = "tracepoint__syscalls__sys_exit_getppid"
 READ_BYTES = 256
 
@@ -110,13 +109,6 @@ def per_write_ns(over_base: dict[str, float]) -> float:
     """The calls of one streamed write summed, from each call's cost over the filter-only program
     (a call this kernel lacks, and the probe then does without, counts nothing)."""
     return sum(over_base[name] * times for name, times in PER_WRITE.items() if name in over_base)
-
-
-def program_run(fd: int) -> tuple[int, int]:
-    """(run_time_ns, run_cnt) of the program behind ``fd``, from this process's fdinfo."""
-    fields = dict(line.split(":\t", 1) for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines()
-                  if ":\t" in line)
-    return int(fields.get("run_time_ns", 0)), int(fields.get("run_cnt", 0))
 
 
 def run_variant(name: str, calls: int, buf: Any) -> tuple[float, int, bytes]:

@@ -32,17 +32,22 @@ from bench import print_result, require_root
 STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
 
 
+def program_run(fd: int) -> tuple[int, int]:
+    """(run_time_ns, run_cnt) of the program behind ``fd``, from this process's fdinfo."""
+    text = Path(f"/proc/self/fdinfo/{fd}").read_text()
+    fields = dict(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
+    return int(fields.get("run_time_ns", 0)), int(fields.get("run_cnt", 0))
+
+
 def program_stats(funcs: dict[Any, Any]) -> dict[str, tuple[int, int]]:
     """name -> (run_time_ns, run_cnt) of each loaded program, read from this process's fdinfo."""
     out: dict[str, tuple[int, int]] = {}
     for name, fn in funcs.items():
         try:
-            text = Path(f"/proc/self/fdinfo/{fn.fd}").read_text()
+            stats = program_run(fn.fd)
         except OSError:
             continue
-        fields = dict(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
-        key = name.decode() if isinstance(name, bytes) else str(name)
-        out[key] = (int(fields.get("run_time_ns", 0)), int(fields.get("run_cnt", 0)))
+        out[name.decode() if isinstance(name, bytes) else str(name)] = stats
     return out
 
 
