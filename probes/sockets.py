@@ -306,6 +306,9 @@ class SocketProbe:
             self.bpf[self._t("data_exit_uprobe_prog")][ctypes.c_int(0)] = ctypes.c_int(uprobe_exit.fd)
         self.load_seconds = time.monotonic() - t0
         self._targets = self.bpf[b"targets"]
+        self._target_gens = self.bpf[b"target_gens"]
+        self._gen_lock = threading.Lock()
+        self._user_gen = 0
         self._conns = self.bpf[self._t("conns")]
         self._counters = self.bpf[self._t("counters")]
         events = self.bpf[self._t("events")]
@@ -407,12 +410,21 @@ class SocketProbe:
     # ---- targets and connections -------------------------------------------------
     def add_target(self, pid: int) -> None:
         self._targets[ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
+        self._targets_changed()
 
     def remove_target(self, pid: int) -> None:
         try:
             del self._targets[ctypes.c_uint32(pid)]
         except KeyError:
-            pass
+            return
+        self._targets_changed()
+
+    def _targets_changed(self) -> None:
+        """Bump user space's generation of the target table: the kernel's remembered answers
+        of the target filter (``target_answer``, one per CPU) are asked again."""
+        with self._gen_lock:
+            self._user_gen += 1
+            self._target_gens[ctypes.c_int(0)] = ctypes.c_uint64(self._user_gen)
 
     def targets(self) -> set[int]:
         return {k.value for k in self._targets.keys()}
