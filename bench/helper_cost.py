@@ -3,8 +3,9 @@
     python -m bench.helper_cost [--calls N] [--repeat R] [--json]
 
 A streamed response's writes past its sampled first ones each run the same
-path in the probe (``probes/sockets.bpf.c``): the target filter (a hash lookup
-of the process), the syscall's arguments read from the saved user registers,
+path in the probe (``probes/sockets.bpf.c``): the target filter (its answer
+remembered per CPU; a hash lookup of the process when another asked last),
+the syscall's arguments read from the saved user registers,
 a tail call into the data path, the connection's state (an LRU hash lookup),
 one clock read, the connection's tail ring (a second LRU hash lookup) and one
 read of the written bytes from user memory into it. This benchmark measures
@@ -29,7 +30,7 @@ into the first figure too.
 
 Printed: per variant, nanoseconds per run and over the filter-only program,
 and ``per_write_calls_ns``: those calls' costs summed as the probe makes them
-on one streamed write (one hash lookup, the registers, a tail call, two LRU
+on one streamed write (the remembered answer, the registers, a tail call, two LRU
 lookups, a clock read, one user-memory read of 256 bytes). Compare it with
 ``bench.probe_cost``'s nanoseconds per ``sys_exit_write`` run under a
 streaming load: what the calls leave is the probe's own code and its misses
@@ -62,6 +63,8 @@ BPF_PERCPU_ARRAY(scratch, struct scratch_t, 1);
 BPF_HASH(procs, u32, u8, 1024);                     /* as the probe's targets */
 BPF_TABLE("lru_hash", u64, struct scratch_t, conns, 1024);  /* as its connections and tail rings */
 BPF_PROG_ARRAY(next, 1);
+BPF_PERCPU_ARRAY(answer, u64, 1);                   /* as the probe's target_answer and target_gens */
+BPF_ARRAY(gens, u64, 2);
 
 int callee(void *ctx) { return 0; }
 
@@ -89,6 +92,11 @@ TRACEPOINT_PROBE(syscalls, sys_exit_getppid) {
 VARIANTS: dict[str, str] = {
     "filter_only": "",
     "hash_lookup": "u8 *v = procs.lookup(&key32); s->d[0] = v ? *v : 2;",
+    # the probe's target filter when the process that asks last asked on this CPU (a hit after the first run)
+    "target_answer": "u64 *ug = gens.lookup(&z), *kg = gens.lookup(&o), *last = answer.lookup(&z);"
+                     " if (ug && kg && last) { u64 asked = (u64)key32 << 32 | ((*ug + *kg) & 0x7fffffff) << 1;"
+                     " if ((*last & ~1ULL) == asked) s->d[0] = *last & 1;"
+                     " else { u8 *v = procs.lookup(&key32); *last = asked | (v ? 1 : 0); s->d[0] = 2; } }",
     "lru_hash_lookup": "struct scratch_t *v = conns.lookup(&key64); s->d[0] = v ? v->d[0] : 2;",
     "task_pt_regs": "u64 *r = (u64 *)bpf_task_pt_regs(bpf_get_current_task_btf()); s->d[0] = r[13];",
     "tail_call": "next.call(args, 0);",
@@ -101,7 +109,7 @@ VARIANTS: dict[str, str] = {
 }
 
 # the calls one streamed write past the samples makes in the probe, with how many times
-PER_WRITE = {"hash_lookup": 1, "task_pt_regs": 1, "tail_call": 1, "lru_hash_lookup": 2, "ktime_get_ns": 1,
+PER_WRITE = {"target_answer": 1, "task_pt_regs": 1, "tail_call": 1, "lru_hash_lookup": 2, "ktime_get_ns": 1,
              f"probe_read_user_{READ_BYTES}": 1}
 
 
@@ -155,7 +163,7 @@ def dispatch(calls: int) -> dict[str, float]:
     """What a syscall pays once syscall tracepoints are attached, by timing getppid calls: with
     nothing attached, with an empty program on another syscall's exit (every syscall then takes
     the kernel's slow path, which looks for tracepoints at entry and exit), and with an empty
-    program on getppid's own exit (the tracepoint's dispatch to its program as well)."""
+    program on getppid's own exit (the tracepoint's dispatch to its program as well), in turns."""
     from bcc import BPF
 
     def with_program(text: str) -> float:
@@ -166,9 +174,13 @@ def dispatch(calls: int) -> dict[str, float]:
         finally:
             bpf.cleanup()
 
-    bare = getppid_ns(calls)
-    slow = with_program("TRACEPOINT_PROBE(syscalls, sys_exit_write) { return 0; }")
-    traced = with_program("TRACEPOINT_PROBE(syscalls, sys_exit_getppid) { return 0; }")
+    # three turns of the three ways, the best of each kept: a burst of other work on the
+    # machine then has to land on every turn of one way to move its figure
+    bare = slow = traced = float("inf")
+    for _ in range(3):
+        bare = min(bare, getppid_ns(calls))
+        slow = min(slow, with_program("TRACEPOINT_PROBE(syscalls, sys_exit_write) { return 0; }"))
+        traced = min(traced, with_program("TRACEPOINT_PROBE(syscalls, sys_exit_getppid) { return 0; }"))
     return {"getppid_ns": round(bare, 1), "slow_path_ns": round(slow - bare, 1),
             "dispatch_ns": round(traced - slow, 1)}
 
