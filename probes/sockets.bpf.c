@@ -47,7 +47,7 @@ BPF_HASH(targets, u32, u8, MAX_TARGETS);
  * that only grow, taken mod 2^31: user space's (slot 0, bumped after each change
  * it makes to `targets`) and the kernel's (slot 1, bumped atomically by the fork
  * and exit programs after theirs). A data syscall of the process that last asked
- * on its CPU, with no change since, skips the hash lookup (2 ns against 38,
+ * on its CPU, with no change since, skips the hash lookup (4 to 7 ns against 38,
  * bench.helper_cost); any change to `targets` makes every answer ask again. */
 BPF_PERCPU_ARRAY(target_answer, u64, 1);
 BPF_ARRAY(target_gens, u64, 2);
