@@ -512,6 +512,10 @@ class Pipeline:
             m.set("infersight.events.lost", k[f"lost_{kind}"], (("type", kind),))
         m.describe("infersight.kernel.connections", "counter", "Connections tracked from accept/connect.")
         m.set("infersight.kernel.connections", k["conns"])
+        m.describe("infersight.kernel.connections.replaced", "counter",
+                   "Tracked connections whose fd number a new connection took before their close was seen"
+                   " (their state ended then).")
+        m.set("infersight.kernel.connections.replaced", k["replaced"])
         m.set("infersight.kernel.conn_map.full", k["conn_full"])
         m.set("infersight.kernel.truncated", k["truncated"])
         m.describe("infersight.kernel.h2.connections", "counter",

@@ -89,6 +89,7 @@ COUNTER_NAMES = (
     "h2_desync",
     "lost_h2",
     "h2_stream_full",
+    "replaced",
 )
 GAP_BUCKETS: Final = 32
 

@@ -83,7 +83,8 @@
 #define C_H2_DESYNC 15      /* directions whose frame walk lost sync (then sent raw) */
 #define C_LOST_H2 16        /* EV_H2 records the ring buffer refused */
 #define C_H2_STREAM_FULL 17 /* stream aggregate map updates that failed */
-#define C_COUNTERS 18
+#define C_REPLACED 18       /* connections whose fd a new one took before their close was seen */
+#define C_COUNTERS 19
 
 struct data_event_t {
     u8 type;

@@ -591,9 +591,10 @@ class SocketProbe:
     def conn_evictions(self, entries: int) -> int:
         """Connections the LRU map evicted (BPF LRU maps evict silently): every
         connection put in (by accept/connect, or seeded) and not taken out (at
-        close, or by user space) nor still present. ``entries``: a fresh count."""
+        close, by a new connection on its fd number, or by user space) nor still
+        present. ``entries``: a fresh count."""
         k = self.counters()
-        return max(0, k["conns"] + self.seeded - k["closed"] - self.deleted - entries)
+        return max(0, k["conns"] + self.seeded - k["closed"] - k["replaced"] - self.deleted - entries)
 
     def map_entries(self) -> dict[str, tuple[int, int]]:
         """(entries, max_entries) per map. Walks each map: call at most every few seconds."""
