@@ -20,9 +20,8 @@
  *   sched:sched_process_{exec,fork,exit}.
  *   No kprobes: many kernels (this project's CI kernel included) have none.
  *   With EXIT_ARGS (x86_64, where the kernel has bpf_task_pt_regs; the loader
- *   tests it) every syscall has an exit program only: the arguments are read
- *   at exit from the thread's saved user registers, and no syscall on the node
- *   pays for entry tracepoints.
+ *   tests it) the eight data syscalls have exit programs only: their arguments
+ *   are read at exit from the thread's saved user registers.
  *
  * Kernel features: BPF ring buffer (5.8+), bounded loops, bpf_probe_read_user.
  *   No kernel struct is dereferenced: only tracepoint fields, user memory read
@@ -339,8 +338,7 @@ static __always_inline void conn_ends(struct conn_t *c, u64 key, u32 tgid, u32 f
     phase_ends(c);
 }
 
-static __always_inline void new_conn(u64 pid_tgid, u32 fd, u8 role, s32 listen_fd, u64 addr, u64 addr_len) {
-    u32 tgid = pid_tgid >> 32;
+static __always_inline void new_conn(u32 tgid, u32 fd, u8 role, s32 listen_fd, u64 addr, u64 addr_len) {
     u64 now = bpf_ktime_get_ns();
     u32 z = 0;
     u64 *idp = next_conn_id.lookup(&z);
@@ -351,15 +349,12 @@ static __always_inline void new_conn(u64 pid_tgid, u32 fd, u8 role, s32 listen_f
     if (!zc)
         return;
     u64 key = ((u64)tgid << 32) | fd;
-    /* The fd number still holds a connection: its close was not seen (closed another way, or,
-     * with the arguments read at exit, its close's exit has not run yet on another thread,
-     * after the kernel let the number go). Its state ends here, as at a close. */
-    u32 replaced = 0;
+    /* The fd number still holds a connection whose close the probe did not see (closed by
+     * close_range, dup2 or io_uring): its state ends here, as at a close, and is counted. */
     struct conn_t *old = conns__S.lookup(&key);
     if (old) {
         conn_ends(old, key, tgid, fd, now);
         count(C_REPLACED);
-        replaced = 1;
     }
     if (conns__S.update(&key, zc) < 0) {
         count(C_CONN_FULL);
@@ -370,9 +365,6 @@ static __always_inline void new_conn(u64 pid_tgid, u32 fd, u8 role, s32 listen_f
         return;
     c->conn_id = id;
     c->role = role;
-    c->opener = (u32)pid_tgid;
-    c->replaced = replaced;
-    c->opened_ns = now;
     tails.delete(&key);
     count(C_CONNS);
     send_addr(tgid, fd, id, role, role == ROLE_SERVER ? CS_ACCEPT : CS_CONNECT, listen_fd, addr, addr_len, now);
@@ -821,235 +813,6 @@ int ssl_write_ex_enter(struct pt_regs *ctx) { return ssl_enter(ctx, 1, 1); }
 int ssl_return(struct pt_regs *ctx) { return ssl_exit(ctx); }
 #endif
 
-/* ---- connections: accept, connect, close, their addresses ------------------ */
-
-/* how soon after a connection took a closed one's fd number a close from another
- * thread is taken for the closed one's (close_conn, arguments read at exit) */
-#define REPLACED_WINDOW_NS 100000000ULL   /* 100 ms */
-
-/* A tracked connection's fd is closed: its state ends and its entry goes. */
-static __always_inline void close_conn(u64 pid_tgid, u32 fd) {
-    u32 tgid = pid_tgid >> 32;
-    u64 key = ((u64)tgid << 32) | fd;
-    struct conn_t *c = conns__S.lookup(&key);
-    if (!c)
-        return;
-    u64 now = bpf_ktime_get_ns();
-#if EXIT_ARGS
-    /* At a close's exit the kernel has already let the fd number go: another thread's accept
-     * or connect can have taken it in between, and new_conn then ended the closed connection
-     * and marked the new entry. Such a close, from a thread other than the new connection's
-     * and soon after it, is the old connection's: the entry stays. (The window bounds what a
-     * close the probe never saw can cost: a later connection's own close, misread as that.) */
-    if (c->replaced && c->opener != (u32)pid_tgid && now - c->opened_ns < REPLACED_WINDOW_NS) {
-        c->replaced = 0;
-        return;
-    }
-#endif
-    conn_ends(c, key, tgid, fd, now);
-    if (conns__S.delete(&key) == 0)
-        count(C_CLOSED);
-    tails.delete(&key);
-}
-
-/* only IPv4 and IPv6 peers are connections to follow */
-static __always_inline int inet_sockaddr(u64 addr) {
-    u16 family = 0;
-    bpf_probe_read_user(&family, sizeof(family), (void *)addr);
-    return family == 2 || family == 10;    /* AF_INET, AF_INET6 */
-}
-
-/* Servers ask for their connections' addresses (uvicorn, asyncio, Go's
- * net/http): the answer names the client and the server port exactly. */
-static __always_inline void send_name(u64 pid_tgid, u32 fd, u64 addr, u64 addr_len_ptr, u32 kind) {
-    u32 tgid = pid_tgid >> 32;
-    u64 key = ((u64)tgid << 32) | fd;
-    struct conn_t *c = conns__S.lookup(&key);
-    if (!c)
-        return;
-    u64 addr_len = 0;
-    bpf_probe_read_user(&addr_len, 4, (void *)addr_len_ptr);
-    send_addr(tgid, fd, c->conn_id, c->role, kind == K_PEERNAME ? CS_PEERNAME : CS_SOCKNAME, -1,
-              addr, addr_len, bpf_ktime_get_ns());
-}
-
-#if EXIT_ARGS
-/* The data syscalls' arguments read at exit from the thread's saved user
- * registers (bpf_task_pt_regs): no entry program, no in-flight entry. The
- * saved registers are the ptrace ABI's (x86_64 struct user_regs_struct,
- * asm/ptrace.h): rdx, rsi, rdi at byte offsets 96, 104 and 112, holding the
- * third, second and first argument, which the kernel leaves as they were
- * (only rax carries the return value). The loader enables this on x86_64
- * when the kernel has the helpers, and falls back to the entry programs.
- *
- * The other syscalls read theirs the same way, so that no program is attached
- * to any syscall's entry: then no syscall of any process on the node pays for
- * the entry tracepoints' dispatch (about 20 ns each; bench.helper_cost). */
-static __always_inline void saved_args(u64 *r) {
-    /* a BTF pointer: plain loads, checked by the verifier against the kernel's own BTF */
-    u64 *regs = (u64 *)bpf_task_pt_regs(bpf_get_current_task_btf());
-    r[0] = regs[14];    /* rdi */
-    r[1] = regs[13];    /* rsi */
-    r[2] = regs[12];    /* rdx */
-}
-
-/* hand a syscall's arguments and return value to the data path */
-static __always_inline int to_data(void *ctx, s64 ret, u32 fd, u64 ptr, u64 extra, u32 kind) {
-    /* whether fd is a tracked connection, the data path looks up (once) */
-    u32 z = 0;
-    struct exit_t *slot = exit_ret__S.lookup(&z);
-    if (!slot)
-        return 0;
-    slot->ret = ret;
-    slot->a.ptr = ptr;
-    slot->a.extra = extra;
-    slot->a.fd = fd;
-    slot->a.kind = kind;
-    data_exit_prog__S.call(ctx, 0);
-    return 0;
-}
-
-static __always_inline int finish_regs(void *ctx, s64 ret, u32 kind) {
-    u64 pid_tgid = bpf_get_current_pid_tgid();
-    if (!is_target(pid_tgid >> 32))
-        return 0;
-    u64 r[3];
-    saved_args(r);
-    u64 ptr = r[1], extra = 0;
-    if (kind == K_READV || kind == K_WRITEV) {
-        extra = r[2];
-    } else if (kind == K_RECVMSG || kind == K_SENDMSG) {
-        u64 msg = ptr;
-        ptr = 0;
-        read_msghdr(msg, &ptr, &extra);
-    }
-    return to_data(ctx, ret, (u32)r[0], ptr, extra, kind);
-}
-
-TRACEPOINT_PROBE(syscalls, sys_exit_read) { return finish_regs(args, args->ret, K_READ); }
-TRACEPOINT_PROBE(syscalls, sys_exit_readv) { return finish_regs(args, args->ret, K_READV); }
-TRACEPOINT_PROBE(syscalls, sys_exit_recvfrom) { return finish_regs(args, args->ret, K_READ); }
-TRACEPOINT_PROBE(syscalls, sys_exit_recvmsg) { return finish_regs(args, args->ret, K_RECVMSG); }
-TRACEPOINT_PROBE(syscalls, sys_exit_write) { return finish_regs(args, args->ret, K_WRITE); }
-TRACEPOINT_PROBE(syscalls, sys_exit_writev) { return finish_regs(args, args->ret, K_WRITEV); }
-TRACEPOINT_PROBE(syscalls, sys_exit_sendto) { return finish_regs(args, args->ret, K_WRITE); }
-TRACEPOINT_PROBE(syscalls, sys_exit_sendmsg) { return finish_regs(args, args->ret, K_SENDMSG); }
-
-/* sendfile and splice move bytes without a user buffer: counted for timing and
- * byte totals, nothing captured. */
-TRACEPOINT_PROBE(syscalls, sys_exit_sendfile64) {
-    u64 pid_tgid = bpf_get_current_pid_tgid();
-    if (!is_target(pid_tgid >> 32))
-        return 0;
-    u64 r[3];
-    saved_args(r);
-    return to_data(args, args->ret, (u32)r[0], 0, 0, K_NOPAYLOAD_OUT);
-}
-TRACEPOINT_PROBE(syscalls, sys_exit_splice) {
-    u64 pid_tgid = bpf_get_current_pid_tgid();
-    u32 tgid = pid_tgid >> 32;
-    if (!is_target(tgid))
-        return 0;
-    u64 r[3];       /* fd_in, off_in, fd_out */
-    saved_args(r);
-    u64 kout = ((u64)tgid << 32) | (u32)r[2];
-    if (conns__S.lookup(&kout))
-        return to_data(args, args->ret, (u32)r[2], 0, 0, K_NOPAYLOAD_OUT);
-    return to_data(args, args->ret, (u32)r[0], 0, 0, K_NOPAYLOAD_IN);
-}
-
-/* accept's peer address is written by the kernel by its exit: read it there */
-static __always_inline int accept_exit(s64 ret) {
-    if (ret < 0)
-        return 0;
-    u64 pid_tgid = bpf_get_current_pid_tgid();
-    if (!is_target(pid_tgid >> 32))
-        return 0;
-    u64 r[3];       /* listening fd, sockaddr, addrlen pointer */
-    saved_args(r);
-    u64 addr_len = 0;
-    if (r[1] && r[2])
-        bpf_probe_read_user(&addr_len, 4, (void *)r[2]);
-    new_conn(pid_tgid, (u32)ret, ROLE_SERVER, (s32)r[0], r[1], addr_len);
-    return 0;
-}
-TRACEPOINT_PROBE(syscalls, sys_exit_accept) { return accept_exit(args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_exit_accept4) { return accept_exit(args->ret); }
-
-TRACEPOINT_PROBE(syscalls, sys_exit_connect) {
-    s64 ret = args->ret;
-    if (!TRACE_CLIENTS || (ret != 0 && ret != -EINPROGRESS))
-        return 0;
-    u64 pid_tgid = bpf_get_current_pid_tgid();
-    if (!is_target(pid_tgid >> 32))
-        return 0;
-    u64 r[3];       /* fd, sockaddr, addrlen */
-    saved_args(r);
-    if (!inet_sockaddr(r[1]))
-        return 0;
-    new_conn(pid_tgid, (u32)r[0], ROLE_CLIENT, -1, r[1], r[2]);
-    return 0;
-}
-
-TRACEPOINT_PROBE(syscalls, sys_exit_close) {
-    u64 pid_tgid = bpf_get_current_pid_tgid();
-    if (!is_target(pid_tgid >> 32))
-        return 0;
-    u64 r[3];
-    saved_args(r);
-    close_conn(pid_tgid, (u32)r[0]);
-    return 0;
-}
-
-static __always_inline int name_exit(s64 ret, u32 kind) {
-    if (ret != 0)
-        return 0;
-    u64 pid_tgid = bpf_get_current_pid_tgid();
-    if (!is_target(pid_tgid >> 32))
-        return 0;
-    u64 r[3];       /* fd, sockaddr, addrlen pointer */
-    saved_args(r);
-    send_name(pid_tgid, (u32)r[0], r[1], r[2], kind);
-    return 0;
-}
-TRACEPOINT_PROBE(syscalls, sys_exit_getpeername) { return name_exit(args->ret, K_PEERNAME); }
-TRACEPOINT_PROBE(syscalls, sys_exit_getsockname) { return name_exit(args->ret, K_SOCKNAME); }
-
-#else
-TRACEPOINT_PROBE(syscalls, sys_enter_read) { return save_data(args->fd, (u64)args->buf, 0, K_READ); }
-TRACEPOINT_PROBE(syscalls, sys_exit_read) { return finish(args, args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_enter_readv) { return save_data(args->fd, (u64)args->vec, args->vlen, K_READV); }
-TRACEPOINT_PROBE(syscalls, sys_exit_readv) { return finish(args, args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_enter_recvfrom) { return save_data(args->fd, (u64)args->ubuf, 0, K_READ); }
-TRACEPOINT_PROBE(syscalls, sys_exit_recvfrom) { return finish(args, args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_enter_recvmsg) { return save_msg(args->fd, (u64)args->msg, K_RECVMSG); }
-TRACEPOINT_PROBE(syscalls, sys_exit_recvmsg) { return finish(args, args->ret); }
-
-TRACEPOINT_PROBE(syscalls, sys_enter_write) { return save_data(args->fd, (u64)args->buf, 0, K_WRITE); }
-TRACEPOINT_PROBE(syscalls, sys_exit_write) { return finish(args, args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_enter_writev) { return save_data(args->fd, (u64)args->vec, args->vlen, K_WRITEV); }
-TRACEPOINT_PROBE(syscalls, sys_exit_writev) { return finish(args, args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_enter_sendto) { return save_data(args->fd, (u64)args->buff, 0, K_WRITE); }
-TRACEPOINT_PROBE(syscalls, sys_exit_sendto) { return finish(args, args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_enter_sendmsg) { return save_msg(args->fd, (u64)args->msg, K_SENDMSG); }
-TRACEPOINT_PROBE(syscalls, sys_exit_sendmsg) { return finish(args, args->ret); }
-
-/* sendfile and splice move bytes without a user buffer: counted for timing and
- * byte totals, nothing captured. */
-TRACEPOINT_PROBE(syscalls, sys_enter_sendfile64) { return save_data(args->out_fd, 0, 0, K_NOPAYLOAD_OUT); }
-TRACEPOINT_PROBE(syscalls, sys_exit_sendfile64) { return finish(args, args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_enter_splice) {
-    u64 pid_tgid = bpf_get_current_pid_tgid();
-    u32 tgid = pid_tgid >> 32;
-    if (!is_target(tgid))
-        return 0;
-    u64 kout = ((u64)tgid << 32) | (u32)args->fd_out;
-    if (conns__S.lookup(&kout))
-        return save_data(args->fd_out, 0, 0, K_NOPAYLOAD_OUT);
-    return save_data(args->fd_in, 0, 0, K_NOPAYLOAD_IN);
-}
-TRACEPOINT_PROBE(syscalls, sys_exit_splice) { return finish(args, args->ret); }
-
 static __always_inline int finish_conn(s64 ret, int is_accept) {
     u64 pid_tgid = bpf_get_current_pid_tgid();
     struct args_t *a = inflight__S.lookup(&pid_tgid);
@@ -1058,7 +821,7 @@ static __always_inline int finish_conn(s64 ret, int is_accept) {
          * (a single-threaded server waiting for its next client): the new
          * connection still counts, without the peer address. */
         if (is_accept && ret >= 0 && is_target(pid_tgid >> 32))
-            new_conn(pid_tgid, (u32)ret, ROLE_SERVER, -1, 0, 0);
+            new_conn(pid_tgid >> 32, (u32)ret, ROLE_SERVER, -1, 0, 0);
         return 0;
     }
     struct args_t copy = *a;
@@ -1068,11 +831,11 @@ static __always_inline int finish_conn(s64 ret, int is_accept) {
             u64 addr_len = 0;
             if (copy.ptr && copy.extra)
                 bpf_probe_read_user(&addr_len, 4, (void *)copy.extra);
-            new_conn(pid_tgid, (u32)ret, ROLE_SERVER, (s32)copy.fd, copy.ptr, addr_len);
+            new_conn(pid_tgid >> 32, (u32)ret, ROLE_SERVER, (s32)copy.fd, copy.ptr, addr_len);
         }
     } else if (copy.kind == K_CONNECT) {
         if (ret == 0 || ret == -EINPROGRESS)
-            new_conn(pid_tgid, copy.fd, ROLE_CLIENT, -1, copy.ptr, copy.extra);
+            new_conn(pid_tgid >> 32, copy.fd, ROLE_CLIENT, -1, copy.ptr, copy.extra);
     }
     return 0;
 }
@@ -1097,7 +860,9 @@ TRACEPOINT_PROBE(syscalls, sys_enter_connect) {
     u64 pid_tgid = bpf_get_current_pid_tgid();
     if (!is_target(pid_tgid >> 32))
         return 0;
-    if (!inet_sockaddr((u64)args->uservaddr))
+    u16 family = 0;
+    bpf_probe_read_user(&family, sizeof(family), (void *)args->uservaddr);
+    if (family != 2 && family != 10)    /* AF_INET, AF_INET6 only */
         return 0;
     struct args_t a = {.ptr = (u64)args->uservaddr, .extra = (u64)args->addrlen, .fd = args->fd, .kind = K_CONNECT};
     inflight__S.update(&pid_tgid, &a);
@@ -1105,15 +870,111 @@ TRACEPOINT_PROBE(syscalls, sys_enter_connect) {
 }
 TRACEPOINT_PROBE(syscalls, sys_exit_connect) { return TRACE_CLIENTS ? finish_conn(args->ret, 0) : 0; }
 
-/* at entry, before the kernel lets the fd number go */
-TRACEPOINT_PROBE(syscalls, sys_enter_close) {
+#if EXIT_ARGS
+/* The data syscalls' arguments read at exit from the thread's saved user
+ * registers (bpf_task_pt_regs): no entry program, no in-flight entry. The
+ * saved registers are the ptrace ABI's (x86_64 struct user_regs_struct,
+ * asm/ptrace.h): rdx, rsi, rdi at byte offsets 96, 104 and 112, holding the
+ * third, second and first argument, which the kernel leaves as they were
+ * (only rax carries the return value). The loader enables this on x86_64
+ * when the kernel has the helpers, and falls back to the entry programs. */
+static __always_inline int finish_regs(void *ctx, s64 ret, u32 kind) {
     u64 pid_tgid = bpf_get_current_pid_tgid();
-    if (!is_target(pid_tgid >> 32))
+    u32 tgid = pid_tgid >> 32;
+    if (!is_target(tgid))
         return 0;
-    close_conn(pid_tgid, args->fd);
+    /* a BTF pointer: plain loads, checked by the verifier against the kernel's own BTF */
+    u64 *regs = (u64 *)bpf_task_pt_regs(bpf_get_current_task_btf());
+    u64 r[3];  /* rdx, rsi, rdi */
+    r[0] = regs[12];
+    r[1] = regs[13];
+    r[2] = regs[14];
+    u32 fd = (u32)r[2];
+    /* whether fd is a tracked connection, the data path looks up (once) */
+    u32 z = 0;
+    struct exit_t *slot = exit_ret__S.lookup(&z);
+    if (!slot)
+        return 0;
+    u64 ptr = r[1], extra = 0;
+    if (kind == K_READV || kind == K_WRITEV) {
+        extra = r[0];
+    } else if (kind == K_RECVMSG || kind == K_SENDMSG) {
+        u64 msg = ptr;
+        ptr = 0;
+        read_msghdr(msg, &ptr, &extra);
+    }
+    slot->ret = ret;
+    slot->a.ptr = ptr;
+    slot->a.extra = extra;
+    slot->a.fd = fd;
+    slot->a.kind = kind;
+    data_exit_prog__S.call(ctx, 0);
     return 0;
 }
 
+TRACEPOINT_PROBE(syscalls, sys_exit_read) { return finish_regs(args, args->ret, K_READ); }
+TRACEPOINT_PROBE(syscalls, sys_exit_readv) { return finish_regs(args, args->ret, K_READV); }
+TRACEPOINT_PROBE(syscalls, sys_exit_recvfrom) { return finish_regs(args, args->ret, K_READ); }
+TRACEPOINT_PROBE(syscalls, sys_exit_recvmsg) { return finish_regs(args, args->ret, K_RECVMSG); }
+TRACEPOINT_PROBE(syscalls, sys_exit_write) { return finish_regs(args, args->ret, K_WRITE); }
+TRACEPOINT_PROBE(syscalls, sys_exit_writev) { return finish_regs(args, args->ret, K_WRITEV); }
+TRACEPOINT_PROBE(syscalls, sys_exit_sendto) { return finish_regs(args, args->ret, K_WRITE); }
+TRACEPOINT_PROBE(syscalls, sys_exit_sendmsg) { return finish_regs(args, args->ret, K_SENDMSG); }
+#else
+TRACEPOINT_PROBE(syscalls, sys_enter_read) { return save_data(args->fd, (u64)args->buf, 0, K_READ); }
+TRACEPOINT_PROBE(syscalls, sys_exit_read) { return finish(args, args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_enter_readv) { return save_data(args->fd, (u64)args->vec, args->vlen, K_READV); }
+TRACEPOINT_PROBE(syscalls, sys_exit_readv) { return finish(args, args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_enter_recvfrom) { return save_data(args->fd, (u64)args->ubuf, 0, K_READ); }
+TRACEPOINT_PROBE(syscalls, sys_exit_recvfrom) { return finish(args, args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_enter_recvmsg) { return save_msg(args->fd, (u64)args->msg, K_RECVMSG); }
+TRACEPOINT_PROBE(syscalls, sys_exit_recvmsg) { return finish(args, args->ret); }
+
+TRACEPOINT_PROBE(syscalls, sys_enter_write) { return save_data(args->fd, (u64)args->buf, 0, K_WRITE); }
+TRACEPOINT_PROBE(syscalls, sys_exit_write) { return finish(args, args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_enter_writev) { return save_data(args->fd, (u64)args->vec, args->vlen, K_WRITEV); }
+TRACEPOINT_PROBE(syscalls, sys_exit_writev) { return finish(args, args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_enter_sendto) { return save_data(args->fd, (u64)args->buff, 0, K_WRITE); }
+TRACEPOINT_PROBE(syscalls, sys_exit_sendto) { return finish(args, args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_enter_sendmsg) { return save_msg(args->fd, (u64)args->msg, K_SENDMSG); }
+TRACEPOINT_PROBE(syscalls, sys_exit_sendmsg) { return finish(args, args->ret); }
+#endif
+
+/* sendfile and splice move bytes without a user buffer: counted for timing and
+ * byte totals, nothing captured. */
+TRACEPOINT_PROBE(syscalls, sys_enter_sendfile64) { return save_data(args->out_fd, 0, 0, K_NOPAYLOAD_OUT); }
+TRACEPOINT_PROBE(syscalls, sys_exit_sendfile64) { return finish(args, args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_enter_splice) {
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 tgid = pid_tgid >> 32;
+    if (!is_target(tgid))
+        return 0;
+    u64 kout = ((u64)tgid << 32) | (u32)args->fd_out;
+    if (conns__S.lookup(&kout))
+        return save_data(args->fd_out, 0, 0, K_NOPAYLOAD_OUT);
+    return save_data(args->fd_in, 0, 0, K_NOPAYLOAD_IN);
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_splice) { return finish(args, args->ret); }
+
+TRACEPOINT_PROBE(syscalls, sys_enter_close) {
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 tgid = pid_tgid >> 32;
+    if (!is_target(tgid))
+        return 0;
+    u32 fd = args->fd;
+    u64 key = ((u64)tgid << 32) | fd;
+    struct conn_t *c = conns__S.lookup(&key);
+    if (!c)
+        return 0;
+    conn_ends(c, key, tgid, fd, bpf_ktime_get_ns());
+    if (conns__S.delete(&key) == 0)
+        count(C_CLOSED);
+    tails.delete(&key);
+    return 0;
+}
+
+/* Servers ask for their connections' addresses (uvicorn, asyncio, Go's
+ * net/http): the answer names the client and the server port exactly. */
 static __always_inline int finish_name(s64 ret) {
     u64 pid_tgid = bpf_get_current_pid_tgid();
     struct args_t *a = inflight__S.lookup(&pid_tgid);
@@ -1123,7 +984,15 @@ static __always_inline int finish_name(s64 ret) {
     inflight__S.delete(&pid_tgid);
     if (ret != 0)
         return 0;
-    send_name(pid_tgid, copy.fd, copy.ptr, copy.extra, copy.kind);
+    u32 tgid = pid_tgid >> 32;
+    u64 key = ((u64)tgid << 32) | copy.fd;
+    struct conn_t *c = conns__S.lookup(&key);
+    if (!c)
+        return 0;
+    u64 addr_len = 0;
+    bpf_probe_read_user(&addr_len, 4, (void *)copy.extra);
+    send_addr(tgid, copy.fd, c->conn_id, c->role, copy.kind == K_PEERNAME ? CS_PEERNAME : CS_SOCKNAME, -1,
+              copy.ptr, addr_len, bpf_ktime_get_ns());
     return 0;
 }
 
@@ -1131,7 +1000,6 @@ TRACEPOINT_PROBE(syscalls, sys_enter_getpeername) { return save_data(args->fd, (
 TRACEPOINT_PROBE(syscalls, sys_exit_getpeername) { return finish_name(args->ret); }
 TRACEPOINT_PROBE(syscalls, sys_enter_getsockname) { return save_data(args->fd, (u64)args->usockaddr, (u64)args->usockaddr_len, K_SOCKNAME); }
 TRACEPOINT_PROBE(syscalls, sys_exit_getsockname) { return finish_name(args->ret); }
-#endif
 
 TRACEPOINT_PROBE(syscalls, sys_exit_listen) {
     if (args->ret != 0)

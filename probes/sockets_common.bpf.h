@@ -100,9 +100,6 @@ struct conn_t {
     u8 summarized;      /* the current phase's summary was sent */
     u32 reported_seq;   /* the last phase with at least one record delivered */
     u32 mode;           /* MODE_*: where plaintext comes from, and how it is framed */
-    u32 opener;         /* the thread whose accept or connect made the entry (0: seeded) */
-    u32 replaced;       /* the entry took the place of a connection whose close was not seen */
-    u64 opened_ns;
     u32 gaps[GAP_BUCKETS];
     struct h2dir_t h2[2];   /* MODE_H2: frame walk per direction (DIR_IN, DIR_OUT) */
 };

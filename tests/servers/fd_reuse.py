@@ -1,11 +1,9 @@
-"""A threaded server on bare sockets whose connections' fd numbers are taken
-again while the probe may still hold their old state: one thread accepts,
-each connection is served by a thread of its own, and every response says
-which fd and thread served it.
+"""A threaded server on bare sockets that closes a connection where the probe's
+close program does not look: one thread accepts, each connection is served by
+a thread of its own, and every response says which fd it was served on.
 
 Routes (HTTP/1.1, keep-alive):
-- ``GET /where``: ``{"fd": N, "tid": T}`` with a content length; with
-  ``connection: close`` the serving thread closes the socket after it;
+- ``GET /where`` (any other path too): ``{"fd": N}`` with a content length;
 - ``GET /vanish``: a close-delimited SSE stream of ``events`` events (query
   ``?events=K``, default 8), one write each, after which the socket is closed
   with ``close_range`` (a close the probe's close programs never see); its
@@ -18,7 +16,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import os
 import socket
 import sys
 import threading
@@ -42,10 +39,7 @@ def serve(conn: socket.socket) -> None:
                 return
             pending += data
         head, _, pending = pending.partition(b"\r\n\r\n")
-        lines = head.decode().split("\r\n")
-        target = lines[0].split(" ")[1]
-        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-        url = urlsplit(target)
+        url = urlsplit(head.decode().split("\r\n")[0].split(" ")[1])
         if url.path == "/vanish":
             events = int(parse_qs(url.query).get("events", ["8"])[0])
             conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n"
@@ -55,13 +49,9 @@ def serve(conn: socket.socket) -> None:
             fd = conn.detach()
             close_range(fd)
             return
-        body = json.dumps({"fd": conn.fileno(), "tid": threading.get_native_id()}).encode()
-        closing = headers.get("connection", "").lower() == "close"
-        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n%s\r\n%s"
-                     % (len(body), b"connection: close\r\n" if closing else b"", body))
-        if closing:
-            conn.close()
-            return
+        body = json.dumps({"fd": conn.fileno()}).encode()
+        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                     % (len(body), body))
 
 
 def main() -> None:
@@ -73,5 +63,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
     main()
