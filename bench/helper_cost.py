@@ -19,12 +19,14 @@ the filter-only program's. Each variant runs R times; the lowest run time is
 kept.
 
 The programs' run time leaves out what attaching costs every syscall. So it
-also times ``getppid`` calls three ways (``syscall``): with no program
-attached, with an empty program on ``write``'s exit (``slow_path_ns``: once
-any syscall tracepoint is attached, every syscall of every process takes the
-kernel's slow path, which looks for tracepoints at its entry and exit), and
-with an empty program on ``getppid``'s own exit (``dispatch_ns``: the
-tracepoint's dispatch to a program, paid by each traced syscall). A syscall
+also times ``getppid`` calls three ways (``syscall``), attaching and
+detaching two programs compiled once, in turns: with no program attached,
+with an empty program on ``write``'s exit (``slow_path_ns``: once any syscall
+tracepoint is attached, every syscall of every process takes the kernel's
+slow path, which looks for tracepoints at its entry and exit), and with an
+empty program on ``getppid``'s own exit as well (``dispatch_ns``: the
+tracepoint's dispatch to a program, paid by each traced syscall); each the
+median of its differences within a turn. A syscall
 tracepoint attached elsewhere on the node (another agent) puts the slow path
 into the first figure too.
 
@@ -159,30 +161,51 @@ def getppid_ns(calls: int) -> float:
     return best
 
 
-def dispatch(calls: int) -> dict[str, float]:
+SYSCALL_PROGRAMS = (b"TRACEPOINT_PROBE(syscalls, sys_exit_write) { return 0; }\n"
+                    b"TRACEPOINT_PROBE(syscalls, sys_exit_getppid) { return 0; }\n")
+SYSCALL_TURNS = 9
+
+
+def dispatch(calls: int, turns: int = SYSCALL_TURNS) -> dict[str, float]:
     """What a syscall pays once syscall tracepoints are attached, by timing getppid calls: with
     nothing attached, with an empty program on another syscall's exit (every syscall then takes
     the kernel's slow path, which looks for tracepoints at entry and exit), and with an empty
-    program on getppid's own exit (the tracepoint's dispatch to its program as well), in turns."""
+    program on getppid's own exit as well (the tracepoint's dispatch to its program). The two
+    programs are compiled once and attached and detached in turns; each figure is the median of
+    its differences within a turn, so that the machine's drift between turns cancels."""
+    import statistics
+
     from bcc import BPF
 
-    def with_program(text: str) -> float:
-        bpf = BPF(text=text)
-        try:
-            getppid_ns(min(calls, 20_000))
-            return getppid_ns(calls)
-        finally:
-            bpf.cleanup()
+    write_tp, getppid_tp = b"syscalls:sys_exit_write", b"syscalls:sys_exit_getppid"
+    write_fn, getppid_fn = b"tracepoint__syscalls__sys_exit_write", b"tracepoint__syscalls__sys_exit_getppid"
+    bpf = BPF(text=SYSCALL_PROGRAMS)
+    try:
+        bpf.detach_tracepoint(write_tp)
+        bpf.detach_tracepoint(getppid_tp)
+        warm = min(calls, 20_000)
 
-    # three turns of the three ways, the best of each kept: a burst of other work on the
-    # machine then has to land on every turn of one way to move its figure
-    bare = slow = traced = float("inf")
-    for _ in range(3):
-        bare = min(bare, getppid_ns(calls))
-        slow = min(slow, with_program("TRACEPOINT_PROBE(syscalls, sys_exit_write) { return 0; }"))
-        traced = min(traced, with_program("TRACEPOINT_PROBE(syscalls, sys_exit_getppid) { return 0; }"))
-    return {"getppid_ns": round(bare, 1), "slow_path_ns": round(slow - bare, 1),
-            "dispatch_ns": round(traced - slow, 1)}
+        def timed() -> float:
+            getppid_ns(warm)  # the first calls after an attach or detach are not the steady state
+            return getppid_ns(calls)
+
+        bares, slows, dispatches = [], [], []
+        for _ in range(turns):
+            bare = timed()
+            bpf.attach_tracepoint(tp=write_tp, fn_name=write_fn)
+            slow = timed()
+            bpf.attach_tracepoint(tp=getppid_tp, fn_name=getppid_fn)
+            traced = timed()
+            bpf.detach_tracepoint(getppid_tp)
+            slow = min(slow, timed())
+            bpf.detach_tracepoint(write_tp)
+            bares.append(bare)
+            slows.append(slow - bare)
+            dispatches.append(traced - slow)
+    finally:
+        bpf.cleanup()
+    return {"getppid_ns": round(statistics.median(bares), 1), "slow_path_ns": round(statistics.median(slows), 1),
+            "dispatch_ns": round(statistics.median(dispatches), 1), "turns": turns}
 
 
 def measure(calls: int, repeat: int) -> dict[str, Any]:
