@@ -15,7 +15,9 @@ Kubernetes node with the static CPU manager policy and a Guaranteed pod):
   (the kernel-side share of the cost, without the agent's user-space work);
 - otel-asgi: OpenTelemetry's in-process ASGI middleware with the SDK.
 
-Printed: requests/s of each (median over rounds), the ratios, the agent's CPU
+Printed: requests/s of each (median over rounds), the ratios (of the medians,
+and each round's against its own untraced run, which shows how far the
+rounds spread), the agent's CPU
 seconds per request and per streamed chunk, its CPU while attached to an idle
 server (milliseconds per second, before the first round's load), its start-up
 time, and accuracy:
@@ -319,6 +321,9 @@ def bench(profile: str, seconds: float, rounds: int, conns: int, chunks: int,
         "ratio_traced_to_untraced": round(med["traced"] / med["untraced"], 4),
         "ratio_probe_only_to_untraced": round(med["probe_only"] / med["untraced"], 4),
         "ratio_otel_asgi_to_untraced": round(med["otel_asgi"] / med["untraced"], 4),
+        # each round's runs against its own untraced run: how far the rounds spread
+        "ratio_each_round": {k: [round(v / u, 4) for v, u in zip(rps[k], rps["untraced"], strict=True)]
+                             for k in ("traced", "probe_only", "otel_asgi")},
         "agent_cpu_us_per_request": round(per_req_us, 2),
         "agent_cpu_us_per_chunk": round(agent_cpu / (traced_requests * chunks_per_req) * 1e6, 3)
         if chunks_per_req and traced_requests else None,

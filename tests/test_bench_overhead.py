@@ -41,6 +41,10 @@ def test_streamed_profile_reports_the_marginal_cost_per_chunk() -> None:
     # an attached agent does a little periodic work even with no traffic: measured, not zero
     assert 0 < out["agent_idle_cpu_ms_per_s"] < 100, out["agent_idle_cpu_ms_per_s"]
     assert out["accuracy"]["records"] > 0
+    # one round: its own ratios are the medians'
+    assert out["ratio_each_round"] == {"traced": [out["ratio_traced_to_untraced"]],
+                                       "probe_only": [out["ratio_probe_only_to_untraced"]],
+                                       "otel_asgi": [out["ratio_otel_asgi_to_untraced"]]}, out
     by_chunks = out["agent_cpu_us_per_request_by_chunks"]
     assert set(by_chunks) == {"5", "40"}  # the main length is not swept twice
     assert all(v > 0 for v in by_chunks.values())
