@@ -26,7 +26,11 @@ tracepoint is attached, every syscall of every process takes the kernel's
 slow path, which looks for tracepoints at its entry and exit), and with an
 empty program on ``getppid``'s own exit as well (``dispatch_ns``: the
 tracepoint's dispatch to a program, paid by each traced syscall); each the
-median of its differences within a turn. A syscall
+median of its differences within a turn. One more, ``entry_dispatch_ns``,
+adds an empty program on ``close``'s entry to the slow path's: what every
+syscall pays once some syscall's entry has a program (the probe keeps
+accept's, connect's, close's and the address syscalls' there, where close
+runs before the kernel lets the fd number go). A syscall
 tracepoint attached elsewhere on the node (another agent) puts the slow path
 into the first figure too.
 
@@ -162,6 +166,7 @@ def getppid_ns(calls: int) -> float:
 
 
 SYSCALL_PROGRAMS = (b"TRACEPOINT_PROBE(syscalls, sys_exit_write) { return 0; }\n"
+                    b"TRACEPOINT_PROBE(syscalls, sys_enter_close) { return 0; }\n"
                     b"TRACEPOINT_PROBE(syscalls, sys_exit_getppid) { return 0; }\n")
 SYSCALL_TURNS = 9
 
@@ -169,42 +174,54 @@ SYSCALL_TURNS = 9
 def dispatch(calls: int, turns: int = SYSCALL_TURNS) -> dict[str, float]:
     """What a syscall pays once syscall tracepoints are attached, by timing getppid calls: with
     nothing attached, with an empty program on another syscall's exit (every syscall then takes
-    the kernel's slow path, which looks for tracepoints at entry and exit), and with an empty
-    program on getppid's own exit as well (the tracepoint's dispatch to its program). The two
-    programs are compiled once and attached and detached in turns; each figure is the median of
-    its differences within a turn, so that the machine's drift between turns cancels."""
+    the kernel's slow path, which looks for tracepoints at entry and exit), with one on a third
+    syscall's entry as well (every syscall then also passes the entry tracepoints, which turn
+    it away), and with an empty program on getppid's own exit (the tracepoint's dispatch to its
+    program). The programs are compiled once and attached and detached in turns; each figure is
+    the median of its differences within a turn, so that the machine's drift between turns
+    cancels."""
     import statistics
 
     from bcc import BPF
 
-    write_tp, getppid_tp = b"syscalls:sys_exit_write", b"syscalls:sys_exit_getppid"
-    write_fn, getppid_fn = b"tracepoint__syscalls__sys_exit_write", b"tracepoint__syscalls__sys_exit_getppid"
+    write_tp, close_tp = b"syscalls:sys_exit_write", b"syscalls:sys_enter_close"
+    getppid_tp = b"syscalls:sys_exit_getppid"
+
+    def fn(tp: bytes) -> bytes:
+        return b"tracepoint__" + tp.replace(b":", b"__")
+
     bpf = BPF(text=SYSCALL_PROGRAMS)
     try:
-        bpf.detach_tracepoint(write_tp)
-        bpf.detach_tracepoint(getppid_tp)
+        for tp in (write_tp, close_tp, getppid_tp):
+            bpf.detach_tracepoint(tp)
         warm = min(calls, 20_000)
 
         def timed() -> float:
             getppid_ns(warm)  # the first calls after an attach or detach are not the steady state
             return getppid_ns(calls)
 
-        bares, slows, dispatches = [], [], []
+        bares, slows, entries, dispatches = [], [], [], []
         for _ in range(turns):
             bare = timed()
-            bpf.attach_tracepoint(tp=write_tp, fn_name=write_fn)
+            bpf.attach_tracepoint(tp=write_tp, fn_name=fn(write_tp))
             slow = timed()
-            bpf.attach_tracepoint(tp=getppid_tp, fn_name=getppid_fn)
+            bpf.attach_tracepoint(tp=close_tp, fn_name=fn(close_tp))
+            entry = timed()
+            bpf.detach_tracepoint(close_tp)
+            bpf.attach_tracepoint(tp=getppid_tp, fn_name=fn(getppid_tp))
             traced = timed()
             bpf.detach_tracepoint(getppid_tp)
             slow = min(slow, timed())
             bpf.detach_tracepoint(write_tp)
             bares.append(bare)
             slows.append(slow - bare)
+            entries.append(entry - slow)
             dispatches.append(traced - slow)
     finally:
         bpf.cleanup()
-    return {"getppid_ns": round(statistics.median(bares), 1), "slow_path_ns": round(statistics.median(slows), 1),
+    return {"getppid_ns": round(statistics.median(bares), 1),
+            "slow_path_ns": round(statistics.median(slows), 1),
+            "entry_dispatch_ns": round(statistics.median(entries), 1),
             "dispatch_ns": round(statistics.median(dispatches), 1), "turns": turns}
 
 

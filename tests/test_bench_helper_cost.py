@@ -59,5 +59,8 @@ def test_each_call_is_measured_under_the_same_filter() -> None:
     syscall = out["syscall"]
     assert syscall["getppid_ns"] > 0, syscall
     assert syscall["dispatch_ns"] > 0, syscall
+    assert syscall["turns"] == 9, syscall
+    # what an entry program adds to the syscalls it turns away: measured (about nothing here), not judged
+    assert isinstance(syscall["entry_dispatch_ns"], float) and syscall["entry_dispatch_ns"] < syscall["dispatch_ns"]
     if not others:  # else the slow path was already on when the bare calls were timed
         assert syscall["slow_path_ns"] > 0, syscall
