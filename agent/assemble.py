@@ -46,7 +46,7 @@ from agent.h2wire import H2Tracker, stream_request
 from agent.http2 import H2Stream
 from agent.ndjson import NDJSONParser
 from agent.procfs import SocketTable, parse_sockaddr, socket_inode
-from agent.record import ActiveRequest, Request, new_ids
+from agent.record import ActiveRequest, Request, SpanIds
 from agent.selfmetrics import SELF_METRICS, SelfMetrics
 from agent.sse import SSEParser
 from probes.socket_events import (
@@ -853,7 +853,6 @@ class Assembler:
         if c.inode is not None:
             self._resolve_addresses(c, final=True)
         trace_id, parent = _parse_traceparent(ex.traceparent)
-        new_trace, new_span = new_ids()
         clock = self._clock  # its method called directly: a bound method is a call through Python
         rec = Request(
             start_time_unix_nano=clock.to_unix_ns(ex.start_ns),
@@ -879,8 +878,7 @@ class Assembler:
             finish_reasons=tuple(ex.finish_reasons) or None,
             aborted=aborted,
             error_type=error_type,
-            trace_id=trace_id or new_trace,
-            span_id=new_span,
+            ids=SpanIds(trace_id, drawn=False),  # the span's own ids, drawn when first read
             parent_span_id=parent,
             first_token_time_unix_nano=None if first_out is None else clock.to_unix_ns(first_out),
             gap_histogram_log2_us=s.gaps if s is not None and ex.streaming else (),

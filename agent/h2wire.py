@@ -122,7 +122,7 @@ from typing import Any, Final
 
 from agent import kserve
 from agent.http2 import PREFACE, Direction, H2Config, H2Connection, H2Stream, HpackDecoders
-from agent.record import Request, new_ids
+from agent.record import Request, SpanIds
 from agent.selfmetrics import SELF_METRICS, SelfMetrics
 from probes.socket_events import (
     DIR_IN,
@@ -582,7 +582,6 @@ def stream_request(
             error_type = GRPC_STATUS_NAMES[code] if code < len(GRPC_STATUS_NAMES) else "_OTHER"
 
     request_model, response_model = kserve.stream_model(stream)
-    trace_id, span_id = new_ids()
     return Request(
         start_time_unix_nano=to_unix_ns(start),
         end_time_unix_nano=to_unix_ns(end),
@@ -604,8 +603,7 @@ def stream_request(
         response_model=response_model,
         aborted=aborted,
         error_type=error_type,
-        trace_id=trace_id,
-        span_id=span_id,
+        ids=SpanIds(drawn=False),  # drawn when first read
         first_token_time_unix_nano=first_token,
         attributes=MappingProxyType(attributes),
     )

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import random
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -88,6 +89,49 @@ REQUEST_FIELDS: tuple[str, ...] = (
 )
 
 
+# Request's own slots: its fields, but the two ids, which it reads from a shared SpanIds
+_SLOTS: Final = (*(f for f in REQUEST_FIELDS if f not in ("trace_id", "span_id")), "_ids")
+
+_DRAW_LOCK: Final = threading.Lock()
+
+
+class SpanIds:
+    """A record's trace id and span id. Given (``drawn``), they are what was given, ``None``
+    included. Not drawn, they are drawn (:func:`new_ids`) when first read, not when the record
+    is made: where neither span export nor JSONL is on, nobody reads them, and the draw and its
+    formatting were a tenth of a JSON request's cost to the agent. A trace id given to one not
+    drawn (the client's, from its traceparent) is kept; only the span id is drawn then. Copies
+    of a record share its ``SpanIds``, so the record and its copies show one pair."""
+
+    __slots__ = ("_drawn", "_span_id", "_trace_id")
+
+    def __init__(self, trace_id: str | None = None, span_id: str | None = None, drawn: bool = True) -> None:
+        self._trace_id = trace_id
+        self._span_id = span_id
+        self._drawn = drawn
+
+    def _draw(self) -> None:
+        with _DRAW_LOCK:  # two threads reading a record's ids first at once see one pair
+            if not self._drawn:
+                trace, span = new_ids()
+                if self._trace_id is None:
+                    self._trace_id = trace
+                self._span_id = span
+                self._drawn = True
+
+    @property
+    def trace_id(self) -> str | None:
+        if not self._drawn:
+            self._draw()
+        return self._trace_id
+
+    @property
+    def span_id(self) -> str | None:
+        if not self._drawn:
+            self._draw()
+        return self._span_id
+
+
 class Request:
     """One request served (or, for ``span_kind == "client"``, made) by a traced process.
 
@@ -99,7 +143,7 @@ class Request:
     Python, mypy is what keeps the fields unassigned.
     """
 
-    __slots__ = REQUEST_FIELDS
+    __slots__ = _SLOTS
 
     def __init__(
         self,
@@ -132,6 +176,7 @@ class Request:
         first_token_time_unix_nano: int | None = None,
         gap_histogram_log2_us: tuple[int, ...] = (),
         attributes: Mapping[str, Any] = _EMPTY,
+        ids: SpanIds | None = None,
     ) -> None:
         self.start_time_unix_nano: Final = start_time_unix_nano
         self.end_time_unix_nano: Final = end_time_unix_nano
@@ -158,8 +203,8 @@ class Request:
         # Set when the response did not complete for a reason other than a client
         # abort (the server closed early, or capture lost part of it).
         self.error_type: Final = error_type
-        self.trace_id: Final = trace_id
-        self.span_id: Final = span_id
+        # ``ids``, where given, holds the two ids in place of ``trace_id`` and ``span_id``
+        self._ids: Final = ids if ids is not None else SpanIds(trace_id, span_id)
         self.parent_span_id: Final = parent_span_id
         # Monotonic kernel time of the first output event; exporters place the
         # "first token" span event with it (already converted to wall-clock ns).
@@ -170,6 +215,14 @@ class Request:
         self.gap_histogram_log2_us: Final = gap_histogram_log2_us
         # Attributes added by later stages (k8s.*, gpu.*); exporters pass them on.
         self.attributes: Final = attributes
+
+    @property
+    def trace_id(self) -> str | None:
+        return self._ids.trace_id
+
+    @property
+    def span_id(self) -> str | None:
+        return self._ids.span_id
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Request):
@@ -195,7 +248,7 @@ class Request:
         return max(0, self.end_time_unix_nano - self.start_time_unix_nano) / 1e9
 
     def with_attributes(self, extra: Mapping[str, Any]) -> Request:
-        """A copy with ``extra`` merged over the existing attributes."""
+        """A copy with ``extra`` merged over the existing attributes (and the same ids)."""
         merged = dict(self.attributes)
         merged.update(extra)
         return Request(
@@ -222,12 +275,13 @@ class Request:
             self.finish_reasons,
             self.aborted,
             self.error_type,
-            self.trace_id,
-            self.span_id,
+            None,
+            None,
             self.parent_span_id,
             self.first_token_time_unix_nano,
             self.gap_histogram_log2_us,
             MappingProxyType(merged),
+            self._ids,  # the same ids, drawn or not
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import ast
 import pytest
 
 from agent import native
-from agent.record import REQUEST_FIELDS, Request, new_ids
+from agent.record import REQUEST_FIELDS, Request, SpanIds, new_ids
 
 
 def _init_params() -> dict[str, str]:
@@ -23,6 +23,7 @@ def _full() -> Request:
     # every field away from its default, so that a field the copy skipped would show
     values: dict[str, object] = {}
     params = _init_params()
+    del params["ids"]
     for i, name in enumerate(REQUEST_FIELDS):
         t = params[name]
         if name == "attributes":
@@ -41,7 +42,8 @@ def _full() -> Request:
 
 
 def test_the_constructor_takes_every_field_in_order() -> None:
-    assert tuple(_init_params()) == REQUEST_FIELDS
+    # then, optionally, the holder of the two ids in place of trace_id and span_id
+    assert tuple(_init_params()) == (*REQUEST_FIELDS, "ids")
 
 
 def test_with_attributes_copies_every_field_and_merges_attributes() -> None:
@@ -91,3 +93,43 @@ def test_new_ids_are_never_all_zeros(monkeypatch: pytest.MonkeyPatch) -> None:
     trace, span = new_ids()
     assert trace == "8" + "0" * 31 and span == "0" * 15 + "1"
 
+
+
+def _lazy(ids: SpanIds) -> Request:
+    return Request(0, 0, 1, "x", "GET", "/", 200, ids=ids)
+
+
+def test_ids_not_drawn_are_drawn_when_first_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    import random
+
+    r = _lazy(SpanIds(drawn=False))
+    # drawn now, at the first read, not when the record was made
+    monkeypatch.setattr(random, "getrandbits", lambda k: (0xABC << 64) | 0xDEF)
+    assert r.span_id == "0" * 13 + "def"
+    assert r.trace_id == "0" * 29 + "abc"
+    monkeypatch.undo()
+    assert (r.trace_id, r.span_id) == ("0" * 29 + "abc", "0" * 13 + "def")  # and kept
+    assert r.to_dict()["trace_id"] == r.trace_id and r.to_dict()["span_id"] == r.span_id
+
+
+def test_a_given_trace_id_is_kept_and_only_the_span_id_drawn() -> None:
+    r = _lazy(SpanIds("4bf92f3577b34da6a3ce929d0e0e4736", drawn=False))
+    assert r.trace_id == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert len(r.span_id or "") == 16 and int(r.span_id or "", 16)
+
+
+def test_copies_share_the_ids_drawn_after_the_copy() -> None:
+    r = _lazy(SpanIds(drawn=False))
+    n = r.with_attributes({"k8s.pod.name": "vllm-0"})
+    assert (n.trace_id, n.span_id) == (r.trace_id, r.span_id)
+    assert n.trace_id is not None and n.span_id is not None
+    # two records of their own draw their own
+    assert _lazy(SpanIds(drawn=False)).span_id != r.span_id
+
+
+def test_ids_given_are_what_was_given_none_included() -> None:
+    assert (Request(0, 0, 1, "x", None, None, None).trace_id, Request(0, 0, 1, "x", None, None, None).span_id) \
+        == (None, None)
+    r = Request(0, 0, 1, "x", None, None, None, trace_id="a" * 32, span_id="b" * 16)
+    assert (r.trace_id, r.span_id) == ("a" * 32, "b" * 16)
+    assert _lazy(SpanIds("c" * 32, "d" * 16)).span_id == "d" * 16
