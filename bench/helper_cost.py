@@ -19,20 +19,18 @@ the filter-only program's. Each variant runs R times; the lowest run time is
 kept.
 
 The programs' run time leaves out what attaching costs every syscall. So it
-also times ``getppid`` calls three ways (``syscall``), attaching and
-detaching two programs compiled once, in turns: with no program attached,
-with an empty program on ``write``'s exit (``slow_path_ns``: once any syscall
-tracepoint is attached, every syscall of every process takes the kernel's
-slow path, which looks for tracepoints at its entry and exit), and with an
-empty program on ``getppid``'s own exit as well (``dispatch_ns``: the
-tracepoint's dispatch to a program, paid by each traced syscall); each the
-median of its differences within a turn. One more, ``entry_dispatch_ns``,
-adds an empty program on ``close``'s entry to the slow path's: what every
-syscall pays once some syscall's entry has a program (the probe keeps
-accept's, connect's, close's and the address syscalls' there, where close
-runs before the kernel lets the fd number go). A syscall
-tracepoint attached elsewhere on the node (another agent) puts the slow path
-into the first figure too.
+also times ``getppid`` calls (``syscall``), attaching and detaching three
+empty programs compiled once, in turns: with no program attached, with one
+on ``write``'s exit (``slow_path_ns``: once any syscall tracepoint is
+attached, every syscall of every process takes the kernel's slow path, which
+looks for tracepoints at its entry and exit), with one on ``close``'s entry
+as well (``entry_dispatch_ns``: what every syscall pays once some syscall's
+entry has a program; the probe keeps accept's, connect's, close's and the
+address syscalls' there, where close runs before the kernel lets the fd
+number go), and with one on ``getppid``'s own exit instead (``dispatch_ns``:
+the tracepoint's dispatch to a program, paid by each traced syscall). Each
+figure is the median of its differences within a turn. A syscall tracepoint attached elsewhere on
+the node (another agent) puts the slow path into the first figure too.
 
 Printed: per variant, nanoseconds per run and over the filter-only program,
 and ``per_write_calls_ns``: those calls' costs summed as the probe makes them
