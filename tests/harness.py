@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from agent.assemble import AssemblyConfig
 from agent.pipeline import Pipeline, PipelineConfig, Stage
@@ -24,9 +25,21 @@ from agent.record import Request
 from agent.selfmetrics import SelfMetrics
 from agent.targets import TargetConfig
 from probes.socket_events import Decoder
-from probes.sockets import SocketProbe, SocketProbeConfig
+from probes.sockets import SocketProbe, SocketProbeConfig, exit_args_supported
 
 REPO = Path(__file__).resolve().parent.parent
+
+# Where the probe reads the data syscalls' arguments: at exit from the saved registers
+# (the default where the kernel allows it), or saved at entry (the fallback).
+ARG_MODES = [pytest.param(True, id="args-at-exit"), pytest.param(False, id="args-at-entry")]
+
+
+def arg_mode(exit_args: bool) -> SocketProbeConfig:
+    """The probe's configuration for one of ARG_MODES (skipped where the kernel cannot read
+    the arguments at exit)."""
+    if exit_args and not exit_args_supported()[0]:
+        pytest.skip(f"syscall arguments cannot be read at exit here: {exit_args_supported()[1]}")
+    return SocketProbeConfig(exit_args=exit_args)
 
 
 def free_port() -> int:

@@ -28,9 +28,11 @@ from agent.record import RECORD_KEYS
 from agent.targets import TargetConfig
 from probes.sockets import SocketProbeConfig, exit_args_supported
 from tests.harness import (
+    ARG_MODES,
     REPO,
     Agent,
     Server,
+    arg_mode,
     free_port,
     running_agent,
     start_demo_server,
@@ -41,17 +43,6 @@ from tests.harness import (
 pytestmark = pytest.mark.ebpf
 
 TOL = 0.002  # seconds: the agent vs the server's own clock
-
-# Where the probe reads the data syscalls' arguments: at exit from the saved registers
-# (the default where the kernel allows it, as here), or saved at entry (the fallback).
-ARG_MODES = [pytest.param(True, id="args-at-exit"), pytest.param(False, id="args-at-entry")]
-
-
-def arg_mode(exit_args: bool) -> SocketProbeConfig:
-    if exit_args and not exit_args_supported()[0]:
-        pytest.skip(f"syscall arguments cannot be read at exit here: {exit_args_supported()[1]}")
-    return SocketProbeConfig(exit_args=exit_args)
-
 
 @pytest.fixture(scope="module")
 def tmp_module(tmp_path_factory: pytest.TempPathFactory) -> Path:

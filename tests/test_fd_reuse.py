@@ -20,19 +20,9 @@ from pathlib import Path
 import pytest
 
 from agent.targets import TargetConfig
-from probes.sockets import SocketProbeConfig, exit_args_supported
-from tests.harness import Server, free_port, running_agent, start_server, wait_for
+from tests.harness import ARG_MODES, Server, arg_mode, free_port, running_agent, start_server, wait_for
 
 pytestmark = pytest.mark.ebpf
-
-ARG_MODES = [pytest.param(True, id="args-at-exit"), pytest.param(False, id="args-at-entry")]
-
-
-def arg_mode(exit_args: bool) -> SocketProbeConfig:
-    if exit_args and not exit_args_supported()[0]:
-        pytest.skip(f"syscall arguments cannot be read at exit here: {exit_args_supported()[1]}")
-    return SocketProbeConfig(exit_args=exit_args)
-
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[Server]:

@@ -94,7 +94,6 @@ def test_new_ids_are_never_all_zeros(monkeypatch: pytest.MonkeyPatch) -> None:
     assert trace == "8" + "0" * 31 and span == "0" * 15 + "1"
 
 
-
 def _lazy(ids: SpanIds) -> Request:
     return Request(0, 0, 1, "x", "GET", "/", 200, ids=ids)
 
