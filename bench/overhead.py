@@ -295,6 +295,7 @@ def bench(profile: str, seconds: float, rounds: int, conns: int, chunks: int,
         otel.stop()
         for server in swept.values():
             server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
     med = {k: statistics.median(v) for k, v in rps.items()}
     per_req_us = agent_cpu / traced_requests * 1e6 if traced_requests else float("nan")
     chunks_per_req = chunks + 3 if profile == "sse" else 0

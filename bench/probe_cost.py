@@ -20,6 +20,7 @@ the server's CPU spent in the probes' programs.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 import threading
@@ -123,7 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     if not STATS.exists():
         raise SystemExit(f"{STATS} is missing: this kernel cannot count BPF run time")
     tmp = Path(tempfile.mkdtemp(prefix="infersight-probe-cost-"))
-    print_result(measure(a.profile, a.seconds, tmp, exit_args_option(a.syscall_args)), a.json, 28)
+    try:
+        result = measure(a.profile, a.seconds, tmp, exit_args_option(a.syscall_args))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print_result(result, a.json, 28)
     return 0
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import struct
 import sys
 import tempfile
@@ -237,7 +238,10 @@ def main(argv: list[str] | None = None) -> int:
             save(batches, a.save)
         return measure(batches, a.repeat)
 
-    result.update(record(a.profile, a.seconds, tmp, work, a.chunks))
+    try:
+        result.update(record(a.profile, a.seconds, tmp, work, a.chunks))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     print_result(result, a.json, 24)
     return 0
 

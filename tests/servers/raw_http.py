@@ -58,7 +58,7 @@ def read_request(conn: socket.socket, pending: bytearray) -> tuple[bytes, bytes,
     return head.split(b"\r\n")[0], rest[:length], t0 or time.monotonic_ns()
 
 
-def serve(conn: socket.socket, path_file: str) -> None:
+def serve(conn: socket.socket, file_fd: int) -> None:
     pending = bytearray()
     while True:
         req = read_request(conn, pending)
@@ -92,10 +92,9 @@ def serve(conn: socket.socket, path_file: str) -> None:
         elif target == "/file":
             conn.sendmsg([b"HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\n",
                           b"content-length: %d\r\n\r\n" % FILE_BYTES])
-            with open(path_file, "rb") as f:
-                sent = 0
-                while sent < FILE_BYTES:
-                    sent += os.sendfile(conn.fileno(), f.fileno(), sent, FILE_BYTES - sent)
+            sent = 0
+            while sent < FILE_BYTES:  # from an explicit offset: the fd's own position never moves
+                sent += os.sendfile(conn.fileno(), file_fd, sent, FILE_BYTES - sent)
             entry["t_end"] = time.monotonic_ns()
         else:
             conn.sendmsg([b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n", b"ok"])
@@ -106,20 +105,18 @@ def serve(conn: socket.socket, path_file: str) -> None:
 
 def main() -> None:
     port = int(sys.argv[1])
+    # unlinked at once: the server is killed, not asked to stop, and the open fd keeps the file
     fd, path = tempfile.mkstemp(prefix="infersight-sendfile-")
+    os.unlink(path)
     os.write(fd, os.urandom(FILE_BYTES))
-    os.close(fd)
     srv = socket.create_server(("127.0.0.1", port))
-    try:
-        while True:
-            conn, _ = srv.accept()
-            with conn:
-                try:
-                    serve(conn, path)
-                except (ConnectionError, OSError):
-                    pass
-    finally:
-        os.unlink(path)
+    while True:
+        conn, _ = srv.accept()
+        with conn:
+            try:
+                serve(conn, fd)
+            except (ConnectionError, OSError):
+                pass
 
 
 if __name__ == "__main__":
