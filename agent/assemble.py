@@ -474,6 +474,10 @@ class Assembler:
                 if got[3]:
                     self._request_body(ex, got[3])
                 return
+        if (not ev.flags & DF_NO_PAYLOAD and not ev.tail and len(ev.head) == ev.len
+                and p.take_body(ev.head) is not None):
+            self._request_body(ex, ev.head)  # more of a Content-Length body, without events
+            return
         if ev.flags & DF_NO_PAYLOAD:
             p.feed_gap(ev.len)
         else:
@@ -540,6 +544,12 @@ class Assembler:
             if got[0] < len(ev.head):
                 p.feed(ev.head[got[0]:])
                 self._drain_response(ex, p, ts)
+        elif not ev.tail and len(ev.head) == ev.len and (ended := p.take_body(ev.head)) is not None:
+            # more of a Content-Length body (a JSON answer written after its head), without the
+            # parser's events
+            self._response_body(ex, ev.head, ts)
+            if ended:
+                self._response_end(ex, True, ts)
         elif (
             self._whole_event_writes
             and not ev.tail
@@ -566,7 +576,6 @@ class Assembler:
             self._finish(c, ex, None)
 
     def _drain_response(self, ex: Exchange, p: http1.H1Parser, ts: int) -> None:
-        cap = self.config.max_body_capture
         while True:
             e = p.next_event()
             if e is http1.NEED_DATA:
@@ -576,24 +585,33 @@ class Assembler:
                     continue  # informational: the final response follows
                 self._response_head(ex, e.status, http1.header(e.headers, "content-type"))
             elif isinstance(e, http1.Body):
-                if ex.stream is not None:
-                    self._stream_events(ex, ex.stream.feed(e.data), ts)
-                elif ex.resp_gap:
-                    ex.resp_suffix = (ex.resp_suffix + e.data)[-1024:]
-                elif len(ex.resp_prefix) < cap:
-                    ex.resp_prefix += e.data[: cap - len(ex.resp_prefix)]
+                self._response_body(ex, e.data, ts)
             elif isinstance(e, http1.BodyGap):
                 if ex.stream is not None:
                     ex.stream.feed_gap(e.n)
                 else:
                     ex.resp_gap = True
             elif isinstance(e, http1.EndOfMessage):
-                if ex.resp_head_seen:
-                    ex.complete = e.complete
-                    if ex.end_ns is None:
-                        ex.end_ns = ts
+                self._response_end(ex, e.complete, ts)
             elif isinstance(e, http1.Upgrade):
                 ex.complete = True
+
+    def _response_body(self, ex: Exchange, data: bytes, ts: int) -> None:
+        if ex.stream is not None:
+            self._stream_events(ex, ex.stream.feed(data), ts)
+        elif ex.resp_gap:
+            ex.resp_suffix = (ex.resp_suffix + data)[-1024:]
+        else:
+            cap = self.config.max_body_capture
+            if len(ex.resp_prefix) < cap:
+                ex.resp_prefix += data[: cap - len(ex.resp_prefix)]
+
+    @staticmethod
+    def _response_end(ex: Exchange, complete: bool, ts: int) -> None:
+        if ex.resp_head_seen:
+            ex.complete = complete
+            if ex.end_ns is None:
+                ex.end_ns = ts
 
     @staticmethod
     def _response_head(ex: Exchange, status: int, content_type: str | None) -> None:

@@ -484,6 +484,24 @@ class H1Parser:
             self._state = _LENGTH
         return end, status, ctype
 
+    def take_body(self, data: bytes) -> bool | None:
+        """``data`` read as bytes of the Content-Length body the parser is inside of, without
+        events: True when they end it (the parser is then between messages), False when more
+        of it is expected. Feeding ``data`` would give one :class:`Body` of all of it, then
+        ``EndOfMessage(True)`` where True is returned, and leave the parser as this does.
+
+        None, changing nothing, where :meth:`feed` has more to say: a parser not inside such
+        a body, holding bytes or events not taken, empty ``data``, or ``data`` running past
+        the body's end (a pipelined message follows)."""
+        n = len(data)
+        if self._state != _LENGTH or self._buf or self._events or n == 0 or n > self._remaining:
+            return None
+        self._remaining -= n
+        if self._remaining:
+            return False
+        self._state = _HEAD
+        return True
+
     def _between_messages(self) -> bool:
         """Expecting a head, with nothing held, half-read or waiting to be taken."""
         return self._state == _HEAD and not self._buf and not self._head_scanned and not self._events

@@ -1050,9 +1050,14 @@ def _take_and_feed_agree(role: str, data: bytes, more: list[bytes], methods: lis
             fast.feed(data[end:])
             assert merged(drain(fast)) == merged(expected[1:])
     for piece in more:
-        fast.feed(piece)
         ref.feed(piece)
-        assert merged(drain(fast)) == merged(drain(ref))
+        ended = fast.take_body(piece)
+        if ended is None:  # nothing changed: the bytes read as feeding them does
+            fast.feed(piece)
+            assert merged(drain(fast)) == merged(drain(ref))
+        else:
+            assert drain(fast) == []
+            assert merged(drain(ref)) == [Body(piece)] + ([EndOfMessage(True)] if ended else [])
     fast.close()
     ref.close()
     assert merged(drain(fast)) == merged(drain(ref))
@@ -1124,3 +1129,30 @@ def test_common_heads_are_taken_and_the_rest_left_to_feeding() -> None:
     # the method taken with the head: the next response answers the next one (HEAD: no body)
     assert _take_and_feed_agree("response", sse + b"0\r\n\r\n", [b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"],
                                 ["GET", "HEAD"], 16384)
+
+
+def test_a_content_length_body_is_taken_without_events() -> None:
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"
+    for native in (True, False):
+        p = H1Parser("response", metrics=SelfMetrics(), native_head=native)
+        p.expect_response_to("GET")
+        assert p.take_body(b"abc") is None  # between messages: no body to be in
+        p.feed(head)
+        assert p.take_body(b"abc") is None  # the head's event not yet taken
+        assert drain(p) == [ResponseHead(200, "OK", "1.1", (("content-length", "10"),))]
+        assert p.take_body(b"") is None
+        assert p.take_body(b"abcd") is False
+        assert p.take_body(b"efghijk") is None  # one byte past the body's end
+        assert p.take_body(b"efghij") is True
+        assert drain(p) == []
+        assert p.take_body(b"x") is None  # between messages again
+        p.expect_response_to("GET")
+        p.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")  # the next response reads as usual
+        assert merged(drain(p))[1:] == [Body(b"ok"), EndOfMessage(True)]
+    # against feeding: a body in pieces, exactly to its end, then the next message
+    assert _take_and_feed_agree("response", head + b"ab", [b"cdefgh", b"ij", b"HTTP/1.1 204 x\r\n\r\n"],
+                                ["POST", "GET"], 16384)
+    post = b"POST /v1/completions HTTP/1.1\r\nContent-Length: 6\r\n\r\n"
+    assert _take_and_feed_agree("request", post, [b"{}", b"{\"a\"", b"GET / HTTP/1.1\r\n\r\n"], [], 16384)
+    # bytes past the end are left to feeding
+    assert _take_and_feed_agree("request", post + b"{", [b"}}}}}GET / HTTP/1.1\r\n\r\n"], [], 16384)
