@@ -148,7 +148,7 @@ class Exchange:
         self.path: str | None = None
         self.traceparent: str | None = None
         self.api: llm.Api | None = None
-        self.req_prefix = bytearray()
+        self.req_prefix = b""  # bytes: a body read whole is kept without a copy
         self.req_suffix = b""
         self.req_gap = False
         self.req_model: str | None = None
@@ -157,7 +157,7 @@ class Exchange:
         self.resp_head_seen = False
         self.streaming = False
         self.stream: SSEParser | NDJSONParser | None = None
-        self.resp_prefix = bytearray()
+        self.resp_prefix = b""
         self.resp_suffix = b""
         self.resp_gap = False
         self.writes: dict[int, int] = {}  # sampled write index -> ts
@@ -513,12 +513,14 @@ class Assembler:
         self._set_active(c, ex)
 
     def _request_body(self, ex: Exchange, data: bytes) -> None:
+        if ex.api is None:
+            return  # kept only for an LLM API's fields (_finish)
         if ex.req_gap:
             ex.req_suffix = (ex.req_suffix + data)[-1024:]
         else:
             cap = self.config.max_body_capture
             if len(ex.req_prefix) < cap:
-                ex.req_prefix += data[: cap - len(ex.req_prefix)]
+                ex.req_prefix = ex.req_prefix + data[: cap - len(ex.req_prefix)]
 
     def _feed_response(self, c: Conn, ex: Exchange, ev: DataEvent) -> None:
         if c.resp_parser is None:
@@ -599,12 +601,14 @@ class Assembler:
     def _response_body(self, ex: Exchange, data: bytes, ts: int) -> None:
         if ex.stream is not None:
             self._stream_events(ex, ex.stream.feed(data), ts)
+        elif ex.api is None:
+            return  # kept only for an LLM API's fields (_finish)
         elif ex.resp_gap:
             ex.resp_suffix = (ex.resp_suffix + data)[-1024:]
         else:
             cap = self.config.max_body_capture
             if len(ex.resp_prefix) < cap:
-                ex.resp_prefix += data[: cap - len(ex.resp_prefix)]
+                ex.resp_prefix = ex.resp_prefix + data[: cap - len(ex.resp_prefix)]
 
     @staticmethod
     def _response_end(ex: Exchange, complete: bool, ts: int) -> None:
@@ -860,12 +864,12 @@ class Assembler:
                     tpot_s = max(0, last_out - first_out) / 1e9 / (output_events - 1)
         elif ex.api is not None and ex.status is not None:
             info = llm.parse_response_body(
-                ex.api, bytes(ex.resp_prefix), ex.resp_suffix if ex.resp_gap else None
+                ex.api, ex.resp_prefix, ex.resp_suffix if ex.resp_gap else None
             )
             self._merge_info(ex, info)
         # ---- request metadata
         if ex.api is not None:
-            rinfo = llm.parse_request_body(ex.api, bytes(ex.req_prefix), ex.req_suffix if ex.req_gap else None)
+            rinfo = llm.parse_request_body(ex.api, ex.req_prefix, ex.req_suffix if ex.req_gap else None)
             ex.req_model = rinfo.model or llm.path_model(ex.api, ex.path or "")
             ex.req_stream = rinfo.stream
         if c.inode is not None:
