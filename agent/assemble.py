@@ -513,14 +513,9 @@ class Assembler:
         self._set_active(c, ex)
 
     def _request_body(self, ex: Exchange, data: bytes) -> None:
-        if ex.api is None:
-            return  # kept only for an LLM API's fields (_finish)
-        if ex.req_gap:
-            ex.req_suffix = (ex.req_suffix + data)[-1024:]
-        else:
-            cap = self.config.max_body_capture
-            if len(ex.req_prefix) < cap:
-                ex.req_prefix = ex.req_prefix + data[: cap - len(ex.req_prefix)]
+        if ex.api is not None:  # kept only for an LLM API's fields (_finish)
+            ex.req_prefix, ex.req_suffix = _kept(ex.req_prefix, ex.req_suffix, ex.req_gap, data,
+                                                 self.config.max_body_capture)
 
     def _feed_response(self, c: Conn, ex: Exchange, ev: DataEvent) -> None:
         if c.resp_parser is None:
@@ -601,14 +596,9 @@ class Assembler:
     def _response_body(self, ex: Exchange, data: bytes, ts: int) -> None:
         if ex.stream is not None:
             self._stream_events(ex, ex.stream.feed(data), ts)
-        elif ex.api is None:
-            return  # kept only for an LLM API's fields (_finish)
-        elif ex.resp_gap:
-            ex.resp_suffix = (ex.resp_suffix + data)[-1024:]
-        else:
-            cap = self.config.max_body_capture
-            if len(ex.resp_prefix) < cap:
-                ex.resp_prefix = ex.resp_prefix + data[: cap - len(ex.resp_prefix)]
+        elif ex.api is not None:  # kept only for an LLM API's fields (_finish)
+            ex.resp_prefix, ex.resp_suffix = _kept(ex.resp_prefix, ex.resp_suffix, ex.resp_gap, data,
+                                                   self.config.max_body_capture)
 
     @staticmethod
     def _response_end(ex: Exchange, complete: bool, ts: int) -> None:
@@ -1046,6 +1036,16 @@ class Assembler:
 
     def open_requests(self) -> int:
         return sum(1 for c in self._conns.values() if c.cur is not None and not c.cur.done)
+
+
+def _kept(prefix: bytes, suffix: bytes, gap: bool, data: bytes, cap: int) -> tuple[bytes, bytes]:
+    """A body's kept bytes, ``prefix`` and ``suffix``, with ``data`` read: its first ``cap`` bytes,
+    or, once part of it went unseen (``gap``), the last 1024 bytes after that."""
+    if gap:
+        return prefix, (suffix + data)[-1024:]
+    if len(prefix) < cap:
+        return prefix + data[: cap - len(prefix)], suffix
+    return prefix, suffix
 
 
 def _one_event(stream: SSEParser | NDJSONParser | None, write: bytes) -> bytes | None:
