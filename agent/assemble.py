@@ -466,18 +466,17 @@ class Assembler:
     def _feed_request(self, c: Conn, ex: Exchange, ev: DataEvent) -> None:
         p = c.req_parser
         assert p is not None
-        if ex.method is None and not ev.tail and len(ev.head) == ev.len and not ev.flags & DF_NO_PAYLOAD:
-            # a whole request read at once (the common case): its head without the parser's events
-            got = p.take_request_head(ev.head)
-            if got is not None:
+        if not ev.flags & DF_NO_PAYLOAD and not ev.tail and len(ev.head) == ev.len:
+            # the whole read, without the parser's events: a request read at once (the common
+            # case), or more of a Content-Length body
+            if ex.method is None and (got := p.take_request_head(ev.head)) is not None:
                 self._request_head(c, ex, got[0], got[1], got[2])
                 if got[3]:
                     self._request_body(ex, got[3])
                 return
-        if (not ev.flags & DF_NO_PAYLOAD and not ev.tail and len(ev.head) == ev.len
-                and p.take_body(ev.head) is not None):
-            self._request_body(ex, ev.head)  # more of a Content-Length body, without events
-            return
+            if p.take_body(ev.head) is not None:
+                self._request_body(ex, ev.head)
+                return
         if ev.flags & DF_NO_PAYLOAD:
             p.feed_gap(ev.len)
         else:
@@ -527,21 +526,17 @@ class Assembler:
         ex.sampled_bytes += ev.len
         ex.max_sample_index = max(ex.max_sample_index, ev.index)
         ts = ev.ts_ns
+        whole = not ev.tail and len(ev.head) == ev.len  # the write's bytes all captured
         if ev.flags & DF_NO_PAYLOAD:
             p.feed_gap(ev.len)
             self._drain_response(ex, p, ts)
-        elif (
-            not ex.resp_head_seen
-            and not ev.tail
-            and len(ev.head) == ev.len
-            and (got := p.take_response_head(ev.head)) is not None
-        ):
+        elif not ex.resp_head_seen and whole and (got := p.take_response_head(ev.head)) is not None:
             # the head of a framed response (the common case), without the parser's events
             self._response_head(ex, got[1], got[2])
             if got[0] < len(ev.head):
                 p.feed(ev.head[got[0]:])
                 self._drain_response(ex, p, ts)
-        elif not ev.tail and len(ev.head) == ev.len and (ended := p.take_body(ev.head)) is not None:
+        elif whole and (ended := p.take_body(ev.head)) is not None:
             # more of a Content-Length body (a JSON answer written after its head), without the
             # parser's events
             self._response_body(ex, ev.head, ts)
@@ -549,8 +544,7 @@ class Assembler:
                 self._response_end(ex, True, ts)
         elif (
             self._whole_event_writes
-            and not ev.tail
-            and len(ev.head) == ev.len
+            and whole
             and p.at_chunk_start()
             and (obj := _one_event(ex.stream, ev.head)) is not None
         ):

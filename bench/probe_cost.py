@@ -20,7 +20,6 @@ the server's CPU spent in the probes' programs.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import tempfile
 import threading
@@ -123,11 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     require_root()
     if not STATS.exists():
         raise SystemExit(f"{STATS} is missing: this kernel cannot count BPF run time")
-    tmp = Path(tempfile.mkdtemp(prefix="infersight-probe-cost-"))
-    try:
-        result = measure(a.profile, a.seconds, tmp, exit_args_option(a.syscall_args))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="infersight-probe-cost-", ignore_cleanup_errors=True) as tmp:
+        result = measure(a.profile, a.seconds, Path(tmp), exit_args_option(a.syscall_args))
     print_result(result, a.json, 28)
     return 0
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import struct
 import sys
 import tempfile
@@ -228,7 +227,6 @@ def main(argv: list[str] | None = None) -> int:
         print_result(result, a.json, 24)
         return 0
     require_root()
-    tmp = Path(tempfile.mkdtemp(prefix="infersight-stages-"))
     result = {"profile": a.profile, "seconds": a.seconds}
     if a.profile == "sse":
         result["chunks"] = a.chunks
@@ -238,10 +236,8 @@ def main(argv: list[str] | None = None) -> int:
             save(batches, a.save)
         return measure(batches, a.repeat)
 
-    try:
-        result.update(record(a.profile, a.seconds, tmp, work, a.chunks))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="infersight-stages-", ignore_cleanup_errors=True) as tmp:
+        result.update(record(a.profile, a.seconds, Path(tmp), work, a.chunks))
     print_result(result, a.json, 24)
     return 0
 
