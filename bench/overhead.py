@@ -15,9 +15,16 @@ Kubernetes node with the static CPU manager policy and a Guaranteed pod):
   (the kernel-side share of the cost, without the agent's user-space work);
 - otel-asgi: OpenTelemetry's in-process ASGI middleware with the SDK.
 
-Printed: requests/s of each (median over rounds), the ratios (of the medians,
-and each round's against its own untraced run, which shows how far the
-rounds spread), the agent's CPU
+Each of these runs is bracketed by untraced runs, one just before and one
+just after it (untraced, traced, untraced, probe_only, untraced, otel-asgi,
+untraced, then the next round): the machine's own speed drifts by several
+percent within a minute, and the mean of the two runs around a run is the
+untraced throughput of its moment, as near as one can have it. Each run's
+ratio is against that mean, and a way's ratio is the median of its rounds'.
+
+Printed: requests/s of each (median over rounds), the ratios (the median of
+the bracketed ratios; each round's; and, as earlier versions printed it, the
+ratio of the medians), the agent's CPU
 seconds per request and per streamed chunk, its CPU while attached to an idle
 server (milliseconds per second, before the first round's load), its start-up
 time, and accuracy:
@@ -205,6 +212,24 @@ def traced_cpu(server: Server, profile: str, seconds: float, conns: int, tmp: Pa
         agent.stop()
 
 
+ARMS = ("traced", "probe_only", "otel_asgi")
+
+
+def bracketed(untraced: list[float], runs: dict[str, list[float]]) -> dict[str, list[float]]:
+    """Each run's throughput against the mean of the untraced runs just before and after it,
+    round by round: ``untraced`` holds one run before the first round, then one after each
+    of the round's ways in :data:`ARMS` order, as :func:`bench` runs them."""
+    rounds = len(runs[ARMS[0]])
+    if len(untraced) != len(ARMS) * rounds + 1 or any(len(runs[k]) != rounds for k in ARMS):
+        raise ValueError("untraced runs must bracket every run: one before the first, one after each")
+    out: dict[str, list[float]] = {k: [] for k in ARMS}
+    for r in range(rounds):
+        for j, k in enumerate(ARMS):
+            at = len(ARMS) * r + j
+            out[k].append(runs[k][r] / ((untraced[at] + untraced[at + 1]) / 2))
+    return out
+
+
 def line_fit(points: list[tuple[float, float]]) -> tuple[float, float]:
     """Least-squares slope and intercept of y on x."""
     mx = statistics.fmean(x for x, _ in points)
@@ -241,12 +266,11 @@ def bench(profile: str, seconds: float, rounds: int, conns: int, chunks: int,
     try:
         for c in sweep:
             swept[c] = Server(profile, c, otel=False)
+        # warm both servers, then the untraced run before the first round's first way
+        run_wrk(plain.port, profile, 1, conns, tmp)
+        run_wrk(otel.port, profile, 1, conns, tmp)
+        rps["untraced"].append(run_wrk(plain.port, profile, seconds, conns, tmp)[0])
         for r in range(rounds):
-            # warm both servers once before the first round
-            if r == 0:
-                run_wrk(plain.port, profile, 1, conns, tmp)
-                run_wrk(otel.port, profile, 1, conns, tmp)
-            rps["untraced"].append(run_wrk(plain.port, profile, seconds, conns, tmp)[0])
             agent = Agent(plain.proc.pid, tmp / f"agent-{r}.log", syscall_args=syscall_args, cpus=agent_cpus)
             agent_affinity.update(os.sched_getaffinity(agent.proc.pid))
             startups.append(agent.startup_s)
@@ -265,6 +289,7 @@ def bench(profile: str, seconds: float, rounds: int, conns: int, chunks: int,
             after = scrape(agent.prom)
             agent.stop()
             rps["traced"].append(v)
+            rps["untraced"].append(run_wrk(plain.port, profile, seconds, conns, tmp)[0])
             agent_cpu += c1 - c0
             traced_requests += n
 
@@ -282,7 +307,9 @@ def bench(profile: str, seconds: float, rounds: int, conns: int, chunks: int,
             agent_affinity.update(os.sched_getaffinity(bare.proc.pid))
             rps["probe_only"].append(run_wrk(plain.port, profile, seconds, conns, tmp)[0])
             bare.stop()
+            rps["untraced"].append(run_wrk(plain.port, profile, seconds, conns, tmp)[0])
             rps["otel_asgi"].append(run_wrk(otel.port, profile, seconds, conns, tmp)[0])
+            rps["untraced"].append(run_wrk(plain.port, profile, seconds, conns, tmp)[0])
             for c, server in swept.items():
                 if r == 0:
                     run_wrk(server.port, profile, 1, conns, tmp)
@@ -297,6 +324,7 @@ def bench(profile: str, seconds: float, rounds: int, conns: int, chunks: int,
             server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
     med = {k: statistics.median(v) for k, v in rps.items()}
+    each = bracketed(rps["untraced"], rps)
     per_req_us = agent_cpu / traced_requests * 1e6 if traced_requests else float("nan")
     chunks_per_req = chunks + 3 if profile == "sse" else 0
     # an OpenAI stream of N tokens is N + 3 events: the role, N tokens, finish, [DONE]
@@ -319,12 +347,13 @@ def bench(profile: str, seconds: float, rounds: int, conns: int, chunks: int,
         "agent_cpus": sorted(agent_affinity),
         "requests_per_s": {k: round(v, 1) for k, v in med.items()},
         "requests_per_s_each_round": rps,
-        "ratio_traced_to_untraced": round(med["traced"] / med["untraced"], 4),
-        "ratio_probe_only_to_untraced": round(med["probe_only"] / med["untraced"], 4),
-        "ratio_otel_asgi_to_untraced": round(med["otel_asgi"] / med["untraced"], 4),
-        # each round's runs against its own untraced run: how far the rounds spread
-        "ratio_each_round": {k: [round(v / u, 4) for v, u in zip(rps[k], rps["untraced"], strict=True)]
-                             for k in ("traced", "probe_only", "otel_asgi")},
+        "ratio_traced_to_untraced": round(statistics.median(each["traced"]), 4),
+        "ratio_probe_only_to_untraced": round(statistics.median(each["probe_only"]), 4),
+        "ratio_otel_asgi_to_untraced": round(statistics.median(each["otel_asgi"]), 4),
+        # each round's runs against the untraced runs around them: how far the rounds spread
+        "ratio_each_round": {k: [round(v, 4) for v in each[k]] for k in ARMS},
+        # the ratio of the medians, without the brackets (the headline of earlier versions)
+        "ratio_of_medians": {k: round(med[k] / med["untraced"], 4) for k in ARMS},
         "agent_cpu_us_per_request": round(per_req_us, 2),
         "agent_cpu_us_per_chunk": round(agent_cpu / (traced_requests * chunks_per_req) * 1e6, 3)
         if chunks_per_req and traced_requests else None,

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from bench.overhead import line_fit
+from bench.overhead import bracketed, line_fit
 from tests.harness import run_json_module
 
 
@@ -29,6 +29,21 @@ def test_line_fit_needs_two_distinct_lengths() -> None:
         line_fit([(53.0, 50.0), (53.0, 52.0)])
 
 
+def test_each_run_is_set_against_the_untraced_runs_around_it() -> None:
+    # two rounds: untraced runs before the first way and after every way
+    untraced = [100.0, 80.0, 120.0, 100.0, 90.0, 110.0, 100.0]
+    runs = {"traced": [90.0, 95.0], "probe_only": [50.0, 100.0], "otel_asgi": [55.0, 60.0]}
+    got = bracketed(untraced, runs)
+    assert got["traced"] == pytest.approx([90 / 90, 95 / 95])
+    assert got["probe_only"] == pytest.approx([50 / 100, 100 / 100])
+    assert got["otel_asgi"] == pytest.approx([55 / 110, 60 / 105])
+    # a run without an untraced run on each side is refused, not guessed
+    with pytest.raises(ValueError, match="bracket"):
+        bracketed(untraced[:-1], runs)
+    with pytest.raises(ValueError, match="bracket"):
+        bracketed(untraced, {**runs, "otel_asgi": [55.0]})
+
+
 @pytest.mark.ebpf
 @pytest.mark.slow
 def test_streamed_profile_reports_the_marginal_cost_per_chunk() -> None:
@@ -41,10 +56,15 @@ def test_streamed_profile_reports_the_marginal_cost_per_chunk() -> None:
     # an attached agent does a little periodic work even with no traffic: measured, not zero
     assert 0 < out["agent_idle_cpu_ms_per_s"] < 100, out["agent_idle_cpu_ms_per_s"]
     assert out["accuracy"]["records"] > 0
-    # one round: its own ratios are the medians'
+    # one round: its own ratios are the medians', each against the untraced runs around it
     assert out["ratio_each_round"] == {"traced": [out["ratio_traced_to_untraced"]],
                                        "probe_only": [out["ratio_probe_only_to_untraced"]],
                                        "otel_asgi": [out["ratio_otel_asgi_to_untraced"]]}, out
+    each = out["requests_per_s_each_round"]
+    u = each["untraced"]
+    assert len(u) == 4, each
+    for j, way in enumerate(("traced", "probe_only", "otel_asgi")):
+        assert out["ratio_each_round"][way][0] == pytest.approx(each[way][0] / ((u[j] + u[j + 1]) / 2), abs=1e-4)
     by_chunks = out["agent_cpu_us_per_request_by_chunks"]
     assert set(by_chunks) == {"5", "40"}  # the main length is not swept twice
     assert all(v > 0 for v in by_chunks.values())
