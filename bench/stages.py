@@ -19,7 +19,7 @@ Each figure is CPU time (``time.process_time``) per request, the best of
 benchmark, this involves no other process competing for the cores, so it
 is steady from run to run: use it to see what a change to the per-record
 path buys. The agent's live CPU per request is higher (it shares the cores
-with the server and the load; see README).
+with the server and the load; see docs/overhead.md).
 
 ``--save FILE`` keeps the recording; ``--load FILE`` replays a kept one
 instead of recording (no server, no load, no root): two builds replaying the
