@@ -21,6 +21,10 @@ untraced, then the next round): the machine's own speed drifts by several
 percent within a minute, and the mean of the two runs around a run is the
 untraced throughput of its moment, as near as one can have it. Each run's
 ratio is against that mean, and a way's ratio is the median of its rounds'.
+With more than one round, ``ratio_interval`` gives where that median lies as
+far as the rounds tell: two of the rounds' ratios, ranked, chosen to hold the
+median with a known chance whatever the rounds' distribution (``coverage``;
+with five rounds, the lowest and the highest, 94%).
 
 Printed: requests/s of each (median over rounds), the ratios (the median of
 the bracketed ratios; each round's; and, as earlier versions printed it, the
@@ -42,6 +46,7 @@ the cost per chunk (slope) and the fixed cost of a streamed request (intercept).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import shutil
@@ -230,6 +235,32 @@ def bracketed(untraced: list[float], runs: dict[str, list[float]]) -> dict[str, 
     return out
 
 
+def median_interval(values: list[float], level: float = 0.9) -> tuple[float, float, float]:
+    """A distribution-free interval for the median of what ``values`` sample: the k-th smallest
+    and k-th largest, with k the largest whose coverage (the chance that the true median lies
+    between them, 1 - 2 P(B < k) for B binomial(n, 1/2)) is at least ``level``; with too few
+    values for that, the smallest and largest. Returns (low, high, coverage)."""
+    xs = sorted(values)
+    n = len(xs)
+    if n < 2:
+        raise ValueError("an interval for the median needs at least two values")
+    below = 0  # P(B < k) * 2**n, for the k tried
+    k = 1
+    below += math.comb(n, 0)
+    while k + 1 <= n // 2 and 1 - 2 * (below + math.comb(n, k)) / 2**n >= level:
+        below += math.comb(n, k)
+        k += 1
+    return xs[k - 1], xs[n - k], 1 - 2 * below / 2**n
+
+
+def interval(ratios: list[float]) -> dict[str, float] | None:
+    """:func:`median_interval` of a way's rounds, as printed; None for a single round."""
+    if len(ratios) < 2:
+        return None
+    low, high, coverage = median_interval(ratios)
+    return {"low": round(low, 4), "high": round(high, 4), "coverage": round(coverage, 4)}
+
+
 def line_fit(points: list[tuple[float, float]]) -> tuple[float, float]:
     """Least-squares slope and intercept of y on x."""
     mx = statistics.fmean(x for x, _ in points)
@@ -352,6 +383,8 @@ def bench(profile: str, seconds: float, rounds: int, conns: int, chunks: int,
         "ratio_otel_asgi_to_untraced": round(statistics.median(each["otel_asgi"]), 4),
         # each round's runs against the untraced runs around them: how far the rounds spread
         "ratio_each_round": {k: [round(v, 4) for v in each[k]] for k in ARMS},
+        # where the median of each way's rounds lies, as far as its rounds tell (None: one round)
+        "ratio_interval": {k: interval(each[k]) for k in ARMS},
         # the ratio of the medians, without the brackets (the headline of earlier versions)
         "ratio_of_medians": {k: round(med[k] / med["untraced"], 4) for k in ARMS},
         "agent_cpu_us_per_request": round(per_req_us, 2),

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from bench.overhead import bracketed, line_fit
+from bench.overhead import bracketed, line_fit, median_interval
 from tests.harness import run_json_module
 
 
@@ -44,6 +44,20 @@ def test_each_run_is_set_against_the_untraced_runs_around_it() -> None:
         bracketed(untraced, {**runs, "otel_asgi": [55.0]})
 
 
+def test_interval_for_the_median_from_ranked_rounds() -> None:
+    # five rounds: only the lowest and highest hold the median at 90%, with chance 1 - 2/32
+    assert median_interval([0.93, 0.88, 0.97, 0.91, 0.95]) == (0.88, 0.97, pytest.approx(30 / 32))
+    # twelve: the 3rd and 10th ranked, 1 - 2 (1 + 12 + 66) / 4096; the 4th and 9th would hold it
+    # with 1 - 2 (1 + 12 + 66 + 220) / 4096 = 0.854 only
+    rounds = [float(x) for x in (12, 3, 7, 1, 9, 11, 2, 5, 10, 4, 8, 6)]
+    assert median_interval(rounds) == (3.0, 10.0, pytest.approx(1 - 2 * 79 / 4096))
+    assert median_interval(rounds, level=0.8) == (4.0, 9.0, pytest.approx(1 - 2 * 299 / 4096))
+    # too few rounds for the level: the extremes, and the lower chance they really have
+    assert median_interval([2.0, 1.0]) == (1.0, 2.0, pytest.approx(0.5))
+    with pytest.raises(ValueError, match="two values"):
+        median_interval([1.0])
+
+
 @pytest.mark.ebpf
 @pytest.mark.slow
 def test_streamed_profile_reports_the_marginal_cost_per_chunk() -> None:
@@ -60,6 +74,8 @@ def test_streamed_profile_reports_the_marginal_cost_per_chunk() -> None:
     assert out["ratio_each_round"] == {"traced": [out["ratio_traced_to_untraced"]],
                                        "probe_only": [out["ratio_probe_only_to_untraced"]],
                                        "otel_asgi": [out["ratio_otel_asgi_to_untraced"]]}, out
+    # one round tells nothing of where the median lies
+    assert out["ratio_interval"] == {"traced": None, "probe_only": None, "otel_asgi": None}, out
     each = out["requests_per_s_each_round"]
     u = each["untraced"]
     assert len(u) == 4, each
