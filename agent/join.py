@@ -96,6 +96,10 @@ DCGM_WINDOW_ATTRIBUTES: Mapping[str, str] = MappingProxyType({
     "DCGM_FI_PROF_PIPE_TENSOR_ACTIVE": "gpu.window.tensor.active.mean",
     "DCGM_FI_PROF_DRAM_ACTIVE": "gpu.window.dram.active.mean",
 })
+# the fields a record's window reads: a window costs its samples times the fields summarised
+DCGM_RECORD_FIELDS: Final = tuple(DCGM_WINDOW_ATTRIBUTES)
+RECORD_DEVICE_FIELDS: Final = ("utilization.gpu", "power.draw")
+RECORD_PROCESS_FIELDS: Final = ("process.memory.used", "process.sm")
 
 
 # ---- what the join needs of each source ------------------------------------------------------
@@ -108,8 +112,12 @@ class NvmlReader(Protocol):
     device_count: int
 
     def devices(self) -> list[GpuDevice]: ...
-    def device_window(self, uuid: str, t0_ns: int, t1_ns: int) -> WindowStats | None: ...
-    def process_window(self, pid: int, t0_ns: int, t1_ns: int) -> WindowStats | None: ...
+    def device_window(
+        self, uuid: str, t0_ns: int, t1_ns: int, fields: tuple[str, ...] | None = None
+    ) -> WindowStats | None: ...
+    def process_window(
+        self, pid: int, t0_ns: int, t1_ns: int, fields: tuple[str, ...] | None = None
+    ) -> WindowStats | None: ...
     def processes(self) -> dict[int, list[str]]: ...
     def process_points(self) -> list[tuple[int, MetricPoint]]: ...
 
@@ -117,7 +125,9 @@ class NvmlReader(Protocol):
 class DcgmReader(Protocol):
     """What the join reads of :class:`collectors.dcgm.DcgmCollector` (in memory, thread-safe)."""
 
-    def device_window(self, uuid: str, t0_ns: int, t1_ns: int) -> WindowStats | None: ...
+    def device_window(
+        self, uuid: str, t0_ns: int, t1_ns: int, fields: tuple[str, ...] | None = None
+    ) -> WindowStats | None: ...
 
 
 class CudaWindowLike(Protocol):
@@ -562,7 +572,7 @@ class Join:
         self._count(GPU_SOURCE, "source", source)
         t0, t1 = record.start_time_unix_nano, record.end_time_unix_nano
         out: dict[str, Any] = {A_UUIDS: tuple(uuids), A_GPU_SOURCE: source}
-        device_stats = {u: nvml.device_window(u, t0, t1) for u in uuids}
+        device_stats = {u: nvml.device_window(u, t0, t1, RECORD_DEVICE_FIELDS) for u in uuids}
         utils = [w.mean["utilization.gpu"] for w in device_stats.values() if w and "utilization.gpu" in w.mean]
         samples = sum(w.samples for w in device_stats.values() if w is not None)
         if samples:
@@ -571,7 +581,7 @@ class Join:
         if util_mean is not None:
             out[A_UTIL_MEAN] = util_mean
         placed = nvml.processes()
-        by_pid = {p: nvml.process_window(p, t0, t1) for p in sorted(group.pids)}
+        by_pid = {p: nvml.process_window(p, t0, t1, RECORD_PROCESS_FIELDS) for p in sorted(group.pids)}
         proc_stats = [w for w in by_pid.values() if w is not None]
         peaks = [w.max["process.memory.used"] for w in proc_stats if "process.memory.used" in w.max]
         if peaks:
@@ -662,7 +672,7 @@ class Join:
         dcgm = self._dcgm
         if dcgm is None:
             return {}
-        windows = [w for w in (dcgm.device_window(u, t0, t1) for u in uuids) if w is not None]
+        windows = [w for w in (dcgm.device_window(u, t0, t1, DCGM_RECORD_FIELDS) for u in uuids) if w is not None]
         out: dict[str, Any] = {}
         for dcgm_field, attribute in DCGM_WINDOW_ATTRIBUTES.items():
             values = [w.mean[dcgm_field] for w in windows if dcgm_field in w.mean]

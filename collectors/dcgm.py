@@ -244,11 +244,13 @@ class DcgmCollector:
 
     # ------------------------------------------------------------------ queries
 
-    def device_window(self, uuid: str, t0_ns: int, t1_ns: int) -> WindowStats | None:
+    def device_window(
+        self, uuid: str, t0_ns: int, t1_ns: int, fields: tuple[str, ...] | None = None
+    ) -> WindowStats | None:
         """DCGM fields of one GPU or MIG device over ``[t0_ns, t1_ns]``, keyed
         by DCGM field name (``DCGM_FI_PROF_SM_ACTIVE``...) with the exporter's
-        values; rules in :meth:`collectors.history.History.window`."""
-        return self._history.window(uuid, t0_ns, t1_ns)
+        values; rules in :meth:`collectors.history.History.window`, ``fields`` too."""
+        return self._history.window(uuid, t0_ns, t1_ns, fields)
 
     def points(self) -> list[MetricPoint]:
         """Fresh values of the fields listed in gpu_metrics.csv (source dcgm)."""

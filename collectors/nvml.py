@@ -448,19 +448,24 @@ class NvmlCollector:
         with self._lock:
             return [d.info for d in self._devs]
 
-    def device_window(self, uuid: str, t0_ns: int, t1_ns: int) -> WindowStats | None:
+    def device_window(
+        self, uuid: str, t0_ns: int, t1_ns: int, fields: tuple[str, ...] | None = None
+    ) -> WindowStats | None:
         """Samples of one GPU or MIG device over ``[t0_ns, t1_ns]`` (rules in
-        :meth:`collectors.history.History.window`). Fields are the ``field``
-        column of gpu_metrics.csv, in base units (ratios, bytes, watts...)."""
-        return self._devices_history.window(uuid, t0_ns, t1_ns)
+        :meth:`collectors.history.History.window`, ``fields`` too). Fields are the
+        ``field`` column of gpu_metrics.csv, in base units (ratios, bytes, watts...)."""
+        return self._devices_history.window(uuid, t0_ns, t1_ns, fields)
 
-    def process_window(self, pid: int, t0_ns: int, t1_ns: int) -> WindowStats | None:
+    def process_window(
+        self, pid: int, t0_ns: int, t1_ns: int, fields: tuple[str, ...] | None = None
+    ) -> WindowStats | None:
         """Samples of one process over ``[t0_ns, t1_ns]``: ``process.sm`` and
         ``process.memutil`` (ratios, from nvmlDeviceGetProcessUtilization, at
         NVML's own timestamps) and ``process.memory.used`` (bytes). A process on
-        several GPUs gets one merged stream: means are per-GPU averages."""
+        several GPUs gets one merged stream: means are per-GPU averages. ``fields``
+        as for :meth:`device_window`."""
         keys = [k for k in self._process_history.keys() if isinstance(k, tuple) and k[0] == pid]
-        return self._process_history.window_many(keys, t0_ns, t1_ns)
+        return self._process_history.window_many(keys, t0_ns, t1_ns, fields)
 
     def processes(self) -> dict[int, list[str]]:
         """pid → UUIDs (MIG UUIDs where placed on a MIG device) it runs on now;

@@ -27,6 +27,26 @@ def test_window_mean_and_max_over_several_samples() -> None:
     assert (w.first_ns, w.last_ns) == (1 * S, 2 * S)
 
 
+def test_window_of_named_fields_summarises_those_alone_as_the_whole_window_does() -> None:
+    h, _ = make()
+    for i, (util, power) in enumerate([(0.2, 300.0), (0.4, 650.0), (0.9, 500.0), (0.1, 100.0)]):
+        h.add("gpu", i * S, {"util": util, "power": power, "mem": 100.0 * i, **({"pcie": 7.0} if i == 2 else {})})
+    whole = h.window("gpu", 1 * S, 3 * S)
+    w = h.window("gpu", 1 * S, 3 * S, ("util", "pcie", "absent"))
+    assert whole is not None and w is not None
+    # the named fields as the whole window has them; unnamed fields, and named ones no sample has, left out
+    assert w.mean == pytest.approx({"util": whole.mean["util"], "pcie": 7.0})
+    assert w.mean["util"] == pytest.approx((0.4 + 0.9 + 0.1) / 3)
+    assert w.max == {"util": 0.9, "pcie": 7.0}
+    assert (w.samples, w.first_ns, w.last_ns) == (whole.samples, whole.first_ns, whole.last_ns) == (3, 1 * S, 3 * S)
+    # merged keys too; a window whose samples lack every named field still counts its samples
+    h.add("gpu2", 2 * S, {"util": 0.5})
+    both = h.window_many(("gpu", "gpu2"), 2 * S, 2 * S, ("util",))
+    assert both is not None and both.samples == 2 and both.mean == pytest.approx({"util": 0.7})
+    none = h.window("gpu2", 2 * S, 2 * S, ("power",))
+    assert none is not None and none.samples == 1 and none.mean == {} and none.max == {}
+
+
 def test_window_between_two_samples_uses_the_last_sample_before_it() -> None:
     h, _ = make()
     h.add("gpu", 1 * S, {"util": 0.3})
