@@ -73,13 +73,18 @@ def per_record_us(join: Any, records: list[Any], repeat: int) -> float:
 
 def bench(history_s: int, n: int, gpu_counts: tuple[int, ...], windows: tuple[float, ...], others: int,
           repeat: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="infersight-join-cost-") as d:
+        return _bench(Path(d), history_s, n, gpu_counts, windows, others, repeat)
+
+
+def _bench(tmp: Path, history_s: int, n: int, gpu_counts: tuple[int, ...], windows: tuple[float, ...],
+           others: int, repeat: int) -> dict[str, Any]:
     from agent.join import A_SAMPLES, A_UUIDS, Join, JoinConfig
     from agent.record import Request
     from agent.selfmetrics import SelfMetrics
     from collectors.nvml import NvmlCollector, NvmlConfig
     from tests.fake_nvml import SCENARIO_ENV, Scenario, build
 
-    tmp = Path(tempfile.mkdtemp(prefix="infersight-join-cost-"))
     lib = build(tmp)
     scenario = Scenario(tmp / "scenario")
     os.environ[SCENARIO_ENV] = str(scenario.path)

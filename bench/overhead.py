@@ -244,9 +244,7 @@ def median_interval(values: list[float], level: float = 0.9) -> tuple[float, flo
     n = len(xs)
     if n < 2:
         raise ValueError("an interval for the median needs at least two values")
-    below = 0  # P(B < k) * 2**n, for the k tried
-    k = 1
-    below += math.comb(n, 0)
+    k, below = 1, 1  # below: P(B < k) * 2**n
     while k + 1 <= n // 2 and 1 - 2 * (below + math.comb(n, k)) / 2**n >= level:
         below += math.comb(n, k)
         k += 1
