@@ -30,18 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import parse_sweep, print_result
-
-S = 1_000_000_000
-
-
-class Clock:
-    """Simulated wall-clock time (Unix ns) for the collector and the join."""
-
-    def __init__(self) -> None:
-        self.t = time.time_ns() - 3600 * S
-
-    def ns(self) -> int:
-        return self.t
+from tests.join_support import ManualClock, S
 
 
 def scenario_values(gpus: int, others: int, pid: int, ts_us: int) -> dict[str, object]:
@@ -89,7 +78,7 @@ def _bench(tmp: Path, history_s: int, n: int, gpu_counts: tuple[int, ...], windo
     scenario = Scenario(tmp / "scenario")
     os.environ[SCENARIO_ENV] = str(scenario.path)
     pid = os.getpid()
-    clock = Clock()
+    clock = ManualClock(time.time_ns() - 3600 * S)  # simulated wall-clock time
     cfg = JoinConfig(node_name="bench", k8s_enabled=False, kubelet_enabled=False, cuda_enabled=False,
                      dcgm_enabled=False)
     nvml_config = NvmlConfig(period_s=3600, event_timeout_ms=50, history_seconds=history_s + 60, events=False)
@@ -117,7 +106,7 @@ def _bench(tmp: Path, history_s: int, n: int, gpu_counts: tuple[int, ...], windo
             if not nvml.devices():
                 raise RuntimeError("the fake NVML showed no GPU")
             for _ in range(history_s):  # one sample per simulated second
-                clock.t += S
+                clock.advance(1.0)
                 scenario.update({f"gpu{i}.proc{k}.ts_us": clock.ns() // 1000
                                  for i in range(gpus) for k in range(others + 1)})
                 nvml.sample_now()

@@ -196,27 +196,19 @@ class History:
 def _summarise(chosen: list[tuple[int, Mapping[str, float]]], fields: tuple[str, ...] | None) -> WindowStats | None:
     if not chosen:
         return None
-    sums: dict[str, float] = {}
-    counts: dict[str, int] = {}
+    if fields is None:  # every field any of the samples has
+        fields = tuple(dict.fromkeys(field for _, values in chosen for field in values))
+    means: dict[str, float] = {}
     maxima: dict[str, float] = {}
-    if fields is None:
-        for _, values in chosen:
-            for field, v in values.items():
-                sums[field] = sums.get(field, 0.0) + v
-                counts[field] = counts.get(field, 0) + 1
-                if field not in maxima or v > maxima[field]:
-                    maxima[field] = v
-    else:
-        for field in fields:
-            present = [x for _, values in chosen if (x := values.get(field)) is not None]
-            if present:
-                sums[field] = sum(present)
-                counts[field] = len(present)
-                maxima[field] = max(present)
+    for field in fields:
+        present = [x for _, values in chosen if (x := values.get(field)) is not None]
+        if present:
+            means[field] = sum(present) / len(present)
+            maxima[field] = max(present)
     times = [t for t, _ in chosen]
     return WindowStats(
         samples=len(chosen),
-        mean={f: sums[f] / counts[f] for f in sums},
+        mean=means,
         max=maxima,
         first_ns=min(times),
         last_ns=max(times),
