@@ -84,6 +84,10 @@ C_MODULES = ("agent/_httphead.c", "agent/_llmjson.c", "probes/_ringdrain.c", "pr
 #: Every source with an extension built from it.
 SOURCES = MODULES + C_MODULES
 
+#: The stamp's record of the modules compiled together, which share one library.
+GROUP_KEY = "modules"
+GROUP = " ".join(MODULES)
+
 #: mypyc's runtime shared by the modules, kept inside the package so that it imports
 #: wherever ``agent`` does (an editable install maps packages, not the checkout's root).
 SHARED = "agent/_compiled__mypyc"
@@ -115,11 +119,14 @@ def status(root: Path = ROOT) -> dict[str, str]:
     """Each module: ``compiled`` (its extension matches the source), ``stale`` (an extension
     built from another version of the source; Python still loads it), or ``source``."""
     stamp = _stamp(root)
+    # a build of another module list (its shared library holds other modules, which the
+    # compiled ones import from it instead of from their sources) is stale throughout
+    same_group = stamp.get(GROUP_KEY) == GROUP
     out = {}
     for m in SOURCES:
         if not _extension(m, root).exists():
             out[m] = "source"
-        elif stamp.get(m) == _digest(root / m):
+        elif same_group and stamp.get(m) == _digest(root / m):
             out[m] = "compiled"
         else:
             out[m] = "stale"
@@ -165,6 +172,7 @@ def build(force: bool = False, python: str | None = None) -> bool:
         return False
     clean()
     digests = {m: _digest(ROOT / m) for m in SOURCES}
+    digests[GROUP_KEY] = GROUP
     c_exts = [(module_name(m), m) for m in C_MODULES]
     with tempfile.TemporaryDirectory(prefix="infersight-native-") as tmp:
         # the options of [tool.mypy] in pyproject.toml, which an installed package lacks

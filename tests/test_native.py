@@ -23,7 +23,7 @@ def _tree(tmp: Path, compiled: tuple[str, ...]) -> Path:
     for m in native.SOURCES:
         (tmp / m).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / m, tmp / m)
-    stamp = {}
+    stamp = {native.GROUP_KEY: native.GROUP}
     for m in compiled:
         native._extension(m, tmp).write_bytes(b"\x7fELF")
         stamp[m] = native._digest(tmp / m)
@@ -54,6 +54,20 @@ def test_an_extension_of_a_module_no_longer_compiled_is_stale(tmp_path: Path) ->
     (root / "agent/h2wire.py").write_text("")
     native._extension("agent/h2wire.py", root).write_bytes(b"\x7fELF")
     assert native.status(root)["agent/h2wire.py"] == "stale"
+
+
+def test_a_build_of_another_module_list_is_stale_throughout(tmp_path: Path) -> None:
+    # its shared library may hold a module since dropped from the list, which the compiled
+    # modules would import from it instead of from its source
+    root = _tree(tmp_path, native.SOURCES)
+    stamp_path = root / native.STAMP.relative_to(native.ROOT)
+    stamp = json.loads(stamp_path.read_text())
+    stamp[native.GROUP_KEY] = native.GROUP + " collectors/history.py"
+    stamp_path.write_text(json.dumps(stamp))
+    assert set(native.status(root).values()) == {"stale"}
+    del stamp[native.GROUP_KEY]  # a stamp from before the list was recorded
+    stamp_path.write_text(json.dumps(stamp))
+    assert set(native.status(root).values()) == {"stale"}
 
 
 def test_copy_to_installs_a_build_only_over_the_same_sources(tmp_path: Path) -> None:
