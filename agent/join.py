@@ -96,7 +96,7 @@ DCGM_WINDOW_ATTRIBUTES: Mapping[str, str] = MappingProxyType({
     "DCGM_FI_PROF_PIPE_TENSOR_ACTIVE": "gpu.window.tensor.active.mean",
     "DCGM_FI_PROF_DRAM_ACTIVE": "gpu.window.dram.active.mean",
 })
-# the fields a record's window reads: a window costs its samples times the fields summarised
+# the fields a record's window reads: a window costs its keys times the fields summarised
 DCGM_RECORD_FIELDS: Final = tuple(DCGM_WINDOW_ATTRIBUTES)
 RECORD_DEVICE_FIELDS: Final = ("utilization.gpu", "power.draw")
 RECORD_PROCESS_FIELDS: Final = ("process.memory.used", "process.sm")
@@ -580,7 +580,7 @@ class Join:
         util_mean = sum(utils) / len(utils) if utils else None
         if util_mean is not None:
             out[A_UTIL_MEAN] = util_mean
-        placed = nvml.processes()
+        placed = procs if procs is not None else nvml.processes()  # one snapshot per record
         by_pid = {p: nvml.process_window(p, t0, t1, RECORD_PROCESS_FIELDS) for p in sorted(group.pids)}
         proc_stats = [w for w in by_pid.values() if w is not None]
         peaks = [w.max["process.memory.used"] for w in proc_stats if "process.memory.used" in w.max]

@@ -72,6 +72,7 @@ MODULES = (
     "probes/socket_events.py",
     "agent/join.py",
     "collectors/cgroup.py",
+    "collectors/history.py",
     "agent/http2.py",
     "agent/h2wire.py",
 )

@@ -45,7 +45,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -325,6 +325,11 @@ def _handle_address(handle: Any) -> int:
     return ctypes.cast(handle, ctypes.c_void_p).value or 0
 
 
+def _pid_of_key(key: Hashable) -> Hashable:
+    """The process history's group of a ``(pid, uuid)`` key: its pid."""
+    return key[0] if isinstance(key, tuple) else key
+
+
 class _Fatal(Exception):
     """NVML as a whole is unusable (wraps the NVMLError or OSError)."""
 
@@ -377,7 +382,7 @@ class NvmlCollector:
             max_age_ns=history_ns, max_fallback_age_ns=self._stale_ns, metrics=metrics)
         self._process_history = History(
             "nvml.process", max_samples_per_key=config.max_samples_per_key, max_keys=config.max_processes,
-            max_age_ns=history_ns, max_fallback_age_ns=self._stale_ns, metrics=metrics)
+            max_age_ns=history_ns, max_fallback_age_ns=self._stale_ns, group_of=_pid_of_key, metrics=metrics)
 
         self._lock = threading.RLock()  # device state, xids, processes
         self._nvml_lock = threading.Lock()  # serialises init, shutdown, discovery and sampling
@@ -464,8 +469,7 @@ class NvmlCollector:
         NVML's own timestamps) and ``process.memory.used`` (bytes). A process on
         several GPUs gets one merged stream: means are per-GPU averages. ``fields``
         as for :meth:`device_window`."""
-        keys = [k for k in self._process_history.keys() if isinstance(k, tuple) and k[0] == pid]
-        return self._process_history.window_many(keys, t0_ns, t1_ns, fields)
+        return self._process_history.window_group(pid, t0_ns, t1_ns, fields)
 
     def processes(self) -> dict[int, list[str]]:
         """pid → UUIDs (MIG UUIDs where placed on a MIG device) it runs on now;

@@ -163,3 +163,120 @@ def test_concurrent_writer_and_reader_stay_consistent() -> None:
     assert not errors
     w = h.window("gpu", 0, 10**12)
     assert w is not None and w.samples == 50 and w.last_ns == 4999
+
+
+def reference(samples: list[tuple[int, dict[str, float]]], t0: int, t1: int,
+              fallback_age: int | None) -> list[tuple[int, dict[str, float]]]:
+    """The samples a window over [t0, t1] uses, by the rule in History.window, from a plain sorted list."""
+    inside = [(t, v) for t, v in samples if t0 <= t <= t1]
+    if inside:
+        return inside
+    before = [(t, v) for t, v in samples if t < t0]
+    if before and (fallback_age is None or t0 - before[-1][0] <= fallback_age):
+        return [before[-1]]
+    return []
+
+
+def test_running_aggregates_match_a_walk_of_the_samples_through_inserts_evictions_and_rebuilds() -> None:
+    import random
+
+    rng = random.Random(20261205)
+    cap, age = 40, 300
+    h, _ = make(max_samples_per_key=cap, max_age_ns=age, max_fallback_age_ns=25)
+    kept: dict[str, list[tuple[int, dict[str, float]]]] = {"a": [], "b": []}
+    now = 0
+    checked = strided = 0
+    for step in range(1500):
+        key = rng.choice("ab")
+        now += rng.randint(1, 6)
+        t = now - rng.randint(1, 40) if rng.random() < 0.15 else now  # some arrive out of order
+        values: dict[str, float] = {}
+        if rng.random() < 0.8:
+            values["util"] = rng.choice([0.0, 0.25, 0.5, 1.0]) * rng.randint(0, 4)
+        if rng.random() < 0.5:
+            values["mem"] = float(rng.randint(-5, 1 << 40))
+        h.add(key, t, values)
+        series = kept[key]
+        series.insert(sum(1 for st, _ in series if st <= t), (t, values))
+        del series[:max(0, len(series) - cap)]
+        newest = series[-1][0]
+        series[:] = [(st, v) for st, v in series if st >= newest - age]
+        if step % 3:
+            continue
+        for _ in range(4):
+            t0 = rng.randint(now - 350, now + 5)
+            t1 = t0 + rng.choice([0, 1, 3, 10, 30, 80, 200, 400])
+            fields = rng.choice([("util",), ("util", "mem"), ("mem", "absent"), None])
+            keys = rng.choice([("a",), ("b",), ("a", "b")])
+            used = [s for k in keys for s in reference(kept[k], t0, t1, 25)]
+            w = h.window_many(keys, t0, t1, fields)
+            if not used:
+                assert w is None
+                continue
+            assert w is not None
+            checked += 1
+            strided += len(used) > 16
+            assert w.samples == len(used)
+            assert (w.first_ns, w.last_ns) == (min(t for t, _ in used), max(t for t, _ in used))
+            names = fields if fields is not None else tuple(dict.fromkeys(f for _, v in used for f in v))
+            want_mean, want_max = {}, {}
+            for name in names:
+                present = [v[name] for _, v in used if name in v]
+                if present:
+                    want_mean[name] = sum(present) / len(present)
+                    want_max[name] = max(present)
+            assert w.max == want_max
+            assert w.mean.keys() == want_mean.keys()
+            for name, mean in want_mean.items():
+                assert w.mean[name] == pytest.approx(mean, rel=1e-9, abs=1e-9)
+    # the walk reached windows of both kinds: two table entries and the strided walk
+    assert checked > 1000 and strided > 100
+
+
+def test_a_small_mean_after_many_large_samples_keeps_its_precision() -> None:
+    # the prefix sums are rebuilt as samples leave, so they never carry more than about twice
+    # what the key holds: large values long gone cannot swamp a window of small ones
+    h, _ = make(max_samples_per_key=40)
+    t = 0
+    for value in [1e13] * 2000 + [0.001] * 100:
+        t += 1
+        h.add("gpu", t, {"x": value})
+        w = h.window("gpu", t - 2, t, ("x",))  # asked after every sample, as a busy join does
+        assert w is not None and w.samples == min(t, 3)
+    w = h.window("gpu", t - 9, t, ("x",))
+    assert w is not None and w.samples == 10
+    assert w.mean["x"] == pytest.approx(0.001, rel=1e-9)
+    assert w.max["x"] == 0.001
+
+
+def test_window_group_reads_the_keys_of_a_group_as_keys_come_and_go() -> None:
+    h, _ = make(max_keys=3, group_of=lambda key: key[0])
+    h.add((7, "GPU-a"), 10, {"sm": 0.2})
+    h.add((7, "GPU-b"), 12, {"sm": 0.6})
+    h.add((8, "GPU-a"), 11, {"sm": 0.9})
+    w = h.window_group(7, 0, 20)
+    assert w is not None and w.samples == 2 and w.mean == pytest.approx({"sm": 0.4})
+    assert w == h.window_many([(7, "GPU-a"), (7, "GPU-b")], 0, 20)
+    h.add((9, "GPU-a"), 13, {"sm": 0.1})  # the key bound evicts (7, "GPU-a"), least recently written
+    w = h.window_group(7, 0, 20)
+    assert w is not None and w.samples == 1 and w.mean == {"sm": 0.6}
+    h.discard((7, "GPU-b"))
+    assert h.window_group(7, 0, 20) is None
+    h.add((7, "GPU-c"), 14, {"sm": 0.5})
+    w = h.window_group(7, 0, 20)
+    assert w is not None and w.mean == {"sm": 0.5}
+    assert h.window_group(8, 0, 20) is not None and h.window_group(5, 0, 20) is None
+    # a history without groups has none to read
+    plain, _ = make()
+    plain.add((7, "GPU-a"), 10, {"sm": 0.2})
+    assert plain.window_group(7, 0, 20) is None
+
+
+def test_a_one_sample_window_gives_the_sample_as_it_came() -> None:
+    # a window between two samples reads the one before it: no rounding from the running sums
+    h, _ = make()
+    for i, x in enumerate([0.1, 0.2, 0.7, 0.3]):
+        h.add("gpu", i * S, {"x": x})
+    for i, x in enumerate([0.1, 0.2, 0.7, 0.3]):
+        w = h.window("gpu", i * S + 1, i * S + 2, ("x",))
+        assert w is not None and w.samples == 1 and w.mean == {"x": x} and w.max == {"x": x}
