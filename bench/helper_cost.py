@@ -19,7 +19,7 @@ the filter-only program's. Each variant runs R times; the lowest run time is
 kept.
 
 The programs' run time leaves out what attaching costs every syscall. So it
-also times ``getppid`` calls (``syscall``), attaching and detaching three
+also times ``getppid`` calls (``syscall``), attaching and detaching four
 empty programs compiled once, in turns: with no program attached, with one
 on ``write``'s exit (``slow_path_ns``: once any syscall tracepoint is
 attached, every syscall of every process takes the kernel's slow path, which
@@ -28,7 +28,10 @@ as well (``entry_dispatch_ns``: what every syscall pays once some syscall's
 entry has a program; the probe keeps accept's, connect's, close's and the
 address syscalls' there, where close runs before the kernel lets the fd
 number go), and with one on ``getppid``'s own exit instead (``dispatch_ns``:
-the tracepoint's dispatch to a program, paid by each traced syscall). Each
+the tracepoint's dispatch to a program, paid by each traced syscall), then
+with one on the raw ``sys_exit`` tracepoint instead (``raw_dispatch_ns``: a
+raw program runs for every syscall of every process, so one raw exit program
+in place of the probe's per-syscall ones would pay this on all of them). Each
 figure is the median of its differences within a turn. A syscall tracepoint attached elsewhere on
 the node (another agent) puts the slow path into the first figure too.
 
@@ -165,7 +168,8 @@ def getppid_ns(calls: int) -> float:
 
 SYSCALL_PROGRAMS = (b"TRACEPOINT_PROBE(syscalls, sys_exit_write) { return 0; }\n"
                     b"TRACEPOINT_PROBE(syscalls, sys_enter_close) { return 0; }\n"
-                    b"TRACEPOINT_PROBE(syscalls, sys_exit_getppid) { return 0; }\n")
+                    b"TRACEPOINT_PROBE(syscalls, sys_exit_getppid) { return 0; }\n"
+                    b"RAW_TRACEPOINT_PROBE(sys_exit) { return 0; }\n")
 SYSCALL_TURNS = 9
 
 
@@ -175,9 +179,11 @@ def dispatch(calls: int, turns: int = SYSCALL_TURNS) -> dict[str, float]:
     the kernel's slow path, which looks for tracepoints at entry and exit), with one on a third
     syscall's entry as well (every syscall then also passes the entry tracepoints, which turn
     it away), and with an empty program on getppid's own exit (the tracepoint's dispatch to its
-    program). The programs are compiled once and attached and detached in turns; each figure is
-    the median of its differences within a turn, so that the machine's drift between turns
-    cancels."""
+    program), then with an empty program on the raw ``sys_exit`` tracepoint instead (what a
+    design with one raw program for every syscall's exit would pay per syscall, before telling
+    the syscalls apart). The programs are compiled once and attached and detached in turns;
+    each figure is the median of its differences within a turn, so that the machine's drift
+    between turns cancels."""
     import statistics
 
     from bcc import BPF
@@ -192,13 +198,14 @@ def dispatch(calls: int, turns: int = SYSCALL_TURNS) -> dict[str, float]:
     try:
         for tp in (write_tp, close_tp, getppid_tp):
             bpf.detach_tracepoint(tp)
+        bpf.detach_raw_tracepoint(tp=b"sys_exit")  # BCC attached it at load
         warm = min(calls, 20_000)
 
         def timed() -> float:
             getppid_ns(warm)  # the first calls after an attach or detach are not the steady state
             return getppid_ns(calls)
 
-        bares, slows, entries, dispatches = [], [], [], []
+        bares, slows, entries, dispatches, raws = [], [], [], [], []
         for _ in range(turns):
             bare = timed()
             bpf.attach_tracepoint(tp=write_tp, fn_name=fn(write_tp))
@@ -209,18 +216,23 @@ def dispatch(calls: int, turns: int = SYSCALL_TURNS) -> dict[str, float]:
             bpf.attach_tracepoint(tp=getppid_tp, fn_name=fn(getppid_tp))
             traced = timed()
             bpf.detach_tracepoint(getppid_tp)
+            bpf.attach_raw_tracepoint(tp=b"sys_exit", fn_name=b"raw_tracepoint__sys_exit")
+            raw = timed()
+            bpf.detach_raw_tracepoint(tp=b"sys_exit")
             slow = min(slow, timed())
             bpf.detach_tracepoint(write_tp)
             bares.append(bare)
             slows.append(slow - bare)
             entries.append(entry - slow)
             dispatches.append(traced - slow)
+            raws.append(raw - slow)
     finally:
         bpf.cleanup()
     return {"getppid_ns": round(statistics.median(bares), 1),
             "slow_path_ns": round(statistics.median(slows), 1),
             "entry_dispatch_ns": round(statistics.median(entries), 1),
-            "dispatch_ns": round(statistics.median(dispatches), 1), "turns": turns}
+            "dispatch_ns": round(statistics.median(dispatches), 1),
+            "raw_dispatch_ns": round(statistics.median(raws), 1), "turns": turns}
 
 
 def measure(calls: int, repeat: int) -> dict[str, Any]:
