@@ -39,7 +39,7 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
-from math import inf
+from math import inf, isfinite
 from typing import Final
 
 from agent.selfmetrics import SELF_METRICS, SelfMetrics
@@ -52,7 +52,8 @@ class WindowStats:
     """Summary of the samples a window used.
 
     ``mean`` and ``max`` hold one entry per field present in at least one of
-    those samples (a field a sample lacks does not count towards its mean),
+    those samples (a field a sample lacks, or holds as NaN or an infinity, does
+    not count towards its mean),
     or, where the query named its fields, per named field present.
     ``first_ns`` / ``last_ns`` are the times of the first and last sample used,
     which may lie before ``t0_ns`` (see :meth:`History.window`).
@@ -134,7 +135,7 @@ class _Series:
             total, count = sums[-1], counts[-1]
             for values in self.values[done:n]:
                 x = values.get(name)
-                if x is None:
+                if x is None or not isfinite(x):  # NaN or infinity: not a measurement
                     level0.append(-inf)
                 else:
                     total += x

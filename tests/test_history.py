@@ -280,3 +280,16 @@ def test_a_one_sample_window_gives_the_sample_as_it_came() -> None:
     for i, x in enumerate([0.1, 0.2, 0.7, 0.3]):
         w = h.window("gpu", i * S + 1, i * S + 2, ("x",))
         assert w is not None and w.samples == 1 and w.mean == {"x": x} and w.max == {"x": x}
+
+
+def test_a_value_that_is_not_finite_counts_as_absent_and_spoils_no_other_window() -> None:
+    h, _ = make()
+    for i, x in enumerate([0.5, float("nan"), float("inf"), 0.25, 0.75]):
+        h.add("gpu", i * S, {"x": x, "y": 1.0})
+    w = h.window("gpu", 0, 4 * S)
+    assert w is not None and w.samples == 5
+    assert w.mean == {"x": 0.5, "y": 1.0} and w.max == {"x": 0.75, "y": 1.0}
+    w = h.window("gpu", 3 * S, 4 * S)
+    assert w is not None and w.mean == {"x": 0.5, "y": 1.0}
+    w = h.window("gpu", 1 * S, 2 * S)  # only the two that are not measurements
+    assert w is not None and w.samples == 2 and w.mean == {"y": 1.0} and "x" not in w.max
