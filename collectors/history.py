@@ -267,69 +267,75 @@ class History:
         if t1_ns < t0_ns:
             return None
         with self._lock:
-            spans: list[tuple[_Series, int, int]] = []  # each key's samples used: [lo, hi)
-            samples = 0
-            first_ns = last_ns = 0
-            for key in keys:
-                series = self._series.get(key)
-                if series is None:
-                    continue
-                times = series.times
-                lo = bisect.bisect_left(times, t0_ns)
-                hi = bisect.bisect_right(times, t1_ns)
-                if hi <= lo:
-                    if lo == 0:
-                        continue
-                    t = times[lo - 1]
-                    if self._max_fallback_age_ns is not None and t0_ns - t > self._max_fallback_age_ns:
-                        continue
-                    lo, hi = lo - 1, lo
-                if not samples or times[lo] < first_ns:
-                    first_ns = times[lo]
-                if not samples or times[hi - 1] > last_ns:
-                    last_ns = times[hi - 1]
-                samples += hi - lo
-                spans.append((series, lo, hi))
-            if not spans:
-                return None
-            if fields is None:  # every field any of the samples has
-                fields = tuple(dict.fromkeys(f for series, lo, hi in spans for v in series.values[lo:hi] for f in v))
-            means: dict[str, float] = {}
-            maxima: dict[str, float] = {}
-            for name in fields:
-                total = 0.0
-                count = 0
-                peak = -inf
-                for series, lo, hi in spans:
-                    agg = series.fields.get(name)
-                    if agg is None or len(agg.counts) <= len(series.times):
-                        agg = series.field(name)
-                    counts = agg.counts
-                    n = counts[hi] - counts[lo]
-                    if not n:
-                        continue
-                    count += n
-                    if hi - lo == 1:  # one sample (a short window's usual lot): its value as it came
-                        m = agg.maxima[0][lo]
-                        total += m
-                    else:
-                        total += agg.sums[hi] - agg.sums[lo]
-                        m = agg.peak(lo, hi)
-                    if m > peak:
-                        peak = m
-                if count:
-                    means[name] = total / count
-                    maxima[name] = peak
-        return WindowStats(samples=samples, mean=means, max=maxima, first_ns=first_ns, last_ns=last_ns)
+            return self._summary(keys, t0_ns, t1_ns, fields)
 
     def window_group(
         self, group: Hashable, t0_ns: int, t1_ns: int, fields: tuple[str, ...] | None = None
     ) -> WindowStats | None:
         """:meth:`window_many` over the keys that ``group_of`` puts in ``group``
         (None when the history has no ``group_of``, or the group no key)."""
+        if t1_ns < t0_ns:
+            return None
         with self._lock:
-            keys = tuple(self._groups.get(group, ()))
-        return self.window_many(keys, t0_ns, t1_ns, fields) if keys else None
+            keys = self._groups.get(group)
+            return self._summary(keys, t0_ns, t1_ns, fields) if keys else None
+
+    def _summary(
+        self, keys: Iterable[Hashable], t0_ns: int, t1_ns: int, fields: tuple[str, ...] | None
+    ) -> WindowStats | None:
+        """The window's statistics over ``keys``; under the lock."""
+        spans: list[tuple[_Series, int, int]] = []  # each key's samples used: [lo, hi)
+        samples = 0
+        first_ns = last_ns = 0
+        for key in keys:
+            series = self._series.get(key)
+            if series is None:
+                continue
+            times = series.times
+            lo = bisect.bisect_left(times, t0_ns)
+            hi = bisect.bisect_right(times, t1_ns)
+            if hi <= lo:
+                if lo == 0:
+                    continue
+                t = times[lo - 1]
+                if self._max_fallback_age_ns is not None and t0_ns - t > self._max_fallback_age_ns:
+                    continue
+                lo, hi = lo - 1, lo
+            if not samples or times[lo] < first_ns:
+                first_ns = times[lo]
+            if not samples or times[hi - 1] > last_ns:
+                last_ns = times[hi - 1]
+            samples += hi - lo
+            spans.append((series, lo, hi))
+        if not spans:
+            return None
+        if fields is None:  # every field any of the samples has
+            fields = tuple(dict.fromkeys(f for series, lo, hi in spans for v in series.values[lo:hi] for f in v))
+        means: dict[str, float] = {}
+        maxima: dict[str, float] = {}
+        for name in fields:
+            total = 0.0
+            count = 0
+            peak = -inf
+            for series, lo, hi in spans:
+                agg = series.field(name)
+                counts = agg.counts
+                n = counts[hi] - counts[lo]
+                if not n:
+                    continue
+                count += n
+                if hi - lo == 1:  # one sample (a short window's usual lot): its value as it came
+                    m = agg.maxima[0][lo]
+                    total += m
+                else:
+                    total += agg.sums[hi] - agg.sums[lo]
+                    m = agg.peak(lo, hi)
+                if m > peak:
+                    peak = m
+            if count:
+                means[name] = total / count
+                maxima[name] = peak
+        return WindowStats(samples=samples, mean=means, max=maxima, first_ns=first_ns, last_ns=last_ns)
 
     def _grouped(self, key: Hashable, present: bool) -> None:
         """Keep ``_groups`` in step with a key added (``present``) or gone; under the lock."""
