@@ -359,11 +359,6 @@ class History:
                 return None
             return series.times[-1], series.values[-1]
 
-    def keys(self) -> list[Hashable]:
-        """Every key held, least recently written first."""
-        with self._lock:
-            return list(self._series)
-
     def discard(self, key: Hashable) -> None:
         """Forget ``key`` (not counted as an eviction: the caller chose it)."""
         with self._lock:
