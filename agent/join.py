@@ -10,7 +10,7 @@ window ``[start, end]``:
 
     pod ──kubelet pod-resources (GpuPodMap)──► GPU / MIG UUIDs
         (no kubelet socket: NVML's process list, pids mapped to the pod through cgroups)
-    GPUs ──NvmlCollector.device_window──► mean utilisation over the window
+    GPUs ──NvmlCollector.device_windows──► mean utilisation over the window
          ──DcgmCollector.device_window──► SM active / occupancy, tensor pipe, DRAM (when dcgm-exporter runs)
     pod's processes ──NvmlCollector.process_window──► peak memory, SM utilisation (→ the pod's SM share)
     pod's processes ──CudaProbe.window──► kernel launches, bytes copied, synchronize time
@@ -115,10 +115,13 @@ class NvmlReader(Protocol):
     def device_window(
         self, uuid: str, t0_ns: int, t1_ns: int, fields: tuple[str, ...] | None = None
     ) -> WindowStats | None: ...
+    def device_windows(
+        self, uuids: Sequence[str], t0_ns: int, t1_ns: int, fields: tuple[str, ...] | None = None
+    ) -> list[WindowStats | None]: ...
     def process_window(
         self, pid: int, t0_ns: int, t1_ns: int, fields: tuple[str, ...] | None = None
     ) -> WindowStats | None: ...
-    def processes(self) -> dict[int, list[str]]: ...
+    def processes(self) -> Mapping[int, Sequence[str]]: ...
     def process_points(self) -> list[tuple[int, MetricPoint]]: ...
 
 
@@ -271,13 +274,18 @@ DERIVED_METRICS: tuple[_Derived, ...] = (
 # ---- snapshots ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
 class _Group:
-    """The processes of one pod (or, outside Kubernetes, one container or one process)."""
+    """The processes of one pod (or, outside Kubernetes, one container or one process).
 
-    key: str
-    pod: PodInfo | None
-    pids: frozenset[int]
+    Immutable (``Final`` fields); a plain class, since a frozen dataclass's ``__init__`` costs
+    a record on the join's path a few tenths of a microsecond more."""
+
+    __slots__ = ("key", "pids", "pod")
+
+    def __init__(self, key: str, pod: PodInfo | None, pids: frozenset[int]) -> None:
+        self.key: Final = key
+        self.pod: Final = pod
+        self.pids: Final = pids
 
 
 @dataclass(frozen=True)
@@ -557,7 +565,7 @@ class Join:
         if nvml is None:
             self._count(GPU_MISSING, "reason", "disabled")
             return {}
-        procs: dict[int, list[str]] | None = None
+        procs: Mapping[int, Sequence[str]] | None = None
         gm = self._gpu_map
         if gm is None or pod is None or not gm.available:
             # no kubelet assignment to look up: with no GPU process on the node, the
@@ -572,7 +580,7 @@ class Join:
         self._count(GPU_SOURCE, "source", source)
         t0, t1 = record.start_time_unix_nano, record.end_time_unix_nano
         out: dict[str, Any] = {A_UUIDS: tuple(uuids), A_GPU_SOURCE: source}
-        device_stats = {u: nvml.device_window(u, t0, t1, RECORD_DEVICE_FIELDS) for u in uuids}
+        device_stats = dict(zip(uuids, nvml.device_windows(uuids, t0, t1, RECORD_DEVICE_FIELDS), strict=True))
         utils = [w.mean["utilization.gpu"] for w in device_stats.values() if w and "utilization.gpu" in w.mean]
         samples = sum(w.samples for w in device_stats.values() if w is not None)
         if samples:
@@ -634,7 +642,7 @@ class Join:
         self._count(GPU_MISSING, "reason", reason)
         return {}
 
-    def _gpus_of(self, group: _Group, procs: dict[int, list[str]] | None = None) -> tuple[list[str], str]:
+    def _gpus_of(self, group: _Group, procs: Mapping[int, Sequence[str]] | None = None) -> tuple[list[str], str]:
         """The GPU / MIG UUIDs the group holds, and where that came from (``kubelet`` or ``nvml``).
         ``procs``: NVML's process table when the caller has just read it."""
         gm = self._gpu_map
@@ -654,8 +662,8 @@ class Join:
         """The group's share of one GPU: 1 when it holds the GPU alone, else its SM use over the
         GPU's (None when NVML has no per-process utilisation to tell)."""
         # shared when NVML shows another pod's (or a pod-less) process on it...
-        holders = set(self._snapshot.holders.get(uuid, frozenset())) | {group.key}
-        if len(holders) > 1:
+        holders = self._snapshot.holders.get(uuid)
+        if holders and (len(holders) > 1 or group.key not in holders):
             return _ratio(pod_sm, util)
         # ...or the kubelet assigned it to another pod too (time-slicing replicas, or a pod
         # using a GPU it did not request)
@@ -703,6 +711,8 @@ class Join:
         known = self._snapshot.groups.get(key)
         if known is None:
             return _Group(key, pod, frozenset((pid,)))
+        if pid in known.pids and known.pod is pod:
+            return known  # the refresh's own group (the common case): nothing to build
         return _Group(key, pod, known.pids if pid in known.pids else known.pids | {pid})
 
     def _remember_served(self, pid: int) -> None:

@@ -45,9 +45,10 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import pynvml
@@ -69,6 +70,8 @@ XID_CODES_CAPPED = "infersight.gpu.xid.codes.capped"
 
 #: NVML's "no MIG placement" value in process info and event data.
 NO_INSTANCE = 0xFFFFFFFF
+#: what processes() answers with no current scan (read-only, as every answer is)
+_NO_PROCESSES: Mapping[int, tuple[str, ...]] = MappingProxyType({})
 
 # Errors that mean NVML itself is unusable: collection goes off and init is retried.
 _FATAL = frozenset({
@@ -400,7 +403,7 @@ class NvmlCollector:
         self.device_count = 0
         self._by_address: dict[int, str] = {}
         self._xids: dict[tuple[str, str], int] = {}
-        self._processes: dict[int, list[str]] = {}
+        self._processes: Mapping[int, tuple[str, ...]] = _NO_PROCESSES
         self._processes_ns = 0
         self._proc_last: dict[tuple[int, str], tuple[int, dict[str, float]]] = {}
         self._util_last: dict[tuple[int, str], tuple[int, dict[str, float]]] = {}
@@ -461,6 +464,12 @@ class NvmlCollector:
         ``field`` column of gpu_metrics.csv, in base units (ratios, bytes, watts...)."""
         return self._devices_history.window(uuid, t0_ns, t1_ns, fields)
 
+    def device_windows(
+        self, uuids: Sequence[str], t0_ns: int, t1_ns: int, fields: tuple[str, ...] | None = None
+    ) -> list[WindowStats | None]:
+        """:meth:`device_window` of each of ``uuids``, in their order, at once."""
+        return self._devices_history.window_each(uuids, t0_ns, t1_ns, fields)
+
     def process_window(
         self, pid: int, t0_ns: int, t1_ns: int, fields: tuple[str, ...] | None = None
     ) -> WindowStats | None:
@@ -471,15 +480,17 @@ class NvmlCollector:
         as for :meth:`device_window`."""
         return self._process_history.window_group(pid, t0_ns, t1_ns, fields)
 
-    def processes(self) -> dict[int, list[str]]:
+    def processes(self) -> Mapping[int, tuple[str, ...]]:
         """pid → UUIDs (MIG UUIDs where placed on a MIG device) it runs on now;
-        empty when the last process scan is stale."""
+        empty when the last process scan is stale. The last scan's own table, which each
+        scan replaces and nothing changes: the join reads it for every record, so it is
+        not copied (callers must not mutate it)."""
         if not self._up:  # no lock for the common answer of a node without NVML
-            return {}
+            return _NO_PROCESSES
         with self._lock:
             if not self._up or self._clock() - self._processes_ns > self._stale_ns:
-                return {}
-            return {pid: list(uuids) for pid, uuids in self._processes.items()}
+                return _NO_PROCESSES
+            return self._processes
 
     def points(self) -> list[MetricPoint]:
         """Fresh device-level values for the exporters.
@@ -866,8 +877,9 @@ class NvmlCollector:
                     util_last[(s.pid, target)] = (t_ns, util)
         if dropped:
             self._metrics.inc(PROCESSES_DROPPED, dropped)
+        table = {pid: tuple(uuids) for pid, uuids in procs.items()}
         with self._lock:
-            self._processes = procs
+            self._processes = table
             self._processes_ns = now
             self._proc_last = latest
             # bounded by the running set: a process that left takes its last sample with it

@@ -135,6 +135,23 @@ def test_window_many_merges_keys_into_one_stream() -> None:
     assert w.max == {"sm": 0.6}
 
 
+def test_window_each_gives_each_keys_own_window_in_order() -> None:
+    h, _ = make()
+    h.add("a", 10, {"util": 0.2})
+    h.add("a", 12, {"util": 0.6})
+    h.add("b", 11, {"util": 1.0, "power": 300.0})
+    wa, none, wb = h.window_each(["a", "unknown", "b"], 0, 20, ("util", "power"))
+    assert none is None
+    assert wa is not None and wb is not None
+    assert (wa.samples, wa.mean, wa.max) == (2, pytest.approx({"util": 0.4}), {"util": 0.6})
+    assert (wb.samples, wb.mean, wb.max, wb.first_ns) == (1, {"util": 1.0, "power": 300.0},
+                                                          {"util": 1.0, "power": 300.0}, 11)
+    assert wa == h.window("a", 0, 20, ("util", "power")) and wa != wb
+    assert h.window_each(["a", "b"], 20, 0) == [None, None]  # an inverted window holds nothing
+    assert repr(wb) == ("WindowStats(samples=1, mean={'util': 1.0, 'power': 300.0}, "
+                        "max={'util': 1.0, 'power': 300.0}, first_ns=11, last_ns=11)")
+
+
 def test_bad_bounds_raise() -> None:
     with pytest.raises(ValueError):
         History("x", max_keys=0)
@@ -211,6 +228,8 @@ def test_running_aggregates_match_a_walk_of_the_samples_through_inserts_eviction
             keys = rng.choice([("a",), ("b",), ("a", "b")])
             used = [s for k in keys for s in reference(kept[k], t0, t1, 25)]
             w = h.window_many(keys, t0, t1, fields)
+            # each key's own window, under one lock, is the window of that key alone
+            assert h.window_each(keys, t0, t1, fields) == [h.window(k, t0, t1, fields) for k in keys]
             if not used:
                 assert w is None
                 continue

@@ -314,7 +314,7 @@ def test_per_process_memory_and_utilisation(make, scenario: Scenario) -> None:
     clock = ManualClock(t_us * 1000)
     c, m = make(clock=clock, period_s=3600)
     c.start()
-    assert c.processes() == {4242: [GPU0], 4343: [GPU0], 777: [MIG_B]}
+    assert c.processes() == {4242: (GPU0,), 4343: (GPU0,), 777: (MIG_B,)}
     # a second NVML sample for 4242, one second later and busier
     scenario.update({"gpu0.proc0.sm": 80, "gpu0.proc0.memutil": 40, "gpu0.proc0.ts_us": t_us + 1_000_000})
     clock.t += S
@@ -339,10 +339,15 @@ def test_per_process_memory_and_utilisation(make, scenario: Scenario) -> None:
     assert {pid for pid, p in pp if p.name == "hw.gpu.process.memory.usage"} == {4242, 4343, 777}
     # per-process values never reach points(): the exporters get no pid label
     assert not [p for p in c.points() if p.name.startswith("hw.gpu.process.")]
-    # a process that exits leaves processes() on the next scan
+    # the table is the scan's own, not copied per call (the join reads it per record)...
+    before = c.processes()
+    assert c.processes() is before
+    # ...and a process that exits leaves processes() on the next scan, which makes a new
+    # table: one already handed out stays as it was
     scenario.update({"gpu0.procs": 1})
     c.sample_now()
-    assert c.processes() == {4242: [GPU0], 777: [MIG_B]}
+    assert c.processes() == {4242: (GPU0,), 777: (MIG_B,)}
+    assert before == {4242: (GPU0,), 4343: (GPU0,), 777: (MIG_B,)}
 
 
 def test_process_bound_drops_and_counts(make, scenario: Scenario) -> None:
@@ -350,7 +355,7 @@ def test_process_bound_drops_and_counts(make, scenario: Scenario) -> None:
                      "gpu0.proc1.mem": 1, "gpu0.proc2.pid": 3, "gpu0.proc2.mem": 1})
     c, m = make(period_s=3600, max_processes=2)
     c.start()
-    assert c.processes() == {1: [GPU0], 2: [GPU0]}
+    assert c.processes() == {1: (GPU0,), 2: (GPU0,)}
     assert m.get(PROCESSES_DROPPED) == 1
 
 
