@@ -12,7 +12,7 @@ window ``[start, end]``:
         (no kubelet socket: NVML's process list, pids mapped to the pod through cgroups)
     GPUs ──NvmlCollector.device_windows──► mean utilisation over the window
          ──DcgmCollector.device_window──► SM active / occupancy, tensor pipe, DRAM (when dcgm-exporter runs)
-    pod's processes ──NvmlCollector.process_window──► peak memory, SM utilisation (→ the pod's SM share)
+    pod's processes ──NvmlCollector.process_windows──► peak memory, SM utilisation (→ the pod's SM share)
     pod's processes ──CudaProbe.window──► kernel launches, bytes copied, synchronize time
 
 The ``gpu.window.*`` attributes describe the window, not work owned by the
@@ -121,6 +121,9 @@ class NvmlReader(Protocol):
     def process_window(
         self, pid: int, t0_ns: int, t1_ns: int, fields: tuple[str, ...] | None = None
     ) -> WindowStats | None: ...
+    def process_windows(
+        self, pids: Sequence[int], t0_ns: int, t1_ns: int, fields: tuple[str, ...] | None = None
+    ) -> list[WindowStats | None]: ...
     def processes(self) -> Mapping[int, Sequence[str]]: ...
     def process_points(self) -> list[tuple[int, MetricPoint]]: ...
 
@@ -589,11 +592,13 @@ class Join:
         if util_mean is not None:
             out[A_UTIL_MEAN] = util_mean
         placed = procs if procs is not None else nvml.processes()  # one snapshot per record
-        by_pid = {p: nvml.process_window(p, t0, t1, RECORD_PROCESS_FIELDS) for p in sorted(group.pids)}
+        pids = sorted(group.pids)
+        by_pid = dict(zip(pids, nvml.process_windows(pids, t0, t1, RECORD_PROCESS_FIELDS), strict=True))
         proc_stats = [w for w in by_pid.values() if w is not None]
-        peaks = [w.max["process.memory.used"] for w in proc_stats if "process.memory.used" in w.max]
+        peaks = [w.max_sum["process.memory.used"] for w in proc_stats if "process.memory.used" in w.max_sum]
         if peaks:
-            # per-process peaks added: an upper bound on the pod's peak, exact for one process
+            # per-process peaks added, each process's its peaks on each of its GPUs added: an upper
+            # bound on the pod's peak, exact for one process on one GPU
             out[A_POD_MEMORY_PEAK] = sum(peaks)
         # the pod's SM use per GPU: a process's window mean is its per-GPU average, so it counts
         # on each GPU NVML places it on (tensor parallelism: one process per GPU)

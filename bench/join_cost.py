@@ -1,22 +1,26 @@
-"""What the GPU join costs per record, by GPUs per process and request length.
+"""What the GPU join costs per record, by how the pod's processes sit on its GPUs, GPUs and
+request length.
 
     python -m bench.join_cost [--history-seconds S] [--records N] [--gpus LIST] [--windows LIST] [--json]
 
 The overhead benchmarks run on machines without a GPU, where the join finds no GPU
 process and adds nothing; on a GPU node it summarises, for every record, what the
-process's GPUs did over the request's own window (``docs/join.md``). This runs that
-path alone: the real NVML collector on the fake ``libnvidia-ml.so.1`` (built from
-NVIDIA's ``nvml.h``, as the tests build it; needs gcc and PyPI ``nvidia-nvml-dev``),
-sampled once per simulated second over ``--history-seconds`` of history, the
-benchmark's own process running on each GPU beside ``--others`` other processes,
-and the join as ``infersight run`` builds it (no Kubernetes, no kubelet, no CUDA or
-DCGM sources), called on records of the benchmark's process.
+pod's GPUs and processes did over the request's own window (``docs/join.md``). This
+runs that path alone: the real NVML collector on the fake ``libnvidia-ml.so.1`` (built
+from NVIDIA's ``nvml.h``, as the tests build it; needs gcc and PyPI
+``nvidia-nvml-dev``), sampled once per simulated second over ``--history-seconds`` of
+history, each GPU also running ``--others`` processes of other pods, and the join as
+``infersight run`` builds it (no Kubernetes, no kubelet, no CUDA or DCGM sources). Two
+layouts: ``shared``, the benchmark's own process on every GPU, serving the records;
+``per_gpu``, a server process on none and a worker process on each GPU, all in one
+pod's container (tensor parallelism as vLLM, SGLang and TGI run it; the processes live
+in a fake /proc, their pod found through their cgroup), the server serving the records.
 
 Printed: CPU time per record (``time.process_time``, the best of ``--repeat`` loops of
 ``--records``) with NVML down (the no-GPU node's path, as the overhead benchmarks
-take it), then for each GPU count and request length (the window's samples per GPU
-with it), and the attributes one such record carried. A record that comes out without
-``gpu.uuids`` stops the benchmark: it would time the no-GPU path.
+take it), then for each layout, GPU count and request length (the window's samples per
+GPU with it), and the attributes one record of each layout carried. A record that comes
+out without all its GPUs in ``gpu.uuids`` stops the benchmark: it would time another path.
 """
 
 from __future__ import annotations
@@ -27,24 +31,32 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from bench import parse_sweep, print_result
 from tests.join_support import ManualClock, S
 
+#: where the serving pod's processes run: ``shared``, one process on every GPU; ``per_gpu``, a
+#: process serving HTTP on none and a worker on each GPU (tensor parallelism as vLLM, SGLang and
+#: TGI run it), the pod's processes found through their cgroup
+LAYOUTS: Final = ("shared", "per_gpu")
+#: the ``per_gpu`` layout's pids, in a fake /proc: the server, then its workers
+SERVER_PID: Final = 700_000
 
-def scenario_values(gpus: int, others: int, pid: int, ts_us: int) -> dict[str, object]:
-    """The fake NVML's state: ``gpus`` GPUs, on each the process ``pid`` and ``others`` more,
-    all with a utilisation sample at ``ts_us``."""
+
+def scenario_values(gpus: int, others: int, pid: int | list[int], ts_us: int) -> dict[str, object]:
+    """The fake NVML's state: ``gpus`` GPUs, on each the process ``pid`` (or on GPU i the
+    process ``pid[i]``) and ``others`` more, all with a utilisation sample at ``ts_us``."""
     v: dict[str, object] = {"driver": 1, "gpus": gpus}
     for i in range(gpus):
+        ours = pid[i] if isinstance(pid, list) else pid
         g = f"gpu{i}"
         v.update({f"{g}.uuid": f"GPU-bench-{i:04d}", f"{g}.name": "NVIDIA H100 80GB HBM3",
                   f"{g}.pci": f"00000000:{0x17 + i:02x}:00.0", f"{g}.mem_total": 80 << 30,
                   f"{g}.mem_used": 60 << 30, f"{g}.util_gpu": 80, f"{g}.util_mem": 40, f"{g}.power_mw": 550_000,
                   f"{g}.energy_mj": 10_000_000, f"{g}.temp_c": 60, f"{g}.clock_sm_mhz": 1980,
                   f"{g}.clock_mem_mhz": 2619, f"{g}.procs": others + 1})
-        for k, p in enumerate([pid, *range(900_000 + 10 * i, 900_000 + 10 * i + others)]):
+        for k, p in enumerate([ours, *range(900_000 + 10 * i, 900_000 + 10 * i + others)]):
             v.update({f"{g}.proc{k}.pid": p, f"{g}.proc{k}.mem": 8 << 30, f"{g}.proc{k}.sm": 70,
                       f"{g}.proc{k}.memutil": 30, f"{g}.proc{k}.ts_us": ts_us})
     return v
@@ -73,17 +85,23 @@ def _bench(tmp: Path, history_s: int, n: int, gpu_counts: tuple[int, ...], windo
     from agent.selfmetrics import SelfMetrics
     from collectors.nvml import NvmlCollector, NvmlConfig
     from tests.fake_nvml import SCENARIO_ENV, Scenario, build
+    from tests.join_support import systemd_path, write_proc
 
     lib = build(tmp)
     scenario = Scenario(tmp / "scenario")
     os.environ[SCENARIO_ENV] = str(scenario.path)
-    pid = os.getpid()
     clock = ManualClock(time.time_ns() - 3600 * S)  # simulated wall-clock time
-    cfg = JoinConfig(node_name="bench", k8s_enabled=False, kubelet_enabled=False, cuda_enabled=False,
-                     dcgm_enabled=False)
+    proc = tmp / "proc"  # the per_gpu layout's processes, all in one pod's container
+    pod = systemd_path("0b1c2d3e-0000-4000-8000-000000000001", "c0ffee" * 10 + "abcd")
+    for p in range(SERVER_PID, SERVER_PID + 1 + max(gpu_counts)):
+        write_proc(proc, p, pod)
     nvml_config = NvmlConfig(period_s=3600, event_timeout_ms=50, history_seconds=history_s + 60, events=False)
 
-    def records(window_s: float) -> list[Request]:
+    def config(layout: str) -> JoinConfig:
+        return JoinConfig(node_name="bench", k8s_enabled=False, kubelet_enabled=False, cuda_enabled=False,
+                          dcgm_enabled=False, proc=str(proc) if layout == "per_gpu" else "/proc")
+
+    def records(pid: int, window_s: float) -> list[Request]:
         t1 = clock.ns()
         t0 = t1 - int(window_s * S)
         return [Request(start_time_unix_nano=t0 + i, end_time_unix_nano=t1, pid=pid, command="python3",
@@ -93,36 +111,43 @@ def _bench(tmp: Path, history_s: int, n: int, gpu_counts: tuple[int, ...], windo
     metrics = SelfMetrics()
     # a node whose NVML is down: the join's GPU path as the overhead benchmarks take it
     down = NvmlCollector(nvml_config, metrics=metrics, clock=clock.ns, library_path=str(lib))
-    join = Join(cfg, nvml=down, metrics=metrics, clock=time.monotonic, wall_clock=clock.ns)
+    join = Join(config("shared"), nvml=down, metrics=metrics, clock=time.monotonic, wall_clock=clock.ns)
     join.refresh()
     out: dict[str, Any] = {"history_seconds": history_s, "records": n, "other_processes_per_gpu": others,
-                           "no_gpu_us_per_record": round(per_record_us(join, records(10.0), repeat), 2), "gpu": []}
-    example: dict[str, Any] = {}
-    for gpus in gpu_counts:
-        scenario.set(scenario_values(gpus, others, pid, clock.ns() // 1000))
-        nvml = NvmlCollector(nvml_config, metrics=metrics, clock=clock.ns, library_path=str(lib))
-        nvml.start()
-        try:
-            if not nvml.devices():
-                raise RuntimeError("the fake NVML showed no GPU")
-            for _ in range(history_s):  # one sample per simulated second
-                clock.advance(1.0)
-                scenario.update({f"gpu{i}.proc{k}.ts_us": clock.ns() // 1000
-                                 for i in range(gpus) for k in range(others + 1)})
-                nvml.sample_now()
-            join = Join(cfg, nvml=nvml, metrics=metrics, clock=time.monotonic, wall_clock=clock.ns)
-            join.refresh()
-            for window in windows:
-                batch = records(window)
-                attrs = join(batch[0]).attributes
-                if A_UUIDS not in attrs:
-                    raise RuntimeError(f"a record came out of the join without {A_UUIDS}: {dict(attrs)}")
-                out["gpu"].append({"gpus": gpus, "window_s": window, "samples_per_gpu": attrs.get(A_SAMPLES, 0) // gpus,
-                                   "us_per_record": round(per_record_us(join, batch, repeat), 2)})
-                example = {k: v for k, v in attrs.items() if k.startswith("gpu.")}
-        finally:
-            nvml.stop()
-    out["example_attributes"] = {k: list(v) if isinstance(v, tuple) else v for k, v in example.items()}
+                           "no_gpu_us_per_record": round(per_record_us(join, records(os.getpid(), 10.0), repeat), 2),
+                           "gpu": []}
+    examples: dict[str, Any] = {}
+    for layout in LAYOUTS:
+        for gpus in gpu_counts:
+            server = os.getpid() if layout == "shared" else SERVER_PID
+            on_gpus: int | list[int] = server if layout == "shared" else [SERVER_PID + 1 + i for i in range(gpus)]
+            scenario.set(scenario_values(gpus, others, on_gpus, clock.ns() // 1000))
+            nvml = NvmlCollector(nvml_config, metrics=metrics, clock=clock.ns, library_path=str(lib))
+            nvml.start()
+            try:
+                if not nvml.devices():
+                    raise RuntimeError("the fake NVML showed no GPU")
+                for _ in range(history_s):  # one sample per simulated second
+                    clock.advance(1.0)
+                    scenario.update({f"gpu{i}.proc{k}.ts_us": clock.ns() // 1000
+                                     for i in range(gpus) for k in range(others + 1)})
+                    nvml.sample_now()
+                join = Join(config(layout), nvml=nvml, metrics=metrics, clock=time.monotonic, wall_clock=clock.ns)
+                join(records(server, 1.0)[0])  # the server is known to serve...
+                join.refresh()  # ...and its pod's processes are grouped
+                for window in windows:
+                    batch = records(server, window)
+                    attrs = join(batch[0]).attributes
+                    if len(attrs.get(A_UUIDS, ())) != gpus:
+                        raise RuntimeError(f"a record came out of the join without its {gpus} GPUs: {dict(attrs)}")
+                    out["gpu"].append({"layout": layout, "gpus": gpus, "window_s": window,
+                                       "samples_per_gpu": attrs.get(A_SAMPLES, 0) // gpus,
+                                       "us_per_record": round(per_record_us(join, batch, repeat), 2)})
+                    examples[layout] = {k: list(v) if isinstance(v, tuple) else v for k, v in attrs.items()
+                                        if k.startswith("gpu.")}
+            finally:
+                nvml.stop()
+    out["example_attributes"] = examples
     return out
 
 

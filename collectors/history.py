@@ -54,7 +54,10 @@ class WindowStats:
     not count towards its mean),
     or, where the query named its fields, per named field present.
     ``first_ns`` / ``last_ns`` are the times of the first and last sample used,
-    which may lie before ``t0_ns`` (see :meth:`History.window`).
+    which may lie before ``t0_ns`` (see :meth:`History.window`). ``max_sum`` holds,
+    per field of ``max``, each key's own maximum added over the window's keys: a
+    process's memory peak over all its GPUs, where ``max`` is its largest on one
+    (for a one-key window, ``max`` again).
 
     Immutable: every field is ``Final``. A plain class rather than a frozen dataclass, as
     :class:`agent.record.Request` is: the join builds one per GPU and per process for every
@@ -63,25 +66,26 @@ class WindowStats:
     few stores.
     """
 
-    __slots__ = ("first_ns", "last_ns", "max", "mean", "samples")
+    __slots__ = ("first_ns", "last_ns", "max", "max_sum", "mean", "samples")
 
     def __init__(self, samples: int, mean: dict[str, float], max: dict[str, float], first_ns: int,
-                 last_ns: int) -> None:
+                 last_ns: int, max_sum: dict[str, float] | None = None) -> None:
         self.samples: Final = samples
         self.mean: Final = mean
         self.max: Final = max
         self.first_ns: Final = first_ns
         self.last_ns: Final = last_ns
+        self.max_sum: Final = max if max_sum is None else max_sum
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, WindowStats):
             return NotImplemented
-        return (self.samples, self.mean, self.max, self.first_ns, self.last_ns) == (
-            other.samples, other.mean, other.max, other.first_ns, other.last_ns)
+        return (self.samples, self.mean, self.max, self.first_ns, self.last_ns, self.max_sum) == (
+            other.samples, other.mean, other.max, other.first_ns, other.last_ns, other.max_sum)
 
     def __repr__(self) -> str:
         return (f"WindowStats(samples={self.samples!r}, mean={self.mean!r}, max={self.max!r}, "
-                f"first_ns={self.first_ns!r}, last_ns={self.last_ns!r})")
+                f"first_ns={self.first_ns!r}, last_ns={self.last_ns!r}, max_sum={self.max_sum!r})")
 
 
 #: the maxima tables kept per field: level k holds the maximum of 2**k samples from each index
@@ -308,6 +312,20 @@ class History:
             keys = self._groups.get(group)
             return self._summary(keys, t0_ns, t1_ns, fields) if keys else None
 
+    def window_groups(
+        self, groups: Iterable[Hashable], t0_ns: int, t1_ns: int, fields: tuple[str, ...] | None = None
+    ) -> list[WindowStats | None]:
+        """:meth:`window_group` of each group in turn, under one acquisition of the lock (the
+        join asks for every process of a record's pod at once)."""
+        if t1_ns < t0_ns:
+            return [None for _ in groups]
+        with self._lock:
+            out: list[WindowStats | None] = []
+            for group in groups:
+                keys = self._groups.get(group)
+                out.append(self._summary(keys, t0_ns, t1_ns, fields) if keys else None)
+            return out
+
     def _summary(
         self, keys: Iterable[Hashable], t0_ns: int, t1_ns: int, fields: tuple[str, ...] | None
     ) -> WindowStats | None:
@@ -341,10 +359,12 @@ class History:
             fields = tuple(dict.fromkeys(f for series, lo, hi in spans for v in series.values[lo:hi] for f in v))
         means: dict[str, float] = {}
         maxima: dict[str, float] = {}
+        added: dict[str, float] = {}
         for name in fields:
             total = 0.0
             count = 0
             peak = -inf
+            peaks = 0.0
             for series, lo, hi in spans:
                 agg = series.field(name)
                 counts = agg.counts
@@ -360,10 +380,13 @@ class History:
                     m = agg.peak(lo, hi)
                 if m > peak:
                     peak = m
+                peaks += m
             if count:
                 means[name] = total / count
                 maxima[name] = peak
-        return WindowStats(samples=samples, mean=means, max=maxima, first_ns=first_ns, last_ns=last_ns)
+                added[name] = peaks
+        return WindowStats(samples=samples, mean=means, max=maxima, first_ns=first_ns, last_ns=last_ns,
+                           max_sum=added)
 
     def _grouped(self, key: Hashable, present: bool) -> None:
         """Keep ``_groups`` in step with a key added (``present``) or gone; under the lock."""

@@ -480,6 +480,12 @@ class NvmlCollector:
         as for :meth:`device_window`."""
         return self._process_history.window_group(pid, t0_ns, t1_ns, fields)
 
+    def process_windows(
+        self, pids: Sequence[int], t0_ns: int, t1_ns: int, fields: tuple[str, ...] | None = None
+    ) -> list[WindowStats | None]:
+        """:meth:`process_window` of each of ``pids``, in their order, at once."""
+        return self._process_history.window_groups(pids, t0_ns, t1_ns, fields)
+
     def processes(self) -> Mapping[int, tuple[str, ...]]:
         """pid → UUIDs (MIG UUIDs where placed on a MIG device) it runs on now;
         empty when the last process scan is stale. The last scan's own table, which each

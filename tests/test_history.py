@@ -133,6 +133,7 @@ def test_window_many_merges_keys_into_one_stream() -> None:
     assert w.samples == 2
     assert w.mean == pytest.approx({"sm": 0.4})
     assert w.max == {"sm": 0.6}
+    assert w.max_sum == pytest.approx({"sm": 0.8})  # each key's maximum, added
 
 
 def test_window_each_gives_each_keys_own_window_in_order() -> None:
@@ -149,7 +150,8 @@ def test_window_each_gives_each_keys_own_window_in_order() -> None:
     assert wa == h.window("a", 0, 20, ("util", "power")) and wa != wb
     assert h.window_each(["a", "b"], 20, 0) == [None, None]  # an inverted window holds nothing
     assert repr(wb) == ("WindowStats(samples=1, mean={'util': 1.0, 'power': 300.0}, "
-                        "max={'util': 1.0, 'power': 300.0}, first_ns=11, last_ns=11)")
+                        "max={'util': 1.0, 'power': 300.0}, first_ns=11, last_ns=11, "
+                        "max_sum={'util': 1.0, 'power': 300.0})")
 
 
 def test_bad_bounds_raise() -> None:
@@ -226,7 +228,8 @@ def test_running_aggregates_match_a_walk_of_the_samples_through_inserts_eviction
             t1 = t0 + rng.choice([0, 1, 3, 10, 30, 80, 200, 400])
             fields = rng.choice([("util",), ("util", "mem"), ("mem", "absent"), None])
             keys = rng.choice([("a",), ("b",), ("a", "b")])
-            used = [s for k in keys for s in reference(kept[k], t0, t1, 25)]
+            by_key = {k: reference(kept[k], t0, t1, 25) for k in keys}
+            used = [s for k in keys for s in by_key[k]]
             w = h.window_many(keys, t0, t1, fields)
             # each key's own window, under one lock, is the window of that key alone
             assert h.window_each(keys, t0, t1, fields) == [h.window(k, t0, t1, fields) for k in keys]
@@ -246,6 +249,13 @@ def test_running_aggregates_match_a_walk_of_the_samples_through_inserts_eviction
                     want_mean[name] = sum(present) / len(present)
                     want_max[name] = max(present)
             assert w.max == want_max
+            # each key's own maximum, added over the keys (a process's peaks on each of its GPUs)
+            want_sum = {name: sum(max(v[name] for _, v in by_key[k] if name in v)
+                                  for k in keys if any(name in v for _, v in by_key[k]))
+                        for name in want_max}
+            assert w.max_sum.keys() == want_sum.keys()
+            for name, total in want_sum.items():
+                assert w.max_sum[name] == pytest.approx(total, rel=1e-12)
             assert w.mean.keys() == want_mean.keys()
             for name, mean in want_mean.items():
                 assert w.mean[name] == pytest.approx(mean, rel=1e-9, abs=1e-9)
@@ -286,10 +296,15 @@ def test_window_group_reads_the_keys_of_a_group_as_keys_come_and_go() -> None:
     w = h.window_group(7, 0, 20)
     assert w is not None and w.mean == {"sm": 0.5}
     assert h.window_group(8, 0, 20) is not None and h.window_group(5, 0, 20) is None
+    # several groups at once, in the order asked: each the group's own window
+    assert h.window_groups([8, 5, 7], 0, 20, ("sm",)) == [h.window_group(g, 0, 20, ("sm",)) for g in (8, 5, 7)]
+    assert h.window_groups([8, 5, 7], 0, 20)[1] is None
+    assert h.window_groups([8, 7], 20, 0) == [None, None]
     # a history without groups has none to read
     plain, _ = make()
     plain.add((7, "GPU-a"), 10, {"sm": 0.2})
     assert plain.window_group(7, 0, 20) is None
+    assert plain.window_groups([7], 0, 20) == [None]
 
 
 def test_a_one_sample_window_gives_the_sample_as_it_came() -> None:

@@ -726,3 +726,31 @@ def test_tensor_parallel_pods_sharing_two_gpus_are_shared_per_gpu(
         nvml.stop()
     assert out[A_UUIDS] == (GPU0, GPU1)
     assert out[A_POD_SM_SHARE] == pytest.approx(0.5)
+
+
+def test_a_process_on_two_gpus_has_its_peak_on_each_added(
+        fake_lib: str, proc: Path, metrics: SelfMetrics, clock: ManualClock, scenario: Scenario) -> None:
+    """One process holding memory on two GPUs (llama.cpp and Ollama split a model's layers so):
+    the pod's memory peak is the process's peak on each GPU, added, not its largest on one."""
+    from tests.join_support import GPU1
+
+    write_proc(proc, 1001, systemd_path(new_uid(), new_cid()))
+    scenario.update({"gpu1.mig": 0, "gpu1.migs": 0, "gpu1.proc_util": None,
+                     "gpu0.procs": 1, "gpu0.proc0.pid": 1001, "gpu0.proc0.mem": 6_000_000_000,
+                     "gpu1.procs": 1, "gpu1.proc0.pid": 1001, "gpu1.proc0.mem": 3_000_000_000})
+    nvml = NvmlCollector(NvmlConfig(period_s=3600, event_timeout_ms=50), metrics=metrics, clock=clock.ns,
+                         library_path=fake_lib)
+    nvml.start()  # its first sample, at T0
+    try:
+        scenario.update({"gpu0.proc0.mem": 7_000_000_000, "gpu1.proc0.mem": 2_000_000_000})
+        clock.t = T0 + S
+        nvml.sample_now()
+        join = make_join(proc, metrics, clock, nvml=nvml)
+        join.refresh()
+        out = join(record(1001, T0, T0 + S)).attributes
+        one = join(record(1001, T0 + S, T0 + S)).attributes  # the second sample alone
+    finally:
+        nvml.stop()
+    assert out[A_UUIDS] == (GPU0, GPU1)
+    assert out[A_POD_MEMORY_PEAK] == 7_000_000_000 + 3_000_000_000  # each GPU's own peak
+    assert one[A_POD_MEMORY_PEAK] == 7_000_000_000 + 2_000_000_000
