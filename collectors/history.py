@@ -359,7 +359,8 @@ class History:
             fields = tuple(dict.fromkeys(f for series, lo, hi in spans for v in series.values[lo:hi] for f in v))
         means: dict[str, float] = {}
         maxima: dict[str, float] = {}
-        added: dict[str, float] = {}
+        several = len(spans) > 1
+        added: dict[str, float] = {} if several else maxima  # one key: its maximum is the sum
         for name in fields:
             total = 0.0
             count = 0
@@ -384,7 +385,8 @@ class History:
             if count:
                 means[name] = total / count
                 maxima[name] = peak
-                added[name] = peaks
+                if several:
+                    added[name] = peaks
         return WindowStats(samples=samples, mean=means, max=maxima, first_ns=first_ns, last_ns=last_ns,
                            max_sum=added)
 
