@@ -597,7 +597,7 @@ class Join:
         proc_stats = [w for w in by_pid.values() if w is not None]
         peaks = [w.max_sum["process.memory.used"] for w in proc_stats if "process.memory.used" in w.max_sum]
         if peaks:
-            # per-process peaks added, each process's its peaks on each of its GPUs added: an upper
+            # a process's peaks on each of its GPUs added, and the pod's processes' added: an upper
             # bound on the pod's peak, exact for one process on one GPU
             out[A_POD_MEMORY_PEAK] = sum(peaks)
         # the pod's SM use per GPU: a process's window mean is its per-GPU average, so it counts

@@ -70,7 +70,7 @@ XID_CODES_CAPPED = "infersight.gpu.xid.codes.capped"
 
 #: NVML's "no MIG placement" value in process info and event data.
 NO_INSTANCE = 0xFFFFFFFF
-#: what processes() answers with no current scan (read-only, as every answer is)
+#: what processes() answers with no current scan: an empty table that cannot be changed
 _NO_PROCESSES: Mapping[int, tuple[str, ...]] = MappingProxyType({})
 
 # Errors that mean NVML itself is unusable: collection goes off and init is retried.
