@@ -118,9 +118,6 @@ class NvmlReader(Protocol):
     def device_windows(
         self, uuids: Sequence[str], t0_ns: int, t1_ns: int, fields: tuple[str, ...] | None = None
     ) -> list[WindowStats | None]: ...
-    def process_window(
-        self, pid: int, t0_ns: int, t1_ns: int, fields: tuple[str, ...] | None = None
-    ) -> WindowStats | None: ...
     def process_windows(
         self, pids: Sequence[int], t0_ns: int, t1_ns: int, fields: tuple[str, ...] | None = None
     ) -> list[WindowStats | None]: ...
