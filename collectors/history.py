@@ -69,13 +69,13 @@ class WindowStats:
     __slots__ = ("first_ns", "last_ns", "max", "max_sum", "mean", "samples")
 
     def __init__(self, samples: int, mean: dict[str, float], max: dict[str, float], first_ns: int,
-                 last_ns: int, max_sum: dict[str, float] | None = None) -> None:
+                 last_ns: int, max_sum: dict[str, float]) -> None:
         self.samples: Final = samples
         self.mean: Final = mean
         self.max: Final = max
         self.first_ns: Final = first_ns
         self.last_ns: Final = last_ns
-        self.max_sum: Final = max if max_sum is None else max_sum
+        self.max_sum: Final = max_sum
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, WindowStats):
@@ -296,10 +296,7 @@ class History:
     ) -> list[WindowStats | None]:
         """:meth:`window` of each key in turn, under one acquisition of the lock (the join
         asks for every GPU of a record at once)."""
-        if t1_ns < t0_ns:
-            return [None for _ in keys]
-        with self._lock:
-            return [self._summary((key,), t0_ns, t1_ns, fields) for key in keys]
+        return self._windows(keys, False, t0_ns, t1_ns, fields)
 
     def window_group(
         self, group: Hashable, t0_ns: int, t1_ns: int, fields: tuple[str, ...] | None = None
@@ -317,14 +314,21 @@ class History:
     ) -> list[WindowStats | None]:
         """:meth:`window_group` of each group in turn, under one acquisition of the lock (the
         join asks for every process of a record's pod at once)."""
+        return self._windows(groups, True, t0_ns, t1_ns, fields)
+
+    def _windows(
+        self, items: Iterable[Hashable], grouped: bool, t0_ns: int, t1_ns: int, fields: tuple[str, ...] | None
+    ) -> list[WindowStats | None]:
+        """The window of each item (a key, or with ``grouped`` a group's keys), in order, under
+        one acquisition of the lock."""
         if t1_ns < t0_ns:
-            return [None for _ in groups]
+            return [None for _ in items]
+        out: list[WindowStats | None] = []
         with self._lock:
-            out: list[WindowStats | None] = []
-            for group in groups:
-                keys = self._groups.get(group)
+            for item in items:
+                keys = self._groups.get(item) if grouped else (item,)
                 out.append(self._summary(keys, t0_ns, t1_ns, fields) if keys else None)
-            return out
+        return out
 
     def _summary(
         self, keys: Iterable[Hashable], t0_ns: int, t1_ns: int, fields: tuple[str, ...] | None
