@@ -858,12 +858,14 @@ static int done_write(const unsigned char *f, Py_ssize_t n) {
     long long size = -1;
     Py_ssize_t pos = size_line(f, n, &size); /* "data:" is no size line: 't' follows "da" */
     if (pos) {
-        char lower[24], upper[24];
-        int digits = (int)pos - 2;
-        snprintf(lower, sizeof lower, "%llx", size);
-        snprintf(upper, sizeof upper, "%llX", size);
-        if ((int)strlen(lower) != digits ||
-            (memcmp(f, lower, (size_t)digits) != 0 && memcmp(f, upper, (size_t)digits) != 0))
+        /* the digits as %llx or %llX writes the size: no leading zero, letters in one case */
+        Py_ssize_t digits = pos - 2;
+        int lower = 0, upper = 0;
+        for (Py_ssize_t i = 0; i < digits; i++) {
+            lower |= f[i] >= 'a';
+            upper |= f[i] >= 'A' && f[i] <= 'F';
+        }
+        if ((digits > 1 && f[0] == '0') || (lower && upper))
             return 0;
     } else {
         size = -1;
