@@ -516,6 +516,10 @@ class Pipeline:
                    "Tracked connections whose fd number a new connection took before their close was seen"
                    " (their state ended then).")
         m.set("infersight.kernel.connections.replaced", k["replaced"])
+        m.describe("infersight.kernel.tail_rings.reclaimed", "counter",
+                   "Streamed responses whose tail ring the pool gave to a newer stream before they ended"
+                   " (they took another; their earlier kept writes were lost).")
+        m.set("infersight.kernel.tail_rings.reclaimed", k["tails_reclaimed"])
         m.set("infersight.kernel.conn_map.full", k["conn_full"])
         m.set("infersight.kernel.truncated", k["truncated"])
         m.describe("infersight.kernel.h2.connections", "counter",

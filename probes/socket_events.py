@@ -90,6 +90,7 @@ COUNTER_NAMES = (
     "lost_h2",
     "h2_stream_full",
     "replaced",
+    "tails_reclaimed",
 )
 GAP_BUCKETS: Final = 32
 

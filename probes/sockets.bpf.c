@@ -51,13 +51,19 @@ BPF_HASH(targets, u32, u8, MAX_TARGETS);
  * bench.helper_cost); any change to `targets` makes every answer ask again. */
 BPF_PERCPU_ARRAY(target_answer, u64, 1);
 BPF_ARRAY(target_gens, u64, 2);
-BPF_TABLE("lru_hash", u64, struct tails_t, tails, MAX_STREAMS);
+/* Tail rings, a pool taken in turn: a response takes the next ring at its first write past
+ * the samples and marks it its connection's (owner). An array's lookup is an index, where an
+ * LRU hash keyed by connection cost a hashed lookup on every streamed write. */
+#if MAX_STREAMS & (MAX_STREAMS - 1)
+#error "MAX_STREAMS: a power of 2"
+#endif
+BPF_ARRAY(tails, struct tails_t, MAX_STREAMS);
+BPF_ARRAY(next_tail, u64, 1);
 BPF_PERCPU_ARRAY(scratch_data, struct data_scratch_t, 1);
 BPF_PERCPU_ARRAY(scratch_summary, struct summary_event_t, 1);
 BPF_ARRAY(next_conn_id, u64, 1);
 /* all-zero templates: values too large for the 512-byte BPF stack */
 BPF_ARRAY(zero_conn, struct conn_t, 1);
-BPF_ARRAY(zero_tails, struct tails_t, 1);
 BPF_ARRAY(h2_ready, u32, 1);    /* set by user space once the HTTP/2 walk is loaded */
 
 #if TLS
@@ -272,8 +278,9 @@ static __always_inline void send_summary(struct conn_t *c, u64 key, u32 tgid, u3
     u32 first = 0;
     u64 packed = 0;
     if (c->phase == PH_RESP && c->writes > SAMPLE_WRITES) {
-        struct tails_t *t = tails.lookup(&key);
-        if (t) {
+        u32 tix = c->tail_ix;
+        struct tails_t *t = tails.lookup(&tix);
+        if (t && t->owner == c->conn_id) {
             ring = c->writes - SAMPLE_WRITES;
             if (ring > TAIL_SLOTS) {
                 ring = TAIL_SLOTS;
@@ -365,7 +372,6 @@ static __always_inline void new_conn(u32 tgid, u32 fd, u8 role, s32 listen_fd, u
         return;
     c->conn_id = id;
     c->role = role;
-    tails.delete(&key);
     count(C_CONNS);
     send_addr(tgid, fd, id, role, role == ROLE_SERVER ? CS_ACCEPT : CS_CONNECT, listen_fd, addr, addr_len, now);
 }
@@ -578,16 +584,37 @@ static __always_inline void on_data(void *ctx, u64 pid_tgid, struct conn_t *c, s
         return;
     }
 
-    /* beyond the samples: keep the write's last bytes in the tail ring */
-    struct tails_t *t = tails.lookup(&key);
-    if (!t) {
-        struct tails_t *empty = zero_tails.lookup(&z);
-        if (!empty)
+    /* beyond the samples: keep the write's last bytes in the response's tail ring */
+    u32 tix = c->tail_ix;
+    struct tails_t *t = tails.lookup(&tix);
+    if (!t)
+        return;
+    if (idx == SAMPLE_WRITES || t->owner != c->conn_id) {
+        /* the first write past the samples takes the pool's next ring. A ring a newer
+         * stream took meanwhile (the pool went round while this one streamed) is replaced
+         * by the next one, its earlier slots marked as holding no write of this response:
+         * the stream's end, where finish reasons and usage are, is still kept. */
+        u64 *next = next_tail.lookup(&z);
+        if (!next)
             return;
-        tails.update(&key, empty);
-        t = tails.lookup(&key);
+        tix = __sync_fetch_and_add(next, 1) & (MAX_STREAMS - 1);
+        t = tails.lookup(&tix);
         if (!t)
             return;
+        if (idx != SAMPLE_WRITES) {
+            count(C_TAIL_RECLAIMED);
+#pragma unroll
+            for (int i = 0; i < TAIL_SLOTS; i++) {
+                t->slot[i].index = NO_WRITE;
+                t->slot[i].len = 0;
+                t->slot[i].cap = 0;
+            }
+            t->first.index = NO_WRITE;
+            t->first.len = 0;
+            t->first.cap = 0;
+        }
+        t->owner = c->conn_id;
+        c->tail_ix = tix;
     }
     u32 slot = (idx - SAMPLE_WRITES) & (TAIL_SLOTS - 1);
     struct tail_slot_t *ts = &t->slot[slot];
@@ -969,7 +996,6 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close) {
     conn_ends(c, key, tgid, fd, bpf_ktime_get_ns());
     if (conns__S.delete(&key) == 0)
         count(C_CLOSED);
-    tails.delete(&key);
     return 0;
 }
 

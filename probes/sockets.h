@@ -84,7 +84,8 @@
 #define C_LOST_H2 16        /* EV_H2 records the ring buffer refused */
 #define C_H2_STREAM_FULL 17 /* stream aggregate map updates that failed */
 #define C_REPLACED 18       /* connections whose fd a new one took before their close was seen */
-#define C_COUNTERS 19
+#define C_TAIL_RECLAIMED 19 /* tail rings a newer stream took before their own stream ended */
+#define C_COUNTERS 20
 
 struct data_event_t {
     u8 type;
@@ -104,6 +105,8 @@ struct data_event_t {
     u32 pad;
     u8 payload[HEAD_CAP + TAIL_CAP];
 };
+
+#define NO_WRITE 0xffffffff /* tail_slot_t.index of a slot that holds no write of its response */
 
 struct tail_slot_t {
     u64 ts_ns;

@@ -95,7 +95,9 @@ class SocketProbeConfig:
     max_conns: int = 16384
     """Entries of the per-connection LRU map."""
     max_streams: int = 2048
-    """Entries of the LRU map of tail rings (concurrent long responses)."""
+    """Tail rings in the kernel's pool (power of 2). A streamed response takes the next one at
+    its first write past the samples; one still streaming when the pool has gone round takes
+    another, losing its earlier slots (counted: ``infersight.kernel.tail_rings.reclaimed``)."""
     max_inflight: int = 8192
     """Threads inside a traced syscall at once."""
     ringbuf_pages: int = 1024
@@ -134,7 +136,7 @@ class SocketProbeConfig:
         return Layout(self.head_cap, self.tail_cap, self.tail_slots, self.ring_head, self.h2_cap)
 
     def cflags(self) -> list[str]:
-        for name in ("head_cap", "tail_cap", "tail_slots", "ringbuf_pages", "h2_cap", "h2_gather"):
+        for name in ("head_cap", "tail_cap", "tail_slots", "max_streams", "ringbuf_pages", "h2_cap", "h2_gather"):
             v = getattr(self, name)
             if v <= 0 or v & (v - 1):
                 raise ValueError(f"{name} must be a power of two, got {v}")
@@ -546,10 +548,6 @@ class SocketProbe:
             self.deleted += 1
         except KeyError:
             pass
-        try:
-            del self.bpf[b"tails"][key]
-        except KeyError:
-            pass
 
     # ---- draining ---------------------------------------------------------------
     def drain(self, timeout_ms: int) -> int:
@@ -599,7 +597,7 @@ class SocketProbe:
     def map_entries(self) -> dict[str, tuple[int, int]]:
         """(entries, max_entries) per map. Walks each map: call at most every few seconds."""
         out = {}
-        for name in ("targets", "conns", "tails", "inflight", "h2streams"):
+        for name in ("targets", "conns", "inflight", "h2streams"):  # tails is an array, a pool taken in turn
             if name == "h2streams":
                 if self.h2bpf is None:
                     continue

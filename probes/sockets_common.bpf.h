@@ -100,6 +100,8 @@ struct conn_t {
     u8 summarized;      /* the current phase's summary was sent */
     u32 reported_seq;   /* the last phase with at least one record delivered */
     u32 mode;           /* MODE_*: where plaintext comes from, and how it is framed */
+    u32 tail_ix;        /* the current response's ring in the tails pool, while it owns it */
+    u32 pad2;
     u32 gaps[GAP_BUCKETS];
     struct h2dir_t h2[2];   /* MODE_H2: frame walk per direction (DIR_IN, DIR_OUT) */
 };
@@ -109,6 +111,8 @@ struct conn_t {
 #define MODE_H2_JOINED 4    /* ... entered mid-connection, without the preface */
 
 struct tails_t {
+    u64 owner;          /* conn_id of the connection whose current response holds the ring */
+    u64 pad;
     struct tail_slot_t slot[TAIL_SLOTS];
     /* the first write past the samples (index SAMPLE_WRITES), kept after the ring moves on:
      * where a stream whose first events carry no output (a role, an empty delta) has its
