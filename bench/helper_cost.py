@@ -68,7 +68,8 @@ BPF_ARRAY(cfg, u64, 2);                             /* 0: this process's tgid, 1
 BPF_ARRAY(seen, struct scratch_t, 1);               /* where the user-memory reads go (checked) */
 BPF_PERCPU_ARRAY(scratch, struct scratch_t, 1);
 BPF_HASH(procs, u32, u8, 1024);                     /* as the probe's targets */
-BPF_TABLE("lru_hash", u64, struct scratch_t, conns, 1024);  /* as its connections and tail rings */
+BPF_TABLE("lru_hash", u64, struct scratch_t, conns, 1024);  /* as its connections */
+BPF_ARRAY(pool, struct scratch_t, 1024);            /* as its tail rings */
 BPF_PROG_ARRAY(next, 1);
 BPF_PERCPU_ARRAY(answer, u64, 1);                   /* as the probe's target_answer and target_gens */
 BPF_ARRAY(gens, u64, 2);
@@ -105,6 +106,8 @@ VARIANTS: dict[str, str] = {
                      " if ((*last & ~1ULL) == asked) s->d[0] = *last & 1;"
                      " else { u8 *v = procs.lookup(&key32); *last = asked | (v ? 1 : 0); s->d[0] = 2; } }",
     "lru_hash_lookup": "struct scratch_t *v = conns.lookup(&key64); s->d[0] = v ? v->d[0] : 2;",
+    "array_lookup": "u32 ix = key32 & 1023; struct scratch_t *v = pool.lookup(&ix); s->d[0] = v ? v->d[0] : 2;",
+    "get_current_pid_tgid": "s->d[0] = bpf_get_current_pid_tgid() ? 1 : 2;",  # a second one
     "task_pt_regs": "u64 *r = (u64 *)bpf_task_pt_regs(bpf_get_current_task_btf()); s->d[0] = r[13];",
     "tail_call": "next.call(args, 0);",
     "get_current_task": "s->d[0] = bpf_get_current_task() ? 1 : 2;",  # a helper call that does nothing
@@ -116,8 +119,8 @@ VARIANTS: dict[str, str] = {
 }
 
 # the calls one streamed write past the samples makes in the probe, with how many times
-PER_WRITE = {"target_answer": 1, "task_pt_regs": 1, "tail_call": 1, "lru_hash_lookup": 2, "ktime_get_ns": 1,
-             f"probe_read_user_{READ_BYTES}": 1}
+PER_WRITE = {"target_answer": 1, "task_pt_regs": 1, "tail_call": 1, "lru_hash_lookup": 1, "array_lookup": 1,
+             "ktime_get_ns": 1, f"probe_read_user_{READ_BYTES}": 1}
 
 
 def per_write_ns(over_base: dict[str, float]) -> float:

@@ -12,12 +12,13 @@ from tests.harness import run_json_module
 
 def test_the_per_write_sum_counts_each_call_as_often_as_the_probe_makes_it() -> None:
     over = {"target_answer": 1.0, "task_pt_regs": 2.0, "tail_call": 3.0, "lru_hash_lookup": 4.0,
-            "ktime_get_ns": 5.0, "probe_read_user_256": 6.0,
-            "hash_lookup": 100.0, "probe_read_user_1": 100.0, "probe_read_kernel_256": 100.0}  # not per write
-    assert per_write_ns(over) == 1 + 2 + 3 + 2 * 4 + 5 + 6
+            "array_lookup": 0.5, "ktime_get_ns": 5.0, "probe_read_user_256": 6.0,
+            "hash_lookup": 100.0, "get_current_pid_tgid": 100.0, "probe_read_user_1": 100.0,
+            "probe_read_kernel_256": 100.0}  # not per write
+    assert per_write_ns(over) == 1 + 2 + 3 + 4 + 0.5 + 5 + 6
     # a kernel without the registers helper: the probe saves the arguments at entry instead
     del over["task_pt_regs"]
-    assert per_write_ns(over) == 1 + 3 + 2 * 4 + 5 + 6
+    assert per_write_ns(over) == 1 + 3 + 4 + 0.5 + 5 + 6
 
 
 def test_every_call_counted_per_write_has_its_program() -> None:
