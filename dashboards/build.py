@@ -614,10 +614,10 @@ def agent_health() -> Dashboard:
                         "timeseries",
                         "cps",
                         _q(
-                            f"sum by (instance, reason) (rate(infersight_events_lost_total[{RATE}]))",
-                            f"{node} {{{{reason}}}}",
+                            f"sum by (instance, type) (rate(infersight_events_lost_total[{RATE}]))",
+                            f"{node} {{{{type}}}}",
                         ),
-                        description="Kernel events dropped before the agent read them (ring buffer full, map full).",
+                        description="Kernel records the ring buffer refused (it was full), by record type.",
                         width=9,
                     ),
                     _panel(

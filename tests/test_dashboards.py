@@ -95,6 +95,18 @@ def queries_with_data(prom: Any) -> set[tuple[str, str, str]]:
     return found
 
 
+def legend_labels_missing(prom: Any) -> set[tuple[str, str, str]]:
+    """(dashboard, panel, label) for each ``{{label}}`` of a query's legend that a series the
+    query returns from ``prom`` lacks: Grafana would draw it empty (and a ``by`` on a label the
+    metric does not carry folds all its series into one)."""
+    missing = set()
+    for q in build.all_queries():
+        wanted = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", q.legend))
+        for series in prom.query(substitute_variables(q.expr).replace("[2m]", "[30s]")):
+            missing.update((q.dashboard, q.panel, label) for label in wanted - set(series["metric"]))
+    return missing
+
+
 def promtool_check(exprs: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
     """Run ``promtool check rules`` on one recording rule per expression."""
     if PROMTOOL is None:
@@ -224,6 +236,7 @@ def test_label_filters_use_the_exported_label_names() -> None:
         "le",
         "instance",
         "reason",
+        "type",
         "outcome",
         "map",
     }
@@ -461,6 +474,8 @@ LIVE_PANELS_WITH_DATA = {
     ("request-gpu", "Request duration p90 per pod"),
     ("request-gpu", "In-flight requests per pod"),
     ("agent-health", "Agents up"),
+    ("agent-health", "Lost events"),
+    ("agent-health", "BPF map fill"),
     ("agent-health", "Agent CPU"),
     ("agent-health", "Agent RSS"),
 }
@@ -524,6 +539,10 @@ def test_dashboard_queries_against_a_real_agent(tmp_path: Path) -> None:
         with_data = {(d, panel) for d, panel, _ in queries_with_data(prom)}
         missing = LIVE_PANELS_WITH_DATA - with_data
         assert not missing, f"panels without data: {sorted(missing)}\nagent log:\n{log.read_text()[-3000:]}"
+        # every legend label is on the series, but the k8s_* ones (no Kubernetes here) and
+        # error_type (semconv puts it on failed requests only)
+        absent = {m for m in legend_labels_missing(prom) if not m[2].startswith("k8s_") and m[2] != "error_type"}
+        assert absent == set()
         # Every variable query finds our model.
         models = prom.query(
             'group by (gen_ai_request_model) (gen_ai_server_request_duration_seconds_count{k8s_namespace_name=~".*",k8s_pod_name=~".*"})'
