@@ -622,6 +622,28 @@ def agent_health() -> Dashboard:
                     ),
                     _panel(
                         d,
+                        "Requests lost, kernel state evicted",
+                        "timeseries",
+                        "cps",
+                        _q(
+                            f"sum by (instance, reason) (rate(infersight_requests_lost_total[{RATE}]))",
+                            f"{node} lost: {{{{reason}}}}",
+                        ),
+                        _q(
+                            f"sum by (instance, map) (rate(infersight_bpf_map_evictions_total[{RATE}]))",
+                            f"{node} evicted: {{{{map}}}}",
+                        ),
+                        _q(
+                            f"sum by (instance) (rate(infersight_kernel_tail_rings_reclaimed_total[{RATE}]))",
+                            f"{node} tail rings reclaimed",
+                        ),
+                        description="Requests seen but not recorded, by reason; connections the kernel map"
+                        " evicted (their state lost); streams whose tail ring a newer one took (their"
+                        " earlier kept writes lost, their end kept).",
+                        width=9,
+                    ),
+                    _panel(
+                        d,
                         "Parse failures",
                         "timeseries",
                         "cps",
@@ -629,7 +651,7 @@ def agent_health() -> Dashboard:
                             f"sum by (instance, reason) (rate(infersight_parse_failures_total[{RATE}]))",
                             f"{node} {{{{reason}}}}",
                         ),
-                        width=9,
+                        width=8,
                     ),
                     _panel(
                         d,
@@ -641,6 +663,7 @@ def agent_health() -> Dashboard:
                             "{{outcome}}",
                         ),
                         stacked=True,
+                        width=8,
                     ),
                     _panel(
                         d,
@@ -649,6 +672,7 @@ def agent_health() -> Dashboard:
                         "percentunit",
                         _q("max by (instance, map) (infersight_bpf_map_fill_ratio)", f"{node} {{{{map}}}}"),
                         description="Entries over max_entries; near 1 means new connections are not tracked.",
+                        width=8,
                     ),
                 ),
             ),

@@ -39,6 +39,9 @@ FIXED_ELSEWHERE = {
     "infersight_events_lost_total",  # agent/pipeline.py, from the kernel's counters
     "infersight_parse_failures_total",  # the parsers
     "infersight_bpf_map_fill_ratio",  # agent/pipeline.py
+    "infersight_requests_lost_total",  # agent/pipeline.py, from the kernel's counters, and assembly
+    "infersight_bpf_map_evictions_total",  # agent/pipeline.py
+    "infersight_kernel_tail_rings_reclaimed_total",  # agent/pipeline.py, from the kernel's counters
 }
 
 #: PromQL words that look like identifiers but are not metric names.
@@ -475,6 +478,7 @@ LIVE_PANELS_WITH_DATA = {
     ("request-gpu", "In-flight requests per pod"),
     ("agent-health", "Agents up"),
     ("agent-health", "Lost events"),
+    ("agent-health", "Requests lost, kernel state evicted"),
     ("agent-health", "BPF map fill"),
     ("agent-health", "Agent CPU"),
     ("agent-health", "Agent RSS"),
