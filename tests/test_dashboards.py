@@ -98,13 +98,16 @@ def queries_with_data(prom: Any) -> set[tuple[str, str, str]]:
     return found
 
 
-def legend_labels_missing(prom: Any) -> set[tuple[str, str, str]]:
+def legend_labels_missing(prom: Any, kubernetes: bool) -> set[tuple[str, str, str]]:
     """(dashboard, panel, label) for each ``{{label}}`` of a query's legend that a series the
     query returns from ``prom`` lacks: Grafana would draw it empty (and a ``by`` on a label the
-    metric does not carry folds all its series into one)."""
+    metric does not carry folds all its series into one). ``error_type`` may be absent (semconv
+    puts it on failed requests only), and without ``kubernetes`` so may the ``k8s_*`` labels."""
     missing = set()
     for q in build.all_queries():
-        wanted = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", q.legend))
+        wanted = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", q.legend)) - {"error_type"}
+        if not kubernetes:
+            wanted = {label for label in wanted if not label.startswith("k8s_")}
         for series in prom.query(substitute_variables(q.expr).replace("[2m]", "[30s]")):
             missing.update((q.dashboard, q.panel, label) for label in wanted - set(series["metric"]))
     return missing
@@ -392,6 +395,8 @@ def test_request_panels_count_grpc_and_http_correctly(tmp_path: Path) -> None:
             "sum(rpc_server_duration_milliseconds_count) + sum(http_server_request_duration_seconds_count)",
             lambda r: bool(r) and float(r[0]["value"][1]) == 4 * (6 + 4),
         )
+        # the records carry pod labels: every legend label of the request panels is on their series
+        assert {m for m in legend_labels_missing(prom, kubernetes=True) if m[0] != "agent-health"} == set()
         # One evaluation time for every query: rate() extrapolates to the end of its window.
         at = f"{time.time():.3f}"
         results = {}
@@ -543,10 +548,7 @@ def test_dashboard_queries_against_a_real_agent(tmp_path: Path) -> None:
         with_data = {(d, panel) for d, panel, _ in queries_with_data(prom)}
         missing = LIVE_PANELS_WITH_DATA - with_data
         assert not missing, f"panels without data: {sorted(missing)}\nagent log:\n{log.read_text()[-3000:]}"
-        # every legend label is on the series, but the k8s_* ones (no Kubernetes here) and
-        # error_type (semconv puts it on failed requests only)
-        absent = {m for m in legend_labels_missing(prom) if not m[2].startswith("k8s_") and m[2] != "error_type"}
-        assert absent == set()
+        assert legend_labels_missing(prom, kubernetes=False) == set()
         # Every variable query finds our model.
         models = prom.query(
             'group by (gen_ai_request_model) (gen_ai_server_request_duration_seconds_count{k8s_namespace_name=~".*",k8s_pod_name=~".*"})'
@@ -646,6 +648,7 @@ def test_grpc_panels_against_a_real_agent(tmp_path: Path) -> None:
         missing = LIVE_GRPC_WITH_DATA - with_data
         assert not missing, f"without data: {sorted(missing)}\nagent log:\n{log.read_text()[-3000:]}"
         assert not LIVE_GRPC_WITHOUT_DATA & with_data
+        assert legend_labels_missing(prom, kubernetes=False) == set()
         methods = prom.query("sum by (rpc_method, rpc_service) (rpc_server_duration_milliseconds_count)")
         assert {(r["metric"]["rpc_service"], r["metric"]["rpc_method"]) for r in methods} == {
             ("inference.GRPCInferenceService", "ModelInfer"),
