@@ -112,7 +112,6 @@ struct conn_t {
 
 struct tails_t {
     u64 owner;          /* conn_id of the connection whose current response holds the ring */
-    u64 pad;
     struct tail_slot_t slot[TAIL_SLOTS];
     /* the first write past the samples (index SAMPLE_WRITES), kept after the ring moves on:
      * where a stream whose first events carry no output (a role, an empty delta) has its
