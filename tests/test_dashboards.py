@@ -14,6 +14,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,14 +89,16 @@ def substitute_variables(expr: str) -> str:
     return re.sub(r"\$\{?(\w+)\}?", ".*", expr)
 
 
-def queries_with_data(prom: Any) -> set[tuple[str, str, str]]:
-    """(dashboard, panel, ref_id) of every dashboard query that returns data from ``prom``
-    (a PrometheusServer), windows shortened to the test's 30 s. Raises on a query Prometheus refuses."""
-    found = set()
+def live_results(prom: Any) -> Iterator[tuple[build.Query, list[dict[str, Any]]]]:
+    """Every dashboard query with what ``prom`` (a PrometheusServer) returns for it, windows
+    shortened to the test's 30 s. Raises on a query Prometheus refuses."""
     for q in build.all_queries():
-        if prom.query(substitute_variables(q.expr).replace("[2m]", "[30s]")):
-            found.add((q.dashboard, q.panel, q.ref_id))
-    return found
+        yield q, prom.query(substitute_variables(q.expr).replace("[2m]", "[30s]"))
+
+
+def queries_with_data(prom: Any) -> set[tuple[str, str, str]]:
+    """(dashboard, panel, ref_id) of every dashboard query that returns data from ``prom``."""
+    return {(q.dashboard, q.panel, q.ref_id) for q, result in live_results(prom) if result}
 
 
 def legend_labels_missing(prom: Any, kubernetes: bool) -> set[tuple[str, str, str]]:
@@ -104,11 +107,11 @@ def legend_labels_missing(prom: Any, kubernetes: bool) -> set[tuple[str, str, st
     metric does not carry folds all its series into one). ``error_type`` may be absent (semconv
     puts it on failed requests only), and without ``kubernetes`` so may the ``k8s_*`` labels."""
     missing = set()
-    for q in build.all_queries():
+    for q, result in live_results(prom):
         wanted = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", q.legend)) - {"error_type"}
         if not kubernetes:
             wanted = {label for label in wanted if not label.startswith("k8s_")}
-        for series in prom.query(substitute_variables(q.expr).replace("[2m]", "[30s]")):
+        for series in result:
             missing.update((q.dashboard, q.panel, label) for label in wanted - set(series["metric"]))
     return missing
 
