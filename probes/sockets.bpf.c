@@ -586,10 +586,8 @@ static __always_inline void on_data(void *ctx, u64 pid_tgid, struct conn_t *c, s
 
     /* beyond the samples: keep the write's last bytes in the response's tail ring */
     u32 tix = c->tail_ix;
-    struct tails_t *t = tails.lookup(&tix);
-    if (!t)
-        return;
-    if (idx == SAMPLE_WRITES || t->owner != c->conn_id) {
+    struct tails_t *t = idx == SAMPLE_WRITES ? 0 : tails.lookup(&tix);
+    if (!t || t->owner != c->conn_id) {
         /* the first write past the samples takes the pool's next ring. A ring a newer
          * stream took meanwhile (the pool went round while this one streamed) is replaced
          * by the next one, its earlier slots marked as holding no write of this response:
