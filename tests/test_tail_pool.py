@@ -23,9 +23,10 @@ from tests.harness import running_agent, start_demo_server, wait_for
 pytestmark = pytest.mark.ebpf
 
 NO_WRITE = 0xFFFFFFFF  # probes/sockets.h: the index of a slot that holds no write of its response
+SLOW, QUICK = "slow-model", "quick-model"
 
 
-def _slow_with_quick_inside(url: str, slow_model: str = "slow-model", quick_model: str = "quick-model") -> None:
+def _slow_with_quick_inside(url: str) -> None:
     """A 10-token stream, 0.25 s between tokens, and after its 8th token, between two of its
     writes, a whole 6-token stream with no wait between tokens. The quick stream's write
     indices fall within the slow one's, so a slot the quick stream left in the ring would
@@ -44,7 +45,7 @@ def _slow_with_quick_inside(url: str, slow_model: str = "slow-model", quick_mode
                 during = None
         assert got == n
 
-    stream(slow_model, 10, 0.25, during=lambda: stream(quick_model, 6, 0.0))
+    stream(SLOW, 10, 0.25, during=lambda: stream(QUICK, 6, 0.0))
 
 
 def test_a_stream_whose_ring_was_taken_keeps_its_end_and_only_its_own_writes(tmp_path: Path) -> None:
@@ -68,11 +69,10 @@ def test_a_stream_whose_ring_was_taken_keeps_its_end_and_only_its_own_writes(tmp
         by_model = {}
         for s in got:
             data = b"".join(t.head + t.tail for t in s.ring)
-            model = b"slow-model" if b"slow-model" in data else b"quick-model"
-            by_model[model] = (s, data)
-        slow, slow_data = by_model[b"slow-model"]
-        quick, quick_data = by_model[b"quick-model"]
-        assert b"quick-model" not in slow_data and b"slow-model" not in quick_data
+            by_model[SLOW if SLOW.encode() in data else QUICK] = (s, data)
+        slow, slow_data = by_model[SLOW]
+        quick, quick_data = by_model[QUICK]
+        assert QUICK.encode() not in slow_data and SLOW.encode() not in quick_data
         for s in (slow, quick):
             # every slot is a write of its own response past the samples, or marked empty
             assert all(t.index == NO_WRITE or sample <= t.index < s.writes for t in s.ring), \
@@ -97,7 +97,7 @@ def test_records_of_streams_whose_ring_was_taken_are_whole(tmp_path: Path) -> No
             assert a.metrics.get("infersight.kernel.tail_rings.reclaimed") >= 1
             assert a.metrics.total("infersight.assembly.tails.missing") == 0
         quick, slow = sorted(recs, key=lambda r: r.duration_s)
-        assert (quick.request_model, slow.request_model) == ("quick-model", "slow-model")
+        assert (quick.request_model, slow.request_model) == (QUICK, SLOW)
         assert (quick.output_events, slow.output_events) == (6, 10)
         for rec in (quick, slow):
             assert rec.finish_reasons == ("length",)
