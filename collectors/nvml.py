@@ -49,7 +49,7 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Final
 
 import pynvml
 
@@ -329,8 +329,16 @@ def _handle_address(handle: Any) -> int:
 
 
 def _pid_of_key(key: Hashable) -> Hashable:
-    """The process history's group of a ``(pid, uuid)`` key: its pid."""
+    """The process history's group of a ``(pid, uuid)`` or ``(pid, uuid, "util")`` key: its pid."""
     return key[0] if isinstance(key, tuple) else key
+
+
+#: The process history keeps a (pid, GPU)'s utilisation samples under their own key,
+#: ``(pid, uuid, UTIL)``, apart from its memory samples under ``(pid, uuid)``. The two
+#: come at different times (NVML stamps utilisation itself), and a window too short to
+#: hold a sample falls back to each key's last one: one series would fall back to
+#: whichever came last, and lose the other's fields.
+UTIL: Final = "util"
 
 
 class _Fatal(Exception):
@@ -384,7 +392,8 @@ class NvmlCollector:
             "nvml.device", max_samples_per_key=config.max_samples_per_key, max_keys=256,
             max_age_ns=history_ns, max_fallback_age_ns=self._stale_ns, metrics=metrics)
         self._process_history = History(
-            "nvml.process", max_samples_per_key=config.max_samples_per_key, max_keys=config.max_processes,
+            # two keys per (pid, GPU): its memory samples and its utilisation samples (UTIL)
+            "nvml.process", max_samples_per_key=config.max_samples_per_key, max_keys=2 * config.max_processes,
             max_age_ns=history_ns, max_fallback_age_ns=self._stale_ns, group_of=_pid_of_key, metrics=metrics)
 
         self._lock = threading.RLock()  # device state, xids, processes
@@ -877,7 +886,7 @@ class NvmlCollector:
                         "process.memutil": s.memUtil * self._scale.get("process.memutil", 0.01)}
                 # NVML stamps samples with CPU time in microseconds; keep its time, not ours
                 t_ns = s.timeStamp * 1000
-                self._process_history.add((s.pid, target), t_ns, util)
+                self._process_history.add((s.pid, target, UTIL), t_ns, util)
                 latest.setdefault((s.pid, target), (now, {}))
                 if t_ns >= util_last.get((s.pid, target), (0, {}))[0]:
                     util_last[(s.pid, target)] = (t_ns, util)

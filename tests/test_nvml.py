@@ -350,6 +350,23 @@ def test_per_process_memory_and_utilisation(make, scenario: Scenario) -> None:
     assert before == {4242: (GPU0,), 4343: (GPU0,), 777: (MIG_B,)}
 
 
+def test_short_window_falls_back_to_memory_and_utilisation_each(make, scenario: Scenario) -> None:
+    """A window between two samples falls back to the last memory sample and the last
+    utilisation sample alike, though NVML stamped the utilisation after our memory read."""
+    t_us = 1_700_000_000_000_000
+    clock = ManualClock(t_us * 1000)
+    scenario.update({"gpu0.procs": 1, "gpu0.proc0.pid": 4242, "gpu0.proc0.mem": 8_000_000_000,
+                     "gpu0.proc0.sm": 40, "gpu0.proc0.memutil": 20, "gpu0.proc0.ts_us": t_us + 300_000})
+    c, _ = make(clock=clock, period_s=3600)
+    c.start()  # one sample: memory at t_us, utilisation stamped 0.3 s later
+    t0 = (t_us + 500_000) * 1000
+    w = c.process_window(4242, t0, t0 + 60_000_000)  # 60 ms, no sample inside
+    assert w is not None
+    assert w.max["process.memory.used"] == 8_000_000_000
+    assert w.mean["process.sm"] == pytest.approx(0.4)
+    assert w.samples == 2
+
+
 def test_process_bound_drops_and_counts(make, scenario: Scenario) -> None:
     scenario.update({"gpu0.procs": 3, "gpu0.proc0.pid": 1, "gpu0.proc0.mem": 1, "gpu0.proc1.pid": 2,
                      "gpu0.proc1.mem": 1, "gpu0.proc2.pid": 3, "gpu0.proc2.mem": 1})
