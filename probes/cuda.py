@@ -12,7 +12,9 @@ an LRU hash; nothing is sent per call. This loader
   after the agent attached is covered;
 * reads and deletes completed buckets, converts their monotonic start to
   wall-clock time (in :func:`monotonic_to_unix_ns`, nowhere else) and keeps a
-  bounded history per process that the join queries by time window.
+  bounded history per process that the join queries by time window; a window
+  reaching into buckets not read yet reads those in place, so a request that
+  has just ended carries the CUDA calls made for it.
 
 Only this module and ``cuda.bpf.c`` know the kernel side; :class:`CudaBucket`,
 :class:`CudaWindow` and :class:`CudaPoint` are plain frozen data.
@@ -191,6 +193,10 @@ class CudaProbeConfig:
     """How often the allocation map is walked to drop exited processes and count evictions."""
     max_attach_attempts: int = 3
     """Attempts to attach one library file before giving up on it."""
+    live_buckets: int = 8
+    """Most buckets one :meth:`CudaProbe.window` call reads in place from the kernel (those
+    :meth:`CudaProbe.poll` has not read yet: the current one and the few settling); beyond
+    that, the newest are read and the call is counted in ``infersight.cuda.window.truncated``."""
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -351,10 +357,15 @@ class MappedLibrary:
 def monotonic_to_unix_ns(mono_ns: int) -> int:
     """Wall-clock ns for a CLOCK_MONOTONIC ns value (``bpf_ktime_get_ns``'s clock).
 
-    The one place this probe converts kernel time; the offset is read fresh on
-    each call, so a stepped wall clock is followed.
+    With :func:`unix_to_monotonic_ns`, the one place this probe converts kernel
+    time; the offset is read fresh on each call, so a stepped wall clock is followed.
     """
     return mono_ns + (time.time_ns() - time.monotonic_ns())
+
+
+def unix_to_monotonic_ns(unix_ns: int) -> int:
+    """The CLOCK_MONOTONIC ns value of a wall-clock ns value: :func:`monotonic_to_unix_ns` reversed."""
+    return unix_ns - (time.time_ns() - time.monotonic_ns())
 
 
 def parse_maps(text: str) -> list[MappedLibrary]:
@@ -457,6 +468,7 @@ class CudaProbe:
         self._totals: OrderedDict[int, _Totals] = OrderedDict()
         self._stats_seen = [0] * CUDA_STAT_MAX
         self._buckets_read = 0
+        self._read_below = 0  # every bucket of a lower index has been through poll()
         self._allocs_purged = 0
         self._bucket_evictions = _EvictionEstimate()
         self._alloc_evictions = _EvictionEstimate()
@@ -777,6 +789,7 @@ class CudaProbe:
                 except KeyError:
                     pass  # evicted meanwhile; we have its values
             self._buckets_read += len(done)
+            self._read_below = max(self._read_below, limit)
             out = [self._to_bucket(k, v) for k, v in sorted(done, key=lambda kv: (kv[0].bucket, kv[0].tgid))]
             for b in out:
                 self._remember(b)
@@ -872,18 +885,51 @@ class CudaProbe:
             return list(self._history.get(pid, ()))
 
     def window(self, pid: int, t0_ns: int, t1_ns: int) -> CudaWindow | None:
-        """Sums over ``pid``'s completed buckets that overlap ``[t0_ns, t1_ns]`` (wall clock).
+        """Sums over ``pid``'s buckets that overlap ``[t0_ns, t1_ns]`` (wall clock).
 
-        None when no such bucket has been read yet. Buckets still current in the
-        kernel are not included: ask after the window has ended by one bucket
-        plus ``poll_s``, or call :meth:`poll` first.
+        Buckets :meth:`poll` has read come from the history. Those it has not
+        read yet (the current bucket, and those still settling) are read in place
+        from the kernel, without deleting them: a window that ends now counts the
+        CUDA calls made up to now, so a request answered within one bucket, as a
+        real server's usually is, still carries the work done for it. At most
+        ``live_buckets`` are read so per call. None when ``pid`` has no bucket
+        overlapping the window.
         """
         with self._lock:
             picked = [
                 b for b in self._history.get(pid, ())
                 if b.start_unix_nano <= t1_ns and b.start_unix_nano + self.config.bucket_ns > t0_ns
             ]
+            picked.extend(self._unread(pid, t0_ns, t1_ns))
         return summarise(pid, picked, self.config.bucket_ns)
+
+    def _unread(self, pid: int, t0_ns: int, t1_ns: int) -> list[CudaBucket]:
+        """``pid``'s buckets overlapping the window that are still in the kernel, read in place.
+
+        Only indexes ``poll`` has not passed are looked up, so nothing counts twice: a bucket
+        polled early (``flush``) and updated since has a new kernel entry holding only the
+        calls made after the poll. Caller holds the lock.
+        """
+        if self._bpf is None:
+            return []
+        c = self.config
+        first = max(unix_to_monotonic_ns(t0_ns) // c.bucket_ns, self._read_below)
+        last = unix_to_monotonic_ns(t1_ns) // c.bucket_ns
+        if last < first:
+            return []
+        if last - first >= c.live_buckets:
+            first = last - c.live_buckets + 1
+            self._metrics.inc("infersight.cuda.window.truncated")
+        key = CudaBucketKey(tgid=pid)
+        out = []
+        for index in range(first, last + 1):
+            key.bucket = index
+            try:
+                value = self._buckets[key]
+            except KeyError:
+                continue  # no CUDA call of pid in that bucket
+            out.append(self._to_bucket(key, value))
+        return out
 
     def points(self) -> list[CudaPoint]:
         """Cumulative per-process counters (:data:`CUDA_METRICS`) since each process's first bucket.
@@ -918,6 +964,8 @@ class CudaProbe:
         m.describe("infersight.cuda.scan.failures", "counter", "reads of a target's /proc entry that failed")
         m.describe("infersight.cuda.probe.load.failures", "counter", "CUDA probe not loaded (no uprobes, BPF error)")
         m.describe("infersight.cuda.thread.errors", "counter", "unexpected errors in the CUDA probe's thread")
+        m.describe("infersight.cuda.window.truncated", "counter",
+                   "windows that read only their newest live_buckets unread buckets (the probe's thread lags)")
 
     def _log_once(self, key: str, msg: str, *args: object) -> None:
         if key not in self._logged:

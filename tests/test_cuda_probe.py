@@ -434,6 +434,46 @@ def test_window_and_points(stubs: StubBuild, apps: Callable[..., App],
     assert m.total(SOURCE_ERRORS) == 0
 
 
+def window_counts(w: CudaWindow | None) -> dict[str, int]:
+    assert w is not None, "no buckets in the window"
+    return {k: getattr(w, k) for k in Pattern().expected("runtime")}
+
+
+@pytest.mark.ebpf
+def test_window_reads_the_buckets_not_polled_yet(stubs: StubBuild, apps: Callable[..., App],
+                                                 make_probe: Callable[..., CudaProbe],
+                                                 metrics: SelfMetrics) -> None:
+    """A window that ends now carries the calls made up to now: a request answered within one
+    bucket (as a real server's mostly are) must not wait for its bucket to be polled. The
+    probe's thread is not started, so nothing is polled unless the test says so."""
+    bucket = 4_000_000_000
+    pattern = Pattern()
+    probe = make_probe(bucket_ns=bucket, live_buckets=2)
+    app = apps("runtime", pattern, stubs=stubs)
+    probe.add_pid(app.pid)
+    # the pattern (well under a second) runs inside one bucket
+    wait_until(lambda: time.monotonic_ns() % bucket < bucket // 4, "the start of a bucket", timeout=6)
+    t0 = time.time_ns()
+    app.run_pattern()
+    t1 = time.time_ns()
+
+    assert probe.history(app.pid) == []
+    assert window_counts(probe.window(app.pid, t0, t1)) == pattern.expected("runtime")
+    assert metrics.get("infersight.cuda.window.truncated") == 0
+    # read in place, not taken: asked again, the same counts
+    assert window_counts(probe.window(app.pid, t0, t1)) == pattern.expected("runtime")
+    assert probe.window(app.pid + 1, t0, t1) is None
+
+    # a window over more unread buckets than live_buckets reads the newest (which hold the calls)
+    assert window_counts(probe.window(app.pid, t0 - 3 * bucket, t1)) == pattern.expected("runtime")
+    assert metrics.get("infersight.cuda.window.truncated") == 1
+
+    # once polled, from the history, and not counted twice with the kernel
+    assert len(probe.poll(flush=True)) == 1
+    assert len(probe.history(app.pid)) == 1
+    assert window_counts(probe.window(app.pid, t0, t1)) == pattern.expected("runtime")
+
+
 @pytest.mark.ebpf
 def test_bucket_map_evictions_are_counted(stubs: StubBuild, apps: Callable[..., App],
                                           make_probe: Callable[..., CudaProbe], metrics: SelfMetrics) -> None:

@@ -21,6 +21,7 @@ import secrets
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,7 @@ UNIFIED = Path("/sys/fs/cgroup/unified")
 LAUNCHES = 7  # cudaLaunchKernel calls per request
 COPY_BYTES = 12_345  # bytes cudaMemcpy'd host to device per request
 SYNC_US = 2_000  # each stub synchronize sleeps this long
+CUDA_BUCKET_NS = 200_000_000
 PROCESS_MEMORY = 7_000_000_000
 
 
@@ -195,7 +197,8 @@ def stack(tmp_module: Path, server: PodServer, api: FakeApiServer, scenario: Sce
                      metrics=metrics)
     kubelet = GpuPodMap(KubeletConfig(socket_path=str(tmp_module / "no-kubelet.sock"), poll_interval_s=0.5),
                         metrics=metrics)
-    cuda = CudaProbe(CudaProbeConfig(bucket_ns=20_000_000, poll_s=0.02, settle_ns=5_000_000, rescan_s=0.2),
+    # the agent's own bucket, poll and settle times (agent/cli.py at --cuda-bucket-ms 200)
+    cuda = CudaProbe(CudaProbeConfig(bucket_ns=CUDA_BUCKET_NS, poll_s=0.2, settle_ns=100_000_000, rescan_s=0.2),
                      metrics=metrics)
     assert cuda.enabled, "the CUDA probe's BPF program did not load"
     join = Join(JoinConfig(node_name=NODE, refresh_s=0.1, dcgm_enabled=False), pods=index, gpu_map=kubelet, nvml=nvml, cuda=cuda,
@@ -229,11 +232,12 @@ def stream_chat(st: Stack, i: int, ttft_s: float) -> None:
 def one_request(st: Stack, i: int) -> Request:
     """One streamed chat completion; returns its record once the join has decorated it.
 
-    The first token comes 0.4 s after the CUDA calls, so the probe has read their
-    (20 ms) buckets before the record reaches the join."""
+    The server answers at once after its CUDA calls, so the record reaches the join while
+    their bucket is still in the kernel (the probe reads it in place). A pause of over one
+    bucket before each request keeps every request's CUDA buckets its own."""
+    time.sleep(CUDA_BUCKET_NS / 1e9 + 0.05)
     mark = st.agent.mark()
-    stream_chat(st, i, ttft_s=0.4)
-    # waiting for each record before the next request keeps every request's CUDA buckets its own
+    stream_chat(st, i, ttft_s=0.0)
     return st.agent.wait_records(mark, 1, timeout=10)[0]
 
 
