@@ -978,8 +978,13 @@ def summarise(pid: int, buckets: Iterable[CudaBucket], bucket_ns: int) -> CudaWi
     picked = list(buckets)
     if not picked:
         return None
-    sums = {name: sum(getattr(b, name) for b in picked) for name in _SUMMED}
-    hist = tuple(sum(col) for col in zip(*(b.sync_hist for b in picked), strict=True))
+    if len(picked) == 1:  # the common window of a short request: nothing to add
+        only = picked[0]
+        sums = {name: getattr(only, name) for name in _SUMMED}
+        hist = only.sync_hist
+    else:
+        sums = {name: sum(getattr(b, name) for b in picked) for name in _SUMMED}
+        hist = tuple(sum(col) for col in zip(*(b.sync_hist for b in picked), strict=True))
     return CudaWindow(
         pid=pid,
         start_unix_nano=min(b.start_unix_nano for b in picked),
