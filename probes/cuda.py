@@ -193,10 +193,11 @@ class CudaProbeConfig:
     """How often the allocation map is walked to drop exited processes and count evictions."""
     max_attach_attempts: int = 3
     """Attempts to attach one library file before giving up on it."""
-    live_buckets: int = 8
-    """Most buckets one :meth:`CudaProbe.window` call reads in place from the kernel (those
-    :meth:`CudaProbe.poll` has not read yet: the current one and the few settling); beyond
-    that, the newest are read and the call is counted in ``infersight.cuda.window.truncated``."""
+    live_buckets: int = 4
+    """Buckets one :meth:`CudaProbe.window` call reads in place from the kernel (those
+    :meth:`CudaProbe.poll` has not read yet), beyond the ones the thread leaves unread by
+    design (``settle_ns`` + ``poll_s``, in buckets). A window over more unread buckets (the
+    thread lags) reads the newest, and is counted in ``infersight.cuda.window.truncated``."""
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -469,6 +470,8 @@ class CudaProbe:
         self._stats_seen = [0] * CUDA_STAT_MAX
         self._buckets_read = 0
         self._read_below = 0  # every bucket of a lower index has been through poll()
+        lag_ns = config.settle_ns + int(config.poll_s * 1e9)
+        self._live_cap = config.live_buckets + -(-lag_ns // config.bucket_ns)
         self._allocs_purged = 0
         self._bucket_evictions = _EvictionEstimate()
         self._alloc_evictions = _EvictionEstimate()
@@ -891,9 +894,9 @@ class CudaProbe:
         read yet (the current bucket, and those still settling) are read in place
         from the kernel, without deleting them: a window that ends now counts the
         CUDA calls made up to now, so a request answered within one bucket, as a
-        real server's usually is, still carries the work done for it. At most
-        ``live_buckets`` are read so per call. None when ``pid`` has no bucket
-        overlapping the window.
+        real server's usually is, still carries the work done for it. Per call, at
+        most ``live_buckets`` more than the thread leaves unread by design are read
+        so (the newest). None when ``pid`` has no bucket overlapping the window.
         """
         with self._lock:
             picked = [
@@ -917,8 +920,8 @@ class CudaProbe:
         last = unix_to_monotonic_ns(t1_ns) // c.bucket_ns
         if last < first:
             return []
-        if last - first >= c.live_buckets:
-            first = last - c.live_buckets + 1
+        if last - first >= self._live_cap:
+            first = last - self._live_cap + 1
             self._metrics.inc("infersight.cuda.window.truncated")
         key = CudaBucketKey(tgid=pid)
         out = []

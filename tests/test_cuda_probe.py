@@ -448,7 +448,8 @@ def test_window_reads_the_buckets_not_polled_yet(stubs: StubBuild, apps: Callabl
     probe's thread is not started, so nothing is polled unless the test says so."""
     bucket = 4_000_000_000
     pattern = Pattern()
-    probe = make_probe(bucket_ns=bucket, live_buckets=2)
+    # at most 1 + 1 buckets read in place: live_buckets, and the thread's lag (1.1 s) in buckets
+    probe = make_probe(bucket_ns=bucket, live_buckets=1, poll_s=1.0, settle_ns=100_000_000)
     app = apps("runtime", pattern, stubs=stubs)
     probe.add_pid(app.pid)
     # the pattern (well under a second) runs inside one bucket
@@ -464,7 +465,7 @@ def test_window_reads_the_buckets_not_polled_yet(stubs: StubBuild, apps: Callabl
     assert window_counts(probe.window(app.pid, t0, t1)) == pattern.expected("runtime")
     assert probe.window(app.pid + 1, t0, t1) is None
 
-    # a window over more unread buckets than live_buckets reads the newest (which hold the calls)
+    # a window over more unread buckets than that reads the newest (which hold the calls)
     assert window_counts(probe.window(app.pid, t0 - 3 * bucket, t1)) == pattern.expected("runtime")
     assert metrics.get("infersight.cuda.window.truncated") == 1
 
