@@ -95,7 +95,7 @@ def _bench(tmp: Path, history_s: int, n: int, gpu_counts: tuple[int, ...], windo
     pod = systemd_path("0b1c2d3e-0000-4000-8000-000000000001", "c0ffee" * 10 + "abcd")
     for p in range(SERVER_PID, SERVER_PID + 1 + max(gpu_counts)):
         write_proc(proc, p, pod)
-    nvml_config = NvmlConfig(period_s=3600, event_timeout_ms=50, history_seconds=history_s + 60, events=False)
+    nvml_config = NvmlConfig(period_s=3600, fast_period_s=3600, event_timeout_ms=50, history_seconds=history_s + 60, events=False)
 
     def config(layout: str) -> JoinConfig:
         return JoinConfig(node_name="bench", k8s_enabled=False, kubelet_enabled=False, cuda_enabled=False,

@@ -237,7 +237,11 @@ class NvmlConfig:
     """Settings of :class:`NvmlCollector`; validated once, in ``__post_init__``."""
 
     period_s: float = 1.0
-    """Seconds between samples of every GPU (NVML averages utilisation over 1/6 s to 1 s)."""
+    """Seconds between full samples of every GPU (NVML averages utilisation over 1/6 s to 1 s)."""
+    fast_period_s: float = 0.2
+    """Seconds between quick samples of each GPU's utilisation and power (one NVML call
+    each), the fields the join reads for every record: a request shorter than ``period_s``
+    then finds a reading at most this old. At or over ``period_s``: one sample of all fields."""
     history_seconds: float = 600
     """How far back device_window and process_window can look."""
     max_samples_per_key: int = 2400
@@ -268,6 +272,8 @@ class NvmlConfig:
     def __post_init__(self) -> None:
         if self.period_s <= 0 or self.history_seconds <= 0 or self.stale_periods <= 0:
             raise ValueError("period_s, history_seconds and stale_periods must be positive")
+        if self.fast_period_s <= 0:
+            raise ValueError("fast_period_s must be positive")
         if self.max_samples_per_key < 1 or self.max_processes < 1 or self.max_xid_codes < 1:
             raise ValueError("NVML bounds must be at least 1")
         if not 0 < self.retry_initial_s <= self.retry_max_s:
@@ -317,6 +323,30 @@ _READERS: tuple[tuple[str, Callable[[Any], dict[str, float]]], ...] = (
     ("pcie.tx", lambda h: {"pcie.tx": pynvml.nvmlDeviceGetPcieThroughput(h, pynvml.NVML_PCIE_UTIL_TX_BYTES)}),
     ("pcie.rx", lambda h: {"pcie.rx": pynvml.nvmlDeviceGetPcieThroughput(h, pynvml.NVML_PCIE_UTIL_RX_BYTES)}),
 )
+
+
+#: The readers of the quick samples (every ``fast_period_s``): what a record's window reads,
+#: utilisation for ``gpu.window.utilization.mean`` and power for its energy.
+_FAST_READERS: Final = frozenset({"utilization", "power"})
+
+#: The fields the quick readers give.
+FAST_FIELDS: Final = frozenset({"utilization.gpu", "utilization.memory", "power.draw"})
+
+#: The device history keeps a GPU's quick readings (FAST_FIELDS, from every quick sample and
+#: every full one) under ``(uuid, FAST)`` and its other fields under ``uuid``: no field is in
+#: both, so a window shorter than a period falls back to the freshest reading of each (as
+#: the process history does with UTIL).
+FAST: Final = "fast"
+
+
+def _merged(quick: WindowStats | None, full: WindowStats | None) -> WindowStats | None:
+    """One device's window from its quick and its full samples (disjoint fields). Every full
+    sample is also a quick one, so the quick samples are the samples."""
+    if quick is None or full is None:
+        return quick or full
+    return WindowStats(quick.samples, {**full.mean, **quick.mean}, {**full.max, **quick.max},
+                       min(quick.first_ns, full.first_ns), max(quick.last_ns, full.last_ns),
+                       {**full.max_sum, **quick.max_sum})
 
 
 def _error_name(code: int) -> str:
@@ -388,8 +418,9 @@ class NvmlCollector:
         period_ns = int(config.period_s * 1e9)
         self._stale_ns = int(config.stale_periods * period_ns)
         history_ns = int(config.history_seconds * 1e9)
+        # two keys per device: its full samples, and its quick ones (FAST)
         self._devices_history = History(
-            "nvml.device", max_samples_per_key=config.max_samples_per_key, max_keys=256,
+            "nvml.device", max_samples_per_key=config.max_samples_per_key, max_keys=512,
             max_age_ns=history_ns, max_fallback_age_ns=self._stale_ns, metrics=metrics)
         self._process_history = History(
             # two keys per (pid, GPU): its memory samples and its utilisation samples (UTIL)
@@ -470,14 +501,22 @@ class NvmlCollector:
     ) -> WindowStats | None:
         """Samples of one GPU or MIG device over ``[t0_ns, t1_ns]`` (rules in
         :meth:`collectors.history.History.window`, ``fields`` too). Fields are the
-        ``field`` column of gpu_metrics.csv, in base units (ratios, bytes, watts...)."""
-        return self._devices_history.window(uuid, t0_ns, t1_ns, fields)
+        ``field`` column of gpu_metrics.csv, in base units (ratios, bytes, watts...).
+        Utilisation and power come from the quick samples, the rest from the full ones."""
+        return self.device_windows((uuid,), t0_ns, t1_ns, fields)[0]
 
     def device_windows(
         self, uuids: Sequence[str], t0_ns: int, t1_ns: int, fields: tuple[str, ...] | None = None
     ) -> list[WindowStats | None]:
         """:meth:`device_window` of each of ``uuids``, in their order, at once."""
-        return self._devices_history.window_each(uuids, t0_ns, t1_ns, fields)
+        history = self._devices_history
+        if fields is not None and FAST_FIELDS.issuperset(fields):  # the join's, for every record
+            return history.window_each([(u, FAST) for u in uuids], t0_ns, t1_ns, fields)
+        full = history.window_each(uuids, t0_ns, t1_ns, fields)
+        if fields is not None and FAST_FIELDS.isdisjoint(fields):
+            return full
+        quick = history.window_each([(u, FAST) for u in uuids], t0_ns, t1_ns, fields)
+        return [_merged(q, f) for q, f in zip(quick, full, strict=True)]
 
     def process_window(
         self, pid: int, t0_ns: int, t1_ns: int, fields: tuple[str, ...] | None = None
@@ -585,8 +624,9 @@ class NvmlCollector:
                 log.exception("unexpected error sampling NVML")
 
     def _run_sampler(self) -> None:
-        period = self.config.period_s
+        period = min(self.config.fast_period_s, self.config.period_s)
         wait = period
+        next_full = time.monotonic() + self.config.period_s  # start() took the first full sample
         while not self._stop.wait(wait):
             try:
                 with self._nvml_lock:
@@ -597,7 +637,12 @@ class NvmlCollector:
                     else:
                         if time.monotonic() >= self._next_discovery:
                             self._discover_locked()
-                        self._sample_locked()
+                        # the full samples' schedule slips by up to a quick period, never drifts
+                        if time.monotonic() + period / 2 >= next_full:
+                            next_full = max(next_full + self.config.period_s, time.monotonic())
+                            self._sample_locked()
+                        else:
+                            self._sample_locked(fast=True)
             except _Fatal as e:
                 with self._nvml_lock:
                     self._go_down(e)
@@ -794,7 +839,9 @@ class NvmlCollector:
         self._discover_locked()
         return True
 
-    def _sample_locked(self) -> None:
+    def _sample_locked(self, fast: bool = False) -> None:
+        """Sample every device: all fields, and the processes; or with ``fast``, only the
+        quick readers (_FAST_READERS)."""
         now = self._clock()
         with self._lock:
             devs = list(self._devs)
@@ -810,22 +857,32 @@ class NvmlCollector:
                 with self._lock:  # rediscovery replaced handles
                     devs_now = {d.info.uuid: d for d in self._devs}
                 dev = devs_now.get(dev.info.uuid, dev)
-            values = self._sample_device(dev)
+            quick: dict[str, float] = {}
+            values = self._sample_device(dev, quick, fast)
             if values is None:
                 down.add(dev.info.uuid)
                 continue
+            if quick:
+                self._devices_history.add((dev.info.uuid, FAST), now, quick)
             if values:
                 self._devices_history.add(dev.info.uuid, now, values)
+            if quick or values:
                 with self._lock:
-                    dev.last = (now, values)
-        if self.config.processes:
+                    if fast and dev.last is not None:
+                        # exported gauges take the fresher readings; the full sample's time
+                        # still decides when they are stale
+                        dev.last = (dev.last[0], {**dev.last[1], **quick})
+                    elif not fast:
+                        dev.last = (now, {**values, **quick})
+        if self.config.processes and not fast:
             self._sample_processes(now)
 
-    def _sample_device(self, dev: _Dev) -> dict[str, float] | None:
-        """One device's readings in base units; None when the GPU was lost."""
+    def _sample_device(self, dev: _Dev, quick: dict[str, float], fast: bool) -> dict[str, float] | None:
+        """One device's readings in base units, the quick readers' into ``quick`` (only those
+        with ``fast``); None when the GPU was lost."""
         values: dict[str, float] = {}
         for name, reader in _READERS:
-            if name in dev.unsupported:
+            if name in dev.unsupported or (fast and name not in _FAST_READERS):
                 continue
             try:
                 raw = self._call(reader, dev.handle)
@@ -839,7 +896,8 @@ class NvmlCollector:
                 else:
                     self._metrics.inc(NVML_ERRORS, labels=(("call", name), ("error", _error_name(e.value))))
                 continue
-            values.update({f: v * self._scale.get(f, 1.0) for f, v in raw.items()})
+            (quick if name in _FAST_READERS else values).update(
+                {f: v * self._scale.get(f, 1.0) for f, v in raw.items()})
         return values
 
     def _sample_processes(self, now: int) -> None:

@@ -286,6 +286,36 @@ def test_device_window_mean_and_max_over_several_samples(make, scenario: Scenari
     assert mig is not None and mig.max["memory.used"] == 5_000_000_000
 
 
+def test_quick_samples_keep_utilisation_and_power_fresh_between_full_samples(make, scenario: Scenario) -> None:
+    """Utilisation and power are read every fast_period_s, the rest every period_s: a short
+    window finds the latest quick reading of the first, and the last full sample of the rest."""
+    c, _ = make(period_s=3600, fast_period_s=0.05)
+    t_start = time.time_ns()
+    c.start()  # the one full sample: util 37%, 250.5 W, 55 °C
+    scenario.update({"gpu0.util_gpu": 90, "gpu0.power_mw": 400_000, "gpu0.temp_c": 70})
+
+    def short_window() -> object:
+        now = time.time_ns()
+        return c.device_window(GPU0, now - 10_000_000, now)
+
+    wait_for(lambda: (w := short_window()) is not None and w.mean.get("utilization.gpu") == pytest.approx(0.9))
+    w = short_window()
+    assert w is not None
+    assert w.mean["power.draw"] == pytest.approx(400.0)
+    assert w.mean["temperature.gpu"] == 55.0  # not read since the full sample
+    assert w.mean["memory.used"] == 21_474_836_480
+    assert w.samples == 1
+    # the quick samples are the samples; the join's fields come from them alone
+    wait_for(lambda: (c.device_window(GPU0, t_start, time.time_ns(), ("utilization.gpu",)) or w).samples >= 4)
+    whole = c.device_window(GPU0, t_start, time.time_ns(), ("temperature.gpu",))
+    assert whole is not None and whole.samples == 1
+    # the exported gauges take the quick readings too
+    values = {p.name: p.value for p in c.points() if p.attributes["gpu.uuid"] == GPU0}
+    assert values["hw.gpu.utilization"] == pytest.approx(0.9)
+    assert values["hw.power"] == pytest.approx(400.0)
+    assert values["hw.temperature"] == 55.0
+
+
 def test_points_omit_values_older_than_three_periods(make, scenario: Scenario) -> None:
     clock = ManualClock()
     c, _ = make(clock=clock, period_s=1000)
