@@ -46,6 +46,8 @@ RUN_OPTIONS: dict[str, tuple[Any, str]] = {
     "kube_api_url": (None, "API server URL (default: in-cluster config, then kubeconfig)"),
     "kubelet_socket": ("/var/lib/kubelet/pod-resources/kubelet.sock", "kubelet pod-resources socket"),
     "gpu": (True, "collect NVML (and DCGM) GPU metrics and join requests with GPU work"),
+    "nvml_library": (None, "libnvidia-ml.so.1 to load, e.g. under a mounted driver root (default: the "
+                           "dynamic loader's search, which the NVIDIA Container Toolkit's injected copy answers)"),
     "cuda": ("auto", "CUDA uprobes: on, off, or auto (on when NVML finds a GPU)"),
     "cuda_bucket_ms": (200, "CUDA activity is aggregated in the kernel per process in buckets of this length"),
     "log_level": ("info", "debug, info, warning or error"),
@@ -249,7 +251,7 @@ def start_gpu_sources(opts: dict[str, Any]) -> dict[str, Any]:
     from collectors.dcgm import DcgmCollector
     from collectors.nvml import NvmlCollector
 
-    nvml = NvmlCollector()
+    nvml = NvmlCollector(library_path=opts["nvml_library"])
     nvml.start()
     sources["nvml"] = nvml
     dcgm = DcgmCollector(devices=nvml.devices)

@@ -128,17 +128,22 @@ def check_uprobes() -> Check:
 
 
 def check_nvml() -> Check:
+    # the library `infersight run` would load: --nvml-library's variable, else the loader's search
+    name = os.environ.get("INFERSIGHT_NVML_LIBRARY") or "libnvidia-ml.so.1"
     try:
-        lib = ctypes.CDLL("libnvidia-ml.so.1")
+        lib = ctypes.CDLL(name)
     except OSError as e:
-        return Check("NVML", False, f"libnvidia-ml.so.1 not loadable ({e})",
-                     "GPU nodes: mount the NVIDIA driver libraries (nvidia-container-toolkit does); "
+        return Check("NVML", False, f"{name} not loadable ({e})",
+                     "GPU nodes: let the NVIDIA Container Toolkit inject the driver libraries, or mount the "
+                     "driver root and name the library (--nvml-library; the chart's nvml.mode); "
                      "GPU metrics are off without it", required=False)
     rc = lib.nvmlInit_v2()
     if rc != 0:
-        return Check("NVML", False, f"nvmlInit failed with code {rc}", "load the NVIDIA driver", required=False)
+        return Check("NVML", False, f"nvmlInit failed with code {rc}",
+                     "load the NVIDIA driver; in a container, NVML also needs the /dev/nvidia* devices "
+                     "(the toolkit's runtime, or a privileged container)", required=False)
     lib.nvmlShutdown()
-    return Check("NVML", True, "libnvidia-ml.so.1 initialises", required=False)
+    return Check("NVML", True, f"{name} initialises", required=False)
 
 
 def check_native() -> Check:

@@ -125,3 +125,59 @@ def test_top_options_reach_top() -> None:
     # an unreachable endpoint is reported by top itself, not refused by the command line
     assert "unrecognized arguments" not in r.stderr
     assert "127.0.0.1:9" in r.stdout + r.stderr
+
+
+@pytest.fixture(scope="module")
+def fake_nvml(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The fake libnvidia-ml.so.1, under a path no loader searches (as a mounted driver root
+    is), and a scenario with one GPU."""
+    from tests.fake_nvml import FakeNvmlUnavailable, Scenario, build
+
+    root = tmp_path_factory.mktemp("driver-root")
+    (root / "usr" / "lib").mkdir(parents=True)
+    try:
+        lib = build(root / "usr" / "lib")
+    except FakeNvmlUnavailable as e:
+        pytest.skip(f"fake NVML cannot be built: {e}")
+    scenario = Scenario(root / "scenario.txt")
+    scenario.set({"driver": 1, "gpus": 1, "gpu0.uuid": "GPU-cli-0", "gpu0.name": "NVIDIA H100 80GB HBM3",
+                  "gpu0.pci": "00000000:17:00.0", "gpu0.mem_total": 85_899_345_920, "gpu0.util_gpu": 42})
+    return lib, scenario.path
+
+
+def test_doctor_loads_the_nvml_library_the_agent_is_told_to(fake_nvml: tuple[Path, Path]) -> None:
+    lib, scenario = fake_nvml
+    env = dict(os.environ, PYTHONPATH=str(REPO), FAKE_NVML_SCENARIO=str(scenario))
+    env.pop("INFERSIGHT_NVML_LIBRARY", None)
+    args = [sys.executable, "-m", "agent.cli", "doctor"]
+    plain = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    assert "libnvidia-ml.so.1 not loadable" in plain.stdout  # no driver on this machine's search path
+    told = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env=dict(env, INFERSIGHT_NVML_LIBRARY=str(lib)))
+    assert f"[ok  ] NVML                 {lib} initialises" in told.stdout, told.stdout
+
+
+def test_run_collects_from_the_named_nvml_library(fake_nvml: tuple[Path, Path]) -> None:
+    """`--nvml-library` (and its variable, which the chart sets) reaches the NVML collector."""
+    lib, scenario = fake_nvml
+    code = (
+        "import sys\n"
+        "from agent import cli\n"
+        "opts = cli.resolve_run_options(cli.build_parser().parse_args(sys.argv[1:]))\n"
+        "sources = cli.start_gpu_sources({**opts, 'cuda': 'off'})\n"
+        "print([(d.uuid, d.name) for d in sources['nvml'].devices()])\n"
+        "for s in sources.values(): s.stop()\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO), FAKE_NVML_SCENARIO=str(scenario))
+    env.pop("INFERSIGHT_NVML_LIBRARY", None)
+    found = "[('GPU-cli-0', 'NVIDIA H100 80GB HBM3')]"
+    cases = [
+        (["run", "--nvml-library", str(lib)], {}, found),
+        (["run"], {"INFERSIGHT_NVML_LIBRARY": str(lib)}, found),
+        (["run"], {}, "[]"),  # not on the loader's path: no GPU, and nothing else fails
+    ]
+    for argv, extra, expected in cases:
+        r = subprocess.run([sys.executable, "-c", code, *argv], cwd=REPO, capture_output=True, text=True,
+                           timeout=120, env=dict(env, **extra))
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == expected, (argv, extra, r.stdout, r.stderr)

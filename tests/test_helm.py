@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -118,6 +119,10 @@ TOGGLES: dict[str, dict[str, Any]] = {
         "networkPolicy": {"metricsFrom": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}]}
     },
     "no-network-policy": {"networkPolicy": {"enabled": False}},
+    "nvml-runtime-class": {"nvml": {"runtimeClassName": "nvidia"}},
+    "nvml-driver-root": {"nvml": {"mode": "driverRoot", "driverRoot": "/home/kubernetes/bin/nvidia",
+                                  "library": "lib64/libnvidia-ml.so.1"}, "security": {"privileged": True}},
+    "nvml-off": {"nvml": {"mode": "off"}},
 }
 
 #: checkov findings accepted per toggle, with the reason. (Findings accepted for every rendering
@@ -495,6 +500,56 @@ def test_the_agent_cli_accepts_the_rendered_environment_and_config(
     # The values schema lists exactly the options the file may hold.
     schema = json.loads((CHART / "values.schema.json").read_text())
     assert set(schema["properties"]["agent"]["properties"]["config"]["properties"]) == set(RUN_OPTIONS)
+
+
+def test_nvml_reached_through_the_toolkit_a_driver_root_or_not_at_all() -> None:
+    def env_of(values: dict[str, Any]) -> dict[str, str]:
+        return {e["name"]: e.get("value") for e in agent_container(documents(values))["env"]}
+
+    # the default: the NVIDIA Container Toolkit injects NVML, the default runtime unless named
+    env = env_of({})
+    assert env["NVIDIA_VISIBLE_DEVICES"] == "all" and env["NVIDIA_DRIVER_CAPABILITIES"] == "utility"
+    assert "INFERSIGHT_NVML_LIBRARY" not in env and "INFERSIGHT_GPU" not in env
+    pod = one(documents({}), "DaemonSet")["spec"]["template"]["spec"]
+    assert "runtimeClassName" not in pod
+    pod = one(documents(TOGGLES["nvml-runtime-class"]), "DaemonSet")["spec"]["template"]["spec"]
+    assert pod["runtimeClassName"] == "nvidia"
+
+    # a driver root mounted read-only, the library named to the agent
+    docs = documents(TOGGLES["nvml-driver-root"])
+    env = env_of(TOGGLES["nvml-driver-root"])
+    assert env["INFERSIGHT_NVML_LIBRARY"] == "/host/nvidia-driver/lib64/libnvidia-ml.so.1"
+    assert "NVIDIA_VISIBLE_DEVICES" not in env
+    mounts = {m["name"]: m for m in agent_container(docs)["volumeMounts"]}
+    assert mounts["nvidia-driver"] == {"name": "nvidia-driver", "mountPath": "/host/nvidia-driver", "readOnly": True}
+    volumes = {v["name"]: v for v in one(docs, "DaemonSet")["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["nvidia-driver"]["hostPath"] == {"path": "/home/kubernetes/bin/nvidia", "type": "Directory"}
+    default_volumes = one(documents({}), "DaemonSet")["spec"]["template"]["spec"]["volumes"]
+    assert "nvidia-driver" not in {v["name"] for v in default_volumes}
+    # NVML's devices are out of an unprivileged container's reach: refused, with the reason
+    with pytest.raises(helm_python.HelmError, match=re.escape("nvml.mode=driverRoot needs security.privileged=true")):
+        render({"nvml": {"mode": "driverRoot"}})
+
+    # off: the agent runs without GPU collection, and asks the runtime for nothing
+    env = env_of(TOGGLES["nvml-off"])
+    assert env["INFERSIGHT_GPU"] == "false"
+    assert "NVIDIA_VISIBLE_DEVICES" not in env
+
+
+def test_the_agent_reads_each_nvml_mode_s_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from agent.cli import build_parser, resolve_run_options
+
+    for name in list(os.environ):
+        if name.startswith("INFERSIGHT_"):
+            monkeypatch.delenv(name)
+    for toggle, key, expected in (("nvml-driver-root", "nvml_library", "/host/nvidia-driver/lib64/libnvidia-ml.so.1"),
+                                  ("nvml-off", "gpu", False), ("defaults", "gpu", True)):
+        env = {e["name"]: e["value"] for e in agent_container(documents(TOGGLES[toggle]))["env"]
+               if e["name"] in ("INFERSIGHT_NVML_LIBRARY", "INFERSIGHT_GPU")}
+        with monkeypatch.context() as m:
+            for name, value in env.items():
+                m.setenv(name, value)
+            assert resolve_run_options(build_parser().parse_args(["run"]))[key] == expected, toggle
 
 
 def test_image_tag_and_digest() -> None:
