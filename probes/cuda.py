@@ -11,10 +11,10 @@ an LRU hash; nothing is sent per call. This loader
 * rescans the targets' maps periodically, so a process that ``dlopen``s CUDA
   after the agent attached is covered;
 * reads and deletes completed buckets, converts their monotonic start to
-  wall-clock time (in :func:`monotonic_to_unix_ns`, nowhere else) and keeps a
-  bounded history per process that the join queries by time window; a window
-  reaching into buckets not read yet reads those in place, so a request that
-  has just ended carries the CUDA calls made for it.
+  wall-clock time (in :func:`monotonic_to_unix_ns` and its reverse, nowhere
+  else) and keeps a bounded history per process that the join queries by time
+  window; a window reaching into buckets not read yet reads those in place, so
+  a request that has just ended carries the CUDA calls made for it.
 
 Only this module and ``cuda.bpf.c`` know the kernel side; :class:`CudaBucket`,
 :class:`CudaWindow` and :class:`CudaPoint` are plain frozen data.
@@ -968,7 +968,7 @@ class CudaProbe:
         m.describe("infersight.cuda.probe.load.failures", "counter", "CUDA probe not loaded (no uprobes, BPF error)")
         m.describe("infersight.cuda.thread.errors", "counter", "unexpected errors in the CUDA probe's thread")
         m.describe("infersight.cuda.window.truncated", "counter",
-                   "windows that read only their newest live_buckets unread buckets (the probe's thread lags)")
+                   "windows that read only their newest unread buckets in place (the probe's thread lags)")
 
     def _log_once(self, key: str, msg: str, *args: object) -> None:
         if key not in self._logged:
