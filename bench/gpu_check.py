@@ -185,6 +185,15 @@ def workload(ready: Path, go: Path, out: Path, stop: Path) -> None:
         time.sleep(0.05)
 
 
+def _await_file(path: Path, proc: subprocess.Popen[bytes], timeout_s: float, what: str) -> None:
+    """Wait for ``path``, which ``proc`` writes; raise if ``proc`` exits or time runs out first."""
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{what} (exit status {proc.poll()})")
+        time.sleep(0.05)
+
+
 def _smi_process_memory() -> dict[int, int]:
     """pid -> used GPU memory in bytes, as nvidia-smi reports it."""
     try:
@@ -231,11 +240,7 @@ def part_probe(tmp: Path, report: Report) -> None:
     probe = None
     nvml = None
     try:
-        deadline = time.monotonic() + 180
-        while not files["ready"].exists():
-            if child.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"workload did not start (exit {child.poll()})")
-            time.sleep(0.05)
+        _await_file(files["ready"], child, 180, "the workload did not start")
         ready = json.loads(files["ready"].read_text())
         report.facts["workload"] = ready
         pid = ready["pid"]
@@ -258,11 +263,7 @@ def part_probe(tmp: Path, report: Report) -> None:
         report.check("libcudart and libcuda attached", {lib.kind for lib in libs if lib.attached} >= {"driver", "runtime"},
                      ["driver", "runtime"], sorted({lib.kind for lib in libs if lib.attached}))
         files["go"].write_text("go")
-        deadline = time.monotonic() + 120
-        while not files["out"].exists():
-            if child.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"workload ended early (exit {child.poll()})")
-            time.sleep(0.05)
+        _await_file(files["out"], child, 120, "the workload did not finish its phases")
         phases = json.loads(files["out"].read_text())
         # The workload holds its memory until told to stop, so this is the matrix phase's too.
         smi = _smi_process_memory().get(pid)
@@ -460,11 +461,7 @@ def part_agent(tmp: Path, out_dir: Path, report: Report) -> None:
     agent = None
     metrics_text = ""
     try:
-        deadline = time.monotonic() + 180
-        while not ready.exists():
-            if srv.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"server did not start (exit {srv.poll()})")
-            time.sleep(0.05)
+        _await_file(ready, srv, 180, "the server did not start")
         port = int(ready.read_text())
         t0 = time.monotonic()
         with open(log, "w") as lf:
