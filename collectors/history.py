@@ -265,14 +265,19 @@ class History:
     ) -> WindowStats | None:
         """Statistics of ``key`` over ``[t0_ns, t1_ns]`` (both ends included).
 
-        Uses every sample whose time falls inside the window. When none does
-        (a window shorter than the sampling period, lying between two samples),
-        it uses the last sample before ``t0_ns`` instead: the state that held
-        when the window opened. That fallback is refused (None) when the sample
-        is older than ``max_fallback_age_ns`` before ``t0_ns``, so a source that
-        stopped sampling is not reported as current. Returns None when nothing
-        qualifies or the key is unknown. A sample at or after ``t1_ns`` that
-        follows an empty window is never used: it describes later time.
+        Field by field: every sample inside the window that holds the field.
+        When none does (a window shorter than the sampling period, lying between
+        two samples, or one holding only samples of other fields), the last
+        sample before ``t0_ns`` that holds it: the state that held when the
+        window opened. A source whose samples carry different fields at
+        different times (a GPU's utilisation read more often than its
+        temperature; a process's memory and its utilisation, which NVML stamps
+        itself) so gets every field, each as fresh as it was read. A sample
+        older than ``max_fallback_age_ns`` before ``t0_ns`` is refused, so a
+        source that stopped sampling is not reported as current. ``samples``
+        counts the samples inside and those used from before. Returns None when
+        nothing qualifies or the key is unknown. A sample at or after ``t1_ns``
+        that follows the window is never used: it describes later time.
 
         ``fields`` names the fields to summarise (None: all of them, found by
         walking the window's samples). A window costs the same whatever its
@@ -334,7 +339,8 @@ class History:
         self, keys: Iterable[Hashable], t0_ns: int, t1_ns: int, fields: tuple[str, ...] | None
     ) -> WindowStats | None:
         """The window's statistics over ``keys``; under the lock."""
-        spans: list[tuple[_Series, int, int]] = []  # each key's samples used: [lo, hi)
+        # each key's samples inside the window, [lo, hi) (empty when none is), and before it
+        spans: list[tuple[_Series, int, int]] = []
         samples = 0
         first_ns = last_ns = 0
         for key in keys:
@@ -344,27 +350,29 @@ class History:
             times = series.times
             lo = bisect.bisect_left(times, t0_ns)
             hi = bisect.bisect_right(times, t1_ns)
-            if hi <= lo:
-                if lo == 0:
-                    continue
-                t = times[lo - 1]
-                if self._max_fallback_age_ns is not None and t0_ns - t > self._max_fallback_age_ns:
-                    continue
-                lo, hi = lo - 1, lo
-            if not samples or times[lo] < first_ns:
-                first_ns = times[lo]
-            if not samples or times[hi - 1] > last_ns:
-                last_ns = times[hi - 1]
-            samples += hi - lo
+            if hi > lo:
+                if not samples or times[lo] < first_ns:
+                    first_ns = times[lo]
+                if not samples or times[hi - 1] > last_ns:
+                    last_ns = times[hi - 1]
+                samples += hi - lo
+            elif not lo:
+                continue  # nothing inside and nothing before
             spans.append((series, lo, hi))
         if not spans:
             return None
-        if fields is None:  # every field any of the samples has
-            fields = tuple(dict.fromkeys(f for series, lo, hi in spans for v in series.values[lo:hi] for f in v))
+        oldest = None if self._max_fallback_age_ns is None else t0_ns - self._max_fallback_age_ns
+        if fields is None:  # every field any sample inside has, or any sample it may stand in for
+            named: list[str] = []
+            for series, lo, hi in spans:
+                start = 0 if oldest is None else bisect.bisect_left(series.times, oldest)
+                named.extend(f for v in series.values[min(start, lo):hi] for f in v)
+            fields = tuple(dict.fromkeys(named))
         means: dict[str, float] = {}
         maxima: dict[str, float] = {}
         several = len(spans) > 1
         added: dict[str, float] = {} if several else maxima  # one key: its maximum is the sum
+        stood_in: dict[tuple[int, int], int] = {}  # (key's series, sample) used from before -> time
         for name in fields:
             total = 0.0
             count = 0
@@ -374,15 +382,28 @@ class History:
                 agg = series.field(name)
                 counts = agg.counts
                 n = counts[hi] - counts[lo]
-                if not n:
-                    continue
-                count += n
-                if hi - lo == 1:  # one sample (a short window's usual lot): its value as it came
-                    m = agg.maxima[0][lo]
-                    total += m
+                if n:
+                    count += n
+                    if hi - lo == 1:  # one sample (a short window's usual lot): its value as it came
+                        m = agg.maxima[0][lo]
+                        total += m
+                    else:
+                        total += agg.sums[hi] - agg.sums[lo]
+                        m = agg.peak(lo, hi)
                 else:
-                    total += agg.sums[hi] - agg.sums[lo]
-                    m = agg.peak(lo, hi)
+                    # none inside holds it: the state when the window opened, the last sample
+                    # before it that does (counts[0] counts the holders dropped from the front)
+                    held = counts[lo]
+                    if held == counts[0]:
+                        continue
+                    j = lo - 1 if counts[lo - 1] != held else bisect.bisect_left(counts, held) - 1
+                    t = series.times[j]
+                    if oldest is not None and t < oldest:
+                        continue
+                    stood_in[(id(series), j)] = t
+                    m = agg.maxima[0][j]
+                    count += 1
+                    total += m
                 if m > peak:
                     peak = m
                 peaks += m
@@ -391,6 +412,14 @@ class History:
                 maxima[name] = peak
                 if several:
                     added[name] = peaks
+        for t in stood_in.values():
+            if not samples or t < first_ns:
+                first_ns = t
+            if not samples or t > last_ns:
+                last_ns = t
+            samples += 1
+        if not samples:
+            return None
         return WindowStats(samples=samples, mean=means, max=maxima, first_ns=first_ns, last_ns=last_ns,
                            max_sum=added)
 

@@ -326,27 +326,10 @@ _READERS: tuple[tuple[str, Callable[[Any], dict[str, float]]], ...] = (
 
 
 #: The readers of the quick samples (every ``fast_period_s``): what a record's window reads,
-#: utilisation for ``gpu.window.utilization.mean`` and power for its energy.
+#: utilisation for ``gpu.window.utilization.mean`` and power for its energy. A quick sample
+#: holds their fields alone; a window too short to hold a sample takes each field from the
+#: last sample before it that has the field (collectors.history), so the freshest of each.
 _FAST_READERS: Final = frozenset({"utilization", "power"})
-
-#: The fields the quick readers give.
-FAST_FIELDS: Final = frozenset({"utilization.gpu", "utilization.memory", "power.draw"})
-
-#: The device history keeps a GPU's quick readings (FAST_FIELDS, from every quick sample and
-#: every full one) under ``(uuid, FAST)`` and its other fields under ``uuid``: no field is in
-#: both, so a window shorter than a period falls back to the freshest reading of each (as
-#: the process history does with UTIL).
-FAST: Final = "fast"
-
-
-def _merged(quick: WindowStats | None, full: WindowStats | None) -> WindowStats | None:
-    """One device's window from its quick and its full samples (disjoint fields). Every full
-    sample is also a quick one, so the quick samples are the samples."""
-    if quick is None or full is None:
-        return quick or full
-    return WindowStats(quick.samples, {**full.mean, **quick.mean}, {**full.max, **quick.max},
-                       min(quick.first_ns, full.first_ns), max(quick.last_ns, full.last_ns),
-                       {**full.max_sum, **quick.max_sum})
 
 
 def _error_name(code: int) -> str:
@@ -359,16 +342,8 @@ def _handle_address(handle: Any) -> int:
 
 
 def _pid_of_key(key: Hashable) -> Hashable:
-    """The process history's group of a ``(pid, uuid)`` or ``(pid, uuid, "util")`` key: its pid."""
+    """The process history's group of a ``(pid, uuid)`` key: its pid."""
     return key[0] if isinstance(key, tuple) else key
-
-
-#: The process history keeps a (pid, GPU)'s utilisation samples under their own key,
-#: ``(pid, uuid, UTIL)``, apart from its memory samples under ``(pid, uuid)``. The two
-#: come at different times (NVML stamps utilisation itself), and a window too short to
-#: hold a sample falls back to each key's last one: one series would fall back to
-#: whichever came last, and lose the other's fields.
-UTIL: Final = "util"
 
 
 class _Fatal(Exception):
@@ -418,13 +393,11 @@ class NvmlCollector:
         period_ns = int(config.period_s * 1e9)
         self._stale_ns = int(config.stale_periods * period_ns)
         history_ns = int(config.history_seconds * 1e9)
-        # two keys per device: its full samples, and its quick ones (FAST)
         self._devices_history = History(
-            "nvml.device", max_samples_per_key=config.max_samples_per_key, max_keys=512,
+            "nvml.device", max_samples_per_key=config.max_samples_per_key, max_keys=256,
             max_age_ns=history_ns, max_fallback_age_ns=self._stale_ns, metrics=metrics)
         self._process_history = History(
-            # two keys per (pid, GPU): its memory samples and its utilisation samples (UTIL)
-            "nvml.process", max_samples_per_key=config.max_samples_per_key, max_keys=2 * config.max_processes,
+            "nvml.process", max_samples_per_key=config.max_samples_per_key, max_keys=config.max_processes,
             max_age_ns=history_ns, max_fallback_age_ns=self._stale_ns, group_of=_pid_of_key, metrics=metrics)
 
         self._lock = threading.RLock()  # device state, xids, processes
@@ -501,22 +474,14 @@ class NvmlCollector:
     ) -> WindowStats | None:
         """Samples of one GPU or MIG device over ``[t0_ns, t1_ns]`` (rules in
         :meth:`collectors.history.History.window`, ``fields`` too). Fields are the
-        ``field`` column of gpu_metrics.csv, in base units (ratios, bytes, watts...).
-        Utilisation and power come from the quick samples, the rest from the full ones."""
-        return self.device_windows((uuid,), t0_ns, t1_ns, fields)[0]
+        ``field`` column of gpu_metrics.csv, in base units (ratios, bytes, watts...)."""
+        return self._devices_history.window(uuid, t0_ns, t1_ns, fields)
 
     def device_windows(
         self, uuids: Sequence[str], t0_ns: int, t1_ns: int, fields: tuple[str, ...] | None = None
     ) -> list[WindowStats | None]:
         """:meth:`device_window` of each of ``uuids``, in their order, at once."""
-        history = self._devices_history
-        if fields is not None and FAST_FIELDS.issuperset(fields):  # the join's, for every record
-            return history.window_each([(u, FAST) for u in uuids], t0_ns, t1_ns, fields)
-        full = history.window_each(uuids, t0_ns, t1_ns, fields)
-        if fields is not None and FAST_FIELDS.isdisjoint(fields):
-            return full
-        quick = history.window_each([(u, FAST) for u in uuids], t0_ns, t1_ns, fields)
-        return [_merged(q, f) for q, f in zip(quick, full, strict=True)]
+        return self._devices_history.window_each(uuids, t0_ns, t1_ns, fields)
 
     def process_window(
         self, pid: int, t0_ns: int, t1_ns: int, fields: tuple[str, ...] | None = None
@@ -857,29 +822,25 @@ class NvmlCollector:
                 with self._lock:  # rediscovery replaced handles
                     devs_now = {d.info.uuid: d for d in self._devs}
                 dev = devs_now.get(dev.info.uuid, dev)
-            quick: dict[str, float] = {}
-            values = self._sample_device(dev, quick, fast)
+            values = self._sample_device(dev, fast)
             if values is None:
                 down.add(dev.info.uuid)
                 continue
-            if quick:
-                self._devices_history.add((dev.info.uuid, FAST), now, quick)
             if values:
                 self._devices_history.add(dev.info.uuid, now, values)
-            if quick or values:
                 with self._lock:
-                    if fast and dev.last is not None:
+                    if not fast:
+                        dev.last = (now, values)
+                    elif dev.last is not None:
                         # exported gauges take the fresher readings; the full sample's time
                         # still decides when they are stale
-                        dev.last = (dev.last[0], {**dev.last[1], **quick})
-                    elif not fast:
-                        dev.last = (now, {**values, **quick})
+                        dev.last = (dev.last[0], {**dev.last[1], **values})
         if self.config.processes and not fast:
             self._sample_processes(now)
 
-    def _sample_device(self, dev: _Dev, quick: dict[str, float], fast: bool) -> dict[str, float] | None:
-        """One device's readings in base units, the quick readers' into ``quick`` (only those
-        with ``fast``); None when the GPU was lost."""
+    def _sample_device(self, dev: _Dev, fast: bool) -> dict[str, float] | None:
+        """One device's readings in base units (with ``fast``, the quick readers' alone); None
+        when the GPU was lost."""
         values: dict[str, float] = {}
         for name, reader in _READERS:
             if name in dev.unsupported or (fast and name not in _FAST_READERS):
@@ -896,8 +857,7 @@ class NvmlCollector:
                 else:
                     self._metrics.inc(NVML_ERRORS, labels=(("call", name), ("error", _error_name(e.value))))
                 continue
-            (quick if name in _FAST_READERS else values).update(
-                {f: v * self._scale.get(f, 1.0) for f, v in raw.items()})
+            values.update({f: v * self._scale.get(f, 1.0) for f, v in raw.items()})
         return values
 
     def _sample_processes(self, now: int) -> None:
@@ -944,7 +904,7 @@ class NvmlCollector:
                         "process.memutil": s.memUtil * self._scale.get("process.memutil", 0.01)}
                 # NVML stamps samples with CPU time in microseconds; keep its time, not ours
                 t_ns = s.timeStamp * 1000
-                self._process_history.add((s.pid, target, UTIL), t_ns, util)
+                self._process_history.add((s.pid, target), t_ns, util)
                 latest.setdefault((s.pid, target), (now, {}))
                 if t_ns >= util_last.get((s.pid, target), (0, {}))[0]:
                     util_last[(s.pid, target)] = (t_ns, util)

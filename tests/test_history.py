@@ -66,6 +66,24 @@ def test_window_before_any_sample_or_unknown_key_is_none() -> None:
     assert h.window("gpu", 6 * S, 5 * S) is None
 
 
+def test_each_field_falls_back_on_its_own() -> None:
+    """A field that no sample inside the window holds is taken from the last sample before it
+    that holds it: a GPU read every 0.2 s for utilisation and every second for the rest."""
+    h, _ = make(max_fallback_age_ns=10 * S)
+    h.add("gpu", 1 * S, {"temp": 55.0, "util": 0.3})
+    h.add("gpu", 2 * S, {"util": 0.9})
+    h.add("gpu", 3 * S, {"util": 0.8})
+    w = h.window("gpu", 2 * S + 5, 2 * S + 6)  # none inside
+    assert w is not None
+    assert (w.mean, w.samples, w.first_ns, w.last_ns) == ({"util": 0.9, "temp": 55.0}, 2, 1 * S, 2 * S)
+    w = h.window("gpu", 2 * S + 5, 3 * S + 5, ("util", "temp"))  # one inside, holding util alone
+    assert w is not None
+    assert (w.mean, w.samples, w.first_ns, w.last_ns) == ({"util": 0.8, "temp": 55.0}, 2, 1 * S, 3 * S)
+    # a holder older than the bound stands in for nothing
+    w = h.window("gpu", 11 * S + 5, 12 * S, ("util", "temp"))
+    assert w is not None and w.mean == {"util": 0.8} and w.samples == 1
+
+
 def test_fallback_refuses_a_sample_older_than_the_bound() -> None:
     h, _ = make(max_fallback_age_ns=3 * S)
     h.add("gpu", 1 * S, {"util": 0.3})
@@ -185,16 +203,23 @@ def test_concurrent_writer_and_reader_stay_consistent() -> None:
     assert w is not None and w.samples == 50 and w.last_ns == 4999
 
 
-def reference(samples: list[tuple[int, dict[str, float]]], t0: int, t1: int,
-              fallback_age: int | None) -> list[tuple[int, dict[str, float]]]:
-    """The samples a window over [t0, t1] uses, by the rule in History.window, from a plain sorted list."""
+def reference(samples: list[tuple[int, dict[str, float]]], t0: int, t1: int, fallback_age: int | None,
+              fields: tuple[str, ...] | None) -> list[tuple[int, dict[str, float]]]:
+    """The samples a window over [t0, t1] uses, by the rule in History.window, from a plain sorted
+    list: those inside, and for each field none of them holds, the last one before t0 holding it
+    (with only the fields it stands in for)."""
     inside = [(t, v) for t, v in samples if t0 <= t <= t1]
-    if inside:
-        return inside
-    before = [(t, v) for t, v in samples if t < t0]
-    if before and (fallback_age is None or t0 - before[-1][0] <= fallback_age):
-        return [before[-1]]
-    return []
+    before = [(t, v) for t, v in samples if t < t0 and (fallback_age is None or t0 - t <= fallback_age)]
+    names = fields if fields is not None else tuple(dict.fromkeys(f for _, v in inside + before for f in v))
+    used: dict[int, tuple[int, dict[str, float]]] = {}  # position in before -> (time, fields used)
+    for name in names:
+        if any(name in v for _, v in inside):
+            continue
+        holders = [i for i, (_, v) in enumerate(before) if name in v]
+        if holders:
+            t, v = before[holders[-1]]
+            used.setdefault(holders[-1], (t, {}))[1][name] = v[name]
+    return [used[i] for i in sorted(used)] + inside
 
 
 def test_running_aggregates_match_a_walk_of_the_samples_through_inserts_evictions_and_rebuilds() -> None:
@@ -228,7 +253,7 @@ def test_running_aggregates_match_a_walk_of_the_samples_through_inserts_eviction
             t1 = t0 + rng.choice([0, 1, 3, 10, 30, 80, 200, 400])
             fields = rng.choice([("util",), ("util", "mem"), ("mem", "absent"), None])
             keys = rng.choice([("a",), ("b",), ("a", "b")])
-            by_key = {k: reference(kept[k], t0, t1, 25) for k in keys}
+            by_key = {k: reference(kept[k], t0, t1, 25, fields) for k in keys}
             used = [s for k in keys for s in by_key[k]]
             w = h.window_many(keys, t0, t1, fields)
             # each key's own window, under one lock, is the window of that key alone
@@ -326,5 +351,7 @@ def test_a_value_that_is_not_finite_counts_as_absent_and_spoils_no_other_window(
     assert w.mean == {"x": 0.5, "y": 1.0} and w.max == {"x": 0.75, "y": 1.0}
     w = h.window("gpu", 3 * S, 4 * S)
     assert w is not None and w.mean == {"x": 0.5, "y": 1.0}
-    w = h.window("gpu", 1 * S, 2 * S)  # only the two that are not measurements
-    assert w is not None and w.samples == 2 and w.mean == {"y": 1.0} and "x" not in w.max
+    # only the two that are not measurements inside: x is the state before the window, as for
+    # any field no sample inside holds
+    w = h.window("gpu", 1 * S, 2 * S)
+    assert w is not None and w.samples == 3 and w.mean == {"x": 0.5, "y": 1.0} and w.first_ns == 0
