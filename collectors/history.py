@@ -280,7 +280,8 @@ class History:
         that follows the window is never used: it describes later time.
 
         ``fields`` names the fields to summarise (None: all of them, found by
-        walking the window's samples). A window costs the same whatever its
+        walking the window's samples and those it may use from before it, back to
+        ``max_fallback_age_ns``). A window costs the same whatever its
         length, per field summarised (module docstring), and a reader on the
         per-request path wants two or three of a GPU's dozen or more.
         """
