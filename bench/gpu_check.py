@@ -38,7 +38,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -48,7 +47,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
+from bench import require_root
+from bench.overhead import REPO, free_port
+
 MIB = 1 << 20
 
 # Part "probe": phase sizes, known to both sides.
@@ -433,11 +434,6 @@ def server(timings: Path, ready: Path) -> None:
     httpd.serve_forever()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 def _client(port: int) -> int:
     """One streaming request; returns the events received."""
@@ -452,7 +448,7 @@ def _client(port: int) -> int:
 
 
 def part_agent(tmp: Path, out_dir: Path, report: Report) -> None:
-    prom = _free_port()
+    prom = free_port()
     timings, ready, jsonl, log = (tmp / "srv-timings", tmp / "srv-ready", out_dir / "agent.jsonl",
                                   out_dir / "agent.log")
     for f in (timings, ready, jsonl):
@@ -574,6 +570,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "_server":
         server(Path(argv[1]), Path(argv[2]))
         return 0
+    require_root()
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="/tmp/infersight-gpu-check")
     ap.add_argument("--part", choices=("probe", "agent", "all"), default="all")
