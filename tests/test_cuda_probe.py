@@ -233,10 +233,14 @@ def read_all(probe: CudaProbe, done_mono_ns: int) -> list[CudaBucket]:
     return out
 
 
-def totals(buckets: list[CudaBucket], pid: int) -> dict[str, int]:
-    w = summarise(pid, [b for b in buckets if b.pid == pid], BUCKET_NS)
-    assert w is not None, f"no buckets for pid {pid}"
+def window_counts(w: CudaWindow | None) -> dict[str, int]:
+    """The counters a window holds that Pattern.expected names."""
+    assert w is not None, "no buckets in the window"
     return {name: getattr(w, name) for name in Pattern().expected("runtime")}
+
+
+def totals(buckets: list[CudaBucket], pid: int) -> dict[str, int]:
+    return window_counts(summarise(pid, [b for b in buckets if b.pid == pid], BUCKET_NS))
 
 
 def assert_sync_hist(buckets: list[CudaBucket], pid: int, syncs: int) -> None:
@@ -432,11 +436,6 @@ def test_window_and_points(stubs: StubBuild, apps: Callable[..., App],
     assert exported[("gpu_cuda_kernel_launch_calls_total", ())] == exp["launches"]
     assert exported[("gpu_cuda_memcpy_bytes_total", ("host_to_device",))] == exp["memcpy_htod_bytes"]
     assert m.total(SOURCE_ERRORS) == 0
-
-
-def window_counts(w: CudaWindow | None) -> dict[str, int]:
-    assert w is not None, "no buckets in the window"
-    return {k: getattr(w, k) for k in Pattern().expected("runtime")}
 
 
 @pytest.mark.ebpf

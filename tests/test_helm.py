@@ -468,6 +468,13 @@ def test_agent_config_file_and_arguments() -> None:
     assert "args" not in agent_container(documents({}))
 
 
+def clear_agent_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unset every INFERSIGHT_* variable, so only what a test sets reaches the option resolver."""
+    for name in list(os.environ):
+        if name.startswith("INFERSIGHT_"):
+            monkeypatch.delenv(name)
+
+
 def test_the_agent_cli_accepts_the_rendered_environment_and_config(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -483,9 +490,7 @@ def test_the_agent_cli_accepts_the_rendered_environment_and_config(
         assert name.removeprefix("INFERSIGHT_").lower() in RUN_OPTIONS, name
     config = tmp_path / "config.yaml"
     config.write_text(one(docs, "ConfigMap")["data"]["config.yaml"])
-    for name in list(os.environ):
-        if name.startswith("INFERSIGHT_"):
-            monkeypatch.delenv(name)
+    clear_agent_environment(monkeypatch)
     for name, value in chart_env.items():
         monkeypatch.setenv(name, value)
     args = container["args"]
@@ -539,9 +544,7 @@ def test_nvml_reached_through_the_toolkit_a_driver_root_or_not_at_all() -> None:
 def test_the_agent_reads_each_nvml_mode_s_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     from agent.cli import build_parser, resolve_run_options
 
-    for name in list(os.environ):
-        if name.startswith("INFERSIGHT_"):
-            monkeypatch.delenv(name)
+    clear_agent_environment(monkeypatch)
     for toggle, key, expected in (("nvml-driver-root", "nvml_library", "/host/nvidia-driver/lib64/libnvidia-ml.so.1"),
                                   ("nvml-off", "gpu", False), ("defaults", "gpu", True)):
         env = {e["name"]: e["value"] for e in agent_container(documents(TOGGLES[toggle]))["env"]
