@@ -88,6 +88,8 @@ class Api(StrEnum):
     TRITON_GENERATE = "triton.generate"
     TRITON_GENERATE_STREAM = "triton.generate_stream"
     TRITON_INFER = "triton.infer"
+    OPENAI_RESPONSES = "openai.responses"
+    ANTHROPIC_MESSAGES = "anthropic.messages"
 
 
 _EXACT_PATHS: Final[dict[str, Api]] = {
@@ -98,6 +100,8 @@ _EXACT_PATHS: Final[dict[str, Api]] = {
     "/api/chat": Api.OLLAMA_CHAT,
     "/generate": Api.TGI_GENERATE,
     "/generate_stream": Api.TGI_GENERATE_STREAM,
+    "/v1/responses": Api.OPENAI_RESPONSES,
+    "/v1/messages": Api.ANTHROPIC_MESSAGES,
 }
 _TRITON_PATH: Final = re.compile(r"/v2/models/([^/]+)(?:/versions/[^/]+)?/(generate_stream|generate|infer)")
 _TRITON_APIS: Final = {
@@ -110,6 +114,8 @@ _OPERATIONS: Final[dict[Api, str]] = {
     Api.OLLAMA_CHAT: "chat",
     Api.OPENAI_COMPLETIONS: "text_completion",
     Api.OPENAI_EMBEDDINGS: "embeddings",
+    Api.OPENAI_RESPONSES: "chat",
+    Api.ANTHROPIC_MESSAGES: "chat",
 }
 # APIs whose streaming is fixed by the route, not by the body.
 _ROUTE_STREAMING: Final[dict[Api, bool]] = {
@@ -126,6 +132,8 @@ _STREAM_DEFAULTS: Final[dict[Api, bool]] = {
     Api.OPENAI_COMPLETIONS: False,
     Api.OLLAMA_GENERATE: True,  # Ollama streams unless told "stream": false
     Api.OLLAMA_CHAT: True,
+    Api.OPENAI_RESPONSES: False,
+    Api.ANTHROPIC_MESSAGES: False,
 }
 _TRITON = (Api.TRITON_GENERATE, Api.TRITON_GENERATE_STREAM, Api.TRITON_INFER)
 
@@ -308,6 +316,8 @@ def parse_fragment(api: Api, fragment: bytes) -> EventInfo:
     output are merged. ``output`` is False when event bodies are visible and
     none carries output, None when nothing tells.
     """
+    if api in _TYPED:
+        return _typed_fragment(api, fragment)
     if (len(fragment) <= _DONE_WRITE_MAX and fragment in _DONE_WRITES
             and api not in _OLLAMA and api not in _TGI):
         return _DONE_EVENT  # what the scan below finds in it, without the scan
@@ -546,7 +556,188 @@ def _from_object(api: Api, obj: dict[str, Any]) -> EventInfo:
         model = _clean_model(obj.get("model_name"))
         outputs = obj.get("outputs")
         output = isinstance(outputs, list) and bool(outputs)
+    elif api is Api.OPENAI_RESPONSES:
+        return _responses_object(obj)
+    elif api is Api.ANTHROPIC_MESSAGES:
+        return _messages_object(obj)
     return EventInfo(output, done, model, tuple(reasons), in_tok, out_tok)
+
+
+# --- typed-event APIs ---------------------------------------------------------
+#
+# The OpenAI Responses API (/v1/responses) and the Anthropic Messages API
+# (/v1/messages), both served by vLLM, SGLang, llama.cpp and others, stream SSE
+# events named by a "type" (and an "event:" line): the output is in the deltas,
+# and the response's model, usage and end are in typed envelope events. A
+# Responses stream's end event repeats the whole response, its text included,
+# so only its envelope is read. Neither API has OpenAI's finish_reason: a
+# response's status (its incomplete_details reason when incomplete) and a
+# message's stop_reason are reported as the server gave them.
+
+_TYPED: Final = (Api.OPENAI_RESPONSES, Api.ANTHROPIC_MESSAGES)
+#: Responses events that end a response, and the status each reports when its body is cut.
+_RESPONSES_END: Final[dict[str, str]] = {
+    "response.completed": "completed",
+    "response.incomplete": "incomplete",
+    "response.failed": "failed",
+    "response.cancelled": "cancelled",
+}
+_MESSAGES_EVENTS: Final = frozenset((
+    "message_start", "content_block_start", "content_block_delta", "content_block_stop", "message_delta",
+    "message_stop", "ping", "error",
+))
+_MESSAGES_OUTPUT: Final = ("text", "thinking", "partial_json")
+
+
+def _responses_reason(r: dict[str, Any]) -> str | None:
+    status = r.get("status")
+    if status == "incomplete":
+        details = r.get("incomplete_details")
+        reason = details.get("reason") if isinstance(details, dict) else None
+        return reason if isinstance(reason, str) else "incomplete"
+    if status in ("completed", "failed", "cancelled"):
+        return str(status)
+    return None
+
+
+def _responses_object(obj: dict[str, Any]) -> EventInfo:
+    """One Responses API stream event, or a whole (non-streamed) response object."""
+    t = obj.get("type")
+    reasons: list[str] = []
+    if isinstance(t, str) and t.startswith("response."):
+        output = t.endswith(".delta") and _nonempty_str(obj.get("delta"))
+        done = t in _RESPONSES_END
+        r = obj.get("response")
+        if not isinstance(r, dict):
+            return EventInfo(output, done)
+        if done:
+            _add_reason(reasons, _responses_reason(r))
+    elif obj.get("object") == "response":
+        r = obj
+        items = r.get("output")
+        output = isinstance(items, list) and bool(items)
+        done = True
+        _add_reason(reasons, _responses_reason(r))
+    else:
+        return EventInfo(False)
+    usage = r.get("usage")
+    in_tok = out_tok = None
+    if isinstance(usage, dict):
+        in_tok, out_tok = _count(usage.get("input_tokens")), _count(usage.get("output_tokens"))
+    return EventInfo(output, done, _clean_model(r.get("model")), tuple(reasons), in_tok, out_tok)
+
+
+def _messages_object(obj: dict[str, Any]) -> EventInfo:
+    """One Messages API stream event, or a whole (non-streamed) message."""
+    t = obj.get("type")
+    if t == "content_block_delta":
+        d = obj.get("delta")
+        return EventInfo(isinstance(d, dict) and any(_nonempty_str(d.get(k)) for k in _MESSAGES_OUTPUT))
+    if t == "content_block_start":
+        b = obj.get("content_block")
+        return EventInfo(isinstance(b, dict) and any(_nonempty_str(b.get(k)) for k in _MESSAGES_OUTPUT))
+    if t == "message_stop":
+        return EventInfo(False, True)
+    reasons: list[str] = []
+    if t == "message_start":
+        m = obj.get("message")
+        if not isinstance(m, dict):
+            return EventInfo(False)
+        output = False
+    elif t == "message_delta":
+        m = obj
+        d = obj.get("delta")
+        if isinstance(d, dict):
+            _add_reason(reasons, d.get("stop_reason"))
+        output = False
+    elif t == "message":
+        m = obj
+        content = obj.get("content")
+        output = isinstance(content, list) and bool(content)
+        _add_reason(reasons, obj.get("stop_reason"))
+    else:
+        return EventInfo(False)
+    usage = m.get("usage")
+    in_tok = out_tok = None
+    if isinstance(usage, dict):
+        in_tok, out_tok = _count(usage.get("input_tokens")), _count(usage.get("output_tokens"))
+    return EventInfo(output, t == "message", _clean_model(m.get("model")), tuple(reasons), in_tok, out_tok)
+
+
+_EVENT_LINE = re.compile(rb"(?:^|\n)event: ?([A-Za-z0-9_.]{1,64})\r?(?=\n|$)")
+_TYPE_FIELD = re.compile(rb'"type"\s*:\s*"([A-Za-z0-9_.]{1,64})"')
+_INPUT_TOKENS = re.compile(rb'"input_tokens"\s*:\s*(\d{1,15})(?=\s*[,}])')
+_OUTPUT_TOKENS = re.compile(rb'"output_tokens"\s*:\s*(\d{1,15})(?=\s*[,}])')
+_STOP_REASON = re.compile(rb'"stop_reason"\s*:\s*"([A-Za-z0-9_.:-]{1,64})"')
+_INCOMPLETE_REASON = re.compile(rb'"incomplete_details"\s*:\s*\{\s*"reason"\s*:\s*"([A-Za-z0-9_.:-]{1,64})"')
+_SSE_META: Final = (b"event:", b"id:", b"retry:", b":")
+
+
+def _unescaped(s: bytes, pattern: re.Pattern[bytes]) -> list[re.Match[bytes]]:
+    """The matches of ``pattern`` (which opens with a quote) that are keys, not string content."""
+    return [m for m in pattern.finditer(s) if not (m.start() and s[m.start() - 1] == 0x5C)]
+
+
+def _typed_fragment(api: Api, fragment: bytes) -> EventInfo:
+    """:func:`parse_fragment` for the typed-event APIs: each whole ``data:`` object decoded,
+    and what is cut read with patterns."""
+    info = EMPTY_EVENT
+    cut = False
+    for line in fragment[-MAX_SCAN_BYTES:].split(b"\n")[:1024]:
+        line = line.rstrip(b"\r")
+        if not line:
+            continue
+        if line.startswith(b"data:"):
+            obj = _load_complete(line[5:])
+            if isinstance(obj, dict):
+                info = merge_events(info, _from_object(api, obj))
+                continue
+        elif line.startswith(_SSE_META) or (len(line) <= 8 and not line.strip(_HEX_DIGITS)):
+            continue  # an SSE field that is not data, or a chunk-size line
+        cut = True
+    if cut or info is EMPTY_EVENT:
+        info = merge_events(info, _typed_from_text(api, fragment[-MAX_SCAN_BYTES:]))
+    return info
+
+
+def _typed_from_text(api: Api, s: bytes) -> EventInfo:
+    """What cut bytes of a typed-event stream show: the events named in them (an ``event:``
+    line, or a ``type`` key naming an event), usage counts, the model and the end."""
+    if api is Api.OPENAI_RESPONSES:
+        names = [m.group(1) for m in _EVENT_LINE.finditer(s) if m.group(1).startswith(b"response.")]
+        names += [m.group(1) for m in _unescaped(s, _TYPE_FIELD) if m.group(1).startswith(b"response.")]
+    else:
+        names = [m.group(1) for m in _EVENT_LINE.finditer(s) if m.group(1).decode() in _MESSAGES_EVENTS]
+        names += [m.group(1) for m in _unescaped(s, _TYPE_FIELD) if m.group(1).decode() in _MESSAGES_EVENTS]
+    reasons: list[str] = []
+    output: bool | None = None
+    done = False
+    for raw in names:
+        name = raw.decode()
+        if api is Api.OPENAI_RESPONSES:
+            is_output = name.endswith(".delta")
+            end = _RESPONSES_END.get(name)
+            if end is not None:
+                done = True
+                if end == "incomplete":
+                    # its reason, where visible; the part of the event that shows it
+                    # (near the response's start) says so when the ring keeps it
+                    found = _unescaped(s, _INCOMPLETE_REASON)
+                    end = found[-1].group(1).decode() if found else None
+                _add_reason(reasons, end)
+        else:
+            is_output = name == "content_block_delta"
+            done = done or name == "message_stop"
+        output = True if is_output else (output or False)
+    if api is Api.ANTHROPIC_MESSAGES:
+        for m in _unescaped(s, _STOP_REASON):
+            _add_reason(reasons, m.group(1).decode())
+    ins = _unescaped(s, _INPUT_TOKENS)
+    outs = _unescaped(s, _OUTPUT_TOKENS)
+    return EventInfo(
+        output, done, _find_string(_MODEL, s), tuple(reasons),
+        _count(int(ins[-1].group(1))) if ins else None, _count(int(outs[-1].group(1))) if outs else None,
+    )
 
 
 def _chat_output(d: dict[str, Any]) -> bool:
@@ -679,6 +870,8 @@ def _from_text(api: Api, s: bytes) -> EventInfo:
     """What cut JSON shows, read in one pass of :data:`_FIELD` (see the section comment)."""
     if not s:
         return EMPTY_EVENT
+    if api in _TYPED:
+        return _typed_from_text(api, s)
     ollama, tgi = api in _OLLAMA, api in _TGI
     # find() rather than `in`: on bytes, `in` first tries its operand as an int, and the
     # TypeError it then clears costs more than the search (CPython 3.11)

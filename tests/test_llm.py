@@ -208,6 +208,10 @@ def fold(api: Api, payloads: list[bytes]) -> tuple[EventInfo, int]:
         ("POST", "/v2/models/ensemble/generate", Api.TRITON_GENERATE),
         ("POST", "/v2/models/ensemble/versions/3/generate_stream", Api.TRITON_GENERATE_STREAM),
         ("POST", "/v2/models/bert/infer", Api.TRITON_INFER),
+        ("POST", "/v1/responses", Api.OPENAI_RESPONSES),
+        ("POST", "/v1/messages?beta=true", Api.ANTHROPIC_MESSAGES),
+        ("POST", "/v1/responses/resp_123/cancel", None),
+        ("POST", "/v1/messages/count_tokens", None),
         ("GET", "/v1/chat/completions", None),
         ("post", "/v1/chat/completions", None),
         ("POST", "/v1/models", None),
@@ -225,6 +229,8 @@ def test_operation_names() -> None:
     assert operation_name(Api.OLLAMA_CHAT) == "chat"
     assert operation_name(Api.OPENAI_COMPLETIONS) == "text_completion"
     assert operation_name(Api.OPENAI_EMBEDDINGS) == "embeddings"
+    assert operation_name(Api.OPENAI_RESPONSES) == "chat"
+    assert operation_name(Api.ANTHROPIC_MESSAGES) == "chat"
     for api in (Api.OLLAMA_GENERATE, Api.TGI_GENERATE, Api.TGI_GENERATE_STREAM, Api.TRITON_GENERATE_STREAM):
         assert operation_name(api) == "generate_content"
 
@@ -477,7 +483,8 @@ def test_a_write_of_one_done_event_reads_as_the_scan_does(api: Api) -> None:
         assert parse_fragment(api, write) == llm._from_text(api, write), write
         body = write.split(b"\r\n", 1)[1] if not write.startswith(b"data") else write
         assert body.split(b"[DONE]")[0] in (b"data:", b"data: "), write
-    if api in (Api.OLLAMA_GENERATE, Api.OLLAMA_CHAT, Api.TGI_GENERATE, Api.TGI_GENERATE_STREAM):
+    if api in (Api.OLLAMA_GENERATE, Api.OLLAMA_CHAT, Api.TGI_GENERATE, Api.TGI_GENERATE_STREAM,
+               Api.OPENAI_RESPONSES, Api.ANTHROPIC_MESSAGES):
         assert parse_fragment(api, b"data: [DONE]\n\n") == EMPTY_EVENT  # no [DONE] in these APIs
     else:
         assert parse_fragment(api, b"e\r\ndata: [DONE]\n\n\r\n") == EventInfo(output=False, done=True)
@@ -1460,3 +1467,131 @@ def test_the_one_step_reading_takes_ndjson_lines_as_ollama_sends_them() -> None:
     for write in (b"%x\r\n%s\n\n\r\n" % (len(obj) + 2, obj), b"%x\r\n%s\r\n" % (len(obj), obj),
                   b"%x\r\ndata: %s\n\n\r\n" % (len(obj) + 8, obj)):
         assert llm.ndjson_chunk_event(write) is None, write
+
+
+# --- typed-event APIs: OpenAI Responses, Anthropic Messages ---------------------------------
+
+def _typed(kind: str, **fields: object) -> bytes:
+    """A typed event's data as vLLM writes it: the openai package's fields, then the type."""
+    return json.dumps({**fields, "sequence_number": 3, "type": kind}, separators=(",", ":")).encode()
+
+
+def _write(kind: str, data: bytes) -> bytes:
+    """One whole response write: chunk size, the event's name and data, the chunk's CRLF."""
+    event = b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n"
+    return b"%x\r\n" % len(event) + event + b"\r\n"
+
+
+SECRET = "CANARY-completion-text \"input_tokens\": 999, \"type\":\"response.completed\""
+
+
+def _response(status: str, reason: str | None = None, usage: bool = True) -> dict[str, object]:
+    return {
+        "id": "resp_0123456789abcdef0123456789abcdef", "created_at": 1767225600,
+        "incomplete_details": {"reason": reason} if reason else None, "instructions": None,
+        "model": MODEL, "object": "response",
+        "output": [{"type": "message", "status": status, "content": [{"type": "output_text", "text": SECRET}]}],
+        "status": status, "tools": [], "top_p": 1.0,
+        "usage": {"input_tokens": 11, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 42,
+                  "output_tokens_details": {"reasoning_tokens": 7}, "total_tokens": 53} if usage else None,
+        "user": None,
+    }
+
+
+RESPONSES_EVENTS = [
+    (_typed("response.created", response={**_response("in_progress", usage=False), "output": []}),
+     EventInfo(False, False, MODEL)),
+    (_typed("response.output_item.added", item={"type": "message", "content": []}, output_index=0),
+     EventInfo(False)),
+    (_typed("response.content_part.added", part={"type": "output_text", "text": ""}, item_id="m"),
+     EventInfo(False)),
+    (_typed("response.output_text.delta", content_index=0, delta="Hel", item_id="m"), EventInfo(True)),
+    (_typed("response.output_text.delta", content_index=0, delta="", item_id="m"), EventInfo(False)),
+    (_typed("response.reasoning_text.delta", delta="thinking", item_id="r"), EventInfo(True)),
+    (_typed("response.function_call_arguments.delta", delta='{"ci', item_id="f"), EventInfo(True)),
+    (_typed("response.output_text.done", text=SECRET, item_id="m"), EventInfo(False)),
+    (_typed("response.completed", response=_response("completed")),
+     EventInfo(False, True, MODEL, ("completed",), 11, 42)),
+    (_typed("response.incomplete", response=_response("incomplete", "max_output_tokens")),
+     EventInfo(False, True, MODEL, ("max_output_tokens",), 11, 42)),
+    (_typed("response.failed", response=_response("failed", usage=False)), EventInfo(False, True, MODEL, ("failed",))),
+]
+
+MESSAGES_EVENTS = [
+    (_typed("message_start", message={"id": "msg_1", "type": "message", "role": "assistant", "model": MODEL,
+                                      "content": [], "stop_reason": None,
+                                      "usage": {"input_tokens": 25, "cache_creation_input_tokens": 0,
+                                                "output_tokens": 1}}),
+     EventInfo(False, False, MODEL, (), 25, 1)),
+    (_typed("content_block_start", index=0, content_block={"type": "text", "text": ""}), EventInfo(False)),
+    (_typed("ping"), EventInfo(False)),
+    (_typed("content_block_delta", index=0, delta={"type": "text_delta", "text": "Hi"}), EventInfo(True)),
+    (_typed("content_block_delta", index=0, delta={"type": "thinking_delta", "thinking": "hm"}), EventInfo(True)),
+    (_typed("content_block_delta", index=1, delta={"type": "input_json_delta", "partial_json": "{\"a"}),
+     EventInfo(True)),
+    (_typed("content_block_delta", index=0, delta={"type": "signature_delta", "signature": "EqQB"}),
+     EventInfo(False)),
+    (_typed("content_block_stop", index=0), EventInfo(False)),
+    (_typed("message_delta", delta={"stop_reason": "max_tokens", "stop_sequence": None},
+            usage={"output_tokens": 15}),
+     EventInfo(False, False, None, ("max_tokens",), None, 15)),
+    (_typed("message_stop"), EventInfo(False, True)),
+]
+
+
+@pytest.mark.parametrize(("api", "data", "want"),
+                         [(Api.OPENAI_RESPONSES, d, w) for d, w in RESPONSES_EVENTS]
+                         + [(Api.ANTHROPIC_MESSAGES, d, w) for d, w in MESSAGES_EVENTS])
+def test_typed_events_whole_and_as_one_write(api: Api, data: bytes, want: EventInfo) -> None:
+    assert parse_stream_event(api, data) == want
+    kind = json.loads(data)["type"]
+    # a tail-ring slot holding the whole write reads the same, with its name line and framing
+    assert parse_fragment(api, _write(kind, data)) == want
+    # and what is not metadata never comes back
+    assert "CANARY" not in repr(parse_fragment(api, _write(kind, data)))
+
+
+def test_typed_events_through_the_sse_parser() -> None:
+    """A stream of named events, fed byte by byte: the parser gives each event's data."""
+    stream = b"".join(_write(json.loads(d)["type"], d) for d, _ in RESPONSES_EVENTS)
+    for step in (1, 7, 1 << 20):
+        sse = SSEParser()
+        got = [parse_stream_event(Api.OPENAI_RESPONSES, e.data)
+               for run in _http_events(SSE_HEAD + stream, step) for e in sse.feed(run)]
+        assert got == [w for _, w in RESPONSES_EVENTS]
+
+
+def test_a_cut_end_event_shows_what_its_visible_parts_hold() -> None:
+    """A long end event is kept as its first and last bytes: the name and, in the order vLLM
+    writes the response, the incomplete reason near its start; usage near its end. Text in
+    between cannot forge a key. A reason cut away is not guessed."""
+    data = _typed("response.incomplete", response=_response("incomplete", "max_output_tokens"))
+    write = _write("response.incomplete", data)
+    head, tail = write[:192], write[-320:]
+    assert b"max_output_tokens" in head and b"usage" in tail
+    assert parse_fragment(Api.OPENAI_RESPONSES, head) == EventInfo(False, True, None, ("max_output_tokens",))
+    assert parse_fragment(Api.OPENAI_RESPONSES, tail) == EventInfo(False, True, None, (), 11, 42)
+    early = write[:120]  # before incomplete_details
+    assert parse_fragment(Api.OPENAI_RESPONSES, early) == EventInfo(False, True)
+    middle = write[write.index(b"CANARY"):write.index(b"CANARY") + 90]
+    assert parse_fragment(Api.OPENAI_RESPONSES, middle).input_tokens is None
+    assert parse_fragment(Api.OPENAI_RESPONSES, middle).done is False
+
+
+def test_typed_whole_bodies() -> None:
+    body = json.dumps(_response("completed")).encode()
+    assert parse_response_body(Api.OPENAI_RESPONSES, body) == EventInfo(True, True, MODEL, ("completed",), 11, 42)
+    message = {"id": "msg_1", "type": "message", "role": "assistant", "model": MODEL,
+               "content": [{"type": "text", "text": SECRET}], "stop_reason": "end_turn",
+               "usage": {"input_tokens": 9, "output_tokens": 4}}
+    got = parse_response_body(Api.ANTHROPIC_MESSAGES, json.dumps(message).encode())
+    assert got == EventInfo(True, True, MODEL, ("end_turn",), 9, 4)
+    # cut bodies: what each end shows
+    raw = json.dumps(message).encode()
+    cut = parse_response_body(Api.ANTHROPIC_MESSAGES, raw[:raw.index(b"content")], raw[-80:])
+    assert cut.model == MODEL and cut.input_tokens == 9 and cut.output_tokens == 4
+    assert cut.finish_reasons == ("end_turn",)
+    req = parse_request_body(Api.OPENAI_RESPONSES, b'{"model":"gpt-oss-20b","input":"hi"}')
+    assert req == RequestInfo("gpt-oss-20b", False)  # the Responses API streams only when asked
+    req = parse_request_body(Api.ANTHROPIC_MESSAGES, b'{"model":"claude","max_tokens":9,"stream":true,"messages":[]}')
+    assert req == RequestInfo("claude", True)
