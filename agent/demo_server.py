@@ -233,6 +233,117 @@ def make_app(ttft_s: float = 0.05, tpot_s: float = 0.01, model: str = "demo-llm"
 
         return StreamingResponse(gen(), media_type="text/event-stream")
 
+    def sse(kind: str, ev: dict[str, Any]) -> bytes:
+        """One typed SSE event, written alone, as vLLM writes them: its name, then its data."""
+        return b"event: " + kind.encode() + b"\ndata: " + json.dumps(ev, separators=(",", ":")).encode() + b"\n\n"
+
+    @app.post("/v1/responses")
+    async def responses(request: Request) -> Any:
+        """The OpenAI Responses API. The demo always stops at ``max_output_tokens``: the
+        response ends incomplete, for that reason, as OpenAI's does."""
+        body = await request.json()
+        n, first, per = plan({**body, "max_tokens": body.get("max_output_tokens")})
+        name = body.get("model") or model
+        entry = entry_of(request)
+        entry["model"] = name
+        rid, mid = "resp_" + uuid.uuid4().hex, "msg_" + uuid.uuid4().hex
+        prompt = body.get("input")
+        input_tokens = len(str(prompt).split()) if prompt else 0
+        text = " ".join(WORDS[i % len(WORDS)] for i in range(n))
+
+        def response(status: str, done: bool) -> dict[str, Any]:
+            item = {"id": mid, "type": "message", "role": "assistant", "status": status,
+                    "content": [{"type": "output_text", "text": text, "annotations": []}]}
+            # vLLM's field order (the openai package's models, serialised as declared)
+            return {
+                "id": rid, "created_at": int(time.time()),
+                "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+                "instructions": None, "metadata": {}, "model": name, "object": "response",
+                "output": [item] if done else [], "parallel_tool_calls": True, "temperature": 1.0,
+                "tool_choice": "auto", "tools": [], "top_p": 1.0, "max_output_tokens": n, "status": status,
+                "text": {"format": {"type": "text"}}, "truncation": "disabled",
+                "usage": {"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": 0},
+                          "output_tokens": n, "output_tokens_details": {"reasoning_tokens": 0},
+                          "total_tokens": input_tokens + n} if done else None,
+                "user": None,
+            }
+
+        if not body.get("stream"):
+            await asyncio.sleep(first + per * (n - 1))
+            entry["chunks"].append("done")
+            return JSONResponse(response("incomplete", True))
+
+        async def gen() -> AsyncIterator[bytes]:
+            seq = iter(range(1 << 30))
+
+            def ev(kind: str, **fields: Any) -> bytes:
+                entry["chunks"].append(fields.pop("_chunk", "meta"))
+                return sse(kind, {**fields, "sequence_number": next(seq), "type": kind})
+
+            # the events before the first token, each its own write
+            yield ev("response.created", response=response("in_progress", False))
+            yield ev("response.in_progress", response=response("in_progress", False))
+            item = {"id": mid, "type": "message", "role": "assistant", "status": "in_progress", "content": []}
+            yield ev("response.output_item.added", output_index=0, item=item)
+            yield ev("response.content_part.added", item_id=mid, output_index=0, content_index=0,
+                     part={"type": "output_text", "text": "", "annotations": []})
+            await asyncio.sleep(first)
+            for i in range(n):
+                if i:
+                    await asyncio.sleep(per)
+                yield ev("response.output_text.delta", _chunk="token", item_id=mid, output_index=0, content_index=0,
+                         delta=WORDS[i % len(WORDS)] + (" " if i < n - 1 else ""))
+            yield ev("response.output_text.done", item_id=mid, output_index=0, content_index=0, text=text)
+            yield ev("response.content_part.done", item_id=mid, output_index=0, content_index=0,
+                     part={"type": "output_text", "text": text, "annotations": []})
+            yield ev("response.output_item.done", output_index=0, item={**item, "status": "incomplete"})
+            yield ev("response.incomplete", _chunk="done", response=response("incomplete", True))
+
+        return StreamingResponse(gen(), media_type="text/event-stream")
+
+    @app.post("/v1/messages")
+    async def messages(request: Request) -> Any:
+        """The Anthropic Messages API; the demo always stops at ``max_tokens``."""
+        body = await request.json()
+        n, first, per = plan(body)
+        name = body.get("model") or model
+        entry = entry_of(request)
+        entry["model"] = name
+        mid = "msg_" + uuid.uuid4().hex[:24]
+        input_tokens = sum(len(str(m.get("content", "")).split()) for m in body.get("messages", []))
+        text = " ".join(WORDS[i % len(WORDS)] for i in range(n))
+        if not body.get("stream"):
+            await asyncio.sleep(first + per * (n - 1))
+            entry["chunks"].append("done")
+            return JSONResponse({
+                "id": mid, "type": "message", "role": "assistant", "model": name,
+                "content": [{"type": "text", "text": text}], "stop_reason": "max_tokens", "stop_sequence": None,
+                "usage": {"input_tokens": input_tokens, "output_tokens": n},
+            })
+
+        async def gen() -> AsyncIterator[bytes]:
+            def ev(kind: str, chunk: str = "meta", **fields: Any) -> bytes:
+                entry["chunks"].append(chunk)
+                return sse(kind, {"type": kind, **fields})
+
+            yield ev("message_start", message={
+                "id": mid, "type": "message", "role": "assistant", "model": name, "content": [],
+                "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": input_tokens, "output_tokens": 1}})
+            yield ev("content_block_start", index=0, content_block={"type": "text", "text": ""})
+            yield ev("ping")
+            await asyncio.sleep(first)
+            for i in range(n):
+                if i:
+                    await asyncio.sleep(per)
+                yield ev("content_block_delta", "token", index=0,
+                         delta={"type": "text_delta", "text": WORDS[i % len(WORDS)] + " "})
+            yield ev("content_block_stop", index=0)
+            yield ev("message_delta", delta={"stop_reason": "max_tokens", "stop_sequence": None},
+                     usage={"output_tokens": n})
+            yield ev("message_stop", "done")
+
+        return StreamingResponse(gen(), media_type="text/event-stream")
+
     return TimingMiddleware(app, timings)
 
 
