@@ -2,7 +2,8 @@
 
 The kernel (probes/sockets.bpf.c) splits each connection into request phases
 and sends, per phase: the request-direction syscalls (bounded head and tail of
-each), the first ``sample_writes`` response writes, and for longer responses a
+each), the first ``sample_writes`` response writes (``late_sample_writes`` for the APIs
+whose streams open with several events carrying no output), and for longer responses a
 summary with counts, times and the last writes' tails (with the first write past
 the samples, once the last writes no longer include it). This module feeds those
 captures through the sans-IO parsers (http1, sse, ndjson) and the LLM API
@@ -51,6 +52,7 @@ from agent.selfmetrics import SELF_METRICS, SelfMetrics
 from agent.sse import SSEParser
 from probes.socket_events import (
     CF_FOREIGN,
+    CF_LATE_OUTPUT,
     CF_PEER_EOF,
     CF_READ_ERR,
     CF_TERMINATED,
@@ -87,6 +89,8 @@ class AssemblyConfig:
 
     sample_writes: int = 3
     """Response writes per request the probe sends in full (must match the probe)."""
+    late_sample_writes: int = 8
+    """As ``sample_writes``, for the requests the probe marks ``CF_LATE_OUTPUT`` (must match)."""
     tail_slots: int = 8
     """Tail ring size of the probe (must match the probe)."""
     max_connections: int = 65536
@@ -768,7 +772,8 @@ class Assembler:
         if c.role == ROLE_CLIENT and not self.config.client_spans:
             self._metrics.inc("infersight.assembly.client.requests.ignored")
             return
-        sample = self.config.sample_writes
+        sample = self.config.late_sample_writes if s is not None and s.flags & CF_LATE_OUTPUT \
+            else self.config.sample_writes
         total_writes = len(ex.writes)
         flags = 0
         # ---- the tail ring: writes the kernel aggregated
@@ -798,11 +803,11 @@ class Assembler:
                 if ring:
                     ring_n = len(ring)
                     ring_first_ts = ring[0].ts_ns
-                walked = self._walk_ring(ex, ring, total_writes)
+                walked = self._walk_ring(ex, ring, total_writes, sample)
             if s.writes > ex.max_sample_index + 1 and not ring_n and s.writes > sample:
                 self._metrics.inc("infersight.assembly.tails.missing")
         else:
-            walked = self._walk_ring(ex, (), total_writes)
+            walked = self._walk_ring(ex, (), total_writes, sample)
         unseen_mid, ring_outputs, ring_first_output, ring_last_output = walked
         # ---- completion and end time
         complete = ex.complete or bool(flags & CF_TERMINATED) or next_request
@@ -905,13 +910,13 @@ class Assembler:
             ex.first_output_ns = ex.last_output_ns = t.ts_ns
 
     def _walk_ring(
-        self, ex: Exchange, ring: tuple[TailSlot, ...], total_writes: int
+        self, ex: Exchange, ring: tuple[TailSlot, ...], total_writes: int, sample: int
     ) -> tuple[int, int, int | None, int | None]:
         """The writes between the sampled ones and ``ring`` (the slots of the phase's last
         writes, in write order) that went unseen, the output writes the walk counts in
         ``ring``, and the times of its first and last; what the slots read say is merged into
-        ``ex``. agent/_llmjson.c ``ring_walk`` reads the ring the same way (the tests compare)."""
-        sample = self.config.sample_writes
+        ``ex``. agent/_llmjson.c ``ring_walk`` reads the ring the same way (the tests compare).
+        ``sample``: the writes the probe sent in full."""
         unseen_mid = 0
         if total_writes > sample:
             first_ring = ring[0].index if ring else total_writes

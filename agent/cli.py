@@ -162,6 +162,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
     cfg = PipelineConfig(
         assembly=AssemblyConfig(
             sample_writes=probe_cfg.sample_writes,
+            late_sample_writes=probe_cfg.late_sample_writes,
             tail_slots=probe_cfg.tail_slots,
             client_spans=opts["trace_clients"],
         ),

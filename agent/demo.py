@@ -149,6 +149,7 @@ def main(ns: argparse.Namespace) -> int:
             sinks.append(Exporters(ExportConfig(prometheus_port=ns.prometheus_port, prometheus_host="127.0.0.1")))
         pipeline = Pipeline(
             PipelineConfig(assembly=AssemblyConfig(sample_writes=probe_cfg.sample_writes,
+                                                   late_sample_writes=probe_cfg.late_sample_writes,
                                                    tail_slots=probe_cfg.tail_slots),
                            targets=TargetConfig(pids=(server.pid,))),
             lambda cb: SocketProbe(probe_cfg, on_records=cb),

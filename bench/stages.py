@@ -146,7 +146,8 @@ def replay(batches: list[bytes], emit: Callable[[Request], None]) -> tuple[float
 
     pc = SocketProbeConfig()
     asm = Assembler(
-        AssemblyConfig(sample_writes=pc.sample_writes, tail_slots=pc.tail_slots),
+        AssemblyConfig(sample_writes=pc.sample_writes, late_sample_writes=pc.late_sample_writes,
+                       tail_slots=pc.tail_slots),
         counted,
         clock=Clock(),
         decoder=Decoder(pc.layout),

@@ -49,6 +49,7 @@ CF_WRITE_ERR: Final = 2
 CF_READ_ERR: Final = 4
 CF_TERMINATED: Final = 8
 CF_FOREIGN: Final = 16
+CF_LATE_OUTPUT: Final = 32
 
 CS_ACCEPT: Final = 0
 CS_CONNECT: Final = 1

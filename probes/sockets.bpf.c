@@ -3,7 +3,9 @@
  * Purpose: per connection, track request/response phases in the kernel and send
  *   user space a few records per request, never one per streamed chunk:
  *   - EV_DATA for each request-direction syscall (bounded head + tail capture),
- *     and for the first SAMPLE_WRITES response-direction syscalls of a phase;
+ *     and for the first SAMPLE_WRITES response-direction syscalls of a phase
+ *     (LATE_SAMPLE_WRITES for the APIs whose streams open with events carrying
+ *     no output, told by the request line: see late_output_api);
  *   - EV_SUMMARY when a long response ends (chunked terminator, next request,
  *     or close): counts, times, a log2 histogram of gaps between writes, and
  *     the last TAIL_SLOTS writes' last TAIL_CAP bytes (usage, finish reason),
@@ -145,6 +147,25 @@ static __always_inline int looks_like_http_request(const u8 *p, u32 n) {
     return 0;
 }
 
+/* The response writes a phase sends whole: its first ones, where a stream's first output is */
+static __always_inline u32 samples(struct conn_t *c) {
+    return c->flags & CF_LATE_OUTPUT ? LATE_SAMPLE_WRITES : SAMPLE_WRITES;
+}
+
+/* "POST /v1/responses" or "POST /v1/messages", then " " or "?": an API whose stream opens
+ * with events that carry no output (created, in_progress, output_item.added,
+ * content_part.added; message_start, content_block_start, ping) */
+static __always_inline int late_output_api(const u8 *p, u32 n) {
+    if (n < 19 || *(const u64 *)p != 0x31762f2054534f50ULL)    /* "POST /v1" */
+        return 0;
+    u64 w = *(const u64 *)(p + 8);
+    if (w == 0x736e6f707365722fULL)                             /* "/respons" */
+        return p[16] == 'e' && p[17] == 's' && (p[18] == ' ' || p[18] == '?');
+    if (w == 0x6567617373656d2fULL)                             /* "/message" */
+        return p[16] == 's' && (p[17] == ' ' || p[17] == '?');
+    return 0;
+}
+
 /* Copy the head of the data (up to HEAD_CAP) into ev->payload, and its tail
  * (up to TAIL_CAP bytes, not overlapping the head) after it. `vec` selects an
  * iovec array of `cnt` entries instead of one buffer. Returns nothing; sets
@@ -277,11 +298,12 @@ static __always_inline void send_summary(struct conn_t *c, u64 key, u32 tgid, u3
     u32 ring = 0;
     u32 first = 0;
     u64 packed = 0;
-    if (c->phase == PH_RESP && c->writes > SAMPLE_WRITES) {
+    u32 sw = samples(c);
+    if (c->phase == PH_RESP && c->writes > sw) {
         u32 tix = c->tail_ix;
         struct tails_t *t = tails.lookup(&tix);
         if (t && t->owner == c->conn_id) {
-            ring = c->writes - SAMPLE_WRITES;
+            ring = c->writes - sw;
             if (ring > TAIL_SLOTS) {
                 ring = TAIL_SLOTS;
                 /* the ring no longer holds the first write past the samples: it goes first */
@@ -459,7 +481,7 @@ static __always_inline void on_data(void *ctx, u64 pid_tgid, struct conn_t *c, s
     if (is_req) {
         if (c->phase != PH_REQ) {
             /* a new request: close out the previous response first */
-            if (c->phase == PH_RESP && !c->summarized && c->writes > SAMPLE_WRITES)
+            if (c->phase == PH_RESP && !c->summarized && c->writes > samples(c))
                 send_summary(c, key, tgid, a->fd, SR_NEXT_REQUEST, now);
             phase_ends(c);
             c->seq += 1;
@@ -512,7 +534,7 @@ static __always_inline void on_data(void *ctx, u64 pid_tgid, struct conn_t *c, s
                 return;
             h2try = 1;
         }
-        ring = idx >= SAMPLE_WRITES && !h2try;
+        ring = idx >= samples(c) && !h2try;
         mode = ring ? CAP_TAIL : CAP_FULL;
     }
     if (nopayload)
@@ -560,6 +582,8 @@ static __always_inline void on_data(void *ctx, u64 pid_tgid, struct conn_t *c, s
                 && ev->payload[2] <= 0x04)
                 send_proc(PK_TLS, tgid, a->fd, 0);
         }
+        else if (late_output_api(ev->payload, ev->head_len))
+            c->flags |= CF_LATE_OUTPUT;
         count(c->flags & CF_FOREIGN ? C_FOREIGN : C_REQUESTS);
     }
     if (c->flags & CF_FOREIGN)
@@ -585,8 +609,9 @@ static __always_inline void on_data(void *ctx, u64 pid_tgid, struct conn_t *c, s
     }
 
     /* beyond the samples: keep the write's last bytes in the response's tail ring */
+    u32 sw = samples(c);
     u32 tix = c->tail_ix;
-    struct tails_t *t = idx == SAMPLE_WRITES ? 0 : tails.lookup(&tix);
+    struct tails_t *t = idx == sw ? 0 : tails.lookup(&tix);
     if (!t || t->owner != c->conn_id) {
         /* the first write past the samples takes the pool's next ring. A ring a newer
          * stream took meanwhile (the pool went round while this one streamed) is replaced
@@ -599,7 +624,7 @@ static __always_inline void on_data(void *ctx, u64 pid_tgid, struct conn_t *c, s
         t = tails.lookup(&tix);
         if (!t)
             return;
-        if (idx != SAMPLE_WRITES) {
+        if (idx != sw) {
             count(C_TAIL_RECLAIMED);
 #pragma unroll
             for (int i = 0; i < TAIL_SLOTS; i++) {
@@ -614,7 +639,7 @@ static __always_inline void on_data(void *ctx, u64 pid_tgid, struct conn_t *c, s
         t->owner = c->conn_id;
         c->tail_ix = tix;
     }
-    u32 slot = (idx - SAMPLE_WRITES) & (TAIL_SLOTS - 1);
+    u32 slot = (idx - sw) & (TAIL_SLOTS - 1);
     struct tail_slot_t *ts = &t->slot[slot];
     ts->ts_ns = now;
     ts->len = len > 0xffffffff ? 0xffffffff : len;
@@ -638,7 +663,7 @@ static __always_inline void on_data(void *ctx, u64 pid_tgid, struct conn_t *c, s
         bpf_probe_read_kernel(ts->data, n, ev->payload);
     }
     ts->cap = n;
-    if (idx == SAMPLE_WRITES)
+    if (idx == sw)
         bpf_probe_read_kernel(&t->first, sizeof(t->first), ts);
     /* chunked terminator "0\r\n\r\n" at the end of the write (alone, or after
      * the previous chunk's CRLF) ends the response now */

@@ -56,6 +56,9 @@
 #define CF_READ_ERR 4       /* a read failed with ECONNRESET */
 #define CF_TERMINATED 8     /* the response's chunked terminator was seen */
 #define CF_FOREIGN 16       /* the current request does not start like HTTP: not captured */
+#define CF_LATE_OUTPUT 32   /* the request calls an API whose streams open with several events
+                             * carrying no output (OpenAI Responses, Anthropic Messages): its
+                             * response's first LATE_SAMPLE_WRITES writes are sent, not SAMPLE_WRITES */
 
 /* EV_PROC kinds */
 #define PK_EXEC 1

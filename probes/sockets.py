@@ -88,6 +88,11 @@ class SocketProbeConfig:
     hold a stream's head, a first event that may carry no output (a role), and the first
     token; the next write goes in the summary as well once the tail ring has moved past it,
     for the streams whose first output comes later."""
+    late_sample_writes: int = 8
+    """As ``sample_writes``, for requests to the APIs whose streams open with several events
+    carrying no output, told in the kernel by the request line (``POST /v1/responses``: the
+    created, in-progress, output-item and content-part events; ``POST /v1/messages``:
+    message_start, content_block_start and ping)."""
     req_capture: int = 16384
     """Request bytes captured per request before only tails of later reads are sent."""
     max_targets: int = 1024
@@ -142,6 +147,9 @@ class SocketProbeConfig:
                 raise ValueError(f"{name} must be a power of two, got {v}")
         if self.tail_slots > 16:
             raise ValueError(f"tail_slots must be at most 16, got {self.tail_slots}")
+        if not 1 <= self.sample_writes <= self.late_sample_writes:
+            raise ValueError(f"need 1 <= sample_writes <= late_sample_writes, got {self.sample_writes} "
+                             f"and {self.late_sample_writes}")
         return [
             f"-I{PROBE_DIR}",
             f"-DHEAD_CAP={self.head_cap}",
@@ -149,6 +157,7 @@ class SocketProbeConfig:
             f"-DTAIL_SLOTS={self.tail_slots}",
             f"-DRING_HEAD={self.ring_head}",
             f"-DSAMPLE_WRITES={self.sample_writes}",
+            f"-DLATE_SAMPLE_WRITES={self.late_sample_writes}",
             f"-DREQ_CAPTURE={self.req_capture}",
             f"-DMAX_TARGETS={self.max_targets}",
             f"-DMAX_CONNS={self.max_conns}",

@@ -26,6 +26,9 @@
 #ifndef SAMPLE_WRITES
 #define SAMPLE_WRITES 3
 #endif
+#ifndef LATE_SAMPLE_WRITES
+#define LATE_SAMPLE_WRITES 8
+#endif
 #ifndef REQ_CAPTURE
 #define REQ_CAPTURE 16384
 #endif
@@ -113,7 +116,7 @@ struct conn_t {
 struct tails_t {
     u64 owner;          /* conn_id of the connection whose current response holds the ring */
     struct tail_slot_t slot[TAIL_SLOTS];
-    /* the first write past the samples (index SAMPLE_WRITES), kept after the ring moves on:
+    /* the first write past the samples (index SAMPLE_WRITES, or LATE_SAMPLE_WRITES), kept after the ring moves on:
      * where a stream whose first events carry no output (a role, an empty delta) has its
      * first output, read only then */
     struct tail_slot_t first;

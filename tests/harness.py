@@ -172,6 +172,7 @@ def running_agent(targets: TargetConfig, probe: SocketProbeConfig | None = None,
     sink = ListSink()
     cfg = PipelineConfig(
         assembly=AssemblyConfig(sample_writes=probe_cfg.sample_writes, tail_slots=probe_cfg.tail_slots,
+                                late_sample_writes=probe_cfg.late_sample_writes,
                                 idle_check_s=idle_check_s, client_spans=client_spans),
         targets=targets,
         drain_interval_s=drain_interval_s,

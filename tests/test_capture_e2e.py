@@ -138,6 +138,79 @@ def test_openai_streaming_records_match_server(agent: Agent, demo: Server, n_tok
             assert rec.time_per_output_token_s is None
 
 
+@pytest.mark.parametrize("n_tokens", [2, 40])
+def test_openai_responses_api_stream(agent: Agent, demo: Server, n_tokens: int) -> None:
+    """The Responses API opens a stream with four events that carry no output (created,
+    in_progress, output_item.added, content_part.added), each written alone as vLLM writes
+    them: the first token is the response's sixth write, past the three writes sampled for
+    chat streams. The probe tells the API from the request line and samples more of its
+    writes, so TTFT is measured, and the end event's status and usage are read from the
+    tail ring, though the event repeats the whole text."""
+    client = _client(demo)
+    mark = agent.mark()
+    t_mark = len(demo.timings())
+    unresolved = agent.metrics.total("infersight.assembly.ttft.unresolved")
+    for _ in range(2):
+        events = list(client.responses.create(
+            model="gpt-e2e", input="tell me a story", stream=True, max_output_tokens=n_tokens,
+            extra_body={"ttft_s": 0.03, "tpot_s": 0.003},
+        ))
+        assert sum(1 for e in events if e.type == "response.output_text.delta") == n_tokens
+        assert events[-1].type == "response.incomplete"
+    recs = agent.wait_records(mark, 2)
+    time.sleep(0.2)
+    assert len(agent.since(mark)) == 2
+    server = demo.timings()[t_mark:]
+    for rec, entry in zip(recs, server, strict=True):
+        assert rec.path == "/v1/responses" and rec.status_code == 200 and rec.streaming is True
+        assert rec.operation == "chat"
+        assert rec.request_model == rec.response_model == "gpt-e2e"
+        assert rec.input_tokens == 4 and rec.output_tokens == n_tokens
+        assert rec.finish_reasons == ("max_output_tokens",)
+        assert rec.output_events == n_tokens
+        assert rec.aborted is False and rec.error_type is None
+        ttft, tpot, duration = _stream_timings(entry)
+        assert rec.time_to_first_token_s is not None
+        assert abs(rec.time_to_first_token_s - ttft) <= TOL, (rec.time_to_first_token_s, ttft)
+        assert abs(rec.duration_s - duration) <= TOL
+        assert rec.time_per_output_token_s is not None
+        assert abs(rec.time_per_output_token_s - tpot) <= TOL / 2, (rec.time_per_output_token_s, tpot)
+    assert agent.metrics.total("infersight.assembly.ttft.unresolved") == unresolved
+
+
+@pytest.mark.parametrize("n_tokens", [1, 30])
+def test_anthropic_messages_api_stream(agent: Agent, demo: Server, n_tokens: int) -> None:
+    """The Messages API (served by vLLM and llama.cpp as well) opens with message_start,
+    content_block_start and ping; its usage is split between message_start (input) and
+    message_delta (output), with stop_reason."""
+    mark = agent.mark()
+    t_mark = len(demo.timings())
+    with httpx.Client(base_url=demo.url, timeout=30) as c:
+        with c.stream("POST", "/v1/messages?beta=true", json={
+                "model": "claude-e2e", "max_tokens": n_tokens, "stream": True,
+                "messages": [{"role": "user", "content": "one two three"}],
+                "ttft_s": 0.03, "tpot_s": 0.003}) as r:
+            text = r.read().decode()
+        assert text.count("event: content_block_delta") == n_tokens
+        c.post("/v1/messages", json={"model": "claude-json", "max_tokens": 5,
+                                     "messages": [{"role": "user", "content": "hi"}], "tpot_s": 0.001})
+    streamed, whole = agent.wait_records(mark, 2)
+    entry = demo.timings()[t_mark]
+    assert streamed.path == "/v1/messages" and streamed.streaming is True  # url.path: no query
+    assert streamed.operation == "chat"
+    assert streamed.request_model == streamed.response_model == "claude-e2e"
+    assert streamed.input_tokens == 3 and streamed.output_tokens == n_tokens
+    assert streamed.finish_reasons == ("max_tokens",)
+    assert streamed.output_events == n_tokens
+    ttft, _, duration = _stream_timings(entry)
+    assert streamed.time_to_first_token_s is not None
+    assert abs(streamed.time_to_first_token_s - ttft) <= TOL, (streamed.time_to_first_token_s, ttft)
+    assert abs(streamed.duration_s - duration) <= TOL
+    assert whole.streaming is False and whole.time_to_first_token_s is None
+    assert whole.request_model == whole.response_model == "claude-json"
+    assert whole.input_tokens == 1 and whole.output_tokens == 5 and whole.finish_reasons == ("max_tokens",)
+
+
 def test_openai_non_streaming(agent: Agent, demo: Server) -> None:
     client = _client(demo)
     mark = agent.mark()
@@ -295,7 +368,15 @@ def test_no_prompt_or_completion_text_in_records(agent: Agent, demo: Server) -> 
     list(client.chat.completions.create(model="m", messages=[{"role": "user", "content": canary}], stream=True,
                                         max_tokens=4))
     client.chat.completions.create(model="m", messages=[{"role": "user", "content": canary}], max_tokens=4)
-    recs = agent.wait_records(mark, 2)
+    # the Responses API's end event, and its whole body, repeat the completion's text
+    list(client.responses.create(model="m", input=canary, stream=True, max_output_tokens=4))
+    client.responses.create(model="m", input=canary, max_output_tokens=4)
+    with httpx.Client(base_url=demo.url, timeout=30) as c:
+        for stream in (True, False):
+            c.post("/v1/messages", json={"model": "m", "max_tokens": 4, "stream": stream,
+                                         "messages": [{"role": "user", "content": canary}]})
+    recs = agent.wait_records(mark, 6)
+    assert {r.path for r in recs} == {"/v1/chat/completions", "/v1/responses", "/v1/messages"}
     for r in recs:
         text = r.to_json()
         assert canary not in text
