@@ -25,7 +25,9 @@ import pytest
 from agent import native
 from tests.conftest import IN_CI, REPO
 
-pytestmark = [pytest.mark.slow, pytest.mark.container]
+# A first build on a fresh machine (the base image, apt, pip and the compiled modules, no
+# layer cached) runs in the first test's setup and takes minutes: past the suite's 300 s.
+pytestmark = [pytest.mark.slow, pytest.mark.container, pytest.mark.timeout(1500)]
 
 CACHE = Path(os.environ.get("INFERSIGHT_TEST_CACHE", "/var/cache/infersight-test"))
 MIRROR = os.environ.get("INFERSIGHT_DEBIAN_MIRROR", "http://deb.debian.org/debian")
