@@ -44,6 +44,13 @@ def test_real_traffic_reaches_prometheus_and_otlp_without_prompt_text(tmp_path: 
     if prometheus_binary() is None:
         pytest.fail("prometheus is not installed (scripts/setup.sh installs it)")
     srv = start_demo_server(tmp_path)
+    # the server's first requests, before the agent attaches: a fresh uvicorn app answers its
+    # first few streams 10-20 ms late, which would move the schedule's TTFTs out of their buckets
+    warm = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda _: list(warm.chat.completions.create(
+            model="warm-up", messages=[{"role": "user", "content": "hi"}], stream=True, max_tokens=2,
+            extra_body={"ttft_s": 0.01, "tpot_s": 0.001})), range(8)))
     rx = GrpcReceiver().start()
     prom_port = free_port()
     jsonl = tmp_path / "records.jsonl"
