@@ -619,8 +619,28 @@ class Assembler:
                 ex.streaming = True
 
     def _stream_events(self, ex: Exchange, events: list, ts: int) -> None:
+        api = ex.api
+        if api is not None and api in llm.TYPED_APIS and isinstance(ex.stream, SSEParser):
+            for se in events:
+                if se.event is not None and not se.truncated:
+                    # a typed event (Responses, Messages) whose name may say what it holds
+                    info = llm.typed_event(api, se.event.encode(), se.data)
+                    if info is not None:
+                        self._merge_info(ex, info)
+                        if info.output:
+                            self._count_output(ex, ts)
+                        continue
+                self._stream_event(ex, se.data, se.truncated, ts)
+            return
         for se in events:
             self._stream_event(ex, se.data, se.truncated, ts)
+
+    @staticmethod
+    def _count_output(ex: Exchange, ts: int) -> None:
+        ex.events_output += 1
+        if ex.first_output_ns is None:
+            ex.first_output_ns = ts
+        ex.last_output_ns = ts
 
     def _stream_event(self, ex: Exchange, data: bytes, truncated: bool, ts: int) -> None:
         api = ex.api
@@ -637,10 +657,7 @@ class Assembler:
             if output is None:
                 output = not (info.done or info.finish_reasons or info.output_tokens is not None)
         if output:
-            ex.events_output += 1
-            if ex.first_output_ns is None:
-                ex.first_output_ns = ts
-            ex.last_output_ns = ts
+            self._count_output(ex, ts)
 
     @staticmethod
     def _merge_info(ex: Exchange, info: llm.EventInfo) -> None:

@@ -50,6 +50,7 @@ __all__ = [
     "EMPTY_EVENT",
     "MAX_JSON_BYTES",
     "MAX_SCAN_BYTES",
+    "TYPED_APIS",
     "Api",
     "EventInfo",
     "RequestInfo",
@@ -65,6 +66,7 @@ __all__ = [
     "path_model",
     "ring_walk",
     "sse_chunk_event",
+    "typed_event",
 ]
 
 #: Inputs up to this size that look complete are decoded as JSON.
@@ -575,6 +577,7 @@ def _from_object(api: Api, obj: dict[str, Any]) -> EventInfo:
 # message's stop_reason are reported as the server gave them.
 
 _TYPED: Final = (Api.OPENAI_RESPONSES, Api.ANTHROPIC_MESSAGES)
+TYPED_APIS: Final = frozenset(_TYPED)  # the typed-event APIs, for :func:`typed_event`
 #: Responses events that end a response, and the status each reports when its body is cut.
 _RESPONSES_END: Final[dict[str, str]] = {
     "response.completed": "completed",
@@ -586,6 +589,7 @@ _MESSAGES_EVENTS: Final = frozenset((
     "message_start", "content_block_start", "content_block_delta", "content_block_stop", "message_delta",
     "message_stop", "ping", "error",
 ))
+_MESSAGES_EVENT_NAMES: Final = frozenset(n.encode() for n in _MESSAGES_EVENTS)
 _MESSAGES_OUTPUT: Final = ("text", "thinking", "partial_json")
 
 
@@ -678,9 +682,58 @@ def _unescaped(s: bytes, pattern: re.Pattern[bytes]) -> list[re.Match[bytes]]:
     return [m for m in pattern.finditer(s) if not (m.start() and s[m.start() - 1] == 0x5C)]
 
 
+_NOTHING: Final = EventInfo(False)
+_MESSAGE_STOP: Final = EventInfo(False, True)
+_OUTPUT: Final = EventInfo(True)
+
+
+def typed_event(api: Api, name: bytes, data: bytes) -> EventInfo | None:
+    """What a typed event named ``name`` says when its name and a glance at ``data`` tell it all,
+    without decoding it; None when ``data`` must be read. A Responses event named for an output
+    item, content part or text (``response.output_text.done``, ``...content_part.added``)
+    carries no output and nothing the record takes: the whole text, at times. A delta is output
+    unless its ``delta`` string is empty (found as the key itself: in JSON text every quote is
+    escaped)."""
+    if api is Api.OPENAI_RESPONSES:
+        if name.count(b".") < 2 or not name.startswith(b"response."):
+            return None  # the response's own events: model, status, usage
+        if not name.endswith(b".delta"):
+            return _NOTHING
+        if data.find(b'"delta":""') >= 0:
+            return _NOTHING
+        return _OUTPUT if data.find(b'"delta":"') >= 0 else None
+    if api is Api.ANTHROPIC_MESSAGES:
+        if name == b"ping" or name == b"content_block_stop":
+            return _NOTHING
+        if name == b"message_stop":
+            return _MESSAGE_STOP
+    return None
+
+
+def _name_line(fragment: bytes) -> tuple[bytes, int] | None:
+    """The name in a fragment that opens (after an optional chunk-size line) with an ``event:``
+    line, and where the line after it starts; None when it does not."""
+    pos = 0
+    crlf = fragment.find(b"\r\n", 0, 12)
+    if 1 <= crlf <= 10 and not fragment[:crlf].strip(_HEX_DIGITS):
+        pos = crlf + 2
+    if not fragment.startswith(b"event:", pos):
+        return None
+    lf = fragment.find(b"\n", pos, pos + 80)
+    if lf < 0:
+        return None
+    return fragment[pos + 6:lf].strip(), lf + 1
+
+
 def _typed_fragment(api: Api, fragment: bytes) -> EventInfo:
     """:func:`parse_fragment` for the typed-event APIs: each whole ``data:`` object decoded,
-    and what is cut read with patterns."""
+    and what is cut read with patterns; a write of one event whose name says all
+    (:func:`typed_event`) is not decoded."""
+    named = _name_line(fragment)
+    if named is not None and fragment.find(b"\nevent:", named[1]) < 0:
+        got = typed_event(api, named[0], fragment[named[1]:])
+        if got is not None:
+            return got
     info = EMPTY_EVENT
     cut = False
     for line in fragment[-MAX_SCAN_BYTES:].split(b"\n")[:1024]:
@@ -702,40 +755,44 @@ def _typed_fragment(api: Api, fragment: bytes) -> EventInfo:
 
 def _typed_from_text(api: Api, s: bytes) -> EventInfo:
     """What cut bytes of a typed-event stream show: the events named in them (an ``event:``
-    line, or a ``type`` key naming an event), usage counts, the model and the end."""
-    if api is Api.OPENAI_RESPONSES:
-        names = [m.group(1) for m in _EVENT_LINE.finditer(s) if m.group(1).startswith(b"response.")]
-        names += [m.group(1) for m in _unescaped(s, _TYPE_FIELD) if m.group(1).startswith(b"response.")]
-    else:
-        names = [m.group(1) for m in _EVENT_LINE.finditer(s) if m.group(1).decode() in _MESSAGES_EVENTS]
-        names += [m.group(1) for m in _unescaped(s, _TYPE_FIELD) if m.group(1).decode() in _MESSAGES_EVENTS]
+    line, or a ``type`` key naming an event), usage counts, the model and the end. Each pattern
+    runs only where its key is in ``s`` (a byte search is far cheaper than a scan)."""
+    responses = api is Api.OPENAI_RESPONSES
+    names: list[bytes] = []
+    if s.find(b"event:") >= 0:
+        names = [m.group(1) for m in _EVENT_LINE.finditer(s)]
+    if s.find(b'"type"') >= 0:
+        names += [m.group(1) for m in _unescaped(s, _TYPE_FIELD)]
     reasons: list[str] = []
     output: bool | None = None
     done = False
-    for raw in names:
-        name = raw.decode()
-        if api is Api.OPENAI_RESPONSES:
-            is_output = name.endswith(".delta")
-            end = _RESPONSES_END.get(name)
+    for name in names:
+        if responses:
+            if not name.startswith(b"response."):
+                continue  # an item's or a part's own type
+            is_output = name.endswith(b".delta")
+            end = _RESPONSES_END.get(name.decode())
             if end is not None:
                 done = True
                 if end == "incomplete":
                     # its reason, where visible; the part of the event that shows it
                     # (near the response's start) says so when the ring keeps it
-                    found = _unescaped(s, _INCOMPLETE_REASON)
+                    found = _unescaped(s, _INCOMPLETE_REASON) if s.find(b'"incomplete_details"') >= 0 else []
                     end = found[-1].group(1).decode() if found else None
                 _add_reason(reasons, end)
         else:
-            is_output = name == "content_block_delta"
-            done = done or name == "message_stop"
+            if name not in _MESSAGES_EVENT_NAMES:
+                continue  # a content block's or a delta's own type
+            is_output = name == b"content_block_delta"
+            done = done or name == b"message_stop"
         output = True if is_output else (output or False)
-    if api is Api.ANTHROPIC_MESSAGES:
+    if not responses and s.find(b'"stop_reason"') >= 0:
         for m in _unescaped(s, _STOP_REASON):
             _add_reason(reasons, m.group(1).decode())
-    ins = _unescaped(s, _INPUT_TOKENS)
-    outs = _unescaped(s, _OUTPUT_TOKENS)
+    ins = _unescaped(s, _INPUT_TOKENS) if s.find(b'"input_tokens"') >= 0 else []
+    outs = _unescaped(s, _OUTPUT_TOKENS) if s.find(b'"output_tokens"') >= 0 else []
     return EventInfo(
-        output, done, _find_string(_MODEL, s), tuple(reasons),
+        output, done, _find_string(_MODEL, s) if s.find(b'"model"') >= 0 else None, tuple(reasons),
         _count(int(ins[-1].group(1))) if ins else None, _count(int(outs[-1].group(1))) if outs else None,
     )
 

@@ -1545,6 +1545,11 @@ MESSAGES_EVENTS = [
 def test_typed_events_whole_and_as_one_write(api: Api, data: bytes, want: EventInfo) -> None:
     assert parse_stream_event(api, data) == want
     kind = json.loads(data)["type"]
+    # where the event's name says all, it is not decoded, and says the same
+    quick = llm.typed_event(api, kind.encode(), data)
+    assert quick is None or quick == want, quick
+    named = kind.count(".") >= 2 or kind in ("ping", "content_block_stop", "message_stop")
+    assert (quick is not None) == named, (kind, quick)
     # a tail-ring slot holding the whole write reads the same, with its name line and framing
     assert parse_fragment(api, _write(kind, data)) == want
     # and what is not metadata never comes back
