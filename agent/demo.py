@@ -37,8 +37,8 @@ class PrintSink:
         self.out = out
         self.records: list[Request] = []
         self.lock = threading.Lock()
-        print(f"{'status':>6} {'model':<12} {'stream':<6} {'events':>6} {'ttft ms':>8} {'tpot ms':>8} "
-              f"{'dur ms':>8} {'tokens':>11}  note", file=out)
+        print(f"{'status':>6} {'path':<20} {'model':<12} {'stream':<6} {'events':>6} {'ttft ms':>8} "
+              f"{'tpot ms':>8} {'dur ms':>8} {'tokens':>11}  note", file=out)
 
     def emit(self, r: Request) -> None:
         with self.lock:
@@ -48,7 +48,7 @@ class PrintSink:
         tokens = f"{r.input_tokens if r.input_tokens is not None else '-'}/" \
                  f"{r.output_tokens if r.output_tokens is not None else '-'}"
         note = "aborted" if r.aborted else (r.error_type or "")
-        print(f"{r.status_code or '-':>6} {(r.request_model or r.path or '-')[:12]:<12} "
+        print(f"{r.status_code or '-':>6} {(r.path or '-')[:20]:<20} {(r.request_model or '-')[:12]:<12} "
               f"{'yes' if r.streaming else 'no':<6} {r.output_events if r.output_events is not None else '-':>6} "
               f"{ttft} {tpot} {r.duration_s * 1e3:8.1f} {tokens:>11}  {note}", file=self.out, flush=True)
 
@@ -63,22 +63,30 @@ def _load(url: str, stop: threading.Event, seed: int, sent: list[int]) -> None:
     import httpx
 
     rng = random.Random(seed)
+    count = 0
     with httpx.Client(base_url=url, timeout=30) as c:
         while not stop.is_set():
+            count += 1
             n = rng.choice((8, 16, 32, 64))
             stream = rng.random() < 0.85
-            body = {"model": rng.choice(("demo-8b", "demo-70b")), "max_tokens": n, "stream": stream,
-                    "messages": [{"role": "user", "content": "Tell me about GPUs."}],
-                    "stream_options": {"include_usage": True}, "ttft_s": rng.uniform(0.02, 0.2),
-                    "tpot_s": rng.uniform(0.002, 0.02)}
+            body: dict[str, object] = {
+                "model": rng.choice(("demo-8b", "demo-70b")), "stream": stream,
+                "ttft_s": rng.uniform(0.02, 0.2), "tpot_s": rng.uniform(0.002, 0.02)}
+            if count % 4 == 2:  # every fourth request: the OpenAI Responses API
+                path = "/v1/responses"
+                body.update(input="Tell me about GPUs.", max_output_tokens=n)
+            else:
+                path = "/v1/chat/completions"
+                body.update(messages=[{"role": "user", "content": "Tell me about GPUs."}], max_tokens=n,
+                            stream_options={"include_usage": True})
             try:
                 if stream and rng.random() < 0.1:
-                    with c.stream("POST", "/v1/chat/completions", json=body) as r:
+                    with c.stream("POST", path, json=body) as r:
                         for i, _ in enumerate(r.iter_lines()):
-                            if i > 6:
+                            if i > 12:
                                 break  # a client that gives up: the agent marks it aborted
                 else:
-                    c.post("/v1/chat/completions", json=body).read()
+                    c.post(path, json=body).read()
                 sent[0] += 1
             except Exception:
                 time.sleep(0.1)
@@ -97,6 +105,10 @@ def summary(records: list[Request], out: Any = sys.stdout) -> None:
     print("\nsummary", file=out)
     print(f"  requests      {len(records)} ({sum(r.streaming for r in records)} streamed, "
           f"{sum(r.aborted for r in records)} aborted by the client)", file=out)
+    paths: dict[str, int] = {}
+    for r in records:
+        paths[r.path or "-"] = paths.get(r.path or "-", 0) + 1
+    print("  by path       " + ", ".join(f"{p} {n}" for p, n in sorted(paths.items())), file=out)
     print(f"  TTFT          p50 {q(ttft, 0.5)}  p99 {q(ttft, 0.99)}", file=out)
     print(f"  time/token    p50 {q(tpot, 0.5)}  p99 {q(tpot, 0.99)}", file=out)
     print(f"  duration      p50 {q(dur, 0.5)}  p99 {q(dur, 0.99)}", file=out)

@@ -533,6 +533,27 @@ def test_uvicorn_worker_children_are_traced(tmp_path: Path) -> None:
         srv.stop()
 
 
+def test_demo_prints_a_record_for_every_request_its_clients_made() -> None:
+    """`infersight demo`, the newcomer's first command: its server, clients and agent, whose
+    records account for every request the clients completed, chat and Responses streams
+    alike with their TTFT."""
+    out = subprocess.run([str(REPO / ".venv" / "bin" / "infersight"), "demo", "--seconds", "4",
+                          "--concurrency", "3"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    m = re.search(r"accounted\s+(\d+) records \+ (\d+) counted losses \(clients completed (\d+)\)", out.stdout)
+    assert m, out.stdout
+    records, lost, completed = map(int, m.groups())
+    assert completed > 10 and records == completed and lost == 0, m.group(0)
+    rows = [line.split() for line in out.stdout.splitlines() if line.startswith("   200 ")]
+    assert len(rows) == records, out.stdout
+    streamed = {path: [r for r in rows if r[1] == path and r[3] == "yes" and "aborted" not in r]
+                for path in ("/v1/chat/completions", "/v1/responses")}
+    for path, got in streamed.items():
+        assert got, (path, out.stdout)
+        assert all(r[5] != "-" for r in got), (path, got)  # TTFT measured for every whole stream
+    assert re.search(r"by path\s+/v1/chat/completions \d+, /v1/responses \d+", out.stdout), out.stdout
+
+
 def test_cli_duration_exits_cleanly(tmp_path: Path) -> None:
     srv = start_demo_server(tmp_path)
     try:
