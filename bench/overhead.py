@@ -194,6 +194,11 @@ def run_wrk(port: int, profile: str, seconds: float, conns: int, tmp: Path) -> t
         script.write_text('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
                           'wrk.body = \'{"model":"bench-llm","stream":true,"messages":[]}\'\n')
         argv += ["-s", str(script), url + "/v1/chat/completions"]
+    elif profile == "responses":
+        script = tmp / "responses.lua"
+        script.write_text('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+                          'wrk.body = \'{"model":"bench-llm","stream":true,"input":"hi"}\'\n')
+        argv += ["-s", str(script), url + "/v1/responses"]
     else:
         argv.append(url + "/v1/models")
     if shutil.which("taskset"):

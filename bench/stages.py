@@ -1,6 +1,6 @@
 """Where the agent's user-space CPU goes, stage by stage, on recorded traffic.
 
-    python -m bench.stages --profile {json,sse,unary,stream} --seconds N [--chunks K] [--save FILE] [--json]
+    python -m bench.stages --profile {json,sse,responses,unary,stream} --seconds N [--chunks K] [--save FILE] [--json]
     python -m bench.stages --load FILE [--json]
 
 One run records what the socket probe delivers while the benchmark server
@@ -52,7 +52,7 @@ from bench import print_result, require_root
 from probes.socket_events import Decoder, pack, unpack
 from probes.sockets import SocketProbe, SocketProbeConfig
 
-HTTP1 = ("json", "sse")
+HTTP1 = ("json", "sse", "responses")
 GRPC = ("unary", "stream")
 
 
@@ -60,7 +60,7 @@ def record(profile: str, seconds: float, tmp: Path, work: Callable[[list[bytes]]
            chunks: int = 50) -> Any:
     """Run the profile's server and load with the probe attached; call ``work(batches)`` while the
     server still runs (the join reads its /proc entry). ``chunks``: token events per streamed
-    response (the sse profile)."""
+    response (the sse and responses profiles)."""
     from bench.grpc import Clients, GrpcServer
     from bench.overhead import Server, run_wrk
 
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--repeat", type=int, default=3, help="replays per stage; the best is printed")
     ap.add_argument("--chunks", type=int, default=50,
-                    help="sse: token events per response (compare two counts for the cost per event)")
+                    help="sse, responses: token events per response (compare two counts for the cost per event)")
     ap.add_argument("--save", type=Path, metavar="FILE", help="keep the recording in FILE")
     ap.add_argument("--load", type=Path, metavar="FILE", help="replay FILE's recording instead of recording")
     ap.add_argument("--json", action="store_true", help="print JSON only")
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     require_root()
     result = {"profile": a.profile, "seconds": a.seconds}
-    if a.profile == "sse":
+    if a.profile in ("sse", "responses"):
         result["chunks"] = a.chunks
 
     def work(batches: list[list[bytes]]) -> dict[str, Any]:

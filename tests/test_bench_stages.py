@@ -13,11 +13,15 @@ from tests.harness import run_json_module
 
 @pytest.mark.ebpf
 @pytest.mark.slow
-@pytest.mark.parametrize(("profile", "records_per_request"), [("json", 3), ("unary", 5), ("sse", 5)])
+@pytest.mark.parametrize(("profile", "records_per_request"),
+                         [("json", 3), ("unary", 5), ("sse", 5), ("responses", 10)])
 def test_replay_of_a_recording_gives_every_stage(profile: str, records_per_request: int) -> None:
-    extra = ["--chunks", "10"] if profile == "sse" else []
+    """A Responses stream's request sends its first 8 response writes (the head, the four
+    envelope events before the first delta, three deltas), its request and its summary."""
+    streamed = profile in ("sse", "responses")
+    extra = ["--chunks", "10"] if streamed else []
     out = run_json_module("bench.stages", "--profile", profile, "--seconds", "1", "--repeat", "1", *extra, "--json")
-    assert out.get("chunks") == (10 if profile == "sse" else None), out
+    assert out.get("chunks") == (10 if streamed else None), out
     assert out["requests"] > 100, out
     # the recording is the probe's: a few records per request, as the overhead benchmarks count
     assert records_per_request <= out["records_per_request"] < records_per_request + 0.5, out
