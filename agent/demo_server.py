@@ -93,20 +93,26 @@ def make_app(ttft_s: float = 0.05, tpot_s: float = 0.01, model: str = "demo-llm"
         n = int(body.get("max_tokens") or body.get("options", {}).get("num_predict") or 16)
         return max(1, min(n, 4096)), float(body.get("ttft_s", ttft_s)), float(body.get("tpot_s", tpot_s))
 
+    async def begin(request: Request, max_tokens: str = "max_tokens") -> tuple[
+            dict[str, Any], int, float, float, str, dict[str, Any]]:
+        """The request's body, its plan (tokens, the first's delay, the delay of each after it),
+        model and timing entry; ``max_tokens``: the API's name for the token limit."""
+        body = await request.json()
+        n, first, per = plan({**body, "max_tokens": body.get(max_tokens)})
+        entry = entry_of(request)
+        entry["model"] = name = body.get("model") or model
+        return body, n, first, per, name, entry
+
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Any:
-        body = await request.json()
-        n, first, per = plan(body)
-        name = body.get("model") or model
+        body, n, first, per, name, entry = await begin(request)
         rid = "chatcmpl-" + uuid.uuid4().hex[:24]
         created = int(time.time())
         prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in body.get("messages", []))
-        entry = entry_of(request)
-        entry["model"] = name
         if not body.get("stream"):
             await asyncio.sleep(first + per * (n - 1))
             text = " ".join(WORDS[i % len(WORDS)] for i in range(n))
@@ -162,10 +168,7 @@ def make_app(ttft_s: float = 0.05, tpot_s: float = 0.01, model: str = "demo-llm"
 
     @app.post("/api/generate")
     async def ollama_generate(request: Request) -> Any:
-        body = await request.json()
-        n, first, per = plan(body)
-        name = body.get("model") or model
-        entry = entry_of(request)
+        body, n, first, per, name, entry = await begin(request)
 
         async def gen() -> AsyncIterator[bytes]:
             await asyncio.sleep(first)
@@ -241,11 +244,7 @@ def make_app(ttft_s: float = 0.05, tpot_s: float = 0.01, model: str = "demo-llm"
     async def responses(request: Request) -> Any:
         """The OpenAI Responses API. The demo always stops at ``max_output_tokens``: the
         response ends incomplete, for that reason, as OpenAI's does."""
-        body = await request.json()
-        n, first, per = plan({**body, "max_tokens": body.get("max_output_tokens")})
-        name = body.get("model") or model
-        entry = entry_of(request)
-        entry["model"] = name
+        body, n, first, per, name, entry = await begin(request, "max_output_tokens")
         rid, mid = "resp_" + uuid.uuid4().hex, "msg_" + uuid.uuid4().hex
         prompt = body.get("input")
         input_tokens = len(str(prompt).split()) if prompt else 0
@@ -304,11 +303,7 @@ def make_app(ttft_s: float = 0.05, tpot_s: float = 0.01, model: str = "demo-llm"
     @app.post("/v1/messages")
     async def messages(request: Request) -> Any:
         """The Anthropic Messages API; the demo always stops at ``max_tokens``."""
-        body = await request.json()
-        n, first, per = plan(body)
-        name = body.get("model") or model
-        entry = entry_of(request)
-        entry["model"] = name
+        body, n, first, per, name, entry = await begin(request)
         mid = "msg_" + uuid.uuid4().hex[:24]
         input_tokens = sum(len(str(m.get("content", "")).split()) for m in body.get("messages", []))
         text = " ".join(WORDS[i % len(WORDS)] for i in range(n))

@@ -624,11 +624,15 @@ def _responses_object(obj: dict[str, Any]) -> EventInfo:
         _add_reason(reasons, _responses_reason(r))
     else:
         return EventInfo(False)
-    usage = r.get("usage")
-    in_tok = out_tok = None
-    if isinstance(usage, dict):
-        in_tok, out_tok = _count(usage.get("input_tokens")), _count(usage.get("output_tokens"))
+    in_tok, out_tok = _typed_usage(r.get("usage"))
     return EventInfo(output, done, _clean_model(r.get("model")), tuple(reasons), in_tok, out_tok)
+
+
+def _typed_usage(usage: object) -> tuple[int | None, int | None]:
+    """Input and output tokens, as both typed-event APIs name them in their ``usage``."""
+    if not isinstance(usage, dict):
+        return None, None
+    return _count(usage.get("input_tokens")), _count(usage.get("output_tokens"))
 
 
 def _messages_object(obj: dict[str, Any]) -> EventInfo:
@@ -661,10 +665,7 @@ def _messages_object(obj: dict[str, Any]) -> EventInfo:
         _add_reason(reasons, obj.get("stop_reason"))
     else:
         return EventInfo(False)
-    usage = m.get("usage")
-    in_tok = out_tok = None
-    if isinstance(usage, dict):
-        in_tok, out_tok = _count(usage.get("input_tokens")), _count(usage.get("output_tokens"))
+    in_tok, out_tok = _typed_usage(m.get("usage"))
     return EventInfo(output, t == "message", _clean_model(m.get("model")), tuple(reasons), in_tok, out_tok)
 
 
