@@ -318,7 +318,7 @@ def parse_fragment(api: Api, fragment: bytes) -> EventInfo:
     output are merged. ``output`` is False when event bodies are visible and
     none carries output, None when nothing tells.
     """
-    if api in _TYPED:
+    if api in TYPED_APIS:
         return _typed_fragment(api, fragment)
     if (len(fragment) <= _DONE_WRITE_MAX and fragment in _DONE_WRITES
             and api not in _OLLAMA and api not in _TGI):
@@ -576,8 +576,7 @@ def _from_object(api: Api, obj: dict[str, Any]) -> EventInfo:
 # response's status (its incomplete_details reason when incomplete) and a
 # message's stop_reason are reported as the server gave them.
 
-_TYPED: Final = (Api.OPENAI_RESPONSES, Api.ANTHROPIC_MESSAGES)
-TYPED_APIS: Final = frozenset(_TYPED)  # the typed-event APIs, for :func:`typed_event`
+TYPED_APIS: Final = (Api.OPENAI_RESPONSES, Api.ANTHROPIC_MESSAGES)  # for :func:`typed_event`
 #: Responses events that end a response, and the status each reports when its body is cut.
 _RESPONSES_END: Final[dict[str, str]] = {
     "response.completed": "completed",
@@ -585,11 +584,10 @@ _RESPONSES_END: Final[dict[str, str]] = {
     "response.failed": "failed",
     "response.cancelled": "cancelled",
 }
-_MESSAGES_EVENTS: Final = frozenset((
-    "message_start", "content_block_start", "content_block_delta", "content_block_stop", "message_delta",
-    "message_stop", "ping", "error",
+_MESSAGES_EVENT_NAMES: Final = frozenset((
+    b"message_start", b"content_block_start", b"content_block_delta", b"content_block_stop", b"message_delta",
+    b"message_stop", b"ping", b"error",
 ))
-_MESSAGES_EVENT_NAMES: Final = frozenset(n.encode() for n in _MESSAGES_EVENTS)
 _MESSAGES_OUTPUT: Final = ("text", "thinking", "partial_json")
 
 
@@ -928,7 +926,7 @@ def _from_text(api: Api, s: bytes) -> EventInfo:
     """What cut JSON shows, read in one pass of :data:`_FIELD` (see the section comment)."""
     if not s:
         return EMPTY_EVENT
-    if api in _TYPED:
+    if api in TYPED_APIS:
         return _typed_from_text(api, s)
     ollama, tgi = api in _OLLAMA, api in _TGI
     # find() rather than `in`: on bytes, `in` first tries its operand as an int, and the
