@@ -243,7 +243,8 @@ class Assembler:
         native_heads: bool = True,
     ) -> None:
         """``whole_event_writes``: read a response write that is one chunk holding one whole SSE
-        event or NDJSON line in one step, where agent/_llmjson.c is built (False: always through
+        event (a ``data:`` event, or for the typed-event APIs a named one) or NDJSON line in one
+        step, where agent/_llmjson.c is built (False: always through
         the HTTP/1 and SSE or NDJSON parsers, the reading the tests compare it against).
         ``native_ring``: read a decoded summary's tail ring in C, where agent/_llmjson.c is
         built (False: always with :meth:`_walk_ring`, its reference). ``native_heads``: read
@@ -555,6 +556,16 @@ class Assembler:
             # One chunk holding one whole event (how servers stream): read in one step; the
             # HTTP/1 and SSE or NDJSON parsers are left as feeding it would leave them
             self._stream_event(ex, obj, False, ts)
+        elif (
+            self._whole_event_writes
+            and whole
+            and ex.api in llm.TYPED_APIS
+            and p.at_chunk_start()
+            and (named := _one_named_event(ex.stream, ev.head)) is not None
+        ):
+            # the same for a named event of the typed-event APIs, one per write as they stream
+            assert ex.api is not None
+            self._typed_event(ex, ex.api, named[0], named[1], ts)
         else:
             if ev.head:
                 p.feed(ev.head)
@@ -623,17 +634,23 @@ class Assembler:
         if api is not None and api in llm.TYPED_APIS and isinstance(ex.stream, SSEParser):
             for se in events:
                 if se.event is not None and not se.truncated:
-                    # a typed event (Responses, Messages) whose name may say what it holds
-                    info = llm.typed_event(api, se.event.encode(), se.data)
-                    if info is not None:
-                        self._merge_info(ex, info)
-                        if info.output:
-                            self._count_output(ex, ts)
-                        continue
-                self._stream_event(ex, se.data, se.truncated, ts)
+                    self._typed_event(ex, api, se.event.encode(), se.data, ts)
+                else:
+                    self._stream_event(ex, se.data, se.truncated, ts)
             return
         for se in events:
             self._stream_event(ex, se.data, se.truncated, ts)
+
+    def _typed_event(self, ex: Exchange, api: llm.Api, name: bytes, data: bytes, ts: int) -> None:
+        """One whole event of a typed-event API (Responses, Messages): read from its name where
+        that says what it holds (:func:`llm.typed_event`), else decoded."""
+        info = llm.typed_event(api, name, data)
+        if info is None:
+            self._stream_event(ex, data, False, ts)
+            return
+        self._merge_info(ex, info)
+        if info.output:
+            self._count_output(ex, ts)
 
     @staticmethod
     def _count_output(ex: Exchange, ts: int) -> None:
@@ -1075,6 +1092,17 @@ def _one_event(stream: SSEParser | NDJSONParser | None, write: bytes) -> bytes |
             return obj
     elif isinstance(stream, NDJSONParser) and stream.between_lines():
         return llm.ndjson_chunk_event(write)
+    return None
+
+
+def _one_named_event(stream: SSEParser | NDJSONParser | None, write: bytes) -> tuple[bytes, bytes] | None:
+    """The name and JSON object of a write that is one chunk holding one whole named SSE event,
+    when ``stream`` is an SSE parser between events (which is then told it took the event)."""
+    if isinstance(stream, SSEParser) and stream.between_events():
+        named = llm.sse_named_event(write)
+        if named is not None:
+            stream.took_event()
+        return named
     return None
 
 

@@ -39,6 +39,7 @@ try:  # OpenAI-compatible and Ollama bodies read in C (agent/_llmjson.c); json a
     from agent._llmjson import request_fields as _c_request_fields
     from agent._llmjson import ring_walk as _c_ring_walk
     from agent._llmjson import sse_chunk_event as _c_sse_chunk_event
+    from agent._llmjson import sse_named_event as _c_sse_named_event
     from agent._llmjson import whole_event as _c_whole_event
 
     NATIVE_JSON = True
@@ -66,6 +67,7 @@ __all__ = [
     "path_model",
     "ring_walk",
     "sse_chunk_event",
+    "sse_named_event",
     "typed_event",
 ]
 
@@ -441,6 +443,14 @@ def sse_chunk_event(write: bytes) -> bytes | None:
     return _c_sse_chunk_event(write) if _NATIVE else None
 
 
+def sse_named_event(write: bytes) -> tuple[bytes, bytes] | None:
+    """The name and JSON object of a response write that is exactly one chunk holding exactly
+    one whole SSE event with an ``event:`` line (1-64 letters, digits, ``_`` or ``.``) before
+    its ``data:`` line, as the typed-event APIs stream (:data:`TYPED_APIS`); None for anything
+    else, and always None where agent/_llmjson.c is not built."""
+    return _c_sse_named_event(write) if _NATIVE else None
+
+
 def ndjson_chunk_event(write: bytes) -> bytes | None:
     """As :func:`sse_chunk_event`, for one whole NDJSON line (an object and its LF or CRLF)."""
     return _c_ndjson_chunk_event(write) if _NATIVE else None
@@ -667,7 +677,8 @@ def _messages_object(obj: dict[str, Any]) -> EventInfo:
     return EventInfo(output, t == "message", _clean_model(m.get("model")), tuple(reasons), in_tok, out_tok)
 
 
-_EVENT_LINE = re.compile(rb"(?:^|\n)event: ?([A-Za-z0-9_.]{1,64})\r?(?=\n|$)")
+# an ``event:`` line's field and name, matched where a line starts (:func:`_event_names`)
+_EVENT_LINE = re.compile(rb"event: ?([A-Za-z0-9_.]{1,64})\r?(?=\n|$)")
 _TYPE_FIELD = re.compile(rb'"type"\s*:\s*"([A-Za-z0-9_.]{1,64})"')
 _INPUT_TOKENS = re.compile(rb'"input_tokens"\s*:\s*(\d{1,15})(?=\s*[,}])')
 _OUTPUT_TOKENS = re.compile(rb'"output_tokens"\s*:\s*(\d{1,15})(?=\s*[,}])')
@@ -752,6 +763,21 @@ def _typed_fragment(api: Api, fragment: bytes) -> EventInfo:
     return info
 
 
+def _event_names(s: bytes) -> list[bytes]:
+    """The names of the ``event:`` lines in ``s``: each occurrence found with a byte search
+    and matched where it starts a line (a pattern that also matched the line start tried every
+    position of ``s``, at several times the cost)."""
+    names: list[bytes] = []
+    pos = s.find(b"event:")
+    while pos >= 0:
+        if pos == 0 or s[pos - 1] == 0x0A:
+            m = _EVENT_LINE.match(s, pos)
+            if m is not None:
+                names.append(m.group(1))
+        pos = s.find(b"event:", pos + 6)
+    return names
+
+
 def _typed_from_text(api: Api, s: bytes) -> EventInfo:
     """What cut bytes of a typed-event stream show: the events named in them (an ``event:``
     line, or a ``type`` key naming an event), usage counts, the model and the end. Each pattern
@@ -759,7 +785,7 @@ def _typed_from_text(api: Api, s: bytes) -> EventInfo:
     responses = api is Api.OPENAI_RESPONSES
     names: list[bytes] = []
     if s.find(b"event:") >= 0:
-        names = [m.group(1) for m in _EVENT_LINE.finditer(s)]
+        names = _event_names(s)
     if s.find(b'"type"') >= 0:
         names += [m.group(1) for m in _unescaped(s, _TYPE_FIELD)]
     reasons: list[str] = []
@@ -1019,7 +1045,14 @@ def _from_tgi_token(obj: bytes) -> bool:
     return _TOKEN_TEXT.search(obj) is not None and _TOKEN_SPECIAL.search(obj) is None
 
 
+_PLAIN_ASCII: Final = re.compile(rb"[\x20\x21\x23-\x5b\x5d-\x7f]*")  # JSON string text that is its own value
+
+
 def _decode_model(raw: bytes) -> str | None:
+    if _PLAIN_ASCII.fullmatch(raw) is not None:
+        # no escape, control character or UTF-8 beyond ASCII: its JSON text is its bytes, and
+        # json.loads costs more than the rest
+        return _clean_model(raw.decode("ascii"))
     try:
         value = json.loads(b'"' + raw + b'"')
     except ValueError:

@@ -233,6 +233,70 @@ def test_one_step_reading_of_event_writes_changes_no_record(picks: list[int], he
     assert out[0] == out[1]
 
 
+def _named(kind: str, **fields: object) -> bytes:
+    """A typed event as vLLM writes it: its name line, then its data with the type last."""
+    obj = json.dumps({**fields, "sequence_number": 1, "type": kind}, separators=(",", ":")).encode()
+    return b"event: " + kind.encode() + b"\ndata: " + obj + b"\n\n"
+
+
+_RESPONSE = {"id": "r", "model": "m", "object": "response", "status": "completed", "output": [],
+             "usage": {"input_tokens": 3, "output_tokens": 2, "total_tokens": 5}}
+
+
+def _request(path: bytes, body: bytes) -> bytes:
+    return b"POST %s HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n%s" % (path, len(body), body)
+
+
+# per typed-event API: its request, and writes of its stream whole, cut, joined and malformed
+TYPED_STREAMS = {
+    "responses": (
+        _request(b"/v1/responses", b'{"model":"m","input":"hi","stream":true}'),
+        [
+            _chunk(_named("response.created", response={**_RESPONSE, "status": "in_progress", "usage": None})),
+            _chunk(_named("response.output_text.delta", delta="a")),
+            _chunk(_named("response.output_text.delta", delta="")),
+            _chunk(_named("response.output_text.delta", delta="b").replace(b"\n", b"\r\n")),
+            _chunk(_named("response.output_text.delta", delta="c") + _named("response.output_text.delta", delta="d")),
+            _chunk(_named("response.output_text.delta", delta="e"))[:25],
+            _chunk(_named("response.output_text.delta", delta="e"))[25:],
+            _chunk(_named("response.output_text.delta", delta="f")[:40]),
+            _chunk(_named("response.output_text.delta", delta="f")[40:]),
+            _chunk(b": keep-alive\n\n"),
+            _chunk(_named("response.output_text.delta", delta="g").split(b"\n", 1)[1]),  # no name line
+            _chunk(_named("response.output_text.done", text="ag")),
+            _chunk(_named("response.completed", response=_RESPONSE)),
+            _chunk(_named("response.output_text.delta", delta="h" * 3000)),  # longer than the head capture
+        ],
+    ),
+    "messages": (
+        _request(b"/v1/messages", b'{"model":"m","max_tokens":9,"messages":[],"stream":true}'),
+        [
+            _chunk(_named("message_start", message={"id": "x", "type": "message", "model": "m", "content": [],
+                                                   "usage": {"input_tokens": 3, "output_tokens": 1}})),
+            _chunk(_named("content_block_start", index=0, content_block={"type": "text", "text": ""})),
+            _chunk(_named("ping")),
+            _chunk(_named("content_block_delta", index=0, delta={"type": "text_delta", "text": "a"})),
+            _chunk(_named("content_block_delta", index=0, delta={"type": "text_delta", "text": "b"})[:30]),
+            _chunk(_named("content_block_delta", index=0, delta={"type": "text_delta", "text": "b"})[30:]),
+            _chunk(_named("content_block_stop", index=0) + _named("ping")),
+            _chunk(_named("message_delta", delta={"stop_reason": "end_turn"}, usage={"output_tokens": 2})),
+            _chunk(_named("message_stop")),
+        ],
+    ),
+}
+
+
+@given(st.sampled_from(sorted(TYPED_STREAMS)), st.lists(st.integers(0, 100), min_size=1, max_size=10))
+@settings(max_examples=300, deadline=None)
+def test_one_step_reading_of_typed_event_writes_changes_no_record(api: str, picks: list[int]) -> None:
+    request, pool = TYPED_STREAMS[api]
+    writes = [SSE_HEAD, *[pool[i % len(pool)] for i in picks], b"0\r\n\r\n"]
+    out = [_record_both_ways(request, writes, fast) for fast in (True, False)]
+    assert out[0] == out[1]
+    if all(i % len(pool) in (1, 3) for i in picks) and api == "responses":  # whole deltas with output only
+        assert out[0][0]["output_events"] == len(picks)
+
+
 OLLAMA_POST = b"POST /api/generate HTTP/1.1\r\nhost: x\r\ncontent-length: 26\r\n\r\n" \
               b'{"model":"m","prompt":"p"}'
 NDJSON_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\ntransfer-encoding: chunked\r\n\r\n"

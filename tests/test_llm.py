@@ -1556,6 +1556,99 @@ def test_typed_events_whole_and_as_one_write(api: Api, data: bytes, want: EventI
     assert "CANARY" not in repr(parse_fragment(api, _write(kind, data)))
 
 
+@pytest.mark.skipif(not llm.NATIVE_JSON, reason="agent/_llmjson.c not built (CI requires it)")
+@pytest.mark.parametrize(("api", "data", "want"),
+                         [(Api.OPENAI_RESPONSES, d, w) for d, w in RESPONSES_EVENTS]
+                         + [(Api.ANTHROPIC_MESSAGES, d, w) for d, w in MESSAGES_EVENTS])
+def test_a_typed_event_write_is_read_in_one_step(api: Api, data: bytes, want: EventInfo) -> None:
+    kind = json.loads(data)["type"].encode()
+    write = _write(kind.decode(), data)
+    assert llm.sse_named_event(write) == (kind, data)
+    for line_end in (b"\r\n", b"\n"):
+        event = b"event:" + kind + line_end + b"data:" + data + b"\r\n\r\n"
+        assert llm.sse_named_event(b"%X\r\n%s\r\n" % (len(event), event)) == (kind, data)
+    # the assembler reads what it takes as the parsers would (tests/test_assemble.py holds the records)
+    sse = SSEParser()
+    events = sse.feed(_one_named_chunk_body(write))
+    assert [(e.data, e.event) for e in events] == [(data, kind.decode())]
+    info = llm.typed_event(api, kind, data)
+    assert (info if info is not None else parse_stream_event(api, data)) == want
+
+
+@pytest.mark.skipif(not llm.NATIVE_JSON, reason="agent/_llmjson.c not built (CI requires it)")
+def test_the_one_step_reading_of_named_events_refuses_what_is_not_one() -> None:
+    obj = b'{"type":"ping"}'
+
+    def chunk(event: bytes, size_delta: int = 0) -> bytes:
+        return b"%x\r\n%s\r\n" % (len(event) + size_delta, event)
+
+    for write in (
+        chunk(b"event: ping\ndata: " + obj + b"\n\n", -1),  # the size counts one byte less
+        chunk(b"event: ping\ndata: " + obj + b"\n\n")[:-2],  # no chunk CRLF
+        chunk(b"event: ping\ndata: " + obj + b"\n"),  # one line end: the event is not over
+        chunk(b"event: ping\rdata: " + obj + b"\n\n"),  # a lone CR ends the name's line
+        chunk(b"event:  ping\ndata: " + obj + b"\n\n"),  # a second space belongs to the name
+        chunk(b"event: " + b"p" * 65 + b"\ndata: " + obj + b"\n\n"),  # a name too long
+        chunk(b"event: \ndata: " + obj + b"\n\n"),  # no name
+        chunk(b"event: a-b\ndata: " + obj + b"\n\n"),  # a name beyond the event names
+        chunk(b"event: ping\nid: 1\ndata: " + obj + b"\n\n"),  # another field
+        chunk(b"event: ping\ndata: [DONE]\n\n"),  # not an object
+        chunk(b"data: " + obj + b"\n\n"),  # no name: sse_chunk_event's
+        chunk(b"event: ping\ndata: " + obj + b"\n\nevent: ping\ndata: " + obj + b"\n\n"),  # two events
+    ):
+        assert llm.sse_named_event(write) is None, write
+    assert llm.sse_named_event(chunk(b"event: " + b"p" * 64 + b"\ndata: " + obj + b"\n\n")) == (b"p" * 64, obj)
+
+
+@st.composite
+def _named_event_chunks(draw: st.DrawFn) -> bytes:
+    """Writes near one chunk of one named SSE event, and arbitrary runs of their pieces."""
+    if draw(st.integers(0, 4)) == 0:
+        return b"".join(draw(st.lists(_PIECES, max_size=12)))
+    field = draw(st.sampled_from([b"event:", b"event: ", b"event:  ", b"Event: ", b"evnt: ", b"", b"data: x\n"]))
+    name = draw(st.sampled_from([b"response.output_text.delta", b"ping", b"a", b"x" * 64, b"x" * 65, b"", b"a b",
+                                 b"a:b", b"caf\xc3\xa9", b"a-b", b"message_stop\r"]))
+    line_end = draw(st.sampled_from([b"\n", b"\r\n", b"\r", b"\n\n", b"", b"\n\r\n"]))
+    data = draw(st.sampled_from([b"data:", b"data: ", b"data:  ", b"", b"id: 1\ndata: ", b": c\ndata: "]))
+    obj = draw(st.sampled_from([b'{"a":1}', b"{}", b"{", b'{"a":"}"}', b'{"a":\r1}', b"[1]", b'{"a":1}}']))
+    ends = draw(st.sampled_from([b"\n\n", b"\r\n\r\n", b"\r\n\n", b"\n\r\n", b"\n", b"\r\n", b"\r\r", b"\n\n\n",
+                                 b""]))
+    body = field + name + line_end + data + obj + ends
+    size = draw(st.sampled_from([b"%x" % len(body), b"%X" % len(body), b"%x" % (len(body) + 1), b"%09x" % len(body),
+                                 b"%x;ext=1" % len(body), b"", b"0"]))
+    chunk_end = draw(st.sampled_from([b"\r\n", b"", b"\n", b"\r\n\r\n", b"\r\n0\r\n\r\n"]))
+    return size + draw(st.sampled_from([b"\r\n", b"\n"])) + body + chunk_end
+
+
+def _one_named_chunk_body(write: bytes) -> bytes:
+    """The body of a write the one-step reading took as one named event: the HTTP/1 parser
+    reads it as a single body, and is left between chunks."""
+    p = _h1_at_chunk_start()
+    p.feed(write)
+    bodies = []
+    while not isinstance(e := p.next_event(), NeedData):
+        bodies.append(e)
+    assert len(bodies) == 1 and isinstance(bodies[0], Body), write
+    assert p.at_chunk_start(), write
+    return bodies[0].data
+
+
+@pytest.mark.skipif(not llm.NATIVE_JSON, reason="agent/_llmjson.c not built (CI requires it)")
+@settings(max_examples=3000, deadline=None)
+@given(_named_event_chunks())
+def test_a_named_event_chunk_reads_as_the_parsers_read_it(write: bytes) -> None:
+    got = llm.sse_named_event(write)
+    if got is None:
+        return
+    name, obj = got
+    # the body holds a single whole event with that name, leaving the SSE parser as it was
+    sse = SSEParser()
+    events = sse.feed(_one_named_chunk_body(write))
+    assert [(e.data, e.event, e.id, e.truncated) for e in events] == [(obj, name.decode(), None, False)], write
+    assert sse.between_events(), write
+    assert llm.sse_chunk_event(write) is None  # the two readings take different writes
+
+
 def test_typed_events_through_the_sse_parser() -> None:
     """A stream of named events, fed byte by byte: the parser gives each event's data."""
     stream = b"".join(_write(json.loads(d)["type"], d) for d, _ in RESPONSES_EVENTS)
@@ -1600,3 +1693,48 @@ def test_typed_whole_bodies() -> None:
     assert req == RequestInfo("gpt-oss-20b", False)  # the Responses API streams only when asked
     req = parse_request_body(Api.ANTHROPIC_MESSAGES, b'{"model":"claude","max_tokens":9,"stream":true,"messages":[]}')
     assert req == RequestInfo("claude", True)
+
+
+# --- cut text: the helpers the pattern readers share ------------------------------------------
+
+def _decoded_model(raw: bytes) -> str | None:
+    """The reference: the model a string's JSON text names, as json decodes it."""
+    try:
+        value = json.loads(b'"' + raw + b'"')
+    except ValueError:
+        return None
+    return llm._clean_model(value)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(st.sampled_from([b"a", b"Z", b"-", b" ", b"/", b"\x7f", b"\x00", b"\x1f", b"\n", b'"', b"\\",
+                                 b'\\"', b"\\n", b"\\u00e9", b"\\ud800", b"\\x", "é".encode(), b"\xc3", b"\xff"]),
+                max_size=8).map(b"".join))
+def test_a_model_in_cut_text_decodes_as_json_decodes_it(raw: bytes) -> None:
+    assert llm._decode_model(raw) == _decoded_model(raw), raw
+
+
+def test_a_model_in_cut_text_decodes_escapes_and_refuses_what_json_refuses() -> None:
+    assert llm._decode_model(b"Qwen/Qwen3-8B") == "Qwen/Qwen3-8B"
+    assert llm._decode_model(b"caf\\u00e9") == "café"
+    assert llm._decode_model("café".encode()) == "café"
+    for raw in (b"a\nb", b"a\x00", b"a\\", b"a\\q", b"\xff"):
+        assert llm._decode_model(raw) is None, raw
+
+
+# the event-line pattern that matches where a line starts, the reference for _event_names
+_EVENT_LINES_REFERENCE = re.compile(rb"(?:^|\n)event: ?([A-Za-z0-9_.]{1,64})\r?(?=\n|$)")
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(st.sampled_from([b"event:", b"event: ", b"event:  ", b"\n", b"\r", b"\r\n", b"a", b".", b"_", b"-",
+                                 b" ", b"x" * 30, b"data: {}", b"response.completed"]), max_size=12).map(b"".join))
+def test_event_names_in_cut_text_are_the_line_start_patterns(s: bytes) -> None:
+    assert llm._event_names(s) == [m.group(1) for m in _EVENT_LINES_REFERENCE.finditer(s)], s
+
+
+def test_event_names_in_cut_text() -> None:
+    s = b"3f\r\nevent: response.completed\ndata: {}\n\nxevent: no\nevent:ping\r\nevent: " + b"x" * 65 + b"\n"
+    assert llm._event_names(s) == [b"response.completed", b"ping"]
+    assert llm._event_names(b"event: a b\n") == []
+    assert llm._event_names(b"event: end") == [b"end"]
