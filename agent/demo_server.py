@@ -58,7 +58,8 @@ class TimingMiddleware:
         if scope["type"] != "http" or not self.timings._path:
             await self.app(scope, receive, send)
             return
-        entry: dict[str, Any] = {"path": scope["path"], "t_start": time.monotonic_ns(), "sends": [], "chunks": []}
+        entry: dict[str, Any] = {"path": scope["path"], "query": scope.get("query_string", b"").decode("latin-1"),
+                                 "t_start": time.monotonic_ns(), "sends": [], "chunks": []}
         scope.setdefault("state", {})["timing"] = entry
 
         async def timed_send(msg: dict[str, Any]) -> None:

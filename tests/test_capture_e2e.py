@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -180,22 +181,27 @@ def test_openai_responses_api_stream(agent: Agent, demo: Server, n_tokens: int) 
 
 @pytest.mark.parametrize("n_tokens", [1, 30])
 def test_anthropic_messages_api_stream(agent: Agent, demo: Server, n_tokens: int) -> None:
-    """The Messages API (served by vLLM and llama.cpp as well) opens with message_start,
-    content_block_start and ping; its usage is split between message_start (input) and
-    message_delta (output), with stop_reason."""
+    """The Messages API (served by vLLM and llama.cpp as well), driven by the official
+    ``anthropic`` client: a stream opens with message_start, content_block_start and ping;
+    its usage is split between message_start (input) and message_delta (output), with
+    stop_reason. A query (``?beta=true``, which Anthropic's own beta endpoints take) is not
+    part of the record's path."""
+    client = anthropic.Anthropic(base_url=demo.url, api_key="test", max_retries=0, timeout=30)
     mark = agent.mark()
     t_mark = len(demo.timings())
-    with httpx.Client(base_url=demo.url, timeout=30) as c:
-        with c.stream("POST", "/v1/messages?beta=true", json={
-                "model": "claude-e2e", "max_tokens": n_tokens, "stream": True,
-                "messages": [{"role": "user", "content": "one two three"}],
-                "ttft_s": 0.03, "tpot_s": 0.003}) as r:
-            text = r.read().decode()
-        assert text.count("event: content_block_delta") == n_tokens
-        c.post("/v1/messages", json={"model": "claude-json", "max_tokens": 5,
-                                     "messages": [{"role": "user", "content": "hi"}], "tpot_s": 0.001})
-    streamed, whole = agent.wait_records(mark, 2)
+    events = list(client.beta.messages.create(
+        model="claude-e2e", max_tokens=n_tokens, stream=True,
+        messages=[{"role": "user", "content": "one two three"}], extra_body={"ttft_s": 0.03, "tpot_s": 0.003},
+        extra_query={"beta": "true"},
+    ))
+    assert sum(1 for e in events if e.type == "content_block_delta") == n_tokens
+    (end,) = [e for e in events if e.type == "message_delta"]
+    assert end.delta.stop_reason == "max_tokens" and end.usage.output_tokens == n_tokens
+    whole = client.messages.create(model="claude-json", max_tokens=5, messages=[{"role": "user", "content": "hi"}],
+                                   extra_body={"tpot_s": 0.001})
+    streamed, rec = agent.wait_records(mark, 2)
     entry = demo.timings()[t_mark]
+    assert (entry["path"], entry["query"]) == ("/v1/messages", "beta=true")
     assert streamed.path == "/v1/messages" and streamed.streaming is True  # url.path: no query
     assert streamed.operation == "chat"
     assert streamed.request_model == streamed.response_model == "claude-e2e"
@@ -206,9 +212,10 @@ def test_anthropic_messages_api_stream(agent: Agent, demo: Server, n_tokens: int
     assert streamed.time_to_first_token_s is not None
     assert abs(streamed.time_to_first_token_s - ttft) <= TOL, (streamed.time_to_first_token_s, ttft)
     assert abs(streamed.duration_s - duration) <= TOL
-    assert whole.streaming is False and whole.time_to_first_token_s is None
-    assert whole.request_model == whole.response_model == "claude-json"
-    assert whole.input_tokens == 1 and whole.output_tokens == 5 and whole.finish_reasons == ("max_tokens",)
+    assert rec.streaming is False and rec.time_to_first_token_s is None
+    assert rec.request_model == rec.response_model == whole.model == "claude-json"
+    assert (rec.input_tokens, rec.output_tokens) == (whole.usage.input_tokens, whole.usage.output_tokens) == (1, 5)
+    assert rec.finish_reasons == (whole.stop_reason,) == ("max_tokens",)
 
 
 def test_openai_non_streaming(agent: Agent, demo: Server) -> None:
