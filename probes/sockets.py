@@ -306,6 +306,8 @@ class SocketProbe:
         log.info("data syscall arguments %s (%s)", "read at exit" if self.exit_args else "saved at entry", why)
         self.bpf = BPF(text=module_text(SOURCE, self._instance).encode(),
                        cflags=[*config.cflags(), f"-DEXIT_ARGS={int(self.exit_args)}"])
+        # accept and accept4 end in one program (their exits' fields are the same)
+        self.bpf.attach_tracepoint(tp=b"syscalls:sys_exit_accept4", fn_name=b"tracepoint__syscalls__sys_exit_accept")
         # the data syscalls' exits tail-call this one program (see finish() in the C file)
         data_exit = self.bpf.load_func(b"data_exit", BPF.TRACEPOINT)
         self.bpf[self._t("data_exit_prog")][ctypes.c_int(0)] = ctypes.c_int(data_exit.fd)

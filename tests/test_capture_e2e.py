@@ -586,15 +586,26 @@ def raw(tmp_module: Path) -> Iterator[Server]:
 
 @pytest.mark.parametrize("exit_args", ARG_MODES)
 def test_vectored_syscalls_and_sendfile(raw: Server, exit_args: bool) -> None:
-    """recvmsg, sendmsg over several iovecs, and sendfile: the same records, the same timing,
-    with the syscalls' arguments read at exit or saved at entry."""
+    """accept, recvmsg, sendmsg over several iovecs, and sendfile: the same records, the same
+    timing, with the syscalls' arguments read at exit or saved at entry. The connections are
+    made after the agent attached, so only accept's programs can have told them (accept4's
+    exit runs the same program, and every other server here uses accept4). The server was
+    already blocked in accept when the agent attached: that first connection counts (its peer
+    address, which the entry never saved, only where /proc still shows the socket when its
+    record is made); the next accept is seen whole."""
     with running_agent(TargetConfig(pids=(raw.pid,)), probe=arg_mode(exit_args)) as a:
         assert a.pipeline.probe.exit_args is exit_args  # type: ignore[union-attr]
         mark = a.mark()
+        assert httpx.get(raw.url + "/health", timeout=30).text == "ok"  # a connection of its own
+        (health,) = a.wait_records(mark, 1)
+        assert health.path == "/health" and health.status_code == 200
+        mark = a.mark()
         t_mark = len(raw.timings())
         with httpx.Client(base_url=raw.url, timeout=30) as c:
-            chunks = [line for line in c.post("/v1/chat/completions", json={
-                "model": "vec", "max_tokens": 9, "tpot_s": 0.003}).text.splitlines() if line.startswith("data:")]
+            resp = c.post("/v1/chat/completions", json={"model": "vec", "max_tokens": 9, "tpot_s": 0.003})
+            stream = resp.extensions["network_stream"]
+            client_port = stream.get_extra_info("client_addr")[1]
+            chunks = [line for line in resp.text.splitlines() if line.startswith("data:")]
             assert len(chunks) == 10
             body = c.get("/file").content
             assert len(body) == 300_000
@@ -604,6 +615,8 @@ def test_vectored_syscalls_and_sendfile(raw: Server, exit_args: bool) -> None:
         time.sleep(0.3)
         assert [r.path for r in a.since(mark)] == ["/v1/chat/completions", "/file", "/after-file"]
         sse, file_rec, after = recs
+        # the peer address accept(2) wrote, read by its exit program
+        assert {(r.client_address, r.client_port) for r in recs} == {("127.0.0.1", client_port)}
         server = raw.timings()[t_mark:]
         ttft, _, duration = _stream_timings(server[0])
         assert sse.streaming and sse.output_events == 9 and sse.response_model == "vec"

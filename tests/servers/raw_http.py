@@ -1,8 +1,9 @@
 """A third server for end-to-end tests, on bare sockets, exercising the
-syscalls the uvicorn and aiohttp servers do not: it reads requests with
-``recvmsg`` into two buffers, answers with ``sendmsg`` over several iovecs
-(head and body, or chunk header, data and CRLF), and serves a file with
-``sendfile``. One connection at a time, keep-alive.
+syscalls the uvicorn and aiohttp servers do not: it takes connections with
+``accept`` (theirs use ``accept4``), reads requests with ``recvmsg`` into two
+buffers, answers with ``sendmsg`` over several iovecs (head and body, or chunk
+header, data and CRLF), and serves a file with ``sendfile``. One connection at
+a time, keep-alive.
 
 Routes:
 - ``POST /v1/chat/completions``: an OpenAI-style SSE stream of ``max_tokens``
@@ -16,6 +17,7 @@ Run: python -m tests.servers.raw_http PORT
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import socket
@@ -110,8 +112,15 @@ def main() -> None:
     os.unlink(path)
     os.write(fd, os.urandom(FILE_BYTES))
     srv = socket.create_server(("127.0.0.1", port))
+    libc = ctypes.CDLL(None, use_errno=True)
     while True:
-        conn, _ = srv.accept()
+        # accept(2) itself, where Python's socket.accept and the event loops call accept4
+        peer = ctypes.create_string_buffer(128)
+        peer_len = ctypes.c_uint32(len(peer))
+        conn_fd = libc.accept(srv.fileno(), peer, ctypes.byref(peer_len))
+        if conn_fd < 0:
+            raise OSError(ctypes.get_errno(), "accept")
+        conn = socket.socket(fileno=conn_fd)
         with conn:
             try:
                 serve(conn, fd)
