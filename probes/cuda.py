@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.selfmetrics import SELF_METRICS, SelfMetrics
+from probes.compile import compile_bpf
 
 log = logging.getLogger(__name__)
 
@@ -504,8 +505,6 @@ class CudaProbe:
         )
 
     def _load(self) -> Any:
-        from bcc import BPF  # only probes/ imports BCC; imported late so that users without it can construct
-
         c = self.config
         cflags = [
             f"-I{PROBE_DIR}",
@@ -515,7 +514,7 @@ class CudaProbe:
             f"-DMAX_ALLOCS={c.max_allocs}",
             f"-DMAX_THREADS={c.max_threads}",
         ]
-        bpf = BPF(src_file=str(SRC_FILE).encode(), cflags=cflags)
+        bpf = compile_bpf(src_file=str(SRC_FILE).encode(), cflags=cflags)
         # Our ctypes mirrors are the table types, so the layout contract is used, not just tested.
         self._targets = bpf.get_table(b"targets", ct.c_uint32, ct.c_uint8)
         self._buckets = bpf.get_table(b"buckets", CudaBucketKey, CudaBucketValue)

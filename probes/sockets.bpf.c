@@ -43,7 +43,18 @@
  */
 /* compiled after probes/sockets_common.bpf.h (the loader puts it in front) */
 
-BPF_HASH(targets, u32, u8, MAX_TARGETS);
+/* The data path's tables. With TLS capture on, the uprobes' copy of the data path is a
+ * module of its own (this file compiled with TLS_MODULE), loaded in the background after
+ * the attach as the HTTP/2 walk is: these tables are then exported, and it refers to them
+ * ("__S" per probe instance, as in sockets_common.bpf.h). */
+#if defined(TLS_MODULE)
+#define DATA_TABLE(type, k, v, name, n) BPF_TABLE("extern", k, v, name, n)
+#elif TLS
+#define DATA_TABLE(type, k, v, name, n) BPF_TABLE_PUBLIC(type, k, v, name, n)
+#else
+#define DATA_TABLE(type, k, v, name, n) BPF_TABLE(type, k, v, name, n)
+#endif
+DATA_TABLE("hash", u32, u8, targets__S, MAX_TARGETS);
 /* The target filter's last answer on each CPU, one u64 written and read whole:
  * tgid << 32 | generation << 1 | answer. The generation is the sum of two counts
  * that only grow, taken mod 2^31: user space's (slot 0, bumped after each change
@@ -51,22 +62,22 @@ BPF_HASH(targets, u32, u8, MAX_TARGETS);
  * and exit programs after theirs). A data syscall of the process that last asked
  * on its CPU, with no change since, skips the hash lookup (4 to 7 ns against 38,
  * bench.helper_cost); any change to `targets` makes every answer ask again. */
-BPF_PERCPU_ARRAY(target_answer, u64, 1);
-BPF_ARRAY(target_gens, u64, 2);
+DATA_TABLE("percpu_array", int, u64, target_answer__S, 1);
+DATA_TABLE("array", int, u64, target_gens__S, 2);
 /* Tail rings, a pool taken in turn: a response takes the next ring at its first write past
  * the samples and marks it its connection's (owner). An array's lookup is an index, where an
  * LRU hash keyed by connection cost a hashed lookup on every streamed write. */
 #if MAX_STREAMS & (MAX_STREAMS - 1)
 #error "MAX_STREAMS: a power of 2"
 #endif
-BPF_ARRAY(tails, struct tails_t, MAX_STREAMS);
-BPF_ARRAY(next_tail, u64, 1);
-BPF_PERCPU_ARRAY(scratch_data, struct data_scratch_t, 1);
-BPF_PERCPU_ARRAY(scratch_summary, struct summary_event_t, 1);
-BPF_ARRAY(next_conn_id, u64, 1);
+DATA_TABLE("array", int, struct tails_t, tails__S, MAX_STREAMS);
+DATA_TABLE("array", int, u64, next_tail__S, 1);
+DATA_TABLE("percpu_array", int, struct data_scratch_t, scratch_data__S, 1);
+DATA_TABLE("percpu_array", int, struct summary_event_t, scratch_summary__S, 1);
+DATA_TABLE("array", int, u64, next_conn_id__S, 1);
 /* all-zero templates: values too large for the 512-byte BPF stack */
-BPF_ARRAY(zero_conn, struct conn_t, 1);
-BPF_ARRAY(h2_ready, u32, 1);    /* set by user space once the HTTP/2 walk is loaded */
+DATA_TABLE("array", int, struct conn_t, zero_conn__S, 1);
+DATA_TABLE("array", int, u32, h2_ready__S, 1);    /* set by user space once the HTTP/2 walk is loaded */
 
 #if TLS
 struct ssl_args_t {
@@ -83,31 +94,33 @@ struct ssl_key_t {
     u32 pad;
 };
 
-BPF_HASH(last_fd, u64, u32, MAX_INFLIGHT);
+DATA_TABLE("hash", u64, u32, last_fd__S, MAX_INFLIGHT);
+#ifdef TLS_MODULE
 BPF_HASH(ssl_inflight, u64, struct ssl_args_t, MAX_INFLIGHT);
 BPF_TABLE("lru_hash", struct ssl_key_t, u32, ssl_fds, MAX_CONNS);
 #endif
+#endif
 static __always_inline int is_target(u32 tgid) {
     u32 z = 0, o = 1;
-    u64 *user_gen = target_gens.lookup(&z);
-    u64 *kernel_gen = target_gens.lookup(&o);
-    u64 *answer = target_answer.lookup(&z);
+    u64 *user_gen = target_gens__S.lookup(&z);
+    u64 *kernel_gen = target_gens__S.lookup(&o);
+    u64 *answer = target_answer__S.lookup(&z);
     if (!user_gen || !kernel_gen || !answer)
-        return targets.lookup(&tgid) != 0;
+        return targets__S.lookup(&tgid) != 0;
     /* the generation is read before the lookup: an answer is never newer than its generation */
     u64 gen = (*user_gen + *kernel_gen) & 0x7fffffff;
     u64 asked = ((u64)tgid << 32) | (gen << 1);
     u64 last = *answer;
     if ((last & ~1ULL) == asked)
         return last & 1;
-    int yes = targets.lookup(&tgid) != 0;
+    int yes = targets__S.lookup(&tgid) != 0;
     *answer = asked | (yes ? 1 : 0);
     return yes;
 }
 /* after the kernel changes `targets` */
 static __always_inline void targets_changed(void) {
     u32 o = 1;
-    u64 *kernel_gen = target_gens.lookup(&o);
+    u64 *kernel_gen = target_gens__S.lookup(&o);
     if (kernel_gen)
         __sync_fetch_and_add(kernel_gen, 1);
 }
@@ -272,7 +285,7 @@ static __always_inline u64 data_size(struct data_event_t *ev) {
 
 static __always_inline void send_summary(struct conn_t *c, u64 key, u32 tgid, u32 fd, u8 reason, u64 now) {
     u32 z = 0;
-    struct summary_event_t *s = scratch_summary.lookup(&z);
+    struct summary_event_t *s = scratch_summary__S.lookup(&z);
     if (!s)
         return;
     s->type = EV_SUMMARY;
@@ -301,7 +314,7 @@ static __always_inline void send_summary(struct conn_t *c, u64 key, u32 tgid, u3
     u32 sw = samples(c);
     if (c->phase == PH_RESP && c->writes > sw) {
         u32 tix = c->tail_ix;
-        struct tails_t *t = tails.lookup(&tix);
+        struct tails_t *t = tails__S.lookup(&tix);
         if (t && t->owner == c->conn_id) {
             ring = c->writes - sw;
             if (ring > TAIL_SLOTS) {
@@ -370,11 +383,11 @@ static __always_inline void conn_ends(struct conn_t *c, u64 key, u32 tgid, u32 f
 static __always_inline void new_conn(u32 tgid, u32 fd, u8 role, s32 listen_fd, u64 addr, u64 addr_len) {
     u64 now = bpf_ktime_get_ns();
     u32 z = 0;
-    u64 *idp = next_conn_id.lookup(&z);
+    u64 *idp = next_conn_id__S.lookup(&z);
     if (!idp)
         return;
     u64 id = __sync_fetch_and_add(idp, 1) + 1;
-    struct conn_t *zc = zero_conn.lookup(&z);
+    struct conn_t *zc = zero_conn__S.lookup(&z);
     if (!zc)
         return;
     u64 key = ((u64)tgid << 32) | fd;
@@ -423,7 +436,7 @@ static __always_inline int h2_plausible(const u8 *p, u64 n, u64 len) {
 /* Enter h2 mode; the preface, when there, is skipped like a frame. */
 static __always_inline int h2_loaded(void) {
     u32 z = 0;
-    u32 *r = h2_ready.lookup(&z);
+    u32 *r = h2_ready__S.lookup(&z);
     return r && *r;
 }
 
@@ -541,7 +554,7 @@ static __always_inline void on_data(void *ctx, u64 pid_tgid, struct conn_t *c, s
         mode = CAP_NONE;
 
     u32 z = 0;
-    struct data_scratch_t *s = scratch_data.lookup(&z);
+    struct data_scratch_t *s = scratch_data__S.lookup(&z);
     if (!s)
         return;
     struct data_event_t *ev = &s->ev;
@@ -611,17 +624,17 @@ static __always_inline void on_data(void *ctx, u64 pid_tgid, struct conn_t *c, s
     /* beyond the samples: keep the write's last bytes in the response's tail ring */
     u32 sw = samples(c);
     u32 tix = c->tail_ix;
-    struct tails_t *t = idx == sw ? 0 : tails.lookup(&tix);
+    struct tails_t *t = idx == sw ? 0 : tails__S.lookup(&tix);
     if (!t || t->owner != c->conn_id) {
         /* the first write past the samples takes the pool's next ring. A ring a newer
          * stream took meanwhile (the pool went round while this one streamed) is replaced
          * by the next one, its earlier slots marked as holding no write of this response:
          * the stream's end, where finish reasons and usage are, is still kept. */
-        u64 *next = next_tail.lookup(&z);
+        u64 *next = next_tail__S.lookup(&z);
         if (!next)
             return;
         tix = __sync_fetch_and_add(next, 1) & (MAX_STREAMS - 1);
-        t = tails.lookup(&tix);
+        t = tails__S.lookup(&tix);
         if (!t)
             return;
         if (idx != sw) {
@@ -753,7 +766,7 @@ static __always_inline int data_exit_common(void *ctx, int up) {
     /* a TLS library with a memory BIO (asyncio, uvloop) reads ciphertext with a
      * syscall, then decrypts on the same thread: its SSL object is this fd's */
     if (c && !up)
-        last_fd.update(&pid_tgid, &copy.fd);
+        last_fd__S.update(&pid_tgid, &copy.fd);
 #endif
     if (c && (c->mode & MODE_H2)) {
         /* h2_exit(_uprobe) takes the slot; the ciphertext of a TLS
@@ -771,10 +784,12 @@ static __always_inline int data_exit_common(void *ctx, int up) {
     return 0;
 }
 
+#ifndef TLS_MODULE
 int data_exit(void *ctx) {
     return data_exit_common(ctx, 0);
 }
-#if TLS
+#endif
+#ifdef TLS_MODULE
 /* ---- TLS: plaintext from OpenSSL's SSL_read/SSL_write (+ _ex) ------------------
  * Uprobes on the libssl each target maps. Arguments come from registers by the
  * uprobe calling convention (PT_REGS_PARMn), the only pt_regs use here. The SSL
@@ -827,7 +842,7 @@ static __always_inline int ssl_exit(struct pt_regs *ctx) {
     if (known) {
         fd = *known;
     } else {
-        u32 *last = last_fd.lookup(&pid_tgid);
+        u32 *last = last_fd__S.lookup(&pid_tgid);
         if (!last) {
             count(C_TLS_UNMAPPED);
             return 0;
@@ -861,7 +876,7 @@ int ssl_write_enter(struct pt_regs *ctx) { return ssl_enter(ctx, 1, 0); }
 int ssl_read_ex_enter(struct pt_regs *ctx) { return ssl_enter(ctx, 0, 1); }
 int ssl_write_ex_enter(struct pt_regs *ctx) { return ssl_enter(ctx, 1, 1); }
 int ssl_return(struct pt_regs *ctx) { return ssl_exit(ctx); }
-#endif
+#else /* the capture module: the tracepoints' programs */
 
 /* new_conn() (with the summary of a connection it replaces) is inlined at one call
  * site only: each copy made the program about 900 instructions longer, and clang's
@@ -1094,7 +1109,7 @@ TRACEPOINT_PROBE(sched, sched_process_fork) {
         return 0;
     u32 child = args->child_pid;
     u8 one = 1;
-    targets.update(&child, &one);
+    targets__S.update(&child, &one);
     targets_changed();
     send_proc(PK_FORK, child, child, parent);
     return 0;
@@ -1105,14 +1120,15 @@ TRACEPOINT_PROBE(sched, sched_process_exit) {
     u32 tgid = pid_tgid >> 32;
     u32 pid = (u32)pid_tgid;
     if (pid != tgid) {
-        if (targets.delete(&pid) == 0)  /* a thread that fork() above added */
+        if (targets__S.delete(&pid) == 0)  /* a thread that fork() above added */
             targets_changed();
         return 0;
     }
     if (!is_target(tgid))
         return 0;
-    targets.delete(&tgid);
+    targets__S.delete(&tgid);
     targets_changed();
     send_proc(PK_EXIT, tgid, pid, 0);
     return 0;
 }
+#endif /* TLS_MODULE */

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.selfmetrics import SELF_METRICS, SelfMetrics
+from probes.compile import compile_bpf
 from probes.socket_events import BATCH_SIZE, COUNTER_NAMES, DATA_HEADER, Layout
 
 try:  # records taken from the ring buffer in C (probes/_ringdrain.c); else a ctypes callback
@@ -304,8 +305,8 @@ class SocketProbe:
         else:
             self.exit_args, why = config.exit_args, "as configured"
         log.info("data syscall arguments %s (%s)", "read at exit" if self.exit_args else "saved at entry", why)
-        self.bpf = BPF(text=module_text(SOURCE, self._instance).encode(),
-                       cflags=[*config.cflags(), f"-DEXIT_ARGS={int(self.exit_args)}"])
+        self.bpf = compile_bpf(text=module_text(SOURCE, self._instance).encode(),
+                               cflags=[*config.cflags(), f"-DEXIT_ARGS={int(self.exit_args)}"])
         # accept and accept4 end in one program (their exits' fields are the same)
         self.bpf.attach_tracepoint(tp=b"syscalls:sys_exit_accept4", fn_name=b"tracepoint__syscalls__sys_exit_accept")
         # the data syscalls' exits tail-call this one program (see finish() in the C file)
@@ -313,13 +314,9 @@ class SocketProbe:
         self.bpf[self._t("data_exit_prog")][ctypes.c_int(0)] = ctypes.c_int(data_exit.fd)
         self._tls_libs: dict[tuple[int, int], bool] = {}  # (dev, inode) of a libssl -> hooked
         self._tls_exes: dict[tuple[int, int], str] = {}  # (dev, inode) of an executable -> TLS state
-        if config.tls:
-            # the same data path, as a program of the uprobes' type
-            uprobe_exit = self.bpf.load_func(b"data_exit_uprobe", BPF.KPROBE)
-            self.bpf[self._t("data_exit_uprobe_prog")][ctypes.c_int(0)] = ctypes.c_int(uprobe_exit.fd)
         self.load_seconds = time.monotonic() - t0
-        self._targets = self.bpf[b"targets"]
-        self._target_gens = self.bpf[b"target_gens"]
+        self._targets = self.bpf[self._t("targets")]
+        self._target_gens = self.bpf[self._t("target_gens")]
         self._gen_lock = threading.Lock()
         self._user_gen = 0
         self._conns = self.bpf[self._t("conns")]
@@ -364,29 +361,79 @@ class SocketProbe:
         metrics.set("infersight.probe.load.seconds", self.load_seconds, (("probe", "sockets"),))
         # The HTTP/2 walk compiles and loads in the background once the caller
         # has attached (start_h2): start-up does not wait for it, and no
-        # connection enters h2 mode until it is in place.
+        # connection enters h2 mode until it is in place. With TLS capture on,
+        # the uprobes' data path (the TLS module) is compiled there first: the
+        # libssl hooks asked for before it is in place are placed then.
         self.h2bpf: Any = None
         self.h2_ready = threading.Event()
-        self._h2_thread = threading.Thread(target=self._load_h2, name="h2-probe", daemon=True)
+        self.tlsbpf: Any = None
+        self.tls_ready = threading.Event()
+        self._tls_lock = threading.Lock()
+        self._tls_pending: list[str] = []  # libssl paths to hook once the TLS module is loaded
+        self._tls_failed = False
+        self._h2_thread = threading.Thread(target=self._load_late, name="h2-probe", daemon=True)
         self._h2_lock = threading.Lock()
 
     def _t(self, name: str) -> bytes:
-        """The name of a table shared with the HTTP/2 module, in this instance."""
+        """The name of a table shared with the HTTP/2 and TLS modules, in this instance."""
         return f"{name}_{self._instance}".encode()
 
-    def _load_h2(self) -> None:
-        from bcc import BPF
-
-        # The compile is a one-off burst of CPU: at the lowest priority it takes
+    def _load_late(self) -> None:
+        # The compiles are a one-off burst of CPU: at the lowest priority they take
         # what the traced servers leave (Linux: a thread's own nice value).
         try:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         except OSError:
             pass
+        if self.config.tls:
+            self._load_tls()
+        self._load_h2()
+
+    def _load_tls(self) -> None:
+        """Compile and load the uprobes' copy of the data path (sockets.bpf.c with
+        TLS_MODULE, on the capture module's tables), then place the hooks asked for."""
+        from bcc import BPF
+
         t0 = time.monotonic()
         try:
-            h2 = BPF(text=module_text(H2_SOURCE, self._instance).encode(),
-                     cflags=[*self.config.cflags(), "-DH2_MODULE"])
+            tls = compile_bpf(text=module_text(SOURCE, self._instance).encode(),
+                              cflags=[*self.config.cflags(), f"-DEXIT_ARGS={int(self.exit_args)}", "-DTLS_MODULE"])
+            # the data path, as a program of the uprobes' type (tail calls keep program types)
+            self.bpf[self._t("data_exit_uprobe_prog")][ctypes.c_int(0)] = ctypes.c_int(
+                tls.load_func(b"data_exit_uprobe", BPF.KPROBE).fd)
+        except Exception:
+            log.exception("TLS capture could not be loaded; HTTPS requests are not captured")
+            self._metrics.inc("infersight.probe.errors", labels=(("probe", "tls"),))
+            with self._tls_lock:
+                self._tls_failed = True
+                self._tls_pending.clear()
+            self.tls_ready.set()
+            return
+        with self._tls_lock:
+            self.tlsbpf = tls
+            pending, self._tls_pending = self._tls_pending, []
+            for path in pending:
+                self._place_tls_hooks(path)
+        self.tls_ready.set()
+        self._metrics.set("infersight.probe.load.seconds", time.monotonic() - t0, (("probe", "tls"),))
+        log.info("TLS capture ready (%.2f s after the probe)", time.monotonic() - t0)
+
+    def wait_tls(self, timeout: float = 60.0) -> bool:
+        """Wait for the TLS module to be loaded and the hooks asked for so far placed (starting
+        the background load if need be); True when it is in place."""
+        if not self.config.tls:
+            return False
+        self.start_h2()
+        self.tls_ready.wait(timeout)
+        return self.tlsbpf is not None
+
+    def _load_h2(self) -> None:
+        from bcc import BPF
+
+        t0 = time.monotonic()
+        try:
+            h2 = compile_bpf(text=module_text(H2_SOURCE, self._instance).encode(),
+                             cflags=[*self.config.cflags(), "-DH2_MODULE"])
             h2[b"h2_step_prog"][ctypes.c_int(0)] = ctypes.c_int(h2.load_func(b"h2_step", BPF.TRACEPOINT).fd)
             h2[b"h2_gather_prog"][ctypes.c_int(0)] = ctypes.c_int(
                 h2.load_func(b"h2_gather_step", BPF.TRACEPOINT).fd)
@@ -398,7 +445,7 @@ class SocketProbe:
             self.bpf[self._t("data_exit_prog")][ctypes.c_int(1)] = ctypes.c_int(
                 h2.load_func(b"h2_exit", BPF.TRACEPOINT).fd)
             self.h2bpf = h2
-            self.bpf[b"h2_ready"][ctypes.c_int(0)] = ctypes.c_uint32(1)
+            self.bpf[self._t("h2_ready")][ctypes.c_int(0)] = ctypes.c_uint32(1)
         except Exception:
             log.exception("HTTP/2 capture could not be loaded; HTTP/2 connections are counted as non-HTTP")
             self._metrics.inc("infersight.probe.errors", labels=(("probe", "h2"),))
@@ -531,13 +578,38 @@ class SocketProbe:
         self._tls_exes[key] = state
         return state
 
+    _SSL_SYMBOLS = ((b"SSL_read", b"ssl_read_enter"), (b"SSL_write", b"ssl_write_enter"),
+                    (b"SSL_read_ex", b"ssl_read_ex_enter"), (b"SSL_write_ex", b"ssl_write_ex_enter"))
+
     def _hook_libssl(self, path: str) -> bool:
-        hooked = 0
-        for sym, enter in ((b"SSL_read", b"ssl_read_enter"), (b"SSL_write", b"ssl_write_enter"),
-                           (b"SSL_read_ex", b"ssl_read_ex_enter"), (b"SSL_write_ex", b"ssl_write_ex_enter")):
+        """Hook a libssl (or an executable linking OpenSSL): now where the TLS module is
+        loaded, else once it is, where the file has the symbols (True: hooked or to be)."""
+        with self._tls_lock:
+            if self.tlsbpf is not None:
+                return self._place_tls_hooks(path)
+            if self._tls_failed:
+                self._metrics.inc("infersight.tls.libraries.unhooked")
+                return False
+            from bcc import BPF
+
             try:
-                self.bpf.attach_uprobe(name=path.encode(), sym=sym, fn_name=enter)
-                self.bpf.attach_uretprobe(name=path.encode(), sym=sym, fn_name=b"ssl_return")
+                found = BPF.get_user_functions_and_addresses(path.encode(), rb"^SSL_(read|write)(_ex)?$")
+            except Exception:
+                found = []
+            if not found:
+                for sym, _ in self._SSL_SYMBOLS:
+                    self._metrics.inc("infersight.tls.symbols.missing", labels=(("symbol", sym.decode()),))
+                self._metrics.inc("infersight.tls.libraries.unhooked")
+                return False
+            self._tls_pending.append(path)
+            return True
+
+    def _place_tls_hooks(self, path: str) -> bool:
+        hooked = 0
+        for sym, enter in self._SSL_SYMBOLS:
+            try:
+                self.tlsbpf.attach_uprobe(name=path.encode(), sym=sym, fn_name=enter)
+                self.tlsbpf.attach_uretprobe(name=path.encode(), sym=sym, fn_name=b"ssl_return")
                 hooked += 1
             except Exception:
                 self._metrics.inc("infersight.tls.symbols.missing", labels=(("symbol", sym.decode()),))
@@ -614,7 +686,7 @@ class SocketProbe:
                     continue
                 table = self.h2bpf[b"h2streams"]
             else:
-                table = self.bpf[self._t(name) if name in ("conns", "inflight") else name.encode()]
+                table = self.bpf[self._t(name)]
             n = sum(1 for _ in table.keys())
             out[name] = (n, int(table.max_entries))
         return out
@@ -626,4 +698,6 @@ class SocketProbe:
             self._h2_thread.join()
         if self.h2bpf is not None:
             self.h2bpf.cleanup()
+        if self.tlsbpf is not None:
+            self.tlsbpf.cleanup()
         self.bpf.cleanup()

@@ -160,10 +160,10 @@ struct iovec_t {
 
 /* ---- tables shared by the capture module and the HTTP/2 walk ----------------
  * Declared here once: the capture module exports them, the HTTP/2 module
- * (probes/h2.bpf.c, compiled and loaded after the probe attached) refers to the
- * same maps. "__S" is replaced per probe instance by the loader, so two probes
+ * (probes/h2.bpf.c) and the TLS data path (sockets.bpf.c with TLS_MODULE), each
+ * compiled and loaded after the probe attached, refer to the same maps. "__S" is replaced per probe instance by the loader, so two probes
  * in one process never share them. */
-#ifdef H2_MODULE
+#if defined(H2_MODULE) || defined(TLS_MODULE)
 #define SHARED_TABLE(type, k, v, name, n) BPF_TABLE("extern", k, v, name, n)
 #else
 #define SHARED_TABLE(type, k, v, name, n) BPF_TABLE_PUBLIC(type, k, v, name, n)
@@ -183,7 +183,7 @@ SHARED_TABLE("prog", u32, u32, data_exit_prog__S, 2);     /* 0: data_exit, 1: h2
 #if TLS
 SHARED_TABLE("prog", u32, u32, data_exit_uprobe_prog__S, 2);  /* 0: data_exit_uprobe, 1: h2_exit_uprobe */
 #endif
-#ifdef H2_MODULE
+#if defined(H2_MODULE) || defined(TLS_MODULE)
 /* the capture module's ring buffer (an "extern" table has no ringbuf methods) */
 struct events__S_table_t {
     int key;

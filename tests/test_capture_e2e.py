@@ -662,19 +662,22 @@ def test_client_spans_for_requests_a_target_makes(demo: Server, tmp_path: Path) 
     """With client tracing on, a traced process's outgoing requests become client records."""
     script = tmp_path / "client.py"
     script.write_text(
-        "import sys, time, httpx\n"
-        "time.sleep(float(sys.argv[2]))\n"
+        "import sys, httpx\n"
+        "sys.stdin.readline()  # the agent is attached\n"
         "with httpx.Client(base_url=sys.argv[1]) as c:\n"
         "    for _ in range(3):\n"
         "        c.get('/health')\n"
         "    c.post('/v1/chat/completions', json={'model': 'outbound', 'messages': [], 'stream': True,\n"
         "           'max_tokens': 3}).read()\n"
     )
-    client = subprocess.Popen([sys.executable, str(script), demo.url, "6"], cwd=REPO)
+    client = subprocess.Popen([sys.executable, str(script), demo.url], cwd=REPO, stdin=subprocess.PIPE)
     try:
         probe = SocketProbeConfig(trace_clients=True)
         with running_agent(TargetConfig(pids=(client.pid,)), probe=probe, client_spans=True) as a:
             mark = a.mark()
+            assert client.stdin is not None
+            client.stdin.write(b"go\n")
+            client.stdin.close()
             assert client.wait(30) == 0
             recs = a.wait_records(mark, 4, pred=lambda r: r.pid == client.pid)
         assert all(r.span_kind == "client" for r in recs)
@@ -761,7 +764,8 @@ def https_up(url: str) -> bool:
 def test_https_plaintext_through_openssl_uprobes(tmp_path: Path, exit_args: bool) -> None:
     """uvicorn serving HTTPS (self-signed): with TLS capture on, the same records as plain HTTP.
     The SSL object is tied to its socket through the thread's last socket syscall, which the
-    probe notes at that syscall's exit or entry (both ways)."""
+    probe notes at that syscall's exit or entry (both ways). The uprobes' data path is a module
+    of its own, loaded after the attach: the hooks asked for at the attach are placed then."""
     tls_cfg = dataclasses.replace(arg_mode(exit_args), tls=True)
     key, cert = self_signed(tmp_path)
     port = free_port()
@@ -778,6 +782,11 @@ def test_https_plaintext_through_openssl_uprobes(tmp_path: Path, exit_args: bool
         wait_for(lambda: https_up(url), 20, what="HTTPS demo server")
         with running_agent(TargetConfig(pids=(proc.pid,)), probe=tls_cfg) as a:
             assert a.pipeline._tls_state.get(proc.pid) == "hooked"
+            probe = a.pipeline.probe
+            assert probe.tls_ready.is_set() and probe.tlsbpf is not None  # type: ignore[union-attr]
+            assert b"data_exit_uprobe" not in probe.bpf.funcs  # type: ignore[union-attr]
+            assert b"data_exit_uprobe" in probe.tlsbpf.funcs  # type: ignore[union-attr]
+            assert a.metrics.get("infersight.tls.libraries.hooked") >= 1
             states = {dict(x.labels)["state"]: x.value for x in a.metrics.snapshot() if x.name == "infersight.tls.targets"}
             assert states == {"hooked": 1, "unhooked": 0, "none": 0}
             mark = a.mark()

@@ -211,7 +211,7 @@ def test_no_h2_mode_before_the_walk_is_loaded(tmp_path: Path) -> None:
     p = SocketProbe(SocketProbeConfig(), on_records=lambda b: records.extend(unpack(b)))
     try:
         assert p.wait_h2()
-        p.bpf[b"h2_ready"][ctypes.c_int(0)] = ctypes.c_uint32(0)  # as before the load finished
+        p.bpf[p._t("h2_ready")][ctypes.c_int(0)] = ctypes.c_uint32(0)  # as before the load finished
         peer = Peer(tmp_path, iov_size=64)
         try:
             p.add_target(peer.proc.pid)

@@ -48,6 +48,7 @@ def spawn(tmp: Path, name: str, src: str) -> subprocess.Popen[bytes]:
 def probe() -> Iterator[tuple[SocketProbe, SelfMetrics]]:
     metrics = SelfMetrics()
     p = SocketProbe(SocketProbeConfig(tls=True), on_records=lambda _: None, metrics=metrics)
+    assert p.wait_tls(60)  # the uprobes' module, loaded in the background after the attach
     yield p, metrics
     p.close()
 
@@ -69,3 +70,27 @@ def test_tls_in_the_executable(probe: tuple[SocketProbe, SelfMetrics], tmp_path:
         proc.wait(5)
     assert metrics.get("infersight.tls.static", (("library", "go"),)) - go_before == (state == "unhooked")
     assert metrics.get("infersight.tls.libraries.hooked") - hooked_before == (state == "hooked")
+
+
+def test_hooks_asked_for_before_the_tls_module_loads_are_placed_once_it_does(tmp_path: Path) -> None:
+    """The agent attaches before the uprobes' copy of the data path is compiled (in the
+    background): an OpenSSL found then is reported as hooked, and hooked once the module is
+    in place; one without the symbols is reported unhooked at once."""
+    metrics = SelfMetrics()
+    p = SocketProbe(SocketProbeConfig(tls=True), on_records=lambda _: None, metrics=metrics)
+    ssl = spawn(tmp_path, "sslstatic", STATIC_OPENSSL_LIKE)
+    plain = spawn(tmp_path, "plain", PLAIN)
+    try:
+        assert not p.tls_ready.is_set() and p.tlsbpf is None
+        assert p.attach_tls(ssl.pid) == "hooked"
+        assert p.attach_tls(plain.pid) == "none"
+        assert metrics.get("infersight.tls.libraries.hooked") == 0  # not yet placed
+        assert p.wait_tls(60)
+        assert metrics.get("infersight.tls.libraries.hooked") == 1
+        assert metrics.get("infersight.tls.symbols.missing", (("symbol", "SSL_read_ex"),)) == 1
+        assert len(p.tlsbpf.uprobe_fds) == 4  # SSL_read and SSL_write, entry and return
+    finally:
+        for proc in (ssl, plain):
+            proc.kill()
+            proc.wait(5)
+        p.close()
