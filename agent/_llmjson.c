@@ -1071,6 +1071,40 @@ typedef struct {
 static const Ending SSE_ENDINGS[] = {{"\n\n\r\n", 4}, {"\r\n\r\n\r\n", 6}, {"\r\n\n\r\n", 5}, {"\n\r\n\r\n", 5}, {NULL, 0}};
 static const Ending NDJSON_ENDINGS[] = {{"\n\r\n", 3}, {"\r\n\r\n", 4}, {NULL, 0}};
 
+/* From pos (just past the size line, or an SSE event's name line), what both one-step readings
+ * take: for SSE "data:" and an optional space, then the object ending its line with "}", its
+ * line ends and the chunk's CRLF, the chunk size (`size`, counted from `body`) matching. The
+ * object's [start, end) in *start and *end; 0 for anything else. */
+static int chunk_object(const unsigned char *f, Py_ssize_t n, Py_ssize_t pos, Py_ssize_t body, long long size,
+                        int sse, Py_ssize_t *start, Py_ssize_t *end) {
+    if (sse) {
+        if (n - pos < 6 || memcmp(f + pos, "data:", 5) != 0)
+            return 0;
+        pos += 5;
+        if (f[pos] == ' ')
+            pos++;
+    }
+    if (pos >= n || f[pos] != '{')
+        return 0;
+    /* the object's line ends at its first CR or LF (memchr: a byte-at-a-time scan cost as much
+     * as reading the object) */
+    const unsigned char *lf = memchr(f + pos, '\n', (size_t)(n - pos));
+    const unsigned char *cr = memchr(f + pos, '\r', (size_t)((lf ? lf : f + n) - (f + pos)));
+    Py_ssize_t e = cr ? cr - f : lf ? lf - f : n;
+    if (e >= n || e - pos < 2 || f[e - 1] != '}')
+        return 0;
+    for (const Ending *x = sse ? SSE_ENDINGS : NDJSON_ENDINGS; x->s; x++) {
+        if (x->n == n - e && memcmp(f + e, x->s, (size_t)(n - e)) == 0) {
+            if (size != n - 2 - body)
+                return 0;
+            *start = pos;
+            *end = e;
+            return 1;
+        }
+    }
+    return 0;
+}
+
 static PyObject *chunk_event(PyObject *const *args, Py_ssize_t nargs, int sse) {
     if (nargs != 1 || !PyBytes_Check(args[0])) {
         PyErr_SetString(PyExc_TypeError, "expected one bytes argument");
@@ -1084,30 +1118,10 @@ static PyObject *chunk_event(PyObject *const *args, Py_ssize_t nargs, int sse) {
     Py_ssize_t pos = size_line(f, n, &size), body = pos;
     if (pos == 0)
         Py_RETURN_NONE;
-    if (sse) {
-        if (n - pos < 6 || memcmp(f + pos, "data:", 5) != 0)
-            Py_RETURN_NONE;
-        pos += 5;
-        if (f[pos] == ' ')
-            pos++;
-    }
-    if (pos >= n || f[pos] != '{')
+    Py_ssize_t start, end;
+    if (!chunk_object(f, n, pos, body, size, sse, &start, &end))
         Py_RETURN_NONE;
-    /* the object's line ends at its first CR or LF (memchr: a byte-at-a-time scan cost as much
-     * as reading the object) */
-    const unsigned char *lf = memchr(f + pos, '\n', (size_t)(n - pos));
-    const unsigned char *cr = memchr(f + pos, '\r', (size_t)((lf ? lf : f + n) - (f + pos)));
-    Py_ssize_t end = cr ? cr - f : lf ? lf - f : n;
-    if (end >= n || end - pos < 2 || f[end - 1] != '}')
-        Py_RETURN_NONE;
-    for (const Ending *e = sse ? SSE_ENDINGS : NDJSON_ENDINGS; e->s; e++) {
-        if (e->n == n - end && memcmp(f + end, e->s, (size_t)(n - end)) == 0) {
-            if (size != n - 2 - body)
-                Py_RETURN_NONE;
-            return PyBytes_FromStringAndSize((const char *)f + pos, end - pos);
-        }
-    }
-    Py_RETURN_NONE;
+    return PyBytes_FromStringAndSize((const char *)f + start, end - start);
 }
 
 /* The name and JSON object of a response write that is exactly one chunk holding exactly one
@@ -1144,37 +1158,21 @@ static PyObject *sse_named_event(PyObject *self, PyObject *const *args, Py_ssize
     if (pos >= n || f[pos] != '\n')
         Py_RETURN_NONE;
     pos++;
-    if (n - pos < 6 || memcmp(f + pos, "data:", 5) != 0)
+    Py_ssize_t start, end;
+    if (!chunk_object(f, n, pos, body, size, 1, &start, &end))
         Py_RETURN_NONE;
-    pos += 5;
-    if (f[pos] == ' ')
-        pos++;
-    if (pos >= n || f[pos] != '{')
-        Py_RETURN_NONE;
-    const unsigned char *lf = memchr(f + pos, '\n', (size_t)(n - pos));
-    const unsigned char *cr = memchr(f + pos, '\r', (size_t)((lf ? lf : f + n) - (f + pos)));
-    Py_ssize_t end = cr ? cr - f : lf ? lf - f : n;
-    if (end >= n || end - pos < 2 || f[end - 1] != '}')
-        Py_RETURN_NONE;
-    for (const Ending *e = SSE_ENDINGS; e->s; e++) {
-        if (e->n == n - end && memcmp(f + end, e->s, (size_t)(n - end)) == 0) {
-            if (size != n - 2 - body)
-                Py_RETURN_NONE;
-            PyObject *nm = PyBytes_FromStringAndSize((const char *)f + name, name_len);
-            if (!nm)
-                return NULL;
-            PyObject *obj = PyBytes_FromStringAndSize((const char *)f + pos, end - pos);
-            if (!obj) {
-                Py_DECREF(nm);
-                return NULL;
-            }
-            PyObject *t = PyTuple_Pack(2, nm, obj);
-            Py_DECREF(nm);
-            Py_DECREF(obj);
-            return t;
-        }
+    PyObject *nm = PyBytes_FromStringAndSize((const char *)f + name, name_len);
+    if (!nm)
+        return NULL;
+    PyObject *obj = PyBytes_FromStringAndSize((const char *)f + start, end - start);
+    if (!obj) {
+        Py_DECREF(nm);
+        return NULL;
     }
-    Py_RETURN_NONE;
+    PyObject *t = PyTuple_Pack(2, nm, obj);
+    Py_DECREF(nm);
+    Py_DECREF(obj);
+    return t;
 }
 
 static PyObject *sse_chunk_event(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
