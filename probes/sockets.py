@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent import procfs
 from agent.selfmetrics import SELF_METRICS, SelfMetrics
 from probes.compile import compile_bpf
 from probes.socket_events import BATCH_SIZE, COUNTER_NAMES, DATA_HEADER, Layout
@@ -371,7 +372,7 @@ class SocketProbe:
         self._tls_lock = threading.Lock()
         self._tls_pending: list[str] = []  # libssl paths to hook once the TLS module is loaded
         self._tls_failed = False
-        self._h2_thread = threading.Thread(target=self._load_late, name="h2-probe", daemon=True)
+        self._h2_thread = threading.Thread(target=self._load_late, name="infersight-bpf", daemon=True)
         self._h2_lock = threading.Lock()
 
     def _t(self, name: str) -> bytes:
@@ -379,6 +380,8 @@ class SocketProbe:
         return f"{name}_{self._instance}".encode()
 
     def _load_late(self) -> None:
+        # named for the kernel as well, so that top -H and bench.threads show the compiles apart
+        procfs.name_thread("infersight-bpf")
         # The compiles are a one-off burst of CPU: at the lowest priority they take
         # what the traced servers leave (Linux: a thread's own nice value).
         try:

@@ -1385,15 +1385,14 @@ def _one_event_chunks(draw: st.DrawFn) -> bytes:
     return size + line_end + body + draw(st.sampled_from([b"\r\n", b"", b"\n", b"\r\n\r\n", b"\r\n0\r\n\r\n"]))
 
 
-def _one_chunk_body(write: bytes, obj: bytes) -> bytes:
-    """The body the HTTP/1 parser reads in a write the one-step reading took as one event
-    (``obj``): what it takes, the parser reads as a single body, and it is left between chunks."""
+def _one_chunk_body(write: bytes) -> bytes:
+    """The body of a write a one-step reading took as one event or line: the HTTP/1 parser
+    reads it as a single body, and is left between chunks."""
     p = _h1_at_chunk_start()
     p.feed(write)
     bodies = []
     while not isinstance(e := p.next_event(), NeedData):
         bodies.append(e)
-    assert llm._whole_event(write) == obj
     assert len(bodies) == 1 and isinstance(bodies[0], Body), write
     assert p.at_chunk_start(), write
     return bodies[0].data
@@ -1407,8 +1406,9 @@ def test_a_one_event_chunk_reads_as_the_parsers_read_it(write: bytes) -> None:
     if obj is None:
         return
     # the body holds a single whole event, leaving the SSE parser as it was
+    assert llm._whole_event(write) == obj
     sse = SSEParser()
-    events = sse.feed(_one_chunk_body(write, obj))
+    events = sse.feed(_one_chunk_body(write))
     assert [(e.data, e.event, e.id, e.truncated) for e in events] == [(obj, None, None, False)], write
     assert sse.between_events(), write
 
@@ -1452,8 +1452,9 @@ def test_a_one_line_chunk_reads_as_the_parsers_read_it(write: bytes) -> None:
     obj = llm.ndjson_chunk_event(write)
     if obj is None:
         return
+    assert llm._whole_event(write) == obj
     nd = NDJSONParser()
-    assert [(line.data, line.truncated) for line in nd.feed(_one_chunk_body(write, obj))] == [(obj, False)], write
+    assert [(line.data, line.truncated) for line in nd.feed(_one_chunk_body(write))] == [(obj, False)], write
     assert nd.between_lines(), write
 
 
@@ -1569,7 +1570,7 @@ def test_a_typed_event_write_is_read_in_one_step(api: Api, data: bytes, want: Ev
         assert llm.sse_named_event(b"%X\r\n%s\r\n" % (len(event), event)) == (kind, data)
     # the assembler reads what it takes as the parsers would (tests/test_assemble.py holds the records)
     sse = SSEParser()
-    events = sse.feed(_one_named_chunk_body(write))
+    events = sse.feed(_one_chunk_body(write))
     assert [(e.data, e.event) for e in events] == [(data, kind.decode())]
     info = llm.typed_event(api, kind, data)
     assert (info if info is not None else parse_stream_event(api, data)) == want
@@ -1620,19 +1621,6 @@ def _named_event_chunks(draw: st.DrawFn) -> bytes:
     return size + draw(st.sampled_from([b"\r\n", b"\n"])) + body + chunk_end
 
 
-def _one_named_chunk_body(write: bytes) -> bytes:
-    """The body of a write the one-step reading took as one named event: the HTTP/1 parser
-    reads it as a single body, and is left between chunks."""
-    p = _h1_at_chunk_start()
-    p.feed(write)
-    bodies = []
-    while not isinstance(e := p.next_event(), NeedData):
-        bodies.append(e)
-    assert len(bodies) == 1 and isinstance(bodies[0], Body), write
-    assert p.at_chunk_start(), write
-    return bodies[0].data
-
-
 @pytest.mark.skipif(not llm.NATIVE_JSON, reason="agent/_llmjson.c not built (CI requires it)")
 @settings(max_examples=3000, deadline=None)
 @given(_named_event_chunks())
@@ -1643,7 +1631,7 @@ def test_a_named_event_chunk_reads_as_the_parsers_read_it(write: bytes) -> None:
     name, obj = got
     # the body holds a single whole event with that name, leaving the SSE parser as it was
     sse = SSEParser()
-    events = sse.feed(_one_named_chunk_body(write))
+    events = sse.feed(_one_chunk_body(write))
     assert [(e.data, e.event, e.id, e.truncated) for e in events] == [(obj, name.decode(), None, False)], write
     assert sse.between_events(), write
     assert llm.sse_chunk_event(write) is None  # the two readings take different writes
