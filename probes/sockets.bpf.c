@@ -891,11 +891,21 @@ static __always_inline int finish_conn(s64 ret, int is_accept) {
     if (!a) {
         /* An accept that was already blocking when the process became a target
          * (a single-threaded server waiting for its next client): the new
-         * connection still counts, without the peer address. */
+         * connection still counts. Where the arguments are read at exit, its
+         * listening socket and peer address come from the saved user registers
+         * (rdi, rsi, rdx: see finish_regs); elsewhere it has neither. */
         if (!(is_accept && ret >= 0 && is_target(pid_tgid >> 32)))
             return 0;
         fd = (u32)ret;
         role = ROLE_SERVER;
+#if EXIT_ARGS
+        u64 *regs = (u64 *)bpf_task_pt_regs(bpf_get_current_task_btf());
+        u64 len_ptr = regs[12];
+        listen_fd = (s32)regs[14];
+        addr = regs[13];
+        if (addr && len_ptr)
+            bpf_probe_read_user(&addr_len, 4, (void *)len_ptr);
+#endif
     } else {
         struct args_t copy = *a;
         inflight__S.delete(&pid_tgid);

@@ -590,15 +590,21 @@ def test_vectored_syscalls_and_sendfile(raw: Server, exit_args: bool) -> None:
     timing, with the syscalls' arguments read at exit or saved at entry. The connections are
     made after the agent attached, so only accept's programs can have told them (accept4's
     exit runs the same program, and every other server here uses accept4). The server was
-    already blocked in accept when the agent attached: that first connection counts (its peer
-    address, which the entry never saved, only where /proc still shows the socket when its
-    record is made); the next accept is seen whole."""
+    already blocked in accept when the agent attached: that first connection counts, and where
+    the arguments are read at exit its peer address is read from the saved registers (saved at
+    entry, the entry never ran: only where /proc still shows the socket when its record is
+    made); the next accept is seen whole."""
     with running_agent(TargetConfig(pids=(raw.pid,)), probe=arg_mode(exit_args)) as a:
         assert a.pipeline.probe.exit_args is exit_args  # type: ignore[union-attr]
         mark = a.mark()
-        assert httpx.get(raw.url + "/health", timeout=30).text == "ok"  # a connection of its own
+        with httpx.Client(base_url=raw.url, timeout=30) as c:  # a connection of its own
+            resp = c.get("/health")
+            assert resp.text == "ok"
+            first_port = resp.extensions["network_stream"].get_extra_info("client_addr")[1]
         (health,) = a.wait_records(mark, 1)
-        assert health.path == "/health" and health.status_code == 200
+        assert health.path == "/health" and health.status_code == 200 and health.server_port == raw.port
+        if exit_args:
+            assert (health.client_address, health.client_port) == ("127.0.0.1", first_port)
         mark = a.mark()
         t_mark = len(raw.timings())
         with httpx.Client(base_url=raw.url, timeout=30) as c:
