@@ -2,7 +2,8 @@
 # Set up a Debian 12 node to run infersight and its tests. Idempotent; run as root.
 #
 #   1. Debian packages: BCC (python3-bpfcc), kernel headers, compilers BCC needs,
-#      and the real components the tests drive (wrk, prometheus).
+#      and the real components the tests drive (wrk, prometheus; g++ and cmake
+#      build llama.cpp, the inference engine one test runs).
 #   2. Kernel headers visible to BCC at /lib/modules/$(uname -r)/build: when the
 #      running kernel has no matching package, link Debian's generic headers there.
 #      The probes read no kernel structs, so mismatched headers are harmless.
@@ -24,7 +25,7 @@ fi
 
 debs=(
     python3-bpfcc bpfcc-tools libbpfcc linux-headers-amd64
-    python3-venv python3-dev gcc make libc6-dev
+    python3-venv python3-dev gcc g++ make cmake ninja-build libc6-dev
     wrk linux-perf prometheus iproute2 procps kmod
     podman runc debootstrap
 )
@@ -85,6 +86,13 @@ if [ ! -e "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     # installed without its pins, with the two packages it needs.
     .venv/bin/python -m pip install -q --no-deps 'tritonclient[grpc]==2.73.0'
     .venv/bin/python -m pip install -q python-rapidjson 'ml_dtypes<=0.5.4'
+    # A real inference engine for the tests: llama.cpp, served by llama-cpp-python's
+    # OpenAI-compatible server. PyPI has its source only: built here for the CPU,
+    # without its multimodal library and unoptimised (the tests' model is tiny),
+    # a few minutes on two cores.
+    CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DCMAKE_C_FLAGS_RELEASE=-O0 -DCMAKE_CXX_FLAGS_RELEASE=-O0" \
+        .venv/bin/python -m pip install -q 'llama-cpp-python[server]==0.3.36'
     touch "$stamp"
 fi
 
