@@ -909,13 +909,13 @@ static int slot_output(const unsigned char *raw, Py_ssize_t n, const Slot *t, in
         stop = start;
     const unsigned char *f = raw + start;
     Py_ssize_t m = stop - start;
-    if (t->len <= 7) { /* the chunked terminator alone: "0" once CR and LF are stripped */
+    if (t->len <= 7) { /* the chunked terminator alone ("0" once CR and LF are stripped), or its last CRLF */
         Py_ssize_t a = 0, b = m;
         while (a < b && (f[a] == '\r' || f[a] == '\n'))
             a++;
         while (b > a && (f[b - 1] == '\r' || f[b - 1] == '\n'))
             b--;
-        if (b - a == 1 && f[a] == '0')
+        if ((b - a == 1 && f[a] == '0') || b == a)
             return 0;
     }
     if (done_write(f, m)) {

@@ -997,8 +997,8 @@ class Assembler:
 
     def _fragment(self, ex: Exchange, t: TailSlot) -> bool:
         """Classify one tail-ring write; True when it carries output."""
-        if t.len <= 7 and t.head.strip(b"\r\n") == b"0":
-            return False  # the chunked terminator alone
+        if t.len <= 7 and t.head.strip(b"\r\n") in (b"0", b""):
+            return False  # the chunked terminator alone, or a piece of it (its last CRLF)
         if ex.api is None:
             return bool(ex.stream is not None)
         info = llm.parse_fragment(ex.api, t.head)

@@ -50,6 +50,7 @@ CF_READ_ERR: Final = 4
 CF_TERMINATED: Final = 8
 CF_FOREIGN: Final = 16
 CF_LATE_OUTPUT: Final = 32
+CF_ZERO_CHUNK: Final = 64  # the last write ended with the last chunk's "0\r\n" line
 
 CS_ACCEPT: Final = 0
 CS_CONNECT: Final = 1

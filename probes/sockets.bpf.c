@@ -680,23 +680,47 @@ static __always_inline void on_data(void *ctx, u64 pid_tgid, struct conn_t *c, s
         bpf_probe_read_kernel(&t->first, sizeof(t->first), ts);
     /* chunked terminator "0\r\n\r\n" at the end of the write (alone, or after
      * the previous chunk's CRLF) ends the response now */
+    int ends = 0;
     if (n >= 5) {
         u64 e = n - 5;
         CLAMP(e, TAIL_CAP - 5);
         u8 *p = ts->data + e;
         if (p[0] == '0' && p[1] == '\r' && p[2] == '\n' && p[3] == '\r' && p[4] == '\n') {
-            int alone = n == 5;
-            if (!alone && e >= 2) {
+            ends = n == 5;
+            if (!ends && e >= 2) {
                 u64 o = e - 2;
                 CLAMP(o, TAIL_CAP - 7);
                 u8 *q = ts->data + o;
-                alone = q[0] == '\r' && q[1] == '\n';
-            }
-            if (alone) {
-                c->flags |= CF_TERMINATED;
-                send_summary(c, key, tgid, a->fd, SR_TERMINATED, now);
+                ends = q[0] == '\r' && q[1] == '\n';
             }
         }
+    }
+    /* so does its final CRLF written alone, after a write that ended with the last
+     * chunk's "0\r\n" line (alone, or after the previous chunk's CRLF) */
+    int zero_line = 0;
+    if (!ends && n >= 3) {
+        u64 e = n - 3;
+        CLAMP(e, TAIL_CAP - 3);
+        u8 *p = ts->data + e;
+        if (p[0] == '0' && p[1] == '\r' && p[2] == '\n') {
+            zero_line = n == 3;
+            if (!zero_line && e >= 2) {
+                u64 o = e - 2;
+                CLAMP(o, TAIL_CAP - 5);
+                u8 *q = ts->data + o;
+                zero_line = q[0] == '\r' && q[1] == '\n';
+            }
+        }
+    }
+    if (!ends && n == 2 && (c->flags & CF_ZERO_CHUNK) && ts->data[0] == '\r' && ts->data[1] == '\n')
+        ends = 1;
+    if (zero_line)
+        c->flags |= CF_ZERO_CHUNK;
+    else
+        c->flags &= ~CF_ZERO_CHUNK;
+    if (ends) {
+        c->flags |= CF_TERMINATED;
+        send_summary(c, key, tgid, a->fd, SR_TERMINATED, now);
     }
 }
 

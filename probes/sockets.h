@@ -59,6 +59,8 @@
 #define CF_LATE_OUTPUT 32   /* the request calls an API whose streams open with several events
                              * carrying no output (OpenAI Responses, Anthropic Messages): its
                              * response's first LATE_SAMPLE_WRITES writes are sent, not SAMPLE_WRITES */
+#define CF_ZERO_CHUNK 64    /* the response's last write ended with the last chunk's "0\r\n" line: a
+                             * write of the final CRLF alone ends it (cpp-httplib, llama.cpp's server) */
 
 /* EV_PROC kinds */
 #define PK_EXEC 1

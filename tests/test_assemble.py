@@ -539,6 +539,7 @@ def _ring_pieces(chat: bool) -> list[bytes]:
         _chunk(b"data: " + b"x" * 3000 + b"\n\n"), _chunk(ev("y" * 700)), _chunk(ev("", "bad reason!")),
         _chunk(ev("", "stop").replace(b"data: ", b"data:")), _chunk(ev("r").replace(b"\n\n", b"\r\n\r\n")),
         b"0E\r\ndata: [DONE]\n\n\r\n", b"D\r\ndata:[DONE]\n\n\r\n", b"10\r\ndata: [DONE]\r\n\r\n\r\n",
+        b"\r\n",  # the terminator's last CRLF alone, after "0\r\n" (llama.cpp's server, cpp-httplib)
     ]
 
 
@@ -586,8 +587,8 @@ def _ring_record(chat: bool, sampled: list[bytes], unseen: int, ring_writes: lis
 
 
 @given(st.booleans(), st.lists(st.integers(0, 4), max_size=AssemblyConfig().sample_writes - 1), st.integers(0, 3),
-       st.lists(st.integers(0, 29), max_size=8), st.booleans(),
-       st.sampled_from([se.SR_TERMINATED, se.SR_NEXT_REQUEST, se.SR_CLOSE]), st.none() | st.integers(0, 29))
+       st.lists(st.integers(0, 30), max_size=8), st.booleans(),
+       st.sampled_from([se.SR_TERMINATED, se.SR_NEXT_REQUEST, se.SR_CLOSE]), st.none() | st.integers(0, 30))
 @settings(max_examples=400, deadline=None)
 def test_the_ring_read_in_c_gives_the_record_the_python_walk_gives(
         chat: bool, sampled: list[int], unseen: int, ring: list[int], stale: bool, reason: int,
@@ -621,6 +622,10 @@ def test_the_ring_read_in_c_decides_common_streams_and_leaves_the_rest() -> None
     # no output seen yet and none unseen: every slot read forward, the first model kept, the last counts
     got = walk([pieces[1], pieces[7], pieces[6], pieces[4]], False, first=4)
     assert got == (4, 4, T0, 0, 2, T0 + 1, T0 + 3, "m", ("stop",), 6, 9)
+    # the terminator in two writes ("0\r\n", then its last CRLF) carries no output, in C as in
+    # Python: walking back from the end, the finish reason before them is read
+    got = walk([pieces[0], pieces[2], pieces[9], pieces[16], pieces[30]], True)
+    assert got is not None and got[4:9] == (1, T0, T0, "m", ("stop",))
     # a [DONE] write is read in C whatever the case of its chunk size's digits; one whose size
     # has a leading zero (no server writes one) is left to Python
     done = walk([pieces[0], pieces[9]], True)
