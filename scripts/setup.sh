@@ -86,14 +86,28 @@ if [ ! -e "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     # installed without its pins, with the two packages it needs.
     .venv/bin/python -m pip install -q --no-deps 'tritonclient[grpc]==2.73.0'
     .venv/bin/python -m pip install -q python-rapidjson 'ml_dtypes<=0.5.4'
-    # A real inference engine for the tests: llama.cpp, served by llama-cpp-python's
-    # OpenAI-compatible server. PyPI has its source only: built here for the CPU,
-    # without its multimodal library and unoptimised (the tests' model is tiny),
-    # a few minutes on two cores.
-    CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
-    CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DCMAKE_C_FLAGS_RELEASE=-O0 -DCMAKE_CXX_FLAGS_RELEASE=-O0" \
-        .venv/bin/python -m pip install -q 'llama-cpp-python[server]==0.3.36'
     touch "$stamp"
+fi
+
+# A real inference engine for the tests (tests/test_llamacpp_e2e.py): llama.cpp's own
+# server, built from the llama.cpp that llama-cpp-python's source distribution on PyPI
+# carries, for the CPU and unoptimised (the tests' model is tiny): a few minutes on two
+# cores, once per environment.
+llama_version=0.3.36
+if [ ! -x .venv/bin/llama-server ]; then
+    log "building llama.cpp's server (llama-cpp-python $llama_version's llama.cpp) into .venv/bin"
+    work=$(mktemp -d)
+    .venv/bin/python -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$llama_version" -d "$work"
+    tar -xzf "$work/llama_cpp_python-$llama_version.tar.gz" -C "$work"
+    cmake -S "$work/llama_cpp_python-$llama_version/vendor/llama.cpp" -B "$work/build" -G Ninja \
+        -DCMAKE_BUILD_TYPE=Release -DCMAKE_C_FLAGS_RELEASE=-O0 -DCMAKE_CXX_FLAGS_RELEASE=-O0 \
+        -DGGML_NATIVE=OFF -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
+        -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON \
+        > "$work/cmake.log" || { cat "$work/cmake.log" >&2; exit 1; }
+    cmake --build "$work/build" --target llama-server -j "$(nproc)" > "$work/build.log" \
+        || { tail -50 "$work/build.log" >&2; exit 1; }
+    install -m 0755 "$work/build/bin/llama-server" .venv/bin/llama-server
+    rm -rf "$work"
 fi
 
 # checkov (used by the chart tests) pins packages the agent's environment needs
