@@ -633,6 +633,27 @@ def test_vectored_syscalls_and_sendfile(raw: Server, exit_args: bool) -> None:
         assert after.status_code == 200 and after.error_type is None
 
 
+@pytest.mark.parametrize("end", ["split", "after-crlf"])
+def test_a_chunked_end_written_in_two_writes(raw: Server, end: str) -> None:
+    """The last chunk's "0\\r\\n" line in one write (alone, or after the previous chunk) and its
+    CRLF alone in the next, as llama.cpp's server writes it: the response ends there, past the
+    sampled writes, and a client that then closes did not abort it."""
+    with running_agent(TargetConfig(pids=(raw.pid,))) as a:
+        mark = a.mark()
+        t_mark = len(raw.timings())
+        with httpx.Client(base_url=raw.url, timeout=30, headers={"connection": "close"}) as c:
+            text = c.post("/v1/chat/completions", json={"model": "split", "max_tokens": 12, "tpot_s": 0.002,
+                                                        "end": end}).text
+        assert text.count("data:") == 13 and text.rstrip().endswith("[DONE]")
+        (rec,) = a.wait_records(mark, 1)
+        (entry,) = raw.timings()[t_mark:]
+        ttft, _, duration = _stream_timings(entry)
+        assert rec.streaming and rec.output_events == 12 and rec.response_model == "split"
+        assert not rec.aborted and rec.error_type is None
+        assert rec.time_to_first_token_s is not None and abs(rec.time_to_first_token_s - ttft) <= TOL
+        assert abs(rec.duration_s - duration) <= TOL
+
+
 @pytest.mark.parametrize("lead", [2, 3])
 def test_a_stream_opening_with_events_without_output(raw: Server, lead: int) -> None:
     """Servers open a stream with a role event, some with an empty delta after it: the first

@@ -88,9 +88,20 @@ def serve(conn: socket.socket, file_fd: int) -> None:
                 entry["chunks"].append(["token", time.monotonic_ns()])
                 conn.sendmsg([b"%x\r\n" % len(data), data, b"\r\n"])
             done = b"data: [DONE]\n\n"
-            conn.sendmsg([b"%x\r\n" % len(done), done, b"\r\n"])
-            entry["t_end"] = time.monotonic_ns()
-            conn.sendmsg([b"0\r\n\r\n"])
+            end = opts.get("end")
+            if end == "after-crlf":  # the last chunk's "0\r\n" line with [DONE]'s chunk, its CRLF alone
+                conn.sendmsg([b"%x\r\n" % len(done), done, b"\r\n", b"0\r\n"])
+                entry["t_end"] = time.monotonic_ns()
+                conn.sendmsg([b"\r\n"])
+            elif end == "split":  # "0\r\n", then its CRLF (cpp-httplib: llama.cpp's server)
+                conn.sendmsg([b"%x\r\n" % len(done), done, b"\r\n"])
+                conn.sendmsg([b"0\r\n"])
+                entry["t_end"] = time.monotonic_ns()
+                conn.sendmsg([b"\r\n"])
+            else:
+                conn.sendmsg([b"%x\r\n" % len(done), done, b"\r\n"])
+                entry["t_end"] = time.monotonic_ns()
+                conn.sendmsg([b"0\r\n\r\n"])
         elif target == "/file":
             conn.sendmsg([b"HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\n",
                           b"content-length: %d\r\n\r\n" % FILE_BYTES])
