@@ -102,7 +102,7 @@ class Layout:
     """Capture sizes compiled into the probe (cflags -D...)."""
 
     head_cap: int = 2048
-    tail_cap: int = 512
+    tail_cap: int = 1024
     tail_slots: int = 8
     ring_head: int = 192
     h2_cap: int = 1024

@@ -14,7 +14,7 @@
 #define HEAD_CAP 2048       /* bytes captured from the start of a syscall's data (power of 2) */
 #endif
 #ifndef TAIL_CAP
-#define TAIL_CAP 512        /* bytes captured from the end of a syscall's data (power of 2) */
+#define TAIL_CAP 1024       /* bytes captured from the end of a syscall's data (power of 2) */
 #endif
 #ifndef TAIL_SLOTS
 #define TAIL_SLOTS 8        /* last response writes kept per stream (power of 2); an OpenAI

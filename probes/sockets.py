@@ -81,8 +81,12 @@ class SocketProbeConfig:
 
     head_cap: int = 2048
     """Bytes captured from the start of each captured syscall (power of 2)."""
-    tail_cap: int = 512
-    """Bytes captured from the end of a syscall's data (power of 2)."""
+    tail_cap: int = 1024
+    """Bytes captured from the end of a syscall's data, and the size of a tail-ring slot (power
+    of 2): a ring write this long or shorter is kept whole, a longer one as its first
+    ``ring_head`` bytes and its end. 1024 keeps the last event of llama.cpp's server whole
+    (finish reason, usage and its timings: over 700 bytes); the pool of rings is then
+    ``max_streams`` x 9 slots, 19 MiB."""
     tail_slots: int = 8
     """Last response writes of a long stream kept in the kernel (power of 2)."""
     sample_writes: int = 3

@@ -83,19 +83,23 @@ def _of(pid: int):  # type: ignore[no-untyped-def]
     return lambda r: r.pid == pid
 
 
+@pytest.mark.parametrize("usage", [False, True], ids=["no-usage", "include-usage"])
 @pytest.mark.parametrize("max_tokens", [1, 2, 40])
-def test_a_streamed_chat_completion(agent: Agent, engine: Engine, max_tokens: int) -> None:
+def test_a_streamed_chat_completion(agent: Agent, engine: Engine, max_tokens: int, usage: bool) -> None:
     proc, url = engine
     mark = agent.mark()
     t_send = time.time_ns()
     stream = _client(url).chat.completions.create(
         model=ALIAS, messages=[{"role": "user", "content": f"Say {max_tokens} things."}], stream=True,
-        max_tokens=max_tokens, temperature=0.0)
+        max_tokens=max_tokens, temperature=0.0, stream_options={"include_usage": True} if usage else openai.NOT_GIVEN)
     content: list[str] = []
     finish = []
     timings: dict[str, Any] = {}
+    counts = None
     t_first = None
     for chunk in stream:
+        if chunk.usage is not None:
+            counts = (chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
         for choice in chunk.choices:
             if choice.delta.content:
                 if t_first is None:
@@ -111,10 +115,12 @@ def test_a_streamed_chat_completion(agent: Agent, engine: Engine, max_tokens: in
     assert rec.path == "/v1/chat/completions" and rec.method == "POST" and rec.status_code == 200
     assert rec.streaming and rec.request_model == ALIAS and rec.response_model == ALIAS and rec.operation == "chat"
     # the stream ended as the engine ended it: not aborted, its finish reason read; the engine
-    # streams no usage unless asked (README, Known gaps: where it is asked)
+    # streams usage only when asked, in the finish event's write, one event of over 512 bytes
+    # with its timings, after the finish event (a long write, kept as its start and its end)
     assert not rec.aborted and rec.error_type is None
     assert rec.finish_reasons == ("length",)
-    assert (rec.input_tokens, rec.output_tokens) == (None, None)
+    assert (counts is not None) == usage
+    assert (rec.input_tokens, rec.output_tokens) == (counts or (None, None))
     # one output event per token streamed: the role event, the finish event (with the engine's
     # timings), [DONE] and the terminator's two writes are not output
     assert rec.output_events == max_tokens

@@ -147,7 +147,7 @@ def test_summary_ring_slots_decode_lazily_and_exactly(native: bool) -> None:
     d = se.Decoder(layout, native=native)
     fields = [se.EV_SUMMARY, se.SR_CLOSE, 0, se.ROLE_SERVER, 42, 7, 999, 9, 3, 1, 2, 3, 4, 5, 100, 2000, 1, 60, 0, 3,
               *range(se.GAP_BUCKETS)]
-    long_write = bytes(range(256)) * 2  # the probe keeps ring_head bytes of the start, the rest of the end
+    long_write = bytes(range(256)) * (layout.tail_cap // 256)  # ring_head bytes of the start, the rest of the end
     slots = [(1000, 20, 57, b"short write" + b"\0" * 9), (1001, 5000, 58, long_write), (1002, 5, 59, b"0\r\n\r\n")]
     raw = se.SUMMARY_HEADER.pack(*fields)
     for ts, ln, index, data in slots:  # packed: each slot's header, then the bytes it holds
