@@ -458,6 +458,29 @@ static __always_inline void h2_switch(struct conn_t *c, int preface, u32 dir) {
  * Written with one capture() call site: each inlined copy multiplies the
  * verifier's work. */
 /* c: the connection's state, already looked up by the caller (NULL: not tracked) */
+/* Whether a ring slot's n bytes end with the last chunk: its "0\r\n" line, and with
+ * `crlf` the CRLF that ends the body after it, either alone in the write or after the
+ * previous chunk's CRLF. `crlf` is a constant at each call, so the bounds fold. */
+static __always_inline int ends_with_last_chunk(u8 *data, u64 n, int crlf) {
+    u64 k = crlf ? 5 : 3;
+    if (n < k)
+        return 0;
+    u64 e = n - k;
+    CLAMP(e, TAIL_CAP - k);
+    u8 *p = data + e;
+    if (p[0] != '0' || p[1] != '\r' || p[2] != '\n')
+        return 0;
+    if (crlf && (p[3] != '\r' || p[4] != '\n'))
+        return 0;
+    if (e == 0)
+        return 1;
+    if (e < 2)
+        return 0;
+    u64 o = e - 2;
+    CLAMP(o, TAIL_CAP - k - 2);
+    return data[o] == '\r' && data[o + 1] == '\n';
+}
+
 static __always_inline void on_data(void *ctx, u64 pid_tgid, struct conn_t *c, struct args_t *a, s64 ret, int up) {
     if (!c)
         return;
@@ -679,39 +702,10 @@ static __always_inline void on_data(void *ctx, u64 pid_tgid, struct conn_t *c, s
     if (idx == sw)
         bpf_probe_read_kernel(&t->first, sizeof(t->first), ts);
     /* chunked terminator "0\r\n\r\n" at the end of the write (alone, or after
-     * the previous chunk's CRLF) ends the response now */
-    int ends = 0;
-    if (n >= 5) {
-        u64 e = n - 5;
-        CLAMP(e, TAIL_CAP - 5);
-        u8 *p = ts->data + e;
-        if (p[0] == '0' && p[1] == '\r' && p[2] == '\n' && p[3] == '\r' && p[4] == '\n') {
-            ends = n == 5;
-            if (!ends && e >= 2) {
-                u64 o = e - 2;
-                CLAMP(o, TAIL_CAP - 7);
-                u8 *q = ts->data + o;
-                ends = q[0] == '\r' && q[1] == '\n';
-            }
-        }
-    }
-    /* so does its final CRLF written alone, after a write that ended with the last
-     * chunk's "0\r\n" line (alone, or after the previous chunk's CRLF) */
-    int zero_line = 0;
-    if (!ends && n >= 3) {
-        u64 e = n - 3;
-        CLAMP(e, TAIL_CAP - 3);
-        u8 *p = ts->data + e;
-        if (p[0] == '0' && p[1] == '\r' && p[2] == '\n') {
-            zero_line = n == 3;
-            if (!zero_line && e >= 2) {
-                u64 o = e - 2;
-                CLAMP(o, TAIL_CAP - 5);
-                u8 *q = ts->data + o;
-                zero_line = q[0] == '\r' && q[1] == '\n';
-            }
-        }
-    }
+     * the previous chunk's CRLF) ends the response now; so does its final CRLF written
+     * alone, after a write that ended with the last chunk's "0\r\n" line */
+    int ends = ends_with_last_chunk(ts->data, n, 1);
+    int zero_line = !ends && ends_with_last_chunk(ts->data, n, 0);
     if (!ends && n == 2 && (c->flags & CF_ZERO_CHUNK) && ts->data[0] == '\r' && ts->data[1] == '\n')
         ends = 1;
     if (zero_line)
