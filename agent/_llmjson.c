@@ -1105,21 +1105,30 @@ static int chunk_object(const unsigned char *f, Py_ssize_t n, Py_ssize_t pos, Py
     return 0;
 }
 
-static PyObject *chunk_event(PyObject *const *args, Py_ssize_t nargs, int sse) {
+/* What both one-step readers open with: their one bytes argument (in *f and *n) and its
+ * chunk-size line (the size in *size). The body's offset; 0 for a write too long or not
+ * opening with a size line; -1 with TypeError set. */
+static Py_ssize_t chunk_open(PyObject *const *args, Py_ssize_t nargs, const unsigned char **f, Py_ssize_t *n,
+                             long long *size) {
     if (nargs != 1 || !PyBytes_Check(args[0])) {
         PyErr_SetString(PyExc_TypeError, "expected one bytes argument");
-        return NULL;
+        return -1;
     }
-    Py_ssize_t n = PyBytes_GET_SIZE(args[0]);
-    const unsigned char *f = (const unsigned char *)PyBytes_AS_STRING(args[0]);
-    if (n > MAX_JSON_BYTES)
-        Py_RETURN_NONE;
-    long long size = 0;
-    Py_ssize_t pos = size_line(f, n, &size), body = pos;
-    if (pos == 0)
-        Py_RETURN_NONE;
+    *n = PyBytes_GET_SIZE(args[0]);
+    *f = (const unsigned char *)PyBytes_AS_STRING(args[0]);
+    *size = 0;
+    return *n > MAX_JSON_BYTES ? 0 : size_line(*f, *n, size);
+}
+
+static PyObject *chunk_event(PyObject *const *args, Py_ssize_t nargs, int sse) {
+    const unsigned char *f;
+    Py_ssize_t n;
+    long long size;
+    Py_ssize_t body = chunk_open(args, nargs, &f, &n, &size);
+    if (body < 0)
+        return NULL;
     Py_ssize_t start, end;
-    if (!chunk_object(f, n, pos, body, size, sse, &start, &end))
+    if (body == 0 || !chunk_object(f, n, body, body, size, sse, &start, &end))
         Py_RETURN_NONE;
     return PyBytes_FromStringAndSize((const char *)f + start, end - start);
 }
@@ -1132,17 +1141,13 @@ static PyObject *chunk_event(PyObject *const *args, Py_ssize_t nargs, int sse) {
  * SSE parsers are left as feeding it would leave them (tests hold it to the parsers). */
 static PyObject *sse_named_event(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 1 || !PyBytes_Check(args[0])) {
-        PyErr_SetString(PyExc_TypeError, "expected one bytes argument");
+    const unsigned char *f;
+    Py_ssize_t n;
+    long long size;
+    Py_ssize_t body = chunk_open(args, nargs, &f, &n, &size), pos = body;
+    if (body < 0)
         return NULL;
-    }
-    Py_ssize_t n = PyBytes_GET_SIZE(args[0]);
-    const unsigned char *f = (const unsigned char *)PyBytes_AS_STRING(args[0]);
-    if (n > MAX_JSON_BYTES)
-        Py_RETURN_NONE;
-    long long size = 0;
-    Py_ssize_t pos = size_line(f, n, &size), body = pos;
-    if (pos == 0 || n - pos < 8 || memcmp(f + pos, "event:", 6) != 0)
+    if (body == 0 || n - pos < 8 || memcmp(f + pos, "event:", 6) != 0)
         Py_RETURN_NONE;
     pos += 6;
     if (f[pos] == ' ')
