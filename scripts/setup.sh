@@ -3,7 +3,8 @@
 #
 #   1. Debian packages: BCC (python3-bpfcc), kernel headers, compilers BCC needs,
 #      and the real components the tests drive (wrk, prometheus; g++ and cmake
-#      build llama.cpp, the inference engine one test runs).
+#      build llama.cpp, one of the two inference engines the tests run; the other,
+#      Triton, is unpacked from PyPI).
 #   2. Kernel headers visible to BCC at /lib/modules/$(uname -r)/build: when the
 #      running kernel has no matching package, link Debian's generic headers there.
 #      The probes read no kernel structs, so mismatched headers are harmless.
@@ -107,6 +108,36 @@ if [ ! -x .venv/bin/llama-server ]; then
     cmake --build "$work/build" --target llama-server -j "$(nproc)" > "$work/build.log" \
         || { tail -50 "$work/build.log" >&2; exit 1; }
     install -m 0755 "$work/build/bin/llama-server" .venv/bin/llama-server
+    rm -rf "$work"
+fi
+
+# A real Triton Inference Server for the tests (tests/test_triton_e2e.py): the
+# tritonserver binary, its Python backend and the libraries they link, as PyTriton's
+# wheel on PyPI bundles them (they run on a machine without a GPU), unpacked from the
+# wheel rather than installed; the backend's stub for this Python; and numpy<2 for the
+# models it runs, which the stub's build needs (numpy 2 breaks its tensor reading).
+pytriton_version=0.7.0
+triton=.venv/opt/pytriton
+if [ ! -x "$triton/pytriton/tritonserver/backends/python/triton_python_backend_stub" ]; then
+    log "unpacking Triton Inference Server (nvidia-pytriton $pytriton_version) into $triton"
+    work=$(mktemp -d)
+    .venv/bin/python -m pip download -q --no-deps "nvidia-pytriton==$pytriton_version" -d "$work"
+    rm -rf "$triton"
+    .venv/bin/python - "$work"/nvidia_pytriton-*.whl "$triton" <<'PY'
+import os, sys, zipfile
+wheel, dest = sys.argv[1], sys.argv[2]
+with zipfile.ZipFile(wheel) as z:
+    for info in z.infolist():
+        if info.filename.startswith(("pytriton/tritonserver/", "nvidia_pytriton.libs/")):
+            path = z.extract(info, dest)
+            mode = info.external_attr >> 16
+            if mode:
+                os.chmod(path, mode & 0o755)
+PY
+    pyver=$(/usr/bin/python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+    install -m 0755 "$triton/pytriton/tritonserver/python_backend_stubs/$pyver/triton_python_backend_stub" \
+        "$triton/pytriton/tritonserver/backends/python/"
+    .venv/bin/python -m pip install -q --target "$triton/python" 'numpy<2'
     rm -rf "$work"
 fi
 
