@@ -40,7 +40,8 @@
  * None means "not decided here": input that is not one whole, valid JSON
  * object, or one this reader leaves to Python: non-ASCII or escaped text
  * in a value it returns, an escaped key where keys matter, NaN or
- * Infinity, very long numbers, deep nesting. The caller then decodes it
+ * Infinity, very long numbers, deep nesting, a top-level "error" (the
+ * server's error in place of an event, rare). The caller then decodes it
  * with json, which is also the reference these functions are tested
  * against (tests/test_llm.py): wherever they answer, the answer must be
  * the same.
@@ -662,6 +663,8 @@ static int openai_read(const unsigned char *p, Py_ssize_t n, int chat, Event *ev
             r = choices_value(&c, 1, chat, ev);
         else if (is(&k, "usage"))
             r = usage_value(&c, 1, ev);
+        else if (is(&k, "error"))
+            return 0; /* an error in place of an event: agent/llm.py reads it */
         else
             r = value(&c, 1);
         if (r < 0 || next(&c, '}', &more) < 0)
@@ -723,6 +726,8 @@ static PyObject *ollama_event(PyObject *self, PyObject *const *args, Py_ssize_t 
             r = count_value(&c, 1, &ev.input_tokens);
         } else if (is(&k, "eval_count")) {
             r = count_value(&c, 1, &ev.output_tokens);
+        } else if (is(&k, "error")) {
+            Py_RETURN_NONE; /* an error in place of a line: agent/llm.py reads it */
         } else {
             r = value(&c, 1);
         }

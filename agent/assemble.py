@@ -114,6 +114,7 @@ class Exchange:
         "damaged",
         "done",
         "end_ns",
+        "error_reported",
         "events_output",
         "finish_reasons",
         "first_output_ns",
@@ -174,6 +175,7 @@ class Exchange:
         self.finish_reasons: list[str] = []
         self.input_tokens: int | None = None
         self.output_tokens: int | None = None
+        self.error_reported = False  # the body (an event, or a whole body) reports the server's error
         self.complete = False
         self.damaged = False
         self.done = False
@@ -687,6 +689,8 @@ class Assembler:
             ex.input_tokens = info.input_tokens
         if info.output_tokens is not None:
             ex.output_tokens = info.output_tokens
+        if info.error:
+            ex.error_reported = True
 
     # ---- HTTP/2 -----------------------------------------------------------------
     def _on_h2(self, ev: H2Event) -> None:
@@ -890,6 +894,11 @@ class Assembler:
                 ex.api, ex.resp_prefix, ex.resp_suffix if ex.resp_gap else None
             )
             self._merge_info(ex, info)
+        if error_type is None and ex.error_reported and ex.status is not None and ex.status < 400:
+            # a success status, then the server's error in the body: a stream that failed part
+            # way (the events before it counted), or an error object in a 200 body (a 4xx or
+            # 5xx one is told by its status)
+            error_type = "response_error"
         # ---- request metadata
         if ex.api is not None:
             rinfo = llm.parse_request_body(ex.api, ex.req_prefix, ex.req_suffix if ex.req_gap else None)

@@ -199,7 +199,7 @@ class RequestInfo(Value):
 class EventInfo(Value):
     """What one event, fragment or body says (an immutable value, see agent/values.py)."""
 
-    __slots__ = ("done", "finish_reasons", "input_tokens", "model", "output", "output_tokens")
+    __slots__ = ("done", "error", "finish_reasons", "input_tokens", "model", "output", "output_tokens")
 
     def __init__(
         self,
@@ -209,6 +209,7 @@ class EventInfo(Value):
         finish_reasons: tuple[str, ...] = (),
         input_tokens: int | None = None,
         output_tokens: int | None = None,
+        error: bool = False,
     ) -> None:
         self.output: Final = output  # carries generated output; None: cannot tell from what was captured
         self.done: Final = done  # a terminal marker: [DONE], Ollama "done":true, TGI details
@@ -216,9 +217,13 @@ class EventInfo(Value):
         self.finish_reasons: Final = finish_reasons  # non-null finish reasons, in order, without repeats
         self.input_tokens: Final = input_tokens
         self.output_tokens: Final = output_tokens
+        # the server reports an error in the body: a top-level "error" (OpenAI-compatible servers,
+        # Ollama, TGI, Triton), an event of type "error" (Responses, Messages) or response.failed
+        self.error: Final = error
 
     def _key(self) -> tuple[object, ...]:
-        return (self.output, self.done, self.model, self.finish_reasons, self.input_tokens, self.output_tokens)
+        return (self.output, self.done, self.model, self.finish_reasons, self.input_tokens, self.output_tokens,
+                self.error)
 
 
 EMPTY_EVENT: Final = EventInfo()
@@ -229,8 +234,8 @@ def merge_events(first: EventInfo, later: EventInfo) -> EventInfo:
     """Combine what two parts of one response say.
 
     Output is True if either shows output, False if one shows none and neither
-    shows some; ``done`` if either is terminal; the first model seen; finish
-    reasons from both; token counts from ``later`` when it has them (usage
+    shows some; ``done`` and ``error`` if either says so; the first model seen;
+    finish reasons from both; token counts from ``later`` when it has them (usage
     arrives last, and servers that repeat it send growing counts).
     """
     if later is EMPTY_EVENT:
@@ -254,6 +259,7 @@ def merge_events(first: EventInfo, later: EventInfo) -> EventInfo:
         finish_reasons=reasons,
         input_tokens=later.input_tokens if later.input_tokens is not None else first.input_tokens,
         output_tokens=later.output_tokens if later.output_tokens is not None else first.output_tokens,
+        error=first.error or later.error,
     )
 
 
@@ -505,6 +511,16 @@ def _object_event(api: Api, s: bytes) -> EventInfo | None:
 
 
 def _from_object(api: Api, obj: dict[str, Any]) -> EventInfo:
+    info = _from_object_fields(api, obj)
+    if obj.get("error") is not None and api not in TYPED_APIS:
+        # {"error": ...} in place of an event: vLLM, SGLang and llama.cpp ({"error": {"message",
+        # "type", "code"}}), Ollama, TGI ({"error", "error_type"}) and Triton ({"error": "..."})
+        return EventInfo(False, info.done, info.model, info.finish_reasons, info.input_tokens, info.output_tokens,
+                         True)
+    return info
+
+
+def _from_object_fields(api: Api, obj: dict[str, Any]) -> EventInfo:
     output: bool | None = False
     done = False
     reasons: list[str] = []
@@ -616,12 +632,14 @@ def _responses_object(obj: dict[str, Any]) -> EventInfo:
     """One Responses API stream event, or a whole (non-streamed) response object."""
     t = obj.get("type")
     reasons: list[str] = []
+    if t == "error":
+        return _ERROR_EVENT
     if isinstance(t, str) and t.startswith("response."):
         output = t.endswith(".delta") and _nonempty_str(obj.get("delta"))
         done = t in _RESPONSES_END
         r = obj.get("response")
         if not isinstance(r, dict):
-            return EventInfo(output, done)
+            return EventInfo(output, done, error=t == "response.failed")
         if done:
             _add_reason(reasons, _responses_reason(r))
     elif obj.get("object") == "response":
@@ -633,7 +651,8 @@ def _responses_object(obj: dict[str, Any]) -> EventInfo:
     else:
         return EventInfo(False)
     in_tok, out_tok = _typed_usage(r.get("usage"))
-    return EventInfo(output, done, _clean_model(r.get("model")), tuple(reasons), in_tok, out_tok)
+    return EventInfo(output, done, _clean_model(r.get("model")), tuple(reasons), in_tok, out_tok,
+                     t == "response.failed")
 
 
 def _typed_usage(usage: object) -> tuple[int | None, int | None]:
@@ -654,6 +673,8 @@ def _messages_object(obj: dict[str, Any]) -> EventInfo:
         return EventInfo(isinstance(b, dict) and any(_nonempty_str(b.get(k)) for k in _MESSAGES_OUTPUT))
     if t == "message_stop":
         return EventInfo(False, True)
+    if t == "error":
+        return _ERROR_EVENT
     reasons: list[str] = []
     if t == "message_start":
         m = obj.get("message")
@@ -693,6 +714,7 @@ def _unescaped(s: bytes, pattern: re.Pattern[bytes]) -> list[re.Match[bytes]]:
 
 
 _NOTHING: Final = EventInfo(False)
+_ERROR_EVENT: Final = EventInfo(False, error=True)
 _MESSAGE_STOP: Final = EventInfo(False, True)
 _OUTPUT: Final = EventInfo(True)
 
@@ -790,8 +812,10 @@ def _typed_from_text(api: Api, s: bytes) -> EventInfo:
         names += [m.group(1) for m in _unescaped(s, _TYPE_FIELD)]
     reasons: list[str] = []
     output: bool | None = None
-    done = False
+    done = error = False
     for name in names:
+        if name == b"error" or name == b"response.failed":
+            error = True
         if responses:
             if not name.startswith(b"response."):
                 continue  # an item's or a part's own type
@@ -818,7 +842,7 @@ def _typed_from_text(api: Api, s: bytes) -> EventInfo:
     outs = _unescaped(s, _OUTPUT_TOKENS) if s.find(b'"output_tokens"') >= 0 else []
     return EventInfo(
         output, done, _find_string(_MODEL, s) if s.find(b'"model"') >= 0 else None, tuple(reasons),
-        _count(int(ins[-1].group(1))) if ins else None, _count(int(outs[-1].group(1))) if outs else None,
+        _count(int(ins[-1].group(1))) if ins else None, _count(int(outs[-1].group(1))) if outs else None, error,
     )
 
 
@@ -903,7 +927,7 @@ _KEYS = (
     b"model_name|model|finish_reason|done_reason|prompt_tokens|completion_tokens|prompt_eval_count|"
     b"eval_count|generated_tokens|done|details|token|text_output|text|special|content|reasoning_content|"
     b"reasoning|thinking|refusal|tool_calls|function_call|delta|message|choices|response|generated_text|"
-    b"outputs|data"
+    b"outputs|data|error"
 )
 _FIELD = re.compile(
     rb'"(%s)"\s*:\s*(?:'
@@ -965,7 +989,7 @@ def _from_text(api: Api, s: bytes) -> EventInfo:
     out_strings = _OUTPUT_STRINGS[api]
     out_lists = _OUTPUT_LISTS.get(api, _NO_KEYS)
     model_key = b"model_name" if api in _TRITON else b"model"
-    seen_output = seen_empty = done = False
+    seen_output = seen_empty = done = error = False
     model: str | None = None
     reasons: list[str] = []
     in_tok: int | None = None
@@ -976,7 +1000,9 @@ def _from_text(api: Api, s: bytes) -> EventInfo:
         if start and s[start - 1] == 0x5C:  # an escaped quote: this is text inside a string
             continue
         key, text, closed, number, literal, opener, first = m.groups()
-        if text is not None:
+        if key == b"error":
+            error = error or text is not None or opener == b"{"
+        elif text is not None:
             if key in out_strings:
                 if text:
                     seen_output = True
@@ -1033,7 +1059,9 @@ def _from_text(api: Api, s: bytes) -> EventInfo:
         done = True
         seen_empty = True  # the [DONE] event carries no output
     output = True if seen_output else (False if seen_empty else None)
-    return EventInfo(output, done, model, tuple(reasons), in_tok, out_tok)
+    if error and not seen_output:
+        output = False  # the error event carries none
+    return EventInfo(output, done, model, tuple(reasons), in_tok, out_tok, error)
 
 
 _TOKEN_TEXT = re.compile(rb'"text"\s*:\s*"(?:[^"\\]|\\.)')

@@ -526,6 +526,9 @@ def _usage(chat: bool, prompt: int, completion: int, model: str = "m") -> bytes:
     return b"data: " + json.dumps(obj).encode() + b"\n\n"
 
 
+_ERROR_WRITE = _chunk(b'data: {"error":{"message":"boom","type":"server_error","code":500}}\n\n')
+
+
 def _ring_pieces(chat: bool) -> list[bytes]:
     ev = _event if chat else _completion
     return [
@@ -540,6 +543,7 @@ def _ring_pieces(chat: bool) -> list[bytes]:
         _chunk(ev("", "stop").replace(b"data: ", b"data:")), _chunk(ev("r").replace(b"\n\n", b"\r\n\r\n")),
         b"0E\r\ndata: [DONE]\n\n\r\n", b"D\r\ndata:[DONE]\n\n\r\n", b"10\r\ndata: [DONE]\r\n\r\n\r\n",
         b"\r\n",  # the terminator's last CRLF alone, after "0\r\n" (llama.cpp's server, cpp-httplib)
+        _ERROR_WRITE,  # the server's error in place of an event (left to Python by the C walk)
     ]
 
 
@@ -587,8 +591,8 @@ def _ring_record(chat: bool, sampled: list[bytes], unseen: int, ring_writes: lis
 
 
 @given(st.booleans(), st.lists(st.integers(0, 4), max_size=AssemblyConfig().sample_writes - 1), st.integers(0, 3),
-       st.lists(st.integers(0, 30), max_size=8), st.booleans(),
-       st.sampled_from([se.SR_TERMINATED, se.SR_NEXT_REQUEST, se.SR_CLOSE]), st.none() | st.integers(0, 30))
+       st.lists(st.integers(0, 31), max_size=8), st.booleans(),
+       st.sampled_from([se.SR_TERMINATED, se.SR_NEXT_REQUEST, se.SR_CLOSE]), st.none() | st.integers(0, 31))
 @settings(max_examples=400, deadline=None)
 def test_the_ring_read_in_c_gives_the_record_the_python_walk_gives(
         chat: bool, sampled: list[int], unseen: int, ring: list[int], stale: bool, reason: int,
@@ -597,6 +601,37 @@ def test_the_ring_read_in_c_gives_the_record_the_python_walk_gives(
     args = (chat, [pieces[i] for i in sampled], unseen, [pieces[i] for i in ring], stale, reason)
     k = None if kept is None else pieces[kept]
     assert _ring_record(*args, native=True, kept=k) == _ring_record(*args, native=False, kept=k)
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["c-walk", "python-walk"])
+def test_a_stream_the_server_ends_with_its_error_is_an_error(native: bool) -> None:
+    """A 200 stream whose server writes its error in place of the next event: the record has
+    error.type response_error, and the output before the error counted; in a sampled write and
+    in the tail ring."""
+    a, b, c = (_chunk(_event(x)) for x in "abc")
+    end = b"0\r\n\r\n"
+    short, _ = _ring_record(True, [a, _ERROR_WRITE], 0, [end], False, se.SR_TERMINATED, native)
+    assert short is not None and short["error.type"] == "response_error" and short["output_events"] == 1
+    long, _ = _ring_record(True, [a, b], 10, [c, _ERROR_WRITE, end], False, se.SR_TERMINATED, native)
+    assert long is not None and long["error.type"] == "response_error" and long["output_events"] == 13
+    assert not long["aborted"] and long["http.response.status_code"] == 200
+    # the same stream ending as streams do: no error
+    fine, _ = _ring_record(True, [a, b], 10, [c, _chunk(_event("", "stop")), end], False, se.SR_TERMINATED, native)
+    assert fine is not None and "error.type" not in fine and fine["output_events"] == 13
+
+
+@pytest.mark.parametrize(("status", "want"), [(200, "response_error"), (400, None), (500, None)])
+def test_a_whole_body_that_reports_an_error(status: int, want: str | None) -> None:
+    """An error object as the body of a chat completion: an error with a 200 status (a 4xx or
+    5xx one says so itself, and the metrics read it)."""
+    body = b'{"error":{"message":"boom","type":"server_error","code":%d}}' % status
+    req = b'{"model":"m","stream":false}'
+    post = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n%s" % (len(req), req)
+    head = b"HTTP/1.1 %d X\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % (status, len(body))
+    h = Harness()
+    h.feed(data(1, 1, 0, se.DIR_IN, T0, post), data(1, 1, 0, se.DIR_OUT, T0 + 2 * MS, head + body))
+    (r,) = h.records
+    assert r.status_code == status and not r.streaming and r.error_type == want and not r.aborted
 
 
 def test_the_ring_read_in_c_decides_common_streams_and_leaves_the_rest() -> None:
@@ -633,7 +668,7 @@ def test_the_ring_read_in_c_decides_common_streams_and_leaves_the_rest() -> None
     assert walk([pieces[0], pieces[28]], True) == walk([pieces[0], pieces[29]], True) == done
     assert walk([pieces[0], pieces[11]], True) is None and walk([pieces[0], pieces[27]], True) is None
     # a slot that is not one whole event leaves the ring to Python, wherever it lies
-    for odd in (pieces[17], pieces[18], pieces[19], pieces[22]):
+    for odd in (pieces[17], pieces[18], pieces[19], pieces[22], pieces[31]):
         assert walk([pieces[0], odd, pieces[9]], False) is None
     # other APIs are read in Python
     assert llm.ring_walk(llm.Api.OLLAMA_CHAT, raw, b"", 0, 1, 4, 4, True) is None

@@ -900,9 +900,43 @@ def test_the_c_json_reader_agrees_with_json_on_ollama_objects(doc: bytes, kind: 
         assert (got is None) == (ref is None), doc
 
 
-def test_error_event_is_not_output() -> None:
-    err = j({"error": {"message": "boom", "type": "BadRequestError", "code": 400}})
-    assert parse_stream_event(Api.OPENAI_CHAT, err) == EventInfo(output=False)
+# the server's error in place of an event, as each server writes it
+ERROR_EVENTS = [
+    (Api.OPENAI_CHAT, {"error": {"message": "boom", "type": "BadRequestError", "code": 400}}),  # vLLM
+    (Api.OPENAI_CHAT, {"error": {"code": 500, "message": "boom", "type": "server_error"}}),  # llama.cpp
+    (Api.OPENAI_COMPLETIONS, {"object": "error", "error": {"message": "boom"}}),
+    (Api.OLLAMA_CHAT, {"error": "an error was encountered while running the model"}),
+    (Api.OLLAMA_GENERATE, {"error": "boom"}),
+    (Api.TGI_GENERATE_STREAM, {"error": "Request failed during generation", "error_type": "generation"}),
+    (Api.TRITON_GENERATE_STREAM, {"error": "the model refused"}),
+    (Api.OPENAI_RESPONSES, {"type": "error", "code": "server_error", "message": "boom", "sequence_number": 4}),
+    (Api.ANTHROPIC_MESSAGES, {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}),
+]
+
+
+@pytest.mark.parametrize(("api", "obj"), ERROR_EVENTS, ids=[f"{a.value}-{i}" for i, (a, _) in enumerate(ERROR_EVENTS)])
+def test_an_error_event_reports_the_error_and_no_output(api: Api, obj: dict[str, object]) -> None:
+    assert parse_stream_event(api, j(obj)) == EventInfo(output=False, error=True)
+    # cut, as the probe may keep a long one: its key is still seen
+    data = j(obj)
+    assert parse_stream_event(api, data[:-1], truncated=True).error
+    assert parse_fragment(api, b"\r\ndata: " + data + b"\n\n\r\n").error
+
+
+def test_a_null_or_nested_error_is_no_error() -> None:
+    # a Responses end event's response carries "error": null
+    done = j({"type": "response.completed", "response": {"object": "response", "status": "completed",
+                                                         "error": None, "model": "m"}})
+    assert not parse_stream_event(Api.OPENAI_RESPONSES, done).error
+    assert not parse_stream_event(Api.OPENAI_CHAT, j({"choices": [], "error": None})).error
+    assert not parse_fragment(Api.OPENAI_CHAT, b'"usage":{"prompt_tokens":3},"error":null}\n\n').error
+    # the text "error": inside generated content is escaped, not a key
+    chunk = j({"choices": [{"index": 0, "delta": {"content": 'say "error": {x}'}}]})
+    assert parse_stream_event(Api.OPENAI_CHAT, chunk) == EventInfo(output=True)
+    assert not parse_fragment(Api.OPENAI_CHAT, chunk[10:]).error
+    # a failed response is an error, with its status as the finish reason
+    failed = j({"type": "response.failed", "response": {"object": "response", "status": "failed", "model": "m"}})
+    assert parse_stream_event(Api.OPENAI_RESPONSES, failed) == EventInfo(False, True, "m", ("failed",), error=True)
 
 
 # --- fragments (tails of response writes) -----------------------------------------------
@@ -1515,7 +1549,7 @@ RESPONSES_EVENTS = [
      EventInfo(False, True, MODEL, ("completed",), 11, 42)),
     (_typed("response.incomplete", response=_response("incomplete", "max_output_tokens")),
      EventInfo(False, True, MODEL, ("max_output_tokens",), 11, 42)),
-    (_typed("response.failed", response=_response("failed", usage=False)), EventInfo(False, True, MODEL, ("failed",))),
+    (_typed("response.failed", response=_response("failed", usage=False)), EventInfo(False, True, MODEL, ("failed",), error=True)),
 ]
 
 MESSAGES_EVENTS = [

@@ -198,6 +198,21 @@ def test_an_error_before_the_first_token(agent: Agent, triton: Triton) -> None:
     assert rec.time_to_first_token_s is None and rec.request_model == "tiny" and not rec.aborted
 
 
+@pytest.mark.parametrize("n", [1, 12])
+def test_an_error_after_tokens(agent: Agent, triton: Triton, n: int) -> None:
+    """The model hands over n tokens, then an error: the status was 200, the error is the
+    stream's last event, and the record is an error with the tokens before it counted (12: the
+    error lies in the kernel's tail ring, past the sampled writes)."""
+    mark = agent.mark()
+    with httpx.Client(timeout=30) as c, c.stream("POST", f"{triton.url}/v2/models/tiny/generate_stream", json={
+            "text_input": f"fail-after-{uuid.uuid4().hex[:8]}", "max_tokens": n}) as r:
+        events = list(_events(r.iter_lines()))
+    (rec,) = agent.wait_records(mark, 1, pred=_of(triton.proc.pid))
+    assert r.status_code == 200 and len(events) == n + 1 and events[-1] == {"error": "the model refused"}
+    assert rec.status_code == 200 and rec.streaming and rec.output_events == n and not rec.aborted
+    assert rec.error_type == "response_error" and rec.to_dict()["error.type"] == "response_error"
+
+
 def test_prompts_and_completions_stay_on_the_node(agent: Agent, triton: Triton) -> None:
     """The request's text and the model's output appear nowhere in the record as written out."""
     secret = f"zebra-quartz-{uuid.uuid4().hex[:8]}"
