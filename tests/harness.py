@@ -88,13 +88,18 @@ class Server:
         return [json.loads(line) for line in self.timings_path.read_text().splitlines() if line.strip()]
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
+
+
+def stop_process(proc: subprocess.Popen[Any], grace_s: float = 5) -> None:
+    """SIGTERM, and SIGKILL if it has not exited ``grace_s`` later."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
 
 
 def start_server(argv: list[str], port: int, tmp: Path, name: str = "server") -> Server:

@@ -28,7 +28,7 @@ import pytest
 
 from agent.record import Request
 from agent.targets import TargetConfig
-from tests.harness import REPO, Agent, free_port, running_agent, wait_for
+from tests.harness import REPO, Agent, free_port, running_agent, stop_process, wait_for
 from tests.servers.triton_repo import write_repository
 
 pytestmark = [pytest.mark.ebpf, pytest.mark.slow]
@@ -75,12 +75,7 @@ class Triton:
         return dict(wait_for(find, 10, what=f"the model's timings of {text!r}"))
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
+        stop_process(self.proc, 15)  # it unloads its model and stops the backend's stub first
         self.log.close()
 
 
@@ -200,12 +195,14 @@ def test_an_error_before_the_first_token(agent: Agent, triton: Triton) -> None:
 
 @pytest.mark.parametrize("n", [1, 12])
 def test_an_error_after_tokens(agent: Agent, triton: Triton, n: int) -> None:
-    """The model hands over n tokens, then an error: the status was 200, the error is the
-    stream's last event, and the record is an error with the tokens before it counted (12: the
-    error lies in the kernel's tail ring, past the sampled writes)."""
+    """The model hands over n tokens, 2 ms apart, then an error: the status was 200, the error
+    is the stream's last event, and the record is an error with the tokens before it counted
+    (12: the error lies in the kernel's tail ring, past the sampled writes). Handed over back to
+    back, Triton writes several events at once, and the writes between the samples and the
+    ring are counted one output event each (README, Known gaps)."""
     mark = agent.mark()
     with httpx.Client(timeout=30) as c, c.stream("POST", f"{triton.url}/v2/models/tiny/generate_stream", json={
-            "text_input": f"fail-after-{uuid.uuid4().hex[:8]}", "max_tokens": n}) as r:
+            "text_input": f"fail-after-{uuid.uuid4().hex[:8]}", "max_tokens": n, "interval_ms": 2}) as r:
         events = list(_events(r.iter_lines()))
     (rec,) = agent.wait_records(mark, 1, pred=_of(triton.proc.pid))
     assert r.status_code == 200 and len(events) == n + 1 and events[-1] == {"error": "the model refused"}
