@@ -440,9 +440,10 @@ out:
  * for a request without one), or -1 for a response whose only Transfer-Encoding is
  * "chunked". None also when the framing is anything else, which the caller leaves to the
  * complete reading: a request with Transfer-Encoding, a response with neither field, any
- * other coding, both fields, Content-Length repeated or not 1 to 18 digits. */
+ * other coding, both fields, Content-Length repeated or not 1 to 18 digits, a response with
+ * a Content-Encoding. */
 typedef struct {
-    int n_length, n_te;
+    int n_length, n_te, n_ce;
     Py_ssize_t len0, len1, te0, te1; /* the last Content-Length and Transfer-Encoding values */
     Py_ssize_t want0, want1;         /* the wanted field's first value; want0 < 0: none */
 } framing_t;
@@ -478,6 +479,8 @@ static int scan_fields(const unsigned char *p, Py_ssize_t s, Py_ssize_t e, const
             f->n_te++;
             f->te0 = l.v0;
             f->te1 = l.v1;
+        } else if (name_is(p + l.n0, n, "content-encoding", 16)) {
+            f->n_ce++;
         } else if (f->want0 < 0 && name_is(p + l.n0, n, want, want_n)) {
             f->want0 = l.v0;
             f->want1 = l.v1;
@@ -520,6 +523,8 @@ static PyObject *framing_fields(PyObject *const *args, Py_ssize_t nargs, const c
         || !scan_fields(p, h.line_end + 1, h.at + 1, request ? "traceparent" : "content-type", &f))
         goto none;
     Py_ssize_t length = 0;
+    if (!request && f.n_ce)
+        goto none; /* a compressed body: the caller reads its coding from the complete head */
     if (f.n_te) {
         if (request || f.n_te != 1 || f.n_length || f.te1 - f.te0 != 7 || memcmp(p + f.te0, "chunked", 7) != 0)
             goto none;

@@ -36,6 +36,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -130,6 +131,7 @@ class Exchange:
         "req_prefix",
         "req_stream",
         "req_suffix",
+        "resp_coding",
         "resp_gap",
         "resp_head_seen",
         "resp_model",
@@ -160,6 +162,7 @@ class Exchange:
         self.req_stream: bool | None = None
         self.status: int | None = None
         self.resp_head_seen = False
+        self.resp_coding: str | None = None  # the response's Content-Encoding, when it has one
         self.streaming = False
         self.stream: SSEParser | NDJSONParser | None = None
         self.resp_prefix = b""
@@ -592,6 +595,7 @@ class Assembler:
                 if e.status < 200 and e.status != 101:
                     continue  # informational: the final response follows
                 self._response_head(ex, e.status, http1.header(e.headers, "content-type"))
+                ex.resp_coding = http1.header(e.headers, "content-encoding")
             elif isinstance(e, http1.Body):
                 self._response_body(ex, e.data, ts)
             elif isinstance(e, http1.BodyGap):
@@ -890,9 +894,10 @@ class Assembler:
                 if last_out is not None and output_events and output_events >= 2:
                     tpot_s = max(0, last_out - first_out) / 1e9 / (output_events - 1)
         elif ex.api is not None and ex.status is not None:
-            info = llm.parse_response_body(
-                ex.api, ex.resp_prefix, ex.resp_suffix if ex.resp_gap else None
-            )
+            prefix, suffix = ex.resp_prefix, ex.resp_suffix if ex.resp_gap else None
+            if ex.resp_coding is not None:
+                prefix, suffix = self._decoded(ex.resp_coding, prefix), None
+            info = llm.parse_response_body(ex.api, prefix, suffix)
             self._merge_info(ex, info)
         if error_type is None and ex.error_reported and ex.status is not None and ex.status < 400:
             # a success status, then the server's error in the body: a stream that failed part
@@ -987,6 +992,25 @@ class Assembler:
                     ring_last_output = t.ts_ns
         return unseen_mid, ring_outputs, ring_first_output, ring_last_output
 
+    def _decoded(self, coding: str, body: bytes) -> bytes:
+        """The start of a compressed body, decompressed (gzip or deflate: Triton compresses its
+        answers for clients that accept it), at most :data:`_MAX_DECODED` bytes; only the
+        kept prefix is read (a compressed stream cannot be resumed past a gap). Empty, counted
+        in ``infersight.parse.failures{reason="content_encoding"}``, for other codings (br,
+        zstd) and damaged data."""
+        c = coding.strip().lower()
+        if c == "identity":
+            return body
+        if c in ("gzip", "x-gzip", "deflate"):
+            for wbits in (47, -15):  # gzip or zlib, told by the header; then raw deflate
+                try:
+                    return zlib.decompressobj(wbits).decompress(body, _MAX_DECODED)
+                except zlib.error:
+                    if c != "deflate":
+                        break
+        self._metrics.inc("infersight.parse.failures", labels=(("reason", "content_encoding"),))
+        return b""
+
     @staticmethod
     def _merge_fields(
         ex: Exchange, model: str | None, reasons: tuple[str, ...], input_tokens: int | None,
@@ -1078,6 +1102,9 @@ class Assembler:
 
     def open_requests(self) -> int:
         return sum(1 for c in self._conns.values() if c.cur is not None and not c.cur.done)
+
+
+_MAX_DECODED: Final = 65536  # bytes of a compressed body's start decompressed, whatever it expands to
 
 
 def _kept(prefix: bytes, suffix: bytes, gap: bool, data: bytes, cap: int) -> tuple[bytes, bytes]:

@@ -464,7 +464,8 @@ class H1Parser:
         None, changing nothing, where :meth:`feed` has more to say: a parser not between
         messages, a head other than the common form, an informational, 204 or 304 status, an
         answer to HEAD or CONNECT, a body read to the connection's close, a coding other
-        than chunked alone, both framings, or a Content-Length that is 0 or invalid."""
+        than chunked alone, both framings, a Content-Length that is 0 or invalid, or a
+        Content-Encoding (the caller reads it from the complete head)."""
         if not (self._native and not self._request and self._between_messages()):
             return None
         got = _c_response_fields(data, 0, self._max_head)

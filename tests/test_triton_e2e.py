@@ -180,6 +180,24 @@ def test_a_client_that_gives_up(agent: Agent, triton: Triton) -> None:
     assert not rec.finish_reasons
 
 
+@pytest.mark.parametrize("encoding", ["gzip", "identity"])
+@pytest.mark.parametrize("elements", [4, 8192])
+def test_a_kserve_infer_call(agent: Agent, triton: Triton, elements: int, encoding: str) -> None:
+    """The KServe v2 REST ``infer`` call, JSON both ways (8192 elements: bodies of tens of KiB,
+    over several reads and writes). Triton gzips its answer for a client that accepts it, as
+    httpx and requests say they do by default; the model is read from it decompressed."""
+    mark = agent.mark()
+    r = httpx.post(f"{triton.url}/v2/models/echo/infer", timeout=30, headers={"accept-encoding": encoding}, json={
+        "inputs": [{"name": "INPUT0", "shape": [elements], "datatype": "INT32", "data": list(range(elements))}]})
+    assert r.status_code == 200 and r.headers.get("content-encoding", "identity") == encoding
+    body = r.json()
+    assert body["model_name"] == "echo" and body["outputs"][0]["data"][:3] == [0, 2, 4]
+    (rec,) = agent.wait_records(mark, 1, pred=_of(triton.proc.pid))
+    assert rec.path == "/v2/models/echo/infer" and rec.method == "POST" and rec.status_code == 200
+    assert rec.request_model == rec.response_model == "echo" and not rec.streaming
+    assert rec.time_to_first_token_s is None and not rec.aborted and rec.error_type is None
+
+
 def test_an_error_before_the_first_token(agent: Agent, triton: Triton) -> None:
     """The model's first response is an error: Triton answers 400, its head written only then,
     with the error as the stream's one event."""

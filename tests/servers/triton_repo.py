@@ -78,11 +78,38 @@ class TritonPythonModel:
 """
 
 
+ECHO_CONFIG = """\
+name: "echo"
+backend: "python"
+max_batch_size: 0
+input [ { name: "INPUT0" data_type: TYPE_INT32 dims: [ -1 ] } ]
+output [ { name: "OUTPUT0" data_type: TYPE_INT32 dims: [ -1 ] } ]
+instance_group [ { kind: KIND_CPU count: 1 } ]
+"""
+
+ECHO = """\
+import sys
+
+sys.path.insert(0, {numpy_dir})
+import triton_python_backend_utils as pb_utils  # noqa: E402
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        return [pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(
+                    "OUTPUT0", pb_utils.get_input_tensor_by_name(r, "INPUT0").as_numpy() * 2)])
+                for r in requests]
+"""
+
+
 def write_repository(root: Path, numpy_dir: Path, timings: Path) -> Path:
-    """Write the repository under ``root``; returns its path."""
-    model = root / "tiny"
-    (model / "1").mkdir(parents=True)
-    (model / "config.pbtxt").write_text(CONFIG)
-    (model / "1" / "model.py").write_text(MODEL.format(numpy_dir=json.dumps(str(numpy_dir)),
-                                                       timings=json.dumps(str(timings))))
+    """Write the repository under ``root`` (``tiny``, and ``echo``: one response per request,
+    its INT32 tensor doubled, for the KServe v2 ``infer`` calls); returns its path."""
+    numpy = json.dumps(str(numpy_dir))
+    for name, config, code in (("tiny", CONFIG, MODEL.format(numpy_dir=numpy, timings=json.dumps(str(timings)))),
+                               ("echo", ECHO_CONFIG, ECHO.format(numpy_dir=numpy))):
+        model = root / name
+        (model / "1").mkdir(parents=True)
+        (model / "config.pbtxt").write_text(config)
+        (model / "1" / "model.py").write_text(code)
     return root
