@@ -251,6 +251,11 @@ static __always_inline void capture(struct data_scratch_t *s, u64 ptr, u64 cnt, 
     ev->head_len = got;
     if (!want_tail)
         return;
+    if (off < len) {
+        /* more iovecs than read (a queue of writes sent at once): the end is not among
+         * them, and no tail is better than a wrong one */
+        return;
+    }
     /* the tail spans the last iovecs (a chunk written as header, data, CRLF):
      * fill it from the back */
     u8 *dst = tail_only ? ev->payload : ev->payload + HEAD_CAP;

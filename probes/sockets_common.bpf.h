@@ -41,7 +41,7 @@
 #ifndef TRACE_CLIENTS
 #define TRACE_CLIENTS 0
 #endif
-#define MAX_IOV 4
+#define MAX_IOV 4 /* iovecs of a vectored write read (more exceed the verifier's limits); the data past them is counted, not read */
 #define ECONNRESET 104
 #define EPIPE 32
 #define EINPROGRESS 115
