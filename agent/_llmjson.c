@@ -27,6 +27,8 @@
  * and returns what the walk found, with what the slots it read say merged in
  * the order read (the first model, the finish reasons in turn, the last
  * counts); -1 for the first index and 0 for the first time of an empty ring.
+ * Walking back, the slots before the last one with output are not read: each
+ * counts the SSE events that start in it, at least one (slot_events).
  * None when a slot it reads is not one whole event (or [DONE], or the
  * chunked terminator) this module decides: the Python walk then reads the
  * ring instead.
@@ -936,6 +938,44 @@ static int slot_output(const unsigned char *raw, Py_ssize_t n, const Slot *t, in
     return ev->output ? 1 : 0;
 }
 
+/* The SSE events that start in f[0:m], as agent/llm.py write_events counts them: each line
+ * that opens with "data:" and follows no other such line. */
+static long long sse_events(const unsigned char *f, Py_ssize_t m) {
+    long long count = 0;
+    int prev_data = 0;
+    Py_ssize_t pos = 0;
+    while (pos < m) {
+        const unsigned char *nl = memchr(f + pos, '\n', (size_t)(m - pos));
+        Py_ssize_t end = nl ? nl - f : m;
+        int is_data = m - pos >= 5 && memcmp(f + pos, "data:", 5) == 0;
+        if (is_data && !prev_data)
+            count++;
+        prev_data = is_data;
+        pos = end + 1;
+    }
+    return count;
+}
+
+/* The events of a ring slot the walk does not read, as agent/assemble.py _slot_events counts
+ * them: those starting in its head and in its tail, at least one; -1 for a slot whose bytes
+ * are not in the record. */
+static long long slot_events(const unsigned char *raw, Py_ssize_t n, const Slot *t) {
+    if (t->start < 0 || t->stop < 0)
+        return -1;
+    Py_ssize_t start = t->start < n ? (Py_ssize_t)t->start : n;
+    Py_ssize_t stop = t->stop < n ? (Py_ssize_t)t->stop : n;
+    if (stop < start)
+        stop = start;
+    long long count;
+    if (t->split >= 0) {
+        Py_ssize_t cut = t->split < stop - start ? start + (Py_ssize_t)t->split : stop;
+        count = sse_events(raw + start, cut - start) + sse_events(raw + cut, stop - cut);
+    } else {
+        count = sse_events(raw + start, stop - start);
+    }
+    return count > 1 ? count : 1;
+}
+
 /* ring_walk(raw, slots, lo, hi, sample, seen, output_seen, chat): see the module's header. */
 static PyObject *ring_walk(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
@@ -1009,7 +1049,14 @@ static PyObject *ring_walk(PyObject *self, PyObject *const *args, Py_ssize_t nar
         }
         if (out) {
             if (backward) {
-                outputs = i + 1;
+                /* the writes before it: mid-stream, their events taken as output events */
+                outputs = 1;
+                for (Py_ssize_t j = 0; j < i; j++) {
+                    long long e = slot_events(raw, n, &ring[j]);
+                    if (e < 0)
+                        Py_RETURN_NONE;
+                    outputs += e;
+                }
                 last_out = ring[i].ts;
                 first_out = ring[0].ts;
                 any_out = 1;

@@ -953,8 +953,9 @@ class Assembler:
             return
         t = ring[0]
         ex.max_sample_index = sample
-        if self._fragment(ex, t):
-            ex.events_output += 1
+        k = self._fragment(ex, t)
+        if k:
+            ex.events_output += k
             ex.first_output_ns = ex.last_output_ns = t.ts_ns
 
     def _walk_ring(
@@ -975,22 +976,50 @@ class Assembler:
         if ex.first_output_ns is not None or unseen_mid:
             # Walk back from the end: the last writes carry finish reason and
             # usage; once a write with output is found, the ones before it are
-            # mid-stream writes, taken as one output event each (as the unseen
-            # middle is). Parsing every tail costs more than the answer needs.
+            # mid-stream writes, their events taken as output events (a write as
+            # one, as the unseen middle's are). Parsing every tail costs more
+            # than the answer needs.
             for i in range(len(ring) - 1, -1, -1):
-                if self._fragment(ex, ring[i]):
-                    ring_outputs = i + 1
+                k = self._fragment(ex, ring[i])
+                if k:
+                    ring_outputs = k
+                    for j in range(i):
+                        ring_outputs += self._slot_events(ex, ring[j])
                     ring_last_output = ring[i].ts_ns
                     ring_first_output = ring[0].ts_ns
                     break
         else:
             for t in ring:
-                if self._fragment(ex, t):
-                    ring_outputs += 1
+                k = self._fragment(ex, t)
+                if k:
+                    ring_outputs += k
                     if ring_first_output is None:
                         ring_first_output = t.ts_ns
                     ring_last_output = t.ts_ns
         return unseen_mid, ring_outputs, ring_first_output, ring_last_output
+
+    @staticmethod
+    def _counts_events(ex: Exchange) -> int:
+        """0 when a write is taken as one event, else 1 for SSE and 2 for NDJSON streams, whose
+        writes' events are counted (typed-event APIs are not: not every event is output)."""
+        if ex.api is not None and ex.api in llm.TYPED_APIS:
+            return 0
+        stream = ex.stream
+        if isinstance(stream, SSEParser):
+            return 1
+        if isinstance(stream, NDJSONParser):
+            return 2
+        return 0
+
+    def _slot_events(self, ex: Exchange, t: TailSlot) -> int:
+        """The events of one tail-ring write that is not read: at least one."""
+        kind = self._counts_events(ex)
+        if not kind:
+            return 1
+        n = llm.write_events(t.head, kind == 2)
+        if t.tail:
+            n += llm.write_events(t.tail, kind == 2)
+        return max(1, n)
 
     def _decoded(self, coding: str, body: bytes) -> bytes:
         """The start of a compressed body, decompressed (gzip or deflate: Triton compresses its
@@ -1028,21 +1057,42 @@ class Assembler:
         if output_tokens is not None:
             ex.output_tokens = output_tokens
 
-    def _fragment(self, ex: Exchange, t: TailSlot) -> bool:
-        """Classify one tail-ring write; True when it carries output."""
+    def _fragment(self, ex: Exchange, t: TailSlot) -> int:
+        """Read one tail-ring write: the output events it holds (one at most, unless several
+        events start in it)."""
         if t.len <= 7 and t.head.strip(b"\r\n") in (b"0", b""):
-            return False  # the chunked terminator alone, or a piece of it (its last CRLF)
-        if ex.api is None:
-            return bool(ex.stream is not None)
-        info = llm.parse_fragment(ex.api, t.head)
+            return 0  # the chunked terminator alone, or a piece of it (its last CRLF)
+        api = ex.api
+        if api is None:
+            return 1 if ex.stream is not None else 0
+        kind = self._counts_events(ex)
+        if kind:
+            n = llm.write_events(t.head, kind == 2)
+            if t.tail:
+                n += llm.write_events(t.tail, kind == 2)
+            if n > 1:
+                return self._fragment_events(ex, api, t, kind == 2)
+        info = llm.parse_fragment(api, t.head)
         self._merge_info(ex, info)
         if t.tail:
-            info2 = llm.parse_fragment(ex.api, t.tail)
+            info2 = llm.parse_fragment(api, t.tail)
             self._merge_info(ex, info2)
             info = llm.merge_events(info, info2)
-        if info.output is not None:
-            return info.output
-        return not (info.done or info.finish_reasons or info.output_tokens is not None)
+        return 1 if _carries_output(info) else 0
+
+    def _fragment_events(self, ex: Exchange, api: llm.Api, t: TailSlot, ndjson: bool) -> int:
+        """:meth:`_fragment` for a write in which several events start: each read apart, in
+        order (a long write's head and tail too; what lies between them is not counted)."""
+        outputs = 0
+        for part in (t.head, t.tail):
+            if not part:
+                continue
+            for piece, starts in llm.split_events(part, ndjson):
+                info = llm.parse_fragment(api, piece)
+                self._merge_info(ex, info)
+                if starts and _carries_output(info):
+                    outputs += 1
+        return outputs
 
     # ---- in-flight requests and idle checks ---------------------------------------
     def _set_active(self, c: Conn, ex: Exchange) -> None:
@@ -1115,6 +1165,14 @@ def _kept(prefix: bytes, suffix: bytes, gap: bool, data: bytes, cap: int) -> tup
     if len(prefix) < cap:
         return prefix + data[: cap - len(prefix)], suffix
     return prefix, suffix
+
+
+def _carries_output(info: llm.EventInfo) -> bool:
+    """A tail-ring write's reading says output: its events carry text, or, where nothing
+    tells, it is no ending (no done marker, finish reason or output count)."""
+    if info.output is not None:
+        return info.output
+    return not (info.done or info.finish_reasons or info.output_tokens is not None)
 
 
 def _one_event(stream: SSEParser | NDJSONParser | None, write: bytes) -> bytes | None:

@@ -339,6 +339,70 @@ def parse_fragment(api: Api, fragment: bytes) -> EventInfo:
     return _from_text(api, _tail(fragment))
 
 
+def _event_starts(write: bytes, ndjson: bool) -> list[int]:
+    """Where the events that start in ``write`` begin: each SSE ``data`` line that follows no
+    other ``data`` line (an event's further ``data`` lines belong to it), or each NDJSON line
+    that opens an object. A start moves back over the chunk-size line just before it, so the
+    piece from one start to the next is one chunk of chunked coding."""
+    mark = b"{" if ndjson else b"data:"
+    starts: list[int] = []
+    prev_start = -1  # where the line before this one starts
+    prev_data = False  # that line is a data line
+    pos = 0
+    n = len(write)
+    while pos < n:
+        end = write.find(b"\n", pos)
+        if end < 0:
+            end = n
+        is_data = write.startswith(mark, pos)
+        if is_data and (ndjson or not prev_data):
+            at = pos
+            if prev_start >= 0 and _is_size_line(write[prev_start:pos]):
+                at = prev_start
+            starts.append(at)
+        prev_start = pos
+        prev_data = is_data
+        pos = end + 1
+    return starts
+
+
+def _is_size_line(line: bytes) -> bool:
+    """A chunk-size line of chunked coding, its line end included: 1 to 8 hex digits, CRLF."""
+    if not 3 <= len(line) <= 10 or not line.endswith(b"\r\n"):
+        return False
+    for c in line[:-2]:
+        if not (48 <= c <= 57 or 65 <= c <= 70 or 97 <= c <= 102):
+            return False
+    return True
+
+
+def write_events(write: bytes, ndjson: bool) -> int:
+    """How many events start in one write of an SSE (or, ``ndjson``, NDJSON) stream. A server
+    writes one event per write until its socket backs up (a slow client, or a busy server):
+    then several events leave in one write. agent/_llmjson.c ``ring_walk`` counts the same way
+    for the writes of a tail ring it does not read (tests compare)."""
+    if ndjson:
+        if write.count(b"\n{") + (1 if write.startswith(b"{") else 0) <= 1:
+            return 1 if write.startswith(b"{") or b"\n{" in write else 0
+    elif write.count(b"data:") <= 1:
+        return 1 if write.startswith(b"data:") or b"\ndata:" in write else 0
+    return len(_event_starts(write, ndjson))
+
+
+def split_events(write: bytes, ndjson: bool) -> list[tuple[bytes, bool]]:
+    """``write`` cut before each event that starts in it (:func:`write_events`), each piece with
+    whether an event starts it: the first piece may be the end of an earlier event."""
+    starts = _event_starts(write, ndjson)
+    if not starts:
+        return [(write, False)]
+    out: list[tuple[bytes, bool]] = []
+    if starts[0] > 0:
+        out.append((write[: starts[0]], False))
+    for i, at in enumerate(starts):
+        out.append((write[at : starts[i + 1] if i + 1 < len(starts) else len(write)], True))
+    return out
+
+
 def openai_event(
     api: Api, data: bytes
 ) -> tuple[bool, str | None, tuple[str, ...], int | None, int | None] | None:

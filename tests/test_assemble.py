@@ -6,6 +6,7 @@ record or one counted loss, never both and never neither."""
 from __future__ import annotations
 
 import json
+import re
 import zlib
 
 import pytest
@@ -545,6 +546,10 @@ def _ring_pieces(chat: bool) -> list[bytes]:
         b"0E\r\ndata: [DONE]\n\n\r\n", b"D\r\ndata:[DONE]\n\n\r\n", b"10\r\ndata: [DONE]\r\n\r\n\r\n",
         b"\r\n",  # the terminator's last CRLF alone, after "0\r\n" (llama.cpp's server, cpp-httplib)
         _ERROR_WRITE,  # the server's error in place of an event (left to Python by the C walk)
+        # events that left in one write (a socket that backed up): counted one by one
+        _chunk(ev("c")) + _chunk(ev("d")),
+        _chunk(ev("e")) + _chunk(ev("", "stop")) + _chunk(b"data: [DONE]\n\n"),
+        b"".join(_chunk(ev(f"t{i:02d}")) for i in range(14)),  # longer than a slot: its head and tail
     ]
 
 
@@ -591,9 +596,12 @@ def _ring_record(chat: bool, sampled: list[bytes], unseen: int, ring_writes: lis
     return d, h.metrics.snapshot()
 
 
+_PIECES = len(_ring_pieces(True))
+
+
 @given(st.booleans(), st.lists(st.integers(0, 4), max_size=AssemblyConfig().sample_writes - 1), st.integers(0, 3),
-       st.lists(st.integers(0, 31), max_size=8), st.booleans(),
-       st.sampled_from([se.SR_TERMINATED, se.SR_NEXT_REQUEST, se.SR_CLOSE]), st.none() | st.integers(0, 31))
+       st.lists(st.integers(0, _PIECES - 1), max_size=8), st.booleans(),
+       st.sampled_from([se.SR_TERMINATED, se.SR_NEXT_REQUEST, se.SR_CLOSE]), st.none() | st.integers(0, _PIECES - 1))
 @settings(max_examples=400, deadline=None)
 def test_the_ring_read_in_c_gives_the_record_the_python_walk_gives(
         chat: bool, sampled: list[int], unseen: int, ring: list[int], stale: bool, reason: int,
@@ -619,6 +627,39 @@ def test_a_stream_the_server_ends_with_its_error_is_an_error(native: bool) -> No
     # the same stream ending as streams do: no error
     fine, _ = _ring_record(True, [a, b], 10, [c, _chunk(_event("", "stop")), end], False, se.SR_TERMINATED, native)
     assert fine is not None and "error.type" not in fine and fine["output_events"] == 13
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["c-walk", "python-walk"])
+def test_events_written_together_are_counted_where_the_write_is_read(native: bool) -> None:
+    """A server whose socket backed up writes the events it queued in one write: each counts as
+    an output event in the writes the agent reads (the sampled ones and the tail ring), and a
+    write the kernel only counted counts as one."""
+    a, b = (_chunk(_event(x)) for x in "ab")
+    three = b"".join(_chunk(_event(x)) for x in "cde")
+    end = [_chunk(_event("", "stop")), _chunk(b"data: [DONE]\n\n"), b"0\r\n\r\n"]
+    t = se.SR_TERMINATED
+
+    def outputs(sampled: list[bytes], unseen: int, ring: list[bytes]) -> int:
+        rec, _ = _ring_record(True, sampled, unseen, ring, False, t, native)
+        assert rec is not None and rec["http.response.status_code"] == 200 and "error.type" not in rec
+        return rec["output_events"]
+
+    # before the last write with output (counted by the C walk too), and that write itself
+    assert outputs([a, b], 0, [three, three, _chunk(_event("f")), *end]) == 2 + 3 + 3 + 1
+    assert outputs([a, b], 0, [three, three, *end]) == 2 + 3 + 3
+    # the last tokens, the finish reason and [DONE] in one write
+    last = three + _chunk(_event("", "stop")) + _chunk(b"data: [DONE]\n\n")
+    assert outputs([a, b], 0, [three, last, b"0\r\n\r\n"]) == 2 + 3 + 3
+    # in a sampled write; and four writes between the samples and the ring: one event each
+    assert outputs([a, three], 4, [three, _chunk(_event("f")), *end]) == 1 + 3 + 4 + 3 + 1
+    # a write longer than a slot: the events that start in its kept head and tail
+    long = b"".join(_chunk(_event(f"t{i:02d}")) for i in range(14))
+    assert len(long) > LAYOUT.tail_cap
+    kept = (long[: LAYOUT.ring_head], long[len(long) - (LAYOUT.tail_cap - LAYOUT.ring_head):])
+    visible = sum(len(re.findall(rb"(?m)^data:", k)) for k in kept)
+    assert 1 < visible < 14
+    assert outputs([a, b], 0, [long, three, *end]) == 2 + visible + 3
+    assert outputs([a, b], 0, [three, long, *end]) == 2 + 3 + visible
 
 
 @pytest.mark.parametrize(("status", "want"), [(200, "response_error"), (400, None), (500, None)])
@@ -696,6 +737,11 @@ def test_the_ring_read_in_c_decides_common_streams_and_leaves_the_rest() -> None
     # Python: walking back from the end, the finish reason before them is read
     got = walk([pieces[0], pieces[2], pieces[9], pieces[16], pieces[30]], True)
     assert got is not None and got[4:9] == (1, T0, T0, "m", ("stop",))
+    # the writes before the last output: their events counted, in a slot kept whole or cut
+    got = walk([pieces[32], pieces[34], pieces[0], pieces[2], pieces[9], pieces[14]], True)
+    assert got is not None and got[3:5] == (16, 2 + llm.write_events(pieces[34][:LAYOUT.ring_head], False)
+                                            + llm.write_events(pieces[34][-(LAYOUT.tail_cap - LAYOUT.ring_head):],
+                                                               False) + 1)
     # a [DONE] write is read in C whatever the case of its chunk size's digits; one whose size
     # has a leading zero (no server writes one) is left to Python
     done = walk([pieces[0], pieces[9]], True)

@@ -654,6 +654,44 @@ def test_a_chunked_end_written_in_two_writes(raw: Server, end: str) -> None:
         assert abs(rec.duration_s - duration) <= TOL
 
 
+@pytest.mark.parametrize(("tokens", "counted"), [(24, 24), (22, 22), (60, 36), (24, None)],
+                         ids=["24", "22", "60", "24-iovecs"])
+def test_events_a_server_writes_together(raw: Server, tokens: int, counted: int | None) -> None:
+    """A server whose socket backed up writes the events it queued in one write; here three
+    chunks per write. The record counts each event in the writes the agent reads: the sampled
+    writes (the head and two more) and the last eight. With 24 tokens the last output write
+    holds three events; with 22 one, after writes of three (read by the C walk where built).
+    With 60, the twelve writes between those the agent reads count one event each: 36 of 60.
+    Sent as nine iovecs (Python 3.12's asyncio sends its queue so), the probe reads the first
+    four: each write counts one event at most (README, Known gaps). TTFT and the time per
+    output token hold to the server's times."""
+    joined = counted is not None
+    with running_agent(TargetConfig(pids=(raw.pid,))) as a:
+        mark = a.mark()
+        t_mark = len(raw.timings())
+        with httpx.Client(base_url=raw.url, timeout=30) as c:
+            text = c.post("/v1/chat/completions", json={"model": "grouped", "max_tokens": tokens,
+                                                        "tpot_s": 0.002, "group": 3, "joined": joined}).text
+        assert text.count("data:") == tokens + 1
+        (rec,) = a.wait_records(mark, 1)
+        (entry,) = raw.timings()[t_mark:]
+        ttft, _, duration = _stream_timings(entry)
+        assert rec.streaming and rec.response_model == "grouped" and rec.error_type is None and not rec.aborted
+        assert rec.time_to_first_token_s is not None and abs(rec.time_to_first_token_s - ttft) <= TOL
+        assert abs(rec.duration_s - duration) <= TOL
+        if counted is None:
+            # one per write at most; the second sampled write, read after the first's unread
+            # iovecs, may open mid-event
+            assert rec.output_events is not None and tokens // 3 - 1 <= rec.output_events <= tokens // 3
+            return
+        assert rec.output_events == counted
+        # the first and the last output write, as the server timed them
+        firsts = [t for kind, t in entry["chunks"] if kind == "token"][::3]
+        span = (firsts[-1] - firsts[0]) / 1e9
+        assert rec.time_per_output_token_s is not None
+        assert abs(rec.time_per_output_token_s * (counted - 1) - span) <= TOL
+
+
 @pytest.mark.parametrize("lead", [2, 3])
 def test_a_stream_opening_with_events_without_output(raw: Server, lead: int) -> None:
     """Servers open a stream with a role event, some with an empty delta after it: the first

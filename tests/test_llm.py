@@ -1760,3 +1760,57 @@ def test_event_names_in_cut_text() -> None:
     assert llm._event_names(s) == [b"response.completed", b"ping"]
     assert llm._event_names(b"event: a b\n") == []
     assert llm._event_names(b"event: end") == [b"end"]
+
+
+# --- events that start in one write (several when a server's socket backed up) ----------------
+
+def _sse(text: str) -> bytes:
+    return b"data: " + j({"model": MODEL, "choices": [{"delta": {"content": text}}]}) + b"\n\n"
+
+
+def _ch(body: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(body), body)
+
+
+@pytest.mark.parametrize(("write", "ndjson", "events"), [
+    (_sse("a"), False, 1),
+    (_ch(_sse("a")), False, 1),
+    (_ch(_sse("a")) + _ch(_sse("b")) + _ch(_sse("c")), False, 3),  # three chunks in one write
+    (_sse("a") + _sse("b"), False, 2),  # no chunked coding
+    (_sse("a").replace(b"\n\n", b"\r\n\r\n") * 2, False, 2),
+    (b"data: {\"a\":1}\ndata: {\"b\":2}\n\n" + _sse("c"), False, 2),  # an event of two data lines
+    (_sse("data: inside a token, data:"), False, 1),  # "data:" in the text starts no line
+    (b"event: x\ndata: {}\n\nevent: y\ndata: {}\n\n", False, 2),
+    (_ch(_sse("a"))[:20], False, 1),  # a write cut short still opens its event
+    (_ch(_sse("a"))[20:], False, 0),  # the end of an event
+    (b": keep-alive\n\n", False, 0),
+    (b"", False, 0),
+    (b'{"response":"a"}\n{"response":"b"}\n', True, 2),
+    (_ch(b'{"response":"a"}\n') + _ch(b'{"response":"b","done":true}\n'), True, 2),
+    (b'{"response":"a"}\n', True, 1),
+    (b'"b"}\n', True, 0),
+])
+def test_the_events_that_start_in_a_write(write: bytes, ndjson: bool, events: int) -> None:
+    assert llm.write_events(write, ndjson) == events
+    pieces = llm.split_events(write, ndjson)
+    assert b"".join(p for p, _ in pieces) == write  # cut, nothing lost or repeated
+    assert sum(starts for _, starts in pieces) == events
+    assert all(starts for _, starts in pieces[1:])  # only the first piece may be an earlier event's end
+
+
+def test_each_event_of_a_write_of_chunks_is_one_whole_chunk() -> None:
+    """A write of several chunks is cut at their size lines: each piece reads as a whole event."""
+    write = _ch(_sse("a")) + _ch(_sse("")) + _ch(b"data: [DONE]\n\n") + b"0\r\n\r\n"
+    pieces = llm.split_events(write, False)
+    assert [p for p, _ in pieces] == [_ch(_sse("a")), _ch(_sse("")), _ch(b"data: [DONE]\n\n") + b"0\r\n\r\n"]
+    assert llm._whole_event(pieces[0][0]) is not None and llm._whole_event(pieces[1][0]) is not None
+    assert [parse_fragment(Api.OPENAI_CHAT, p).output for p, _ in pieces] == [True, False, False]
+
+
+@given(st.lists(st.sampled_from([_ch(_sse("a")), _sse("b"), b"data: {}\ndata: {}\n\n", b": ping\n\n",
+                                 b"event: e\n", b"\r\n", b"1f\r\n"]), max_size=12), st.integers(0, 400))
+@settings(max_examples=300, deadline=None)
+def test_the_count_is_the_count_of_event_starts(parts: list[bytes], cut: int) -> None:
+    """The quick count (one "data:" at most) and the line walk agree, wherever a write is cut."""
+    write = b"".join(parts)[cut:]
+    assert llm.write_events(write, False) == len(llm._event_starts(write, False))

@@ -9,6 +9,9 @@ Routes:
 - ``POST /v1/chat/completions``: an OpenAI-style SSE stream of ``max_tokens``
   chunks (chunked encoding), each chunk one ``sendmsg`` of three iovecs, after
   ``lead`` events without output (a role, then empty deltas; none by default);
+  with ``group`` k, k chunks in each ``sendmsg``, as a server whose socket backed
+  up writes the events it queued: in one buffer, or (``joined`` false) as their
+  3·k iovecs, as Python 3.12's asyncio sends its queue;
 - ``GET /file``: a file sent with ``sendfile`` after a ``sendmsg`` head.
 
 Writes timing lines like agent.demo_server to INFERSIGHT_DEMO_TIMINGS.
@@ -81,12 +84,16 @@ def serve(conn: socket.socket, file_fd: int) -> None:
                      "finish_reason": None}]}).encode() + b"\n\n"
                 entry["chunks"].append(["lead", time.monotonic_ns()])
                 conn.sendmsg([b"%x\r\n" % len(data), data, b"\r\n"])
-            for i in range(n):
+            group = max(1, int(opts.get("group", 1)))
+            for first in range(0, n, group):
                 time.sleep(float(opts.get("tpot_s", 0.002)))
-                data = b"data: " + json.dumps({"model": opts.get("model", "raw"), "choices": [
-                    {"index": 0, "delta": {"content": f"w{i}"}, "finish_reason": None}]}).encode() + b"\n\n"
-                entry["chunks"].append(["token", time.monotonic_ns()])
-                conn.sendmsg([b"%x\r\n" % len(data), data, b"\r\n"])
+                iov: list[bytes] = []
+                for i in range(first, min(n, first + group)):
+                    data = b"data: " + json.dumps({"model": opts.get("model", "raw"), "choices": [
+                        {"index": 0, "delta": {"content": f"w{i}"}, "finish_reason": None}]}).encode() + b"\n\n"
+                    iov += [b"%x\r\n" % len(data), data, b"\r\n"]
+                    entry["chunks"].append(["token", time.monotonic_ns()])
+                conn.sendmsg([b"".join(iov)] if opts.get("joined", True) else iov)
             done = b"data: [DONE]\n\n"
             end = opts.get("end")
             if end == "after-crlf":  # the last chunk's "0\r\n" line with [DONE]'s chunk, its CRLF alone
