@@ -91,6 +91,29 @@ class Server:
         stop_process(self.proc)
 
 
+class LineClient:
+    """A client script run in its own Python process (``python -c script address``), driven by
+    JSON lines: one command written to its stdin, one answer read back from its stdout."""
+
+    def __init__(self, script: str, address: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", script, address], cwd=REPO,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def call(self, **cmd: Any) -> dict[str, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        assert line, "the client process died"
+        return dict(json.loads(line))
+
+    def close(self) -> None:
+        """End its input and wait for it to exit."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(10)
+
+
 def stop_process(proc: subprocess.Popen[Any], grace_s: float = 5) -> None:
     """SIGTERM, and SIGKILL if it has not exited ``grace_s`` later."""
     if proc.poll() is None:

@@ -22,7 +22,7 @@ import pytest
 
 from agent.record import Request
 from agent.targets import TargetConfig
-from tests.harness import REPO, Agent, running_agent, wait_for
+from tests.harness import REPO, Agent, LineClient, running_agent, wait_for
 
 pytestmark = pytest.mark.ebpf
 
@@ -95,25 +95,18 @@ class KServe:
         line = self.server.stdout.readline()
         assert line.startswith("PORT "), line
         self.port = int(line.split()[1])
-        self.client: subprocess.Popen[str] | None = None
+        self.client: LineClient | None = None
 
     @property
     def pid(self) -> int:
         return self.server.pid
 
     def connect(self) -> None:
-        self.client = subprocess.Popen(
-            [sys.executable, "-c", CLIENT, f"127.0.0.1:{self.port}"],
-            cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        )
+        self.client = LineClient(CLIENT, f"127.0.0.1:{self.port}")
 
     def call(self, **cmd: Any) -> dict[str, Any]:
-        assert self.client is not None and self.client.stdin and self.client.stdout
-        self.client.stdin.write(json.dumps(cmd) + "\n")
-        self.client.stdin.flush()
-        line = self.client.stdout.readline()
-        assert line, "the tritonclient process died"
-        return dict(json.loads(line))
+        assert self.client is not None
+        return self.client.call(**cmd)
 
     def timings(self) -> list[dict[str, Any]]:
         if not self.timings_path.exists():
@@ -122,9 +115,7 @@ class KServe:
 
     def close_client(self) -> None:
         if self.client is not None:
-            assert self.client.stdin is not None
-            self.client.stdin.close()
-            self.client.wait(10)
+            self.client.close()
             self.client = None
 
     def stop(self) -> None:

@@ -28,7 +28,7 @@ import pytest
 
 from agent.record import Request
 from agent.targets import TargetConfig
-from tests.harness import REPO, Agent, free_port, running_agent, stop_process, wait_for
+from tests.harness import Agent, LineClient, free_port, running_agent, stop_process, wait_for
 from tests.servers.triton_repo import write_repository
 
 pytestmark = [pytest.mark.ebpf, pytest.mark.slow]
@@ -290,25 +290,6 @@ CLIENT = textwrap.dedent(
 )
 
 
-class Client:
-    def __init__(self, port: int) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-c", CLIENT, f"127.0.0.1:{port}"], cwd=REPO,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-
-    def call(self, **cmd: Any) -> dict[str, Any]:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        assert line, "the tritonclient process died"
-        return dict(json.loads(line))
-
-    def close(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        self.proc.wait(10)
-
-
 def _rpc(r: Request) -> str | None:
     m = r.attributes.get("rpc.method")
     return None if m is None else str(m)
@@ -319,7 +300,7 @@ def test_grpc_stream_and_error(agent: Agent, triton: Triton) -> None:
     a unary ModelInfer that Triton refuses (a decoupled model takes streams only)."""
     text = f"grpc-{uuid.uuid4().hex[:8]}"
     mark = agent.mark()
-    client = Client(triton.grpc_port)
+    client = LineClient(CLIENT, f"127.0.0.1:{triton.grpc_port}")
     try:
         t_send = time.time_ns()
         streamed = client.call(op="stream", text=text, n=12, interval_ms=3)["responses"]
