@@ -251,14 +251,60 @@ static __always_inline void capture(struct data_scratch_t *s, u64 ptr, u64 cnt, 
     ev->head_len = got;
     if (!want_tail)
         return;
+    u8 *dst = tail_only ? ev->payload : ev->payload + HEAD_CAP;
     if (off < len) {
-        /* more iovecs than read (a queue of writes sent at once): the end is not among
-         * them, and no tail is better than a wrong one */
+        /* more iovecs than read above (a queue of writes sent at once: Python 3.12's
+         * asyncio, libevent): find the one holding the data's last byte by their lengths
+         * alone, then keep the end of it and of the iovecs before it, MAX_IOV at most */
+        u64 sum = off;
+        s->iov_last = 0;
+#pragma clang loop unroll(disable)
+        for (u64 i = MAX_IOV; i < MAX_IOV_SCAN; i++) {
+            if (i >= cnt)
+                break;
+            struct iovec_t iov = {};
+            if (bpf_probe_read_user(&iov, sizeof(iov), (void *)(ptr + i * sizeof(iov))) < 0)
+                break;
+            if (iov.len >= len - sum) {
+                s->iov_last = i;
+                s->iov_last_len = len - sum;
+                break;
+            }
+            sum += iov.len;
+        }
+        u64 last = *(volatile u64 *)&s->iov_last;
+        u64 last_len = *(volatile u64 *)&s->iov_last_len;
+        if (!last)
+            return; /* beyond MAX_IOV_SCAN iovecs, or unreadable: no tail rather than a wrong one */
+        /* straight-line code (no branch per iovec): each branch would be one more path for
+         * the verifier through the rest of the program. A failed read leaves a zero length. */
+        u64 avail = 0;
+#pragma unroll
+        for (int j = 0; j < MAX_IOV; j++) {
+            struct iovec_t iov = {};
+            bpf_probe_read_user(&iov, sizeof(iov), (void *)(ptr + (last - j) * sizeof(iov)));
+            u64 in_iov = j == 0 ? last_len : iov.len;
+            bases[j] = iov.base;
+            lens[j] = in_iov;
+            avail += in_iov;
+        }
+        u64 want = avail < want_tail ? avail : want_tail;
+        CLAMP(want, TAIL_CAP);
+        u64 need = want;
+#pragma unroll
+        for (int j = 0; j < MAX_IOV; j++) {
+            u64 take = need < lens[j] ? need : lens[j];
+            CLAMP(take, TAIL_CAP);
+            u64 at = need - take;
+            CLAMP(at, TAIL_CAP);
+            bpf_probe_read_user(dst + at, take, (void *)(bases[j] + lens[j] - take));
+            need -= take;
+        }
+        ev->tail_len = need ? 0 : want;
         return;
     }
     /* the tail spans the last iovecs (a chunk written as header, data, CRLF):
      * fill it from the back */
-    u8 *dst = tail_only ? ev->payload : ev->payload + HEAD_CAP;
     u64 need = want_tail;
     CLAMP(need, TAIL_CAP);
 #pragma unroll

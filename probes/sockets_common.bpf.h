@@ -41,7 +41,8 @@
 #ifndef TRACE_CLIENTS
 #define TRACE_CLIENTS 0
 #endif
-#define MAX_IOV 4 /* iovecs of a vectored write read (more exceed the verifier's limits); the data past them is counted, not read */
+#define MAX_IOV 4       /* iovecs of a vectored write whose bytes are read (more exceed the verifier's limits) */
+#define MAX_IOV_SCAN 64 /* iovecs whose lengths are read to find where a vectored write's data ends */
 #define ECONNRESET 104
 #define EPIPE 32
 #define EINPROGRESS 115
@@ -132,6 +133,11 @@ struct args_t {
 struct data_scratch_t {
     struct data_event_t ev;
     u8 slack[HEAD_CAP]; /* lets the verifier accept gathered copies at variable offsets */
+    /* capture()'s scan of a long iovec array: the iovec holding the last byte and its bytes
+     * up to there. Kept in the map, not in registers: read back, they are one unknown value
+     * for the verifier, not one constant per iteration that left the loop (each a path) */
+    u64 iov_last;
+    u64 iov_last_len;
 };
 
 struct iovec_t {

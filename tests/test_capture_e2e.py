@@ -662,16 +662,21 @@ def test_events_a_server_writes_together(raw: Server, tokens: int, counted: int 
     writes (the head and two more) and the last eight. With 24 tokens the last output write
     holds three events; with 22 one, after writes of three (read by the C walk where built).
     With 60, the twelve writes between those the agent reads count one event each: 36 of 60.
-    Sent as nine iovecs (Python 3.12's asyncio sends its queue so), the probe reads the first
-    four: each write counts one event at most (README, Known gaps). TTFT and the time per
-    output token hold to the server's times."""
+    Sent as nine iovecs (Python 3.12's asyncio sends its queue so), the last with [DONE] and
+    the last chunk (13 iovecs), to a client that then closes: the probe reads the bytes of four
+    iovecs, the first four for a sampled write and the last four (found by the lengths of the
+    others) for a later one. The response ends at its last chunk, not aborted (before the
+    lengths were read, a write's end was looked for in its fourth iovec, and the record said
+    aborted), and each write counts one event at most (README, Known gaps). TTFT and the time
+    per output token hold to the server's times."""
     joined = counted is not None
     with running_agent(TargetConfig(pids=(raw.pid,))) as a:
         mark = a.mark()
         t_mark = len(raw.timings())
-        with httpx.Client(base_url=raw.url, timeout=30) as c:
-            text = c.post("/v1/chat/completions", json={"model": "grouped", "max_tokens": tokens,
-                                                        "tpot_s": 0.002, "group": 3, "joined": joined}).text
+        with httpx.Client(base_url=raw.url, timeout=30, headers={} if joined else {"connection": "close"}) as c:
+            text = c.post("/v1/chat/completions", json={
+                "model": "grouped", "max_tokens": tokens, "tpot_s": 0.002, "group": 3, "joined": joined,
+                "end": None if joined else "with-last"}).text
         assert text.count("data:") == tokens + 1
         (rec,) = a.wait_records(mark, 1)
         (entry,) = raw.timings()[t_mark:]
@@ -680,9 +685,10 @@ def test_events_a_server_writes_together(raw: Server, tokens: int, counted: int 
         assert rec.time_to_first_token_s is not None and abs(rec.time_to_first_token_s - ttft) <= TOL
         assert abs(rec.duration_s - duration) <= TOL
         if counted is None:
-            # one per write at most; the second sampled write, read after the first's unread
-            # iovecs, may open mid-event
-            assert rec.output_events is not None and tokens // 3 - 1 <= rec.output_events <= tokens // 3
+            # one per write at most, less the last's tokens (its last four iovecs hold [DONE] and
+            # the last chunk) and the second sampled write's (read after the first's unread
+            # iovecs, it may open mid-event)
+            assert rec.output_events is not None and tokens // 3 - 2 <= rec.output_events <= tokens // 3
             return
         assert rec.output_events == counted
         # the first and the last output write, as the server timed them

@@ -11,7 +11,8 @@ Routes:
   ``lead`` events without output (a role, then empty deltas; none by default);
   with ``group`` k, k chunks in each ``sendmsg``, as a server whose socket backed
   up writes the events it queued: in one buffer, or (``joined`` false) as their
-  3·k iovecs, as Python 3.12's asyncio sends its queue;
+  3·k iovecs, as Python 3.12's asyncio sends its queue; with ``end`` "with-last",
+  the [DONE] event and the last chunk in the last tokens' ``sendmsg``;
 - ``GET /file``: a file sent with ``sendfile`` after a ``sendmsg`` head.
 
 Writes timing lines like agent.demo_server to INFERSIGHT_DEMO_TIMINGS.
@@ -93,7 +94,15 @@ def serve(conn: socket.socket, file_fd: int) -> None:
                         {"index": 0, "delta": {"content": f"w{i}"}, "finish_reason": None}]}).encode() + b"\n\n"
                     iov += [b"%x\r\n" % len(data), data, b"\r\n"]
                     entry["chunks"].append(["token", time.monotonic_ns()])
+                if first + group >= n and opts.get("end") == "with-last":
+                    # [DONE] and the last chunk go with the last tokens: a queue sent at once
+                    done = b"data: [DONE]\n\n"
+                    iov += [b"%x\r\n" % len(done), done, b"\r\n", b"0\r\n\r\n"]
+                    entry["t_end"] = time.monotonic_ns()
                 conn.sendmsg([b"".join(iov)] if opts.get("joined", True) else iov)
+            if n and opts.get("end") == "with-last":
+                log(entry)
+                continue
             done = b"data: [DONE]\n\n"
             end = opts.get("end")
             if end == "after-crlf":  # the last chunk's "0\r\n" line with [DONE]'s chunk, its CRLF alone
