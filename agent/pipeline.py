@@ -520,6 +520,10 @@ class Pipeline:
                    "Streamed responses whose tail ring the pool gave to a newer stream before they ended"
                    " (they took another; their earlier kept writes were lost).")
         m.set("infersight.kernel.tail_rings.reclaimed", k["tails_reclaimed"])
+        m.describe("infersight.kernel.vectored.end_unread", "counter",
+                   "Vectored writes (sendmsg, writev) whose end lay past the iovecs the probe scans"
+                   " (64): kept without their last bytes.")
+        m.set("infersight.kernel.vectored.end_unread", k["iov_end_unread"])
         m.set("infersight.kernel.conn_map.full", k["conn_full"])
         m.set("infersight.kernel.truncated", k["truncated"])
         m.describe("infersight.kernel.h2.connections", "counter",

@@ -93,6 +93,7 @@ COUNTER_NAMES = (
     "h2_stream_full",
     "replaced",
     "tails_reclaimed",
+    "iov_end_unread",
 )
 GAP_BUCKETS: Final = 32
 

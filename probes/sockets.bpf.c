@@ -274,8 +274,10 @@ static __always_inline void capture(struct data_scratch_t *s, u64 ptr, u64 cnt, 
         }
         u64 last = *(volatile u64 *)&s->iov_last;
         u64 last_len = *(volatile u64 *)&s->iov_last_len;
-        if (!last)
-            return; /* beyond MAX_IOV_SCAN iovecs, or unreadable: no tail rather than a wrong one */
+        if (!last) {
+            count(C_IOV_END_UNREAD); /* beyond MAX_IOV_SCAN iovecs, or unreadable: no tail rather than a wrong one */
+            return;
+        }
         /* straight-line code (no branch per iovec): each branch would be one more path for
          * the verifier through the rest of the program. A failed read leaves a zero length. */
         u64 avail = 0;

@@ -90,7 +90,8 @@
 #define C_H2_STREAM_FULL 17 /* stream aggregate map updates that failed */
 #define C_REPLACED 18       /* connections whose fd a new one took before their close was seen */
 #define C_TAIL_RECLAIMED 19 /* tail rings a newer stream took before their own stream ended */
-#define C_COUNTERS 20
+#define C_IOV_END_UNREAD 20 /* vectored writes whose end lay past the iovecs scanned (kept without it) */
+#define C_COUNTERS 21
 
 struct data_event_t {
     u8 type;

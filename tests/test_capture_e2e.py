@@ -698,6 +698,25 @@ def test_events_a_server_writes_together(raw: Server, tokens: int, counted: int 
         assert abs(rec.time_per_output_token_s * (counted - 1) - span) <= TOL
 
 
+def test_a_vectored_write_past_the_scanned_iovecs_is_counted(raw: Server) -> None:
+    """A write of 66 iovecs (22 chunks): where its data ends lies past the 64 whose lengths the
+    probe reads, so it keeps no tail, and says so in a kernel counter; the response around it is
+    recorded whole (its [DONE] and last chunk come in writes of their own)."""
+    with running_agent(TargetConfig(pids=(raw.pid,))) as a:
+        probe = a.pipeline.probe
+        assert probe is not None
+        before = probe.counters()["iov_end_unread"]
+        mark = a.mark()
+        with httpx.Client(base_url=raw.url, timeout=30) as c:
+            text = c.post("/v1/chat/completions", json={"model": "wide", "max_tokens": 22, "tpot_s": 0.002,
+                                                        "group": 22, "joined": False}).text
+        assert text.count("data:") == 23
+        (rec,) = a.wait_records(mark, 1)
+        assert rec.streaming and rec.response_model == "wide" and not rec.aborted and rec.error_type is None
+        assert probe.counters()["iov_end_unread"] == before + 1
+        assert rec.output_events is not None and 1 <= rec.output_events <= 22
+
+
 @pytest.mark.parametrize("lead", [2, 3])
 def test_a_stream_opening_with_events_without_output(raw: Server, lead: int) -> None:
     """Servers open a stream with a role event, some with an empty delta after it: the first
