@@ -278,7 +278,8 @@ static __always_inline void capture(struct data_scratch_t *s, u64 ptr, u64 cnt, 
             count(C_IOV_END_UNREAD); /* beyond MAX_IOV_SCAN iovecs, or unreadable: no tail rather than a wrong one */
             return;
         }
-        /* straight-line code (no branch per iovec): each branch would be one more path for
+        /* the last MAX_IOV iovecs up to it, in order, as the loop above leaves the first ones.
+         * Straight-line code (no branch per iovec): each branch would be one more path for
          * the verifier through the rest of the program. A failed read leaves a zero length. */
         u64 avail = 0;
 #pragma unroll
@@ -286,35 +287,20 @@ static __always_inline void capture(struct data_scratch_t *s, u64 ptr, u64 cnt, 
             struct iovec_t iov = {};
             bpf_probe_read_user(&iov, sizeof(iov), (void *)(ptr + (last - j) * sizeof(iov)));
             u64 in_iov = j == 0 ? last_len : iov.len;
-            bases[j] = iov.base;
-            lens[j] = in_iov;
+            bases[MAX_IOV - 1 - j] = iov.base;
+            lens[MAX_IOV - 1 - j] = in_iov;
             avail += in_iov;
         }
-        u64 want = avail < want_tail ? avail : want_tail;
-        CLAMP(want, TAIL_CAP);
-        u64 need = want;
-#pragma unroll
-        for (int j = 0; j < MAX_IOV; j++) {
-            u64 take = need < lens[j] ? need : lens[j];
-            CLAMP(take, TAIL_CAP);
-            u64 at = need - take;
-            CLAMP(at, TAIL_CAP);
-            bpf_probe_read_user(dst + at, take, (void *)(bases[j] + lens[j] - take));
-            need -= take;
-        }
-        ev->tail_len = need ? 0 : want;
-        return;
+        if (avail < want_tail)
+            want_tail = avail; /* the end those iovecs hold */
     }
-    /* the tail spans the last iovecs (a chunk written as header, data, CRLF):
-     * fill it from the back */
+    /* the tail spans the last iovecs (a chunk written as header, data, CRLF): fill it from
+     * the back; a read of no bytes does nothing */
     u64 need = want_tail;
     CLAMP(need, TAIL_CAP);
+    u64 want = need;
 #pragma unroll
     for (int j = MAX_IOV - 1; j >= 0; j--) {
-        if (need == 0)
-            break;
-        if (lens[j] == 0)
-            continue;
         u64 take = need < lens[j] ? need : lens[j];
         CLAMP(take, TAIL_CAP);
         u64 at = need - take;
@@ -322,12 +308,8 @@ static __always_inline void capture(struct data_scratch_t *s, u64 ptr, u64 cnt, 
         bpf_probe_read_user(dst + at, take, (void *)(bases[j] + lens[j] - take));
         need -= take;
     }
-    if (need) {
-        /* fewer bytes than wanted in the iovecs seen: keep the filled end only */
-        ev->tail_len = 0;
-        return;
-    }
-    ev->tail_len = want_tail;
+    /* fewer bytes than wanted in the iovecs read: no tail */
+    ev->tail_len = need ? 0 : want;
 }
 
 static __always_inline u64 data_size(struct data_event_t *ev) {
