@@ -905,15 +905,24 @@ typedef struct {
 
 /* What one ring slot shows, as agent/assemble.py _fragment reads it for the chat (chat=1) and
  * completions APIs: 1 output, 0 none, -1 not decided here; *ev filled when *read is set. */
+/* Where a slot's bytes lie in a record of n bytes, [*start, *stop), cut to the record; 0 for
+ * slots not from the record reader (a negative offset). */
+static int slot_span(Py_ssize_t n, const Slot *t, Py_ssize_t *start, Py_ssize_t *stop) {
+    if (t->start < 0 || t->stop < 0)
+        return 0;
+    *start = t->start < n ? (Py_ssize_t)t->start : n;
+    *stop = t->stop < n ? (Py_ssize_t)t->stop : n;
+    if (*stop < *start)
+        *stop = *start;
+    return 1;
+}
+
 static int slot_output(const unsigned char *raw, Py_ssize_t n, const Slot *t, int chat, Event *ev,
                        int *read) {
     *read = 0;
-    if (t->split >= 0 || t->start < 0 || t->stop < 0)
+    Py_ssize_t start, stop;
+    if (t->split >= 0 || !slot_span(n, t, &start, &stop))
         return -1; /* a long write's head and tail (or slots not from the record reader): left to Python */
-    Py_ssize_t start = t->start < n ? (Py_ssize_t)t->start : n;
-    Py_ssize_t stop = t->stop < n ? (Py_ssize_t)t->stop : n;
-    if (stop < start)
-        stop = start;
     const unsigned char *f = raw + start;
     Py_ssize_t m = stop - start;
     if (t->len <= 7) { /* the chunked terminator alone ("0" once CR and LF are stripped), or its last CRLF */
@@ -960,12 +969,9 @@ static long long sse_events(const unsigned char *f, Py_ssize_t m) {
  * them: those starting in its head and in its tail, at least one; -1 for a slot whose bytes
  * are not in the record. */
 static long long slot_events(const unsigned char *raw, Py_ssize_t n, const Slot *t) {
-    if (t->start < 0 || t->stop < 0)
+    Py_ssize_t start, stop;
+    if (!slot_span(n, t, &start, &stop))
         return -1;
-    Py_ssize_t start = t->start < n ? (Py_ssize_t)t->start : n;
-    Py_ssize_t stop = t->stop < n ? (Py_ssize_t)t->stop : n;
-    if (stop < start)
-        stop = start;
     long long count;
     if (t->split >= 0) {
         Py_ssize_t cut = t->split < stop - start ? start + (Py_ssize_t)t->split : stop;

@@ -999,27 +999,25 @@ class Assembler:
         return unseen_mid, ring_outputs, ring_first_output, ring_last_output
 
     @staticmethod
-    def _counts_events(ex: Exchange) -> int:
-        """0 when a write is taken as one event, else 1 for SSE and 2 for NDJSON streams, whose
-        writes' events are counted (typed-event APIs are not: not every event is output)."""
+    def _write_events(ex: Exchange, t: TailSlot) -> int | None:
+        """The events that start in one tail-ring write (its head and its tail), for SSE and
+        NDJSON streams; None where a write is taken as one event (typed-event APIs, whose
+        events are not all output, and other streams)."""
         if ex.api is not None and ex.api in llm.TYPED_APIS:
-            return 0
+            return None
         stream = ex.stream
-        if isinstance(stream, SSEParser):
-            return 1
-        if isinstance(stream, NDJSONParser):
-            return 2
-        return 0
+        if not isinstance(stream, (SSEParser, NDJSONParser)):
+            return None
+        ndjson = isinstance(stream, NDJSONParser)
+        n = llm.write_events(t.head, ndjson)
+        if t.tail:
+            n += llm.write_events(t.tail, ndjson)
+        return n
 
     def _slot_events(self, ex: Exchange, t: TailSlot) -> int:
         """The events of one tail-ring write that is not read: at least one."""
-        kind = self._counts_events(ex)
-        if not kind:
-            return 1
-        n = llm.write_events(t.head, kind == 2)
-        if t.tail:
-            n += llm.write_events(t.tail, kind == 2)
-        return max(1, n)
+        n = self._write_events(ex, t)
+        return 1 if n is None else max(1, n)
 
     def _decoded(self, coding: str, body: bytes) -> bytes:
         """The start of a compressed body, decompressed (gzip or deflate: Triton compresses its
@@ -1065,13 +1063,9 @@ class Assembler:
         api = ex.api
         if api is None:
             return 1 if ex.stream is not None else 0
-        kind = self._counts_events(ex)
-        if kind:
-            n = llm.write_events(t.head, kind == 2)
-            if t.tail:
-                n += llm.write_events(t.tail, kind == 2)
-            if n > 1:
-                return self._fragment_events(ex, api, t, kind == 2)
+        n = self._write_events(ex, t)
+        if n is not None and n > 1:
+            return self._fragment_events(ex, api, t, isinstance(ex.stream, NDJSONParser))
         info = llm.parse_fragment(api, t.head)
         self._merge_info(ex, info)
         if t.tail:
