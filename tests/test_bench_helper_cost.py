@@ -63,7 +63,9 @@ def test_each_call_is_measured_under_the_same_filter() -> None:
     assert syscall["dispatch_ns"] > 0, syscall
     assert syscall["raw_dispatch_ns"] > 0, syscall  # a raw program runs for getppid too
     assert syscall["turns"] == 9, syscall
-    # what an entry program adds to the syscalls it turns away: measured (about nothing here), not judged
-    assert isinstance(syscall["entry_dispatch_ns"], float) and syscall["entry_dispatch_ns"] < syscall["dispatch_ns"]
+    # what an entry program adds to the syscalls it turns away: measured (about nothing here), not
+    # judged; a difference of two timed runs, it can exceed the dispatch on a noisy machine (24.8
+    # against 19.8 ns once), so only its being a measurement is checked, as for the calls above
+    assert isinstance(syscall["entry_dispatch_ns"], float) and abs(syscall["entry_dispatch_ns"]) < 10_000, syscall
     if not others:  # else the slow path was already on when the bare calls were timed
         assert syscall["slow_path_ns"] > 0, syscall
